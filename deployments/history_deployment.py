@@ -1,0 +1,21 @@
+"""Ray Serve shell around `HistoryStore`: the single owner of the SQLite file. It runs with
+exactly one replica; every other deployment reaches history through its handle, calling the
+store's own methods (`history.get_conversation.remote(id)`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray import serve
+
+from deployments.history_store import HistoryStore
+from deployments.logs import show_our_logs
+
+
+@serve.deployment(num_replicas=1)
+class HistoryDeployment(HistoryStore):
+    async def __init__(self, database_path: Path):  # Serve awaits async constructors
+        show_our_logs()
+        super().__init__(database_path)
+        # Opened here, on the replica's event loop, because aiosqlite binds to that loop.
+        await self.open()

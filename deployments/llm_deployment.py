@@ -1,0 +1,28 @@
+"""Ray Serve shell around `LLMServer`: one deployment per configured model (the builder names
+it after the model). It only forwards; everything it does is testable without Ray."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from ray import serve
+
+from deployments.engine import EngineStats, GenerationOutput
+from deployments.llm_server import ChatRequest, LLMServer
+from deployments.logs import show_our_logs
+from deployments.model_registry import ModelConfig
+
+
+@serve.deployment
+class LLMDeployment:
+    def __init__(self, config: ModelConfig, cache_dir: Path | None):
+        show_our_logs()
+        self.server = LLMServer(config, cache_dir)
+
+    async def generate(self, request: ChatRequest) -> AsyncIterator[GenerationOutput]:
+        async for output in self.server.generate(request):
+            yield output
+
+    def stats(self) -> EngineStats:
+        return self.server.stats()

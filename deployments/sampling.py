@@ -1,0 +1,31 @@
+"""Sampling parameters: the one shape every API request becomes before it reaches an engine.
+
+The original API's body and the OpenAI bodies both convert into `SamplingParams` (see
+`serve_app.protocol`), so their semantics cannot drift apart. Ranges are checked at the HTTP
+edge; this class only carries values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    # 0 means greedy decoding.
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    # The original's semantics: a logit of a token seen in the last `repeat_last_n` tokens is
+    # divided by the penalty when positive and multiplied by it when negative; 1.0 disables it.
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0

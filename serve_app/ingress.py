@@ -1,0 +1,182 @@
+"""The HTTP edge: the FastAPI app (routes, CORS, the chat page) and the one place where domain
+errors become HTTP status codes. The Serve deployment at the bottom only holds handles and
+builds the app on its replica."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from ray import serve
+from ray.exceptions import RayError
+from ray.serve.handle import DeploymentHandle
+
+from deployments.history_store import ConversationNotFoundError
+from deployments.llm_server import PromptTooLongError
+from deployments.logs import show_our_logs
+from deployments.model_loader import ModelLoadError
+from deployments.model_registry import ModelRegistry, UnknownModelError
+from serve_app.conversations import ConversationService, UnknownRevisionError, conversation_markdown
+from serve_app.protocol import (
+    Conversation,
+    ConversationSummary,
+    ErrorResponse,
+    ExportFormat,
+    GenerateRequest,
+    ModelCard,
+    RenameRequest,
+)
+from serve_app.settings import AppSettings
+
+FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
+
+# Domain errors -> HTTP status, wherever they were raised (here or in a replica).
+ERROR_STATUS: dict[type[Exception], int] = {
+    ConversationNotFoundError: status.HTTP_404_NOT_FOUND,
+    UnknownModelError: status.HTTP_404_NOT_FOUND,
+    UnknownRevisionError: status.HTTP_404_NOT_FOUND,
+    PromptTooLongError: status.HTTP_400_BAD_REQUEST,
+    ModelLoadError: status.HTTP_503_SERVICE_UNAVAILABLE,
+}
+
+_ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 404, 422, 503)}
+
+
+def _error_response(request: Request, exc: Exception) -> JSONResponse:
+    """The one place errors become HTTP responses. Handle calls raise a replica's exception as
+    a RayTaskError whose `cause` is the original, so the cause decides the status."""
+    cause = getattr(exc, "cause", None) or exc
+    for error_type, code in ERROR_STATUS.items():
+        if isinstance(cause, error_type):
+            return JSONResponse({"detail": str(cause)}, status_code=code)
+    # Anything else from Ray: a replica died or could not start; retrying may succeed once
+    # Serve has replaced it.
+    return JSONResponse(
+        {"detail": f"a backend replica is unavailable, retry shortly ({type(cause).__name__}: {cause})"},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": "5"},
+    )
+
+
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(error.get("type") == "json_invalid" for error in errors):
+        return JSONResponse({"detail": "the request body is not valid JSON"}, status_code=400)
+    return JSONResponse({"detail": json.loads(json.dumps(errors, default=str))}, status_code=422)
+
+
+def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
+    app = FastAPI(
+        title="ray-chat",
+        summary="Multi-model streaming chat on Ray Serve",
+        responses=_ERROR_RESPONSES,
+    )
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_origin_regex=settings.cors_origin_regex,
+        allow_methods=["*"],
+        allow_headers=["*"],
+    )
+    for error_type in (*ERROR_STATUS, RayError):
+        app.add_exception_handler(error_type, _error_response)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    registry = service.registry
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], responses={503: {"model": ErrorResponse}})
+    async def readyz() -> dict[str, str]:
+        """200 once every model has a replica that answers; 503 (with the laggards) before."""
+        states = await service.model_states()
+        if any(state != "ready" for state in states.values()):
+            return JSONResponse({"detail": "models not ready", "models": states}, status_code=503)
+        return {"status": "ready"}
+
+    @app.get("/models", tags=["models"])
+    async def list_models() -> list[ModelCard]:
+        return [
+            ModelCard(name=m.name, aliases=list(m.aliases), revision=m.revision, is_default=m is registry.default)
+            for m in registry.models
+        ]
+
+    @app.get("/conversations", tags=["conversations"], response_model=list[int] | list[ConversationSummary])
+    async def list_conversations(detail: bool = False):
+        """Ids of all conversations, oldest first (the original's answer); with `?detail=true`,
+        each conversation's id, title and timestamps, most recently active first."""
+        return await service.list_summaries() if detail else await service.list_ids()
+
+    @app.get("/conversations/start", tags=["conversations"])
+    async def start_conversation() -> int:
+        """Creates a conversation and returns its id (a bare JSON number)."""
+        return (await service.create()).id
+
+    @app.post("/conversations", status_code=201, tags=["conversations"])
+    async def create_conversation() -> ConversationSummary:
+        return await service.create()
+
+    @app.get("/conversations/{conversation_id}", tags=["conversations"])
+    async def get_conversation(conversation_id: str) -> Conversation:
+        return await service.get(conversation_id)
+
+    @app.patch("/conversations/{conversation_id}", tags=["conversations"])
+    async def rename_conversation(conversation_id: str, body: RenameRequest) -> ConversationSummary:
+        return await service.rename(conversation_id, body.title)
+
+    @app.get(
+        "/conversations/{conversation_id}/export",
+        tags=["conversations"],
+        responses={200: {"content": {"application/json": {}, "text/markdown": {}}}},
+    )
+    async def export_conversation(conversation_id: str, format: ExportFormat = "json") -> Response:
+        """The whole conversation as a downloadable JSON document or Markdown transcript."""
+        conversation = await service.get(conversation_id)
+        if format == "markdown":
+            body, media_type, suffix = conversation_markdown(conversation), "text/markdown; charset=utf-8", "md"
+        else:
+            body, media_type, suffix = conversation.model_dump_json(indent=2), "application/json", "json"
+        disposition = f'attachment; filename="conversation-{conversation.id}.{suffix}"'
+        return Response(body, media_type=media_type, headers={"Content-Disposition": disposition})
+
+    @app.delete("/conversations/{conversation_id}", tags=["conversations"])
+    async def delete_conversation(conversation_id: str) -> dict[str, int | bool]:
+        return {"id": await service.delete(conversation_id), "deleted": True}
+
+    @app.post(
+        "/conversations/{conversation_id}/generate",
+        tags=["conversations"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/plain": {}}, "description": "The answer, streamed as it is generated."}},
+    )
+    async def generate(conversation_id: str, body: GenerateRequest) -> StreamingResponse:
+        """Appends `prompt` to the conversation and streams the model's answer as plain text."""
+        pieces = await service.generate(conversation_id, body)
+        return StreamingResponse(pieces, media_type="text/plain; charset=utf-8")
+
+    if FRONTEND_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=FRONTEND_DIR), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def index() -> FileResponse:
+            return FileResponse(FRONTEND_DIR / "index.html")
+
+    return app
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    def __init__(self, settings: AppSettings, models: dict[str, DeploymentHandle], history: DeploymentHandle):
+        show_our_logs()
+        self.settings = settings
+        self.service = ConversationService(ModelRegistry(settings.models), models, history)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_app(self.settings, self.service)

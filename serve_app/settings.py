@@ -1,0 +1,41 @@
+"""Typed application settings: the `args:` of the application in `serve_config.yaml`,
+validated once when the application is built and passed down as objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from deployments.model_registry import ModelConfig, ModelRegistry
+
+
+def _default_models() -> list[ModelConfig]:
+    return [ModelConfig(name="SmolLM2-135M-Instruct", aliases=("smollm2",))]
+
+
+class AppSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: list[ModelConfig] = Field(default_factory=_default_models, min_length=1)
+    # Relative paths are resolved against the directory `serve run` / `serve deploy` ran in.
+    database_path: Path = Path("data/history.sqlite3")
+    # None: $XDG_CACHE_HOME/ray-chat/models (~/.cache/ray-chat/models).
+    model_cache_dir: Path | None = None
+    # The original page was opened from a file (Origin: null) or another localhost port.
+    cors_origins: list[str] = ["null"]
+    cors_origin_regex: str | None = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+    # The light deployments take a sliver of a CPU so the model replicas can be scheduled.
+    ingress_num_cpus: float = Field(default=0.1, ge=0)
+    history_num_cpus: float = Field(default=0.1, ge=0)
+
+    @model_validator(mode="after")
+    def _model_names_are_unique(self):
+        ModelRegistry(self.models)
+        return self
+
+    def resolved(self) -> AppSettings:
+        """A copy with every relative path made absolute, so replicas (whose working directory
+        is Ray's, not ours) find the same files."""
+        cache = self.model_cache_dir.resolve() if self.model_cache_dir else None
+        return self.model_copy(update={"database_path": self.database_path.resolve(), "model_cache_dir": cache})
