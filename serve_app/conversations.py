@@ -57,7 +57,9 @@ def conversation_markdown(conversation: Conversation) -> str:
     for message in conversation.messages:
         speaker = "User" if message.role == "user" else f"Assistant ({message.model})" if message.model else "Assistant"
         note = "" if message.status == "complete" else f" — {message.status}"
-        lines += [f"## {speaker}{note}", "", message.content, ""]
+        lines += [f"## {speaker}{note}", ""]
+        if message.content:
+            lines += [message.content, ""]
         if message.error:
             lines += [f"> error: {message.error}", ""]
     return "\n".join(lines)

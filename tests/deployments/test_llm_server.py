@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deployments.llm_server import ChatRequest, LLMServer, PromptTooLongError
+from deployments.model_registry import ModelConfig
+from deployments.sampling import SamplingParams
+
+
+def tiny_server(context_length: int = 512) -> LLMServer:
+    return LLMServer(ModelConfig(name="tiny", source={"kind": "tiny_random"}, context_length=context_length, torch_threads=1))
+
+
+def turn(user: str, assistant: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def decoded(server: LLMServer, ids: list[int]) -> str:
+    return server.loaded.tokenizer.decode(ids)
+
+
+def test_prompt_uses_the_chat_template_with_all_turns_when_they_fit():
+    server = tiny_server()
+    messages = turn("first", "one") + [{"role": "user", "content": "second"}]
+    text = decoded(server, server.encode_chat(messages, max_tokens=16))
+    assert text == (
+        "<|im_start|>user\nfirst<|im_end|>\n<|im_start|>assistant\none<|im_end|>\n"
+        "<|im_start|>user\nsecond<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_oldest_turns_are_dropped_first_and_the_system_message_is_kept():
+    # Byte-level tokenizer: every character is a token, so lengths are easy to reason about.
+    server = tiny_server(context_length=160)
+    messages = [{"role": "system", "content": "Be brief."}] + turn("a" * 40, "b" * 40) + turn("c" * 10, "d" * 10)
+    messages.append({"role": "user", "content": "latest"})
+    ids = server.encode_chat(messages, max_tokens=40)
+    text = decoded(server, ids)
+    assert len(ids) <= 160 - 40
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert "a" * 40 not in text and "b" * 40 not in text  # oldest turn gone
+    assert "c" * 10 in text and "d" * 10 in text and "latest" in text
+
+
+def test_a_prompt_that_cannot_fit_is_rejected_with_the_numbers():
+    server = tiny_server(context_length=64)
+    with pytest.raises(PromptTooLongError, match="has a context of 64 tokens and 16 are reserved"):
+        server.encode_chat([{"role": "user", "content": "x" * 100}], max_tokens=16)
+
+
+async def collect(server: LLMServer, request: ChatRequest):
+    return [output async for output in server.generate(request)]
+
+
+async def test_reference_engine_streams_and_counts_tokens():
+    server = tiny_server()
+    params = SamplingParams(max_tokens=12, temperature=0, min_tokens=12)
+    outputs = await collect(server, ChatRequest([{"role": "user", "content": "hello"}], params))
+    *pieces, last = outputs
+    assert last.finish_reason == "length" and last.completion_tokens == 12
+    assert last.prompt_tokens == len(server.encode_chat([{"role": "user", "content": "hello"}], 12))
+    assert all(o.finish_reason is None for o in pieces) and len(pieces) > 1
+
+
+async def test_seeded_sampling_repeats_and_greedy_is_deterministic():
+    server = tiny_server()
+    messages = [{"role": "user", "content": "hello"}]
+
+    async def text(params):
+        return "".join(o.text for o in await collect(server, ChatRequest(messages, params)))
+
+    seeded = SamplingParams(max_tokens=10, temperature=1.0, seed=5, min_tokens=10)
+    assert await text(seeded) == await text(seeded)
+    greedy = SamplingParams(max_tokens=10, temperature=0, min_tokens=10)
+    assert await text(greedy) == await text(greedy)
+
+
+async def test_closing_the_stream_cancels_generation_and_frees_the_engine():
+    server = tiny_server()
+    params = SamplingParams(max_tokens=400, temperature=0, min_tokens=400)
+    stream = server.generate(ChatRequest([{"role": "user", "content": "hello"}], params))
+    await stream.__anext__()
+    await stream.aclose()
+    for _ in range(100):
+        if server.stats().active_requests == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert server.stats().active_requests == 0
+    # The engine is free again: a new request completes.
+    outputs = await collect(server, ChatRequest([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=3, temperature=0, min_tokens=3)))
+    assert outputs[-1].completion_tokens == 3

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from deployments.model_registry import (
+    HubSource,
+    ModelConfig,
+    ModelRegistry,
+    PackagedGGUFSource,
+    TinyRandomSource,
+    UnknownModelError,
+)
+
+
+def registry() -> ModelRegistry:
+    return ModelRegistry(
+        [
+            ModelConfig(name="SmolLM2-135M-Instruct", aliases=["smollm2"]),
+            ModelConfig(name="Qwen2.5-0.5B-Instruct", aliases=["Qwen0_5b"], source={"kind": "hf", "repo_id": "Qwen/Qwen2.5-0.5B-Instruct", "revision": "v1"}),
+        ]
+    )
+
+
+def test_resolves_names_aliases_and_the_default():
+    models = registry()
+    assert models.resolve("smollm2").name == "SmolLM2-135M-Instruct"
+    assert models.resolve("Qwen0_5b").name == "Qwen2.5-0.5B-Instruct"
+    assert models.resolve(None) is models.default is models.models[0]
+    assert models.resolve("").name == "SmolLM2-135M-Instruct"
+
+
+def test_unknown_model_lists_the_available_ones():
+    with pytest.raises(UnknownModelError, match="model 'gpt-9' is not served here; available models: SmolLM2-135M-Instruct, Qwen2.5-0.5B-Instruct"):
+        registry().resolve("gpt-9")
+
+
+def test_a_name_configured_twice_is_rejected():
+    with pytest.raises(ValueError, match="'smollm2' is configured twice"):
+        ModelRegistry([ModelConfig(name="a", aliases=["smollm2"]), ModelConfig(name="smollm2")])
+
+
+def test_sources_are_parsed_by_kind_and_revision_follows_the_source():
+    assert isinstance(ModelConfig(name="m").source, PackagedGGUFSource)
+    assert isinstance(ModelConfig(name="m", source={"kind": "tiny_random"}).source, TinyRandomSource)
+    hub = ModelConfig(name="m", source={"kind": "hf", "repo_id": "org/model", "revision": "abc"})
+    assert isinstance(hub.source, HubSource) and hub.revision == "abc"
+    assert ModelConfig(name="m").revision == "main"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"name": "m", "device": "tpu"}, "Input should be 'auto', 'cpu', 'cuda' or 'mps'"),
+        ({"name": "m", "dtype": "int4"}, "Input should be 'float32', 'bfloat16' or 'float16'"),
+        ({"name": "m", "source": {"kind": "ftp"}}, "does not match any of the expected tags"),
+        ({"name": "m", "context_length": 0}, "greater than 0"),
+        ({"name": "m", "colour": "red"}, "Extra inputs are not permitted"),
+        ({"name": "has space"}, "String should match pattern"),
+    ],
+)
+def test_bad_model_config_is_rejected_with_a_message(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        ModelConfig(**fields)

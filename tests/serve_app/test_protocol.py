@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from deployments.sampling import SamplingParams
+from serve_app.protocol import GenerateRequest
+
+
+def test_only_prompt_is_required_and_defaults_fill_the_rest():
+    params = GenerateRequest(prompt="hi").to_sampling_params()
+    assert params == SamplingParams(max_tokens=256, temperature=0.7, top_p=0.9, repeat_penalty=1.1, repeat_last_n=64, seed=None)
+
+
+def test_explicit_nulls_from_old_clients_mean_defaults():
+    body = GenerateRequest.model_validate_json(
+        '{"prompt": "hi", "sample_len": null, "temperature": null, "top_p": null, "repeat_penalty": null,'
+        ' "repeat_last_n": null, "model": null, "revision": null, "seed": null, "unknown_field": 1}'
+    )
+    assert body.to_sampling_params() == GenerateRequest(prompt="hi").to_sampling_params()
+
+
+def test_zero_values_are_kept_not_replaced_by_defaults():
+    params = GenerateRequest(prompt="hi", temperature=0, repeat_last_n=0, seed=0).to_sampling_params()
+    assert (params.temperature, params.repeat_last_n, params.seed, params.is_greedy) == (0.0, 0, 0, True)
+
+
+def test_stored_parameters_record_what_was_used():
+    stored = GenerateRequest(prompt="hi", temperature=0.2).stored_parameters("m", "main")
+    assert stored == {
+        "sample_len": 256, "temperature": 0.2, "top_p": 0.9, "repeat_penalty": 1.1,
+        "repeat_last_n": 64, "seed": None, "model": "m", "revision": "main",
+    }
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"prompt": ""},
+        {"prompt": "hi", "temperature": -1},
+        {"prompt": "hi", "top_p": 0},
+        {"prompt": "hi", "top_p": 1.01},
+        {"prompt": "hi", "sample_len": 0},
+        {"prompt": "hi", "repeat_penalty": 0},
+        {"prompt": "hi", "repeat_last_n": -1},
+        {"prompt": "hi", "seed": -5},
+        {"prompt": "hi", "sample_len": "many"},
+        {},
+    ],
+)
+def test_out_of_range_values_are_rejected(fields):
+    with pytest.raises(ValidationError):
+        GenerateRequest(**fields)

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from serve_app.app import build_app, deployment_name
+from serve_app.settings import AppSettings
+from tests.conftest import config_app_args
+
+
+def test_serve_config_args_validate_and_paths_become_absolute():
+    settings = AppSettings.model_validate(config_app_args()).resolved()
+    assert settings.database_path.is_absolute()
+    assert settings.database_path == Path("data/history.sqlite3").resolve()
+    assert [m.name for m in settings.models] == ["SmolLM2-135M-Instruct"]
+    assert settings.models[0].context_length == 2048
+
+
+def test_unknown_keys_and_duplicate_models_stop_the_build():
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        AppSettings.model_validate({"databse_path": "x"})
+    with pytest.raises(ValidationError, match="'a' is configured twice"):
+        AppSettings.model_validate({"models": [{"name": "a"}, {"name": "b", "aliases": ["a"]}]})
+
+
+def test_each_model_becomes_its_own_named_deployment():
+    app = build_app({"models": [{"name": "SmolLM2-135M-Instruct"}, {"name": "org/model:v1", "source": {"kind": "tiny_random"}}]})
+    assert app is not None
+    assert deployment_name(AppSettings.model_validate({"models": [{"name": "org/model:v1"}]}).models[0]) == "LLM-org_model_v1"
