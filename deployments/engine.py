@@ -84,6 +84,8 @@ class ReferenceEngine:
     def __init__(self, loaded: LoadedModel):
         self._loaded = loaded
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference-engine")
+        eos = loaded.model.generation_config.eos_token_id
+        self._eos_ids = {loaded.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
         self._active = 0
         self._waiting = 0
         self._total = 0
@@ -149,9 +151,14 @@ class ReferenceEngine:
             sequences = await future
         finally:
             cancelled.set()
+        # The streamer merges tokens into words, so count tokens from the final sequence. Like
+        # OpenAI's usage, the count excludes the EOS token and the padding after it.
         generated = sequences[0, prompt_tokens:].tolist()
-        # The streamer merges tokens into words, so count tokens from the final sequence.
-        if generated and generated[-1] == tokenizer.pad_token_id and tokenizer.pad_token_id != tokenizer.eos_token_id:
-            generated = generated[:-1]
-        finish: FinishReason = "length" if len(generated) >= params.max_tokens else "stop"
+        finish: FinishReason = "length"
+        end_ids = {tokenizer.pad_token_id, *self._eos_ids}
+        while generated and generated[-1] in end_ids and len(generated) <= params.max_tokens:
+            generated.pop()
+            finish = "stop"
+        if len(generated) < params.max_tokens:
+            finish = "stop"  # a stop string
         yield GenerationOutput("", prompt_tokens, len(generated), finish)

@@ -9,7 +9,7 @@ from pathlib import Path
 from ray import serve
 
 from deployments.engine import EngineStats, GenerationOutput
-from deployments.llm_server import ChatRequest, LLMServer
+from deployments.llm_server import GenerationRequest, LLMServer
 from deployments.logs import show_our_logs
 from deployments.model_registry import ModelConfig
 
@@ -20,7 +20,7 @@ class LLMDeployment:
         show_our_logs()
         self.server = LLMServer(config, cache_dir)
 
-    async def generate(self, request: ChatRequest) -> AsyncIterator[GenerationOutput]:
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         async for output in self.server.generate(request):
             yield output
 

@@ -25,10 +25,12 @@ class PromptTooLongError(ValueError):
 
 
 @dataclass
-class ChatRequest:
-    """What the ingress sends a model replica: earlier turns, the new prompt, sampling."""
+class GenerationRequest:
+    """What the ingress sends a model replica: either chat `messages` (earlier turns and the new
+    prompt, rendered with the model's chat template) or a raw `prompt` (text completion)."""
 
-    messages: list[dict[str, str]]  # [{"role": "user"|"assistant"|"system", "content": ...}], oldest first
+    messages: list[dict[str, str]] | None = None  # [{"role": ..., "content": ...}], oldest first
+    prompt: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
 
 
@@ -52,19 +54,31 @@ class LLMServer:
             if len(ids) <= budget:
                 return ids
             if len(turns) <= 1:
-                raise PromptTooLongError(
-                    f"the prompt is {len(ids)} tokens but model '{self.config.name}' has a context of "
-                    f"{self.loaded.context_length} tokens and {max_tokens} are reserved for the answer "
-                    f"(sample_len); shorten the prompt or lower sample_len"
-                )
+                raise PromptTooLongError(self._too_long(len(ids), max_tokens))
             # Drop the oldest turn: a user message and the answers that follow it.
             cut = 1
             while cut < len(turns) and turns[cut]["role"] != "user":
                 cut += 1
             turns = turns[cut:]
 
-    async def generate(self, request: ChatRequest) -> AsyncIterator[GenerationOutput]:
-        prompt_ids = self.encode_chat(request.messages, request.params.max_tokens)
+    def encode_prompt(self, prompt: str, max_tokens: int) -> list[int]:
+        ids = self.loaded.tokenizer(prompt)["input_ids"]
+        if len(ids) > self.loaded.context_length - max_tokens:
+            raise PromptTooLongError(self._too_long(len(ids), max_tokens))
+        return ids
+
+    def _too_long(self, prompt_tokens: int, max_tokens: int) -> str:
+        return (
+            f"the prompt is {prompt_tokens} tokens but model '{self.config.name}' has a context of "
+            f"{self.loaded.context_length} tokens and {max_tokens} are reserved for the answer "
+            "(sample_len / max_tokens); shorten the prompt or ask for fewer tokens"
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        if request.messages is not None:
+            prompt_ids = self.encode_chat(request.messages, request.params.max_tokens)
+        else:
+            prompt_ids = self.encode_prompt(request.prompt or "", request.params.max_tokens)
         async for output in self.engine.generate(prompt_ids, request.params):
             yield output
 

@@ -1,9 +1,9 @@
-"""The conversation endpoint family (the original API): turns protocol requests into calls on
-the history deployment and the model deployments, and relays the model's text back while
+"""Conversations and generation turns, shared by both APIs: turns requests into calls on the
+history deployment and the model deployments, and relays the model's outputs back while
 recording the turn.
 
-A turn is recorded as two final rows: the user's prompt once the model has produced its first
-output (so a rejected request stores nothing), and the answer once the stream ends, with status
+A stored turn is two final rows: the user's prompt once the model has produced its first output
+(so a rejected request stores nothing), and the answer once the stream ends, with status
 `complete`, `stopped` (client gone / stop) or `failed` (error text kept).
 """
 
@@ -12,18 +12,28 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
-from ray.exceptions import RayError
+from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.engine import GenerationOutput
 from deployments.history_store import ConversationNotFoundError
-from deployments.llm_server import ChatRequest
+from deployments.llm_server import GenerationRequest
 from deployments.model_registry import ModelConfig, ModelRegistry
-from serve_app.protocol import Conversation, ConversationSummary, GenerateRequest, Message, MessageStatus
+from deployments.sampling import SamplingParams
+from serve_app.protocol import Conversation, ConversationSummary, Message, MessageStatus, ModelState
 
 logger = logging.getLogger(__name__)
+
+# Serve's deployment status -> what a user of the model cares about.
+MODEL_STATE = {
+    "HEALTHY": "ready", "UPSCALING": "ready", "DOWNSCALING": "ready",
+    "UPDATING": "loading",
+    "UNHEALTHY": "failed", "DEPLOY_FAILED": "failed",
+}
 
 
 class UnknownRevisionError(LookupError):
@@ -34,8 +44,10 @@ class UnknownRevisionError(LookupError):
         )
 
 
-def parse_conversation_id(raw: str) -> int:
+def parse_conversation_id(raw: str | int) -> int:
     """Ids are positive integers; anything else names no conversation (404, not 422)."""
+    if isinstance(raw, int):
+        return raw
     if not raw.isascii() or not raw.isdigit():
         raise ConversationNotFoundError(raw)
     return int(raw)
@@ -65,36 +77,52 @@ def conversation_markdown(conversation: Conversation) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class TurnRecord:
+    """Where and how a turn is stored; absent for requests that keep no history."""
+
+    conversation_id: int
+    prompt: str
+    parameters: dict[str, Any]
+
+
+@dataclass
+class Turn:
+    """A generation that has produced its first output: everything that can be rejected was."""
+
+    model: ModelConfig
+    first: GenerationOutput
+    stream: DeploymentResponseGenerator
+    record: TurnRecord | None
+
+
 class ConversationService:
     def __init__(self, registry: ModelRegistry, models: dict[str, DeploymentHandle], history: DeploymentHandle):
         self.registry = registry
         self.models = models
         self.history = history
 
-    async def model_states(self, timeout_s: float = 1.0) -> dict[str, str]:
-        """'ready' for each model whose deployment answers within `timeout_s`, else 'loading'."""
-
-        async def state(handle: DeploymentHandle) -> str:
-            try:
-                await asyncio.wait_for(handle.stats.remote(), timeout_s)
-                return "ready"
-            except (asyncio.TimeoutError, RayError):
-                return "loading"
-
-        names = list(self.models)
-        return dict(zip(names, await asyncio.gather(*(state(self.models[name]) for name in names))))
+    async def model_states(self) -> dict[str, ModelState]:
+        """Each model's state from Serve's view of its deployment."""
+        app_name = serve.get_replica_context().app_name
+        status = await asyncio.to_thread(serve.status)
+        deployments = status.applications[app_name].deployments
+        return {
+            name: MODEL_STATE.get(deployments[handle.deployment_name].status, "loading")
+            for name, handle in self.models.items()
+        }
 
     async def list_ids(self) -> list[int]:
         return await self.history.list_conversation_ids.remote()
 
+    async def list_summaries(self) -> list[ConversationSummary]:
+        return await self.history.list_conversations.remote()
+
     async def create(self) -> ConversationSummary:
         return await self.history.create_conversation.remote()
 
-    async def get(self, raw_id: str) -> Conversation:
+    async def get(self, raw_id: str | int) -> Conversation:
         return await self.history.get_conversation.remote(parse_conversation_id(raw_id))
-
-    async def list_summaries(self) -> list[ConversationSummary]:
-        return await self.history.list_conversations.remote()
 
     async def rename(self, raw_id: str, title: str) -> ConversationSummary:
         return await self.history.rename_conversation.remote(parse_conversation_id(raw_id), title)
@@ -110,62 +138,76 @@ class ConversationService:
             raise UnknownRevisionError(model, revision)
         return model
 
-    async def generate(self, raw_id: str, body: GenerateRequest) -> AsyncIterator[str]:
-        """Validates everything that can be wrong before the first byte, then returns the
-        stream of text pieces. Errors raised here become 4xx responses."""
-        conversation_id = parse_conversation_id(raw_id)
-        model = self.resolve_model(body.model, body.revision)
-        conversation = await self.get(raw_id)
-        messages = context_messages(conversation.messages) + [{"role": "user", "content": body.prompt}]
-        request = ChatRequest(messages=messages, params=body.to_sampling_params())
+    async def start_turn(
+        self,
+        model: ModelConfig,
+        params: SamplingParams,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        prompt: str | None = None,
+        conversation_id: str | int | None = None,
+        stored_parameters: dict[str, Any] | None = None,
+    ) -> Turn:
+        """Starts generating and waits for the first output, so every error that can reject the
+        request (unknown conversation, prompt too long, model down) is raised here, before any
+        byte is sent. With a `conversation_id`, its history is put before `messages`, and the
+        last user message and the answer are stored."""
+        record = None
+        if conversation_id is not None:
+            conversation = await self.get(conversation_id)
+            record = TurnRecord(conversation.id, messages[-1]["content"], stored_parameters or {})
+            messages = context_messages(conversation.messages) + messages
+        request = GenerationRequest(messages=messages, prompt=prompt, params=params)
         stream: DeploymentResponseGenerator = self.models[model.name].options(stream=True).generate.remote(request)
         try:
-            # The first output proves the prompt fits and the model runs (errors -> 4xx).
             first: GenerationOutput = await stream.__anext__()
         except BaseException:
             stream.cancel()
             raise
-        parameters = body.stored_parameters(model.name, model.revision)
-        await self.history.append_message.remote(conversation_id, "user", body.prompt, model=model.name, parameters=parameters)
-        return self._relay(conversation_id, model, parameters, first, stream)
+        if record is not None:
+            await self.history.append_message.remote(
+                record.conversation_id, "user", record.prompt, model=model.name, parameters=record.parameters
+            )
+        return Turn(model, first, stream, record)
 
-    async def _relay(
-        self,
-        conversation_id: int,
-        model: ModelConfig,
-        parameters: dict[str, Any],
-        first: GenerationOutput,
-        stream: DeploymentResponseGenerator,
-    ) -> AsyncIterator[str]:
+    async def outputs(self, turn: Turn) -> AsyncIterator[GenerationOutput]:
+        """The turn's outputs, first one included, ending with the one that has a finish
+        reason; the answer is stored however the stream ends (complete, cancelled, failed)."""
         pieces: list[str] = []
         status: MessageStatus = "complete"
         error: str | None = None
-        output = first
+        output = turn.first
         try:
-            while True:
-                if output.text:
+            pieces.append(output.text)
+            yield output
+            if output.finish_reason is None:
+                async for output in turn.stream:
                     pieces.append(output.text)
-                    yield output.text
-                if output.finish_reason is not None:
-                    break
-                output = await stream.__anext__()
-        except StopAsyncIteration:
-            pass
+                    yield output
         except (asyncio.CancelledError, GeneratorExit):
             status = "stopped"
             raise
-        except Exception as exc:  # noqa: BLE001 - the status line is sent; keep what we have
+        except Exception as exc:  # noqa: BLE001 - headers are sent; record what we have
             status, error = "failed", str(getattr(exc, "cause", None) or exc)
-            logger.exception("generation failed in conversation %s", conversation_id)
+            logger.exception("generation with model %s failed", turn.model.name)
+            raise
         finally:
             if status != "complete":
-                stream.cancel()
-            # Shielded: the answer is stored even when the client's disconnect cancelled us.
-            answer = dict(
-                model=model.name, parameters=parameters, status=status, error=error,
-                prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens,
-            )
-            await asyncio.shield(self._store_answer(conversation_id, "".join(pieces), answer))
+                turn.stream.cancel()
+            if turn.record is not None:
+                answer = dict(
+                    model=turn.model.name, parameters=turn.record.parameters, status=status, error=error,
+                    prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens,
+                )
+                # Shielded: the answer is stored even when the client's disconnect cancelled us.
+                await asyncio.shield(self._store_answer(turn.record.conversation_id, "".join(pieces), answer))
+
+    async def text_pieces(self, turn: Turn) -> AsyncIterator[str]:
+        """The turn as plain text pieces (the original API's stream)."""
+        async with aclosing(self.outputs(turn)) as outputs:
+            async for output in outputs:
+                if output.text:
+                    yield output.text
 
     async def _store_answer(self, conversation_id: int, content: str, answer: dict[str, Any]) -> None:
         try:

@@ -10,7 +10,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.exceptions import RayError
@@ -21,7 +21,13 @@ from deployments.llm_server import PromptTooLongError
 from deployments.logs import show_our_logs
 from deployments.model_loader import ModelLoadError
 from deployments.model_registry import ModelRegistry, UnknownModelError
-from serve_app.conversations import ConversationService, UnknownRevisionError, conversation_markdown
+from serve_app.conversations import (
+    ConversationService,
+    UnknownRevisionError,
+    conversation_markdown,
+    parse_conversation_id,
+)
+from serve_app.openai_api import InvalidRequestError, create_openai_router
 from serve_app.protocol import (
     Conversation,
     ConversationSummary,
@@ -32,6 +38,7 @@ from serve_app.protocol import (
     RenameRequest,
 )
 from serve_app.settings import AppSettings
+from serve_app.streaming import TextStreamResponse
 
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
 
@@ -41,10 +48,20 @@ ERROR_STATUS: dict[type[Exception], int] = {
     UnknownModelError: status.HTTP_404_NOT_FOUND,
     UnknownRevisionError: status.HTTP_404_NOT_FOUND,
     PromptTooLongError: status.HTTP_400_BAD_REQUEST,
+    InvalidRequestError: status.HTTP_400_BAD_REQUEST,
     ModelLoadError: status.HTTP_503_SERVICE_UNAVAILABLE,
 }
 
 _ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 404, 422, 503)}
+
+
+def _error_body(request: Request, code: int, message: str, param: str | None = None) -> dict:
+    """`/v1` routes answer in OpenAI's error shape (the SDK reads it); the others as the
+    original API did, `{"detail": ...}`."""
+    if request.url.path.startswith("/v1/"):
+        kind = "invalid_request_error" if code < 500 else "service_unavailable_error"
+        return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return {"detail": message}
 
 
 def _error_response(request: Request, exc: Exception) -> JSONResponse:
@@ -53,21 +70,23 @@ def _error_response(request: Request, exc: Exception) -> JSONResponse:
     cause = getattr(exc, "cause", None) or exc
     for error_type, code in ERROR_STATUS.items():
         if isinstance(cause, error_type):
-            return JSONResponse({"detail": str(cause)}, status_code=code)
+            return JSONResponse(_error_body(request, code, str(cause)), status_code=code)
     # Anything else from Ray: a replica died or could not start; retrying may succeed once
     # Serve has replaced it.
-    return JSONResponse(
-        {"detail": f"a backend replica is unavailable, retry shortly ({type(cause).__name__}: {cause})"},
-        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-        headers={"Retry-After": "5"},
-    )
+    message = f"a backend replica is unavailable, retry shortly ({type(cause).__name__}: {cause})"
+    return JSONResponse(_error_body(request, 503, message), status_code=503, headers={"Retry-After": "5"})
 
 
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
+    errors = json.loads(json.dumps(exc.errors(), default=str))
     if any(error.get("type") == "json_invalid" for error in errors):
-        return JSONResponse({"detail": "the request body is not valid JSON"}, status_code=400)
-    return JSONResponse({"detail": json.loads(json.dumps(errors, default=str))}, status_code=422)
+        return JSONResponse(_error_body(request, 400, "the request body is not valid JSON"), status_code=400)
+    if request.url.path.startswith("/v1/"):
+        # OpenAI answers bad parameters with 400 and one message; name the first bad field.
+        fields = [".".join(str(part) for part in error["loc"][1:]) or "body" for error in errors]
+        message = "; ".join(f"{field}: {error['msg']}" for field, error in zip(fields, errors))
+        return JSONResponse(_error_body(request, 400, message, fields[0]), status_code=400)
+    return JSONResponse({"detail": errors}, status_code=422)
 
 
 def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
@@ -152,13 +171,22 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
     @app.post(
         "/conversations/{conversation_id}/generate",
         tags=["conversations"],
-        response_class=StreamingResponse,
+        response_class=TextStreamResponse,
         responses={200: {"content": {"text/plain": {}}, "description": "The answer, streamed as it is generated."}},
     )
-    async def generate(conversation_id: str, body: GenerateRequest) -> StreamingResponse:
+    async def generate(conversation_id: str, body: GenerateRequest) -> TextStreamResponse:
         """Appends `prompt` to the conversation and streams the model's answer as plain text."""
-        pieces = await service.generate(conversation_id, body)
-        return StreamingResponse(pieces, media_type="text/plain; charset=utf-8")
+        model = service.resolve_model(body.model, body.revision)
+        turn = await service.start_turn(
+            model,
+            body.to_sampling_params(),
+            messages=[{"role": "user", "content": body.prompt}],
+            conversation_id=parse_conversation_id(conversation_id),
+            stored_parameters=body.stored_parameters(model.name, model.revision),
+        )
+        return TextStreamResponse(service.text_pieces(turn))
+
+    app.include_router(create_openai_router(service))
 
     if FRONTEND_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=FRONTEND_DIR), name="static")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.sampling import SamplingParams
 
@@ -145,3 +145,244 @@ class ModelCard(BaseModel):
     aliases: list[str]
     revision: str
     is_default: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI-compatible API (`/v1`). Field names, defaults and response shapes follow OpenAI's API
+# so the official SDK works unchanged; `top_k`, `repetition_penalty`, `min_tokens` and
+# `ignore_eos` are the extensions vLLM users know; `conversation_id` is ours.
+# ---------------------------------------------------------------------------------------------
+
+OPENAI_DEFAULT_TEMPERATURE = 1.0
+MAX_STOP_STRINGS = 4
+
+ModelState = Literal["loading", "ready", "failed"]
+FinishReasonOut = Literal["stop", "length"]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _OpenAISamplingRequest(BaseModel):
+    """What chat and text completions share: the model, sampling and streaming options."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="A served model name or alias (`GET /v1/models`).")
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_SAMPLE_LEN)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    stop: str | list[str] | None = Field(default=None, description=f"Up to {MAX_STOP_STRINGS} stop strings.")
+    n: Literal[1] = Field(default=1, description="Only one choice per request is supported.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(default=0.0, description="Not supported; only 0 is accepted.")
+    frequency_penalty: float = Field(default=0.0, description="Not supported; only 0 is accepted.")
+    user: str | None = None
+    # vLLM-style extensions.
+    top_k: int | None = Field(default=None, ge=-1, description="-1 or 0 disables top-k.")
+    repetition_penalty: float | None = Field(
+        default=None, gt=0.0, le=10.0, description="The original's repeat penalty over every token seen; 1 disables it."
+    )
+    min_tokens: int = Field(default=0, ge=0, le=MAX_SAMPLE_LEN)
+    ignore_eos: bool = False
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalty_unsupported(cls, value: float) -> float:
+        if value != 0:
+            raise ValueError("is not supported; use repetition_penalty (or send 0)")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _few_non_empty_stops(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+            raise ValueError(f"takes at most {MAX_STOP_STRINGS} non-empty strings")
+        return value
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def _sampling_params(self, max_tokens: int) -> SamplingParams:
+        penalty = self.repetition_penalty or 1.0
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=OPENAI_DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
+            top_p=self.top_p or 1.0,
+            top_k=max(self.top_k or 0, 0),
+            repeat_penalty=penalty,
+            # vLLM's repetition_penalty looks at every token of prompt and answer.
+            repeat_last_n=MAX_SAMPLE_LEN * 4 if penalty != 1.0 else 0,
+            seed=self.seed,
+            stop=self.stop_strings,
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: MessageRole
+    content: str | list[ChatContentPart]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_OpenAISamplingRequest):
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "SmolLM2-135M-Instruct",
+                    "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                    "max_tokens": 64,
+                    "temperature": 0,
+                    "stream": True,
+                }
+            ]
+        },
+    )
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_SAMPLE_LEN)
+    conversation_id: int | None = Field(
+        default=None,
+        description="Ours: prepend this conversation's history and store the last user message and the answer in it.",
+    )
+
+    def to_sampling_params(self) -> SamplingParams:
+        return self._sampling_params(self.max_completion_tokens or self.max_tokens or DEFAULT_SAMPLE_LEN)
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text} for m in self.messages]
+
+
+class CompletionRequest(_OpenAISamplingRequest):
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"model": "SmolLM2-135M-Instruct", "prompt": "Paris is", "max_tokens": 16}]},
+    )
+
+    prompt: str | list[str] = Field(description="One prompt (a list of exactly one string is accepted too).")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value):
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("must be one string; batches of prompts are not supported")
+        return value
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def to_sampling_params(self) -> SamplingParams:
+        return self._sampling_params(self.max_tokens or 16)  # OpenAI's default for completions
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int = 0
+    message: ChatCompletionMessage
+    finish_reason: FinishReasonOut | None
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: FinishReasonOut | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: FinishReasonOut | None = None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    """A text completion, or (with `usage` None until the end) one streamed chunk of one."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ray-chat"
+    # Ours: whether the model's deployment can serve now.
+    state: ModelState
+    aliases: list[str] = []
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorDetail

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from deployments.llm_server import ChatRequest, LLMServer, PromptTooLongError
+from deployments.llm_server import GenerationRequest, LLMServer, PromptTooLongError
 from deployments.model_registry import ModelConfig
 from deployments.sampling import SamplingParams
 
@@ -50,14 +50,14 @@ def test_a_prompt_that_cannot_fit_is_rejected_with_the_numbers():
         server.encode_chat([{"role": "user", "content": "x" * 100}], max_tokens=16)
 
 
-async def collect(server: LLMServer, request: ChatRequest):
+async def collect(server: LLMServer, request: GenerationRequest):
     return [output async for output in server.generate(request)]
 
 
 async def test_reference_engine_streams_and_counts_tokens():
     server = tiny_server()
     params = SamplingParams(max_tokens=12, temperature=0, min_tokens=12)
-    outputs = await collect(server, ChatRequest([{"role": "user", "content": "hello"}], params))
+    outputs = await collect(server, GenerationRequest(messages=[{"role": "user", "content": "hello"}], params=params))
     *pieces, last = outputs
     assert last.finish_reason == "length" and last.completion_tokens == 12
     assert last.prompt_tokens == len(server.encode_chat([{"role": "user", "content": "hello"}], 12))
@@ -69,7 +69,7 @@ async def test_seeded_sampling_repeats_and_greedy_is_deterministic():
     messages = [{"role": "user", "content": "hello"}]
 
     async def text(params):
-        return "".join(o.text for o in await collect(server, ChatRequest(messages, params)))
+        return "".join(o.text for o in await collect(server, GenerationRequest(messages=messages, params=params)))
 
     seeded = SamplingParams(max_tokens=10, temperature=1.0, seed=5, min_tokens=10)
     assert await text(seeded) == await text(seeded)
@@ -80,7 +80,7 @@ async def test_seeded_sampling_repeats_and_greedy_is_deterministic():
 async def test_closing_the_stream_cancels_generation_and_frees_the_engine():
     server = tiny_server()
     params = SamplingParams(max_tokens=400, temperature=0, min_tokens=400)
-    stream = server.generate(ChatRequest([{"role": "user", "content": "hello"}], params))
+    stream = server.generate(GenerationRequest(messages=[{"role": "user", "content": "hello"}], params=params))
     await stream.__anext__()
     await stream.aclose()
     for _ in range(100):
@@ -89,5 +89,5 @@ async def test_closing_the_stream_cancels_generation_and_frees_the_engine():
         await asyncio.sleep(0.05)
     assert server.stats().active_requests == 0
     # The engine is free again: a new request completes.
-    outputs = await collect(server, ChatRequest([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=3, temperature=0, min_tokens=3)))
+    outputs = await collect(server, GenerationRequest(messages=[{"role": "user", "content": "hi"}], params=SamplingParams(max_tokens=3, temperature=0, min_tokens=3)))
     assert outputs[-1].completion_tokens == 3

@@ -1,0 +1,31 @@
+"""Streaming responses that always close their body generator.
+
+Starlette stops iterating a streaming body when the client disconnects, but if the disconnect
+lands while the generator is suspended at a `yield`, the generator itself is only closed when it
+is garbage-collected. Our generators record the turn in their `finally` (a stopped answer must
+be stored promptly), so these responses close them explicitly, whatever ended the response.
+"""
+
+from __future__ import annotations
+
+from fastapi.sse import EventSourceResponse
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+
+class _ClosesBody:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+class TextStreamResponse(_ClosesBody, StreamingResponse):
+    media_type = "text/plain; charset=utf-8"
+
+
+class ServerSentEventsResponse(_ClosesBody, EventSourceResponse):
+    pass

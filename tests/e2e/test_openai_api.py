@@ -1,0 +1,154 @@
+"""The OpenAI-compatible API, driven by the official `openai` SDK against the real app."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import openai
+import pytest
+
+from deployments.model_loader import load_model
+from deployments.model_registry import ModelConfig
+
+pytestmark = pytest.mark.slow
+
+SMOL = "SmolLM2-135M-Instruct"
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(serve_app):
+    with openai.OpenAI(base_url=f"{serve_app.url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_model(ModelConfig(name=SMOL)).tokenizer
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def chat_prompt_tokens(tokenizer, messages) -> int:
+    return count_tokens(tokenizer, tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+
+
+def test_models_are_listed_with_their_state(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == [SMOL, "tiny-random"]
+    assert {m.model_extra["state"] for m in models} == {"ready"}
+    assert models[0].model_extra["aliases"] == ["smollm2"]
+
+
+def test_chat_completion_answers_and_counts_tokens_exactly(client, tokenizer):
+    completion = client.chat.completions.create(model=SMOL, messages=CAPITAL, temperature=0, max_tokens=48)
+    (choice,) = completion.choices
+    assert "Paris" in choice.message.content
+    assert choice.message.role == "assistant" and choice.finish_reason == "stop"
+    assert completion.model == SMOL and completion.object == "chat.completion"
+    assert completion.usage.prompt_tokens == chat_prompt_tokens(tokenizer, CAPITAL)
+    assert completion.usage.completion_tokens == count_tokens(tokenizer, choice.message.content)
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+
+
+def test_streamed_chat_equals_the_whole_answer_and_reports_usage(client, tokenizer):
+    whole = client.chat.completions.create(model="smollm2", messages=CAPITAL, temperature=0, max_tokens=48)
+    stream = client.chat.completions.create(
+        model="smollm2", messages=CAPITAL, temperature=0, max_tokens=48, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage == whole.usage
+
+
+def test_max_tokens_ends_with_length(client):
+    completion = client.chat.completions.create(
+        model=SMOL, messages=[{"role": "user", "content": "Write a long poem about the sea."}], max_tokens=5, seed=1
+    )
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == 5
+
+
+def test_text_completion_whole_and_streamed(client, tokenizer):
+    prompt = "The capital of France is"
+    whole = client.completions.create(model=SMOL, prompt=prompt, temperature=0, max_tokens=8)
+    assert whole.object == "text_completion" and whole.choices[0].finish_reason == "length"
+    assert whole.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"]) and whole.usage.completion_tokens == 8
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model=SMOL, prompt=prompt, temperature=0, max_tokens=8, stream=True) if c.choices)
+    assert streamed == whole.choices[0].text
+
+
+def test_seeded_sampling_is_reproducible(client):
+    ask = dict(model=SMOL, messages=[{"role": "user", "content": "Name a colour."}], temperature=1.0, seed=1234, max_tokens=16)
+    assert client.chat.completions.create(**ask).choices[0].message.content == client.chat.completions.create(**ask).choices[0].message.content
+
+
+def test_unknown_model_is_not_found(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="gpt-9", messages=CAPITAL)
+    assert "available models: SmolLM2-135M-Instruct, tiny-random" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"temperature": 3}, "temperature"),
+        ({"n": 2}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ],
+)
+def test_bad_parameters_are_bad_requests_naming_the_field(client, extra, field):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=SMOL, messages=CAPITAL, **extra)
+    assert caught.value.body["param"] == field
+    assert field in caught.value.message
+
+
+def test_chat_with_a_conversation_id_reads_and_writes_history(client, serve_app):
+    import httpx
+
+    conversation_id = httpx.get(f"{serve_app.url}/conversations/start").json()
+    first = client.chat.completions.create(
+        model=SMOL, messages=CAPITAL, temperature=0, max_tokens=32, extra_body={"conversation_id": conversation_id}
+    )
+    follow_up = [{"role": "user", "content": "And of Italy?"}]
+    second = client.chat.completions.create(
+        model=SMOL, messages=follow_up, temperature=0, max_tokens=32, extra_headers={"X-Conversation-Id": str(conversation_id)}
+    )
+    # The history (the first turn) went before the new prompt.
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens
+    stored = httpx.get(f"{serve_app.url}/conversations/{conversation_id}").json()["messages"]
+    assert [(m["role"], m["content"]) for m in stored] == [
+        ("user", CAPITAL[0]["content"]), ("assistant", first.choices[0].message.content),
+        ("user", "And of Italy?"), ("assistant", second.choices[0].message.content),
+    ]
+
+
+def test_chat_without_a_conversation_id_stores_nothing(client, serve_app):
+    def message_count() -> int:
+        with sqlite3.connect(serve_app.database_path) as db:
+            return db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+
+    before = message_count()
+    client.chat.completions.create(model=SMOL, messages=CAPITAL, max_tokens=4)
+    assert message_count() == before
+
+
+def test_openapi_schema_lists_every_route(serve_app):
+    import httpx
+
+    schema = httpx.get(f"{serve_app.url}/openapi.json").json()
+    assert set(schema["paths"]) >= {
+        "/conversations", "/conversations/start", "/conversations/{conversation_id}",
+        "/conversations/{conversation_id}/generate", "/conversations/{conversation_id}/export",
+        "/v1/models", "/v1/chat/completions", "/v1/completions", "/healthz", "/readyz", "/models",
+    }
