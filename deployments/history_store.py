@@ -146,10 +146,17 @@ class HistoryStore:
         error: str | None = None,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
+        replace_after: int | None = None,
     ) -> Message:
-        """Adds one final message; the first user message also titles an untitled conversation."""
+        """Adds one final message; the first user message also titles an untitled conversation.
+        With `replace_after` (a message id), the messages after that one are deleted in the same
+        transaction: a regenerated answer replaces the old one atomically."""
         now = _now()
         try:
+            if replace_after is not None:
+                await self.db.execute(
+                    "DELETE FROM messages WHERE conversation_id = ? AND id > ?", (conversation_id, replace_after)
+                )
             cursor = await self.db.execute(
                 "INSERT INTO messages (conversation_id, role, content, model, parameters, status, error,"
                 " prompt_tokens, completion_tokens, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -24,5 +24,8 @@ class LLMDeployment:
         async for output in self.server.generate(request):
             yield output
 
+    def cancel(self, request_id: str) -> bool:
+        return self.server.cancel(request_id)
+
     def stats(self) -> EngineStats:
         return self.server.stats()

@@ -5,8 +5,10 @@ and stream the engine's output.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,8 @@ class GenerationRequest:
     messages: list[dict[str, str]] | None = None  # [{"role": ..., "content": ...}], oldest first
     prompt: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    # Lets `cancel(request_id)` stop it from anywhere (e.g. a stop button on another connection).
+    request_id: str | None = None
 
 
 class LLMServer:
@@ -40,6 +44,7 @@ class LLMServer:
         self.loaded = loaded or load_model(config, cache_dir)
         torch.set_num_threads(config.torch_threads or max(1, round(config.num_cpus)))
         self.engine: Engine = ReferenceEngine(self.loaded)
+        self._stop_requested: dict[str, asyncio.Event] = {}
 
     def encode_chat(self, messages: list[dict[str, str]], max_tokens: int) -> list[int]:
         """Token ids of `messages` under the chat template, leaving `max_tokens` of room for the
@@ -75,12 +80,32 @@ class LLMServer:
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """The engine's outputs; a `cancel(request_id)` ends the stream after the current decode
+        step with a last output whose finish reason is "cancelled"."""
         if request.messages is not None:
             prompt_ids = self.encode_chat(request.messages, request.params.max_tokens)
         else:
             prompt_ids = self.encode_prompt(request.prompt or "", request.params.max_tokens)
-        async for output in self.engine.generate(prompt_ids, request.params):
-            yield output
+        stop = asyncio.Event()
+        if request.request_id is not None:
+            self._stop_requested[request.request_id] = stop
+        try:
+            async with aclosing(self.engine.generate(prompt_ids, request.params)) as outputs:
+                async for output in outputs:
+                    yield output
+                    if stop.is_set() and output.finish_reason is None:
+                        yield GenerationOutput("", output.prompt_tokens, output.completion_tokens, "cancelled")
+                        return
+        finally:
+            if request.request_id is not None:
+                self._stop_requested.pop(request.request_id, None)
+
+    def cancel(self, request_id: str) -> bool:
+        """Asks the request to stop; False if no such request runs on this replica."""
+        stop = self._stop_requested.get(request_id)
+        if stop is not None:
+            stop.set()
+        return stop is not None
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

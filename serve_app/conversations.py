@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -19,11 +20,12 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from deployments.engine import GenerationOutput
+from deployments.engine import EngineStats, GenerationOutput
 from deployments.history_store import ConversationNotFoundError
 from deployments.llm_server import GenerationRequest
 from deployments.model_registry import ModelConfig, ModelRegistry
 from deployments.sampling import SamplingParams
+from serve_app.metrics import ServiceMetrics
 from serve_app.protocol import Conversation, ConversationSummary, Message, MessageStatus, ModelState
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,10 @@ MODEL_STATE = {
     "UPDATING": "loading",
     "UNHEALTHY": "failed", "DEPLOY_FAILED": "failed",
 }
+
+
+class InvalidRequestError(ValueError):
+    """A request that validates field by field but makes no sense as a whole (400)."""
 
 
 class UnknownRevisionError(LookupError):
@@ -84,11 +90,13 @@ class TurnRecord:
     conversation_id: int
     prompt: str
     parameters: dict[str, Any]
+    # Regeneration: the prompt is stored already (this id); the answers after it are replaced.
+    replace_after: int | None = None
 
 
 @dataclass
 class Turn:
-    """A generation that has produced its first output: everything that can be rejected was."""
+    """A generation that has produced its first output: everything that can reject it did."""
 
     model: ModelConfig
     first: GenerationOutput
@@ -96,11 +104,16 @@ class Turn:
     record: TurnRecord | None
 
 
+def turn_request_id(conversation_id: int) -> str:
+    return f"conversation-{conversation_id}"
+
+
 class ConversationService:
     def __init__(self, registry: ModelRegistry, models: dict[str, DeploymentHandle], history: DeploymentHandle):
         self.registry = registry
         self.models = models
         self.history = history
+        self.metrics = ServiceMetrics()
 
     async def model_states(self) -> dict[str, ModelState]:
         """Each model's state from Serve's view of its deployment."""
@@ -111,6 +124,13 @@ class ConversationService:
             name: MODEL_STATE.get(deployments[handle.deployment_name].status, "loading")
             for name, handle in self.models.items()
         }
+
+    async def engine_stats(self) -> dict[str, list[EngineStats]]:
+        """Every replica's engine stats, per model."""
+        names = list(self.models)
+        responses = [self.models[name].broadcast("stats") for name in names]
+        results = await asyncio.gather(*(response.results_async() for response in responses))
+        return dict(zip(names, results))
 
     async def list_ids(self) -> list[int]:
         return await self.history.list_conversation_ids.remote()
@@ -132,11 +152,47 @@ class ConversationService:
         await self.history.delete_conversation.remote(conversation_id)
         return conversation_id
 
+    async def stop(self, raw_id: str) -> bool:
+        """Stops the conversation's running generation, on whichever replica runs it."""
+        conversation = await self.get(raw_id)
+        request_id = turn_request_id(conversation.id)
+        responses = [handle.broadcast("cancel", request_id) for handle in self.models.values()]
+        results = await asyncio.gather(*(response.results_async() for response in responses))
+        return any(any(per_replica) for per_replica in results)
+
     def resolve_model(self, name: str | None, revision: str | None = None) -> ModelConfig:
         model = self.registry.resolve(name)
         if revision not in (None, "", model.revision):
             raise UnknownRevisionError(model, revision)
         return model
+
+    async def conversation_turn(
+        self,
+        raw_id: str | int,
+        new_messages: list[dict[str, str]],
+        model: ModelConfig,
+        params: SamplingParams,
+        stored_parameters: dict[str, Any],
+    ) -> Turn:
+        """A turn in a stored conversation: its history goes before `new_messages`, whose last
+        (user) message is stored with the answer."""
+        conversation = await self.get(raw_id)
+        record = TurnRecord(conversation.id, new_messages[-1]["content"], stored_parameters)
+        messages = context_messages(conversation.messages) + new_messages
+        return await self.start_turn(model, params, messages=messages, record=record)
+
+    async def regenerate_turn(
+        self, raw_id: str, model: ModelConfig, params: SamplingParams, stored_parameters: dict[str, Any]
+    ) -> Turn:
+        """Answers the conversation's last prompt again; the new answer replaces the old one."""
+        conversation = await self.get(raw_id)
+        prompts = [i for i, m in enumerate(conversation.messages) if m.role == "user"]
+        if not prompts:
+            raise InvalidRequestError(f"conversation '{conversation.id}' has no prompt to answer again")
+        last = conversation.messages[prompts[-1]]
+        record = TurnRecord(conversation.id, last.content, stored_parameters, replace_after=last.id)
+        messages = context_messages(conversation.messages[: prompts[-1]]) + [{"role": "user", "content": last.content}]
+        return await self.start_turn(model, params, messages=messages, record=record)
 
     async def start_turn(
         self,
@@ -145,26 +201,21 @@ class ConversationService:
         *,
         messages: list[dict[str, str]] | None = None,
         prompt: str | None = None,
-        conversation_id: str | int | None = None,
-        stored_parameters: dict[str, Any] | None = None,
+        record: TurnRecord | None = None,
     ) -> Turn:
         """Starts generating and waits for the first output, so every error that can reject the
-        request (unknown conversation, prompt too long, model down) is raised here, before any
-        byte is sent. With a `conversation_id`, its history is put before `messages`, and the
-        last user message and the answer are stored."""
-        record = None
-        if conversation_id is not None:
-            conversation = await self.get(conversation_id)
-            record = TurnRecord(conversation.id, messages[-1]["content"], stored_parameters or {})
-            messages = context_messages(conversation.messages) + messages
-        request = GenerationRequest(messages=messages, prompt=prompt, params=params)
+        request (prompt too long, model down) is raised here, before any byte is sent."""
+        request_id = turn_request_id(record.conversation_id) if record else None
+        request = GenerationRequest(messages=messages, prompt=prompt, params=params, request_id=request_id)
+        started = time.monotonic()
         stream: DeploymentResponseGenerator = self.models[model.name].options(stream=True).generate.remote(request)
         try:
             first: GenerationOutput = await stream.__anext__()
         except BaseException:
             stream.cancel()
             raise
-        if record is not None:
+        self.metrics.turn_started(model.name, time.monotonic() - started)
+        if record is not None and record.replace_after is None:
             await self.history.append_message.remote(
                 record.conversation_id, "user", record.prompt, model=model.name, parameters=record.parameters
             )
@@ -192,12 +243,16 @@ class ConversationService:
             logger.exception("generation with model %s failed", turn.model.name)
             raise
         finally:
+            if output.finish_reason == "cancelled":
+                status = "stopped"
             if status != "complete":
                 turn.stream.cancel()
+            self.metrics.turn_finished(turn.model.name, status, output.prompt_tokens, output.completion_tokens)
             if turn.record is not None:
                 answer = dict(
                     model=turn.model.name, parameters=turn.record.parameters, status=status, error=error,
                     prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens,
+                    replace_after=turn.record.replace_after,
                 )
                 # Shielded: the answer is stored even when the client's disconnect cancelled us.
                 await asyncio.shield(self._store_answer(turn.record.conversation_id, "".join(pieces), answer))

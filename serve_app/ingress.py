@@ -4,13 +4,15 @@ builds the app on its replica."""
 
 from __future__ import annotations
 
+import hmac
 import json
 from pathlib import Path
 
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.exceptions import RayError
@@ -23,11 +25,12 @@ from deployments.model_loader import ModelLoadError
 from deployments.model_registry import ModelRegistry, UnknownModelError
 from serve_app.conversations import (
     ConversationService,
+    InvalidRequestError,
     UnknownRevisionError,
     conversation_markdown,
     parse_conversation_id,
 )
-from serve_app.openai_api import InvalidRequestError, create_openai_router
+from serve_app.openai_api import create_openai_router
 from serve_app.protocol import (
     Conversation,
     ConversationSummary,
@@ -35,7 +38,9 @@ from serve_app.protocol import (
     ExportFormat,
     GenerateRequest,
     ModelCard,
+    RegenerateRequest,
     RenameRequest,
+    StopResponse,
 )
 from serve_app.settings import AppSettings
 from serve_app.streaming import TextStreamResponse
@@ -89,12 +94,36 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse({"detail": errors}, status_code=422)
 
 
+OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json")
+
+
+def _require_api_key(app: FastAPI, api_key: str) -> None:
+    expected = f"Bearer {api_key}".encode()
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        path = request.url.path
+        is_open = path == "/" or path.startswith("/static/") or path.startswith(OPEN_PATHS)
+        if is_open or request.method == "OPTIONS":
+            return await call_next(request)
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            message = "missing or wrong API key: send `Authorization: Bearer <key>`"
+            return JSONResponse(
+                _error_body(request, 401, message), status_code=401, headers={"WWW-Authenticate": "Bearer"}
+            )
+        return await call_next(request)
+
+
 def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
     app = FastAPI(
         title="ray-chat",
         summary="Multi-model streaming chat on Ray Serve",
         responses=_ERROR_RESPONSES,
     )
+    if settings.api_key:
+        _require_api_key(app, settings.api_key)
+    # Added last, so outermost: even a 401 carries the CORS headers the browser needs to read it.
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
@@ -177,14 +206,43 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
     async def generate(conversation_id: str, body: GenerateRequest) -> TextStreamResponse:
         """Appends `prompt` to the conversation and streams the model's answer as plain text."""
         model = service.resolve_model(body.model, body.revision)
-        turn = await service.start_turn(
+        turn = await service.conversation_turn(
+            conversation_id,
+            [{"role": "user", "content": body.prompt}],
             model,
             body.to_sampling_params(),
-            messages=[{"role": "user", "content": body.prompt}],
-            conversation_id=parse_conversation_id(conversation_id),
-            stored_parameters=body.stored_parameters(model.name, model.revision),
+            body.stored_parameters(model.name, model.revision),
         )
         return TextStreamResponse(service.text_pieces(turn))
+
+    @app.post(
+        "/conversations/{conversation_id}/regenerate",
+        tags=["conversations"],
+        response_class=TextStreamResponse,
+        responses={200: {"content": {"text/plain": {}}, "description": "The new answer, streamed."}},
+    )
+    async def regenerate(conversation_id: str, body: RegenerateRequest | None = None) -> TextStreamResponse:
+        """Answers the last prompt again (optionally with other parameters or another model);
+        the new answer replaces the previous one once it is complete or stopped."""
+        body = body or RegenerateRequest()
+        model = service.resolve_model(body.model, body.revision)
+        turn = await service.regenerate_turn(
+            conversation_id, model, body.to_sampling_params(), body.stored_parameters(model.name, model.revision)
+        )
+        return TextStreamResponse(service.text_pieces(turn))
+
+    @app.post("/conversations/{conversation_id}/stop", tags=["conversations"])
+    async def stop(conversation_id: str) -> StopResponse:
+        """Stops the answer being generated in this conversation within one decode step; the
+        partial answer is stored with status "stopped"."""
+        stopped = await service.stop(conversation_id)
+        return StopResponse(id=parse_conversation_id(conversation_id), stopped=stopped)
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        """Prometheus metrics: turns, TTFT, tokens, active and queued streams per model."""
+        body = service.metrics.render(await service.engine_stats())
+        return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(create_openai_router(service))
 

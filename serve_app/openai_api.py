@@ -15,7 +15,7 @@ from fastapi.sse import format_sse_event
 from pydantic import BaseModel
 
 from deployments.engine import GenerationOutput
-from serve_app.conversations import ConversationService, Turn
+from serve_app.conversations import ConversationService, InvalidRequestError, Turn
 from serve_app.protocol import (
     ChatCompletion,
     ChatCompletionChoice,
@@ -38,8 +38,9 @@ STARTED_AT = int(time.time())
 SSE_RESPONSE = {200: {"content": {"text/event-stream": {}}, "description": "With `stream: true`: chunks as server-sent events."}}
 
 
-class InvalidRequestError(ValueError):
-    """A request that validates field by field but makes no sense as a whole (400)."""
+def finish_reason_of(output: GenerationOutput) -> str:
+    # A stop request ends the answer early, which OpenAI's clients know as "stop".
+    return "stop" if output.finish_reason == "cancelled" else output.finish_reason
 
 
 def usage_of(output: GenerationOutput) -> Usage:
@@ -71,7 +72,7 @@ async def sse_events(
         async for output in outputs:
             if output.text:
                 yield format_sse_event(data_str=chunk(output.text, None).model_dump_json())
-    yield format_sse_event(data_str=chunk(None, output.finish_reason).model_dump_json())
+    yield format_sse_event(data_str=chunk(None, finish_reason_of(output)).model_dump_json())
     if usage_chunk is not None:
         yield format_sse_event(data_str=usage_chunk(usage_of(output)).model_dump_json())
     yield format_sse_event(data_str="[DONE]")
@@ -104,16 +105,18 @@ def create_openai_router(service: ConversationService) -> APIRouter:
             include={"max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty"},
             exclude_none=True,
         ) | {"model": model.name}
-        turn = await service.start_turn(
-            model, body.to_sampling_params(), messages=body.chat_messages(),
-            conversation_id=conversation_id, stored_parameters=stored,
-        )
+        if conversation_id is None:
+            turn = await service.start_turn(model, body.to_sampling_params(), messages=body.chat_messages())
+        else:
+            turn = await service.conversation_turn(
+                conversation_id, body.chat_messages(), model, body.to_sampling_params(), stored
+            )
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
             text, last = await collect(service, turn)
             return ChatCompletion(
                 id=request_id, created=created, model=model.name, usage=usage_of(last),
-                choices=[ChatCompletionChoice(message=ChatCompletionMessage(content=text), finish_reason=last.finish_reason)],
+                choices=[ChatCompletionChoice(message=ChatCompletionMessage(content=text), finish_reason=finish_reason_of(last))],
             )
 
         def chunk(text: str | None, finish_reason: str | None) -> ChatCompletionChunk:
@@ -151,7 +154,7 @@ def create_openai_router(service: ConversationService) -> APIRouter:
 
         if not body.stream:
             text, last = await collect(service, turn)
-            return chunk(text, last.finish_reason).model_copy(update={"usage": usage_of(last)})
+            return chunk(text, finish_reason_of(last)).model_copy(update={"usage": usage_of(last)})
 
         def usage_chunk(usage: Usage) -> Completion:
             return Completion(id=request_id, created=created, model=model.name, choices=[], usage=usage)

@@ -30,32 +30,12 @@ MessageRole = Literal["system", "user", "assistant"]
 MessageStatus = Literal["complete", "stopped", "failed"]
 
 
-class GenerateRequest(BaseModel):
-    """Body of `POST /conversations/{id}/generate`, as the original service accepted it.
+class GenerationParameters(BaseModel):
+    """The original API's sampling fields. Every one may be omitted or null and then takes its
+    default. Unknown fields are ignored so that old clients keep working."""
 
-    Every field but `prompt` may be omitted or null and then takes its default. Unknown fields
-    are ignored so that old clients keep working."""
+    model_config = ConfigDict(extra="ignore")
 
-    model_config = ConfigDict(
-        extra="ignore",
-        json_schema_extra={
-            "examples": [
-                {
-                    "prompt": "What is the capital of France?",
-                    "sample_len": 64,
-                    "temperature": 0.0,
-                    "top_p": 0.9,
-                    "repeat_penalty": 1.1,
-                    "repeat_last_n": 64,
-                    "model": "SmolLM2-135M-Instruct",
-                    "revision": "main",
-                    "seed": 42,
-                }
-            ]
-        },
-    )
-
-    prompt: str = Field(min_length=1, max_length=100_000, description="The user's message.")
     sample_len: int | None = Field(
         default=None, ge=1, le=MAX_SAMPLE_LEN, description=f"Most tokens to generate (default {DEFAULT_SAMPLE_LEN})."
     )
@@ -96,6 +76,41 @@ class GenerateRequest(BaseModel):
             "model": model,
             "revision": revision,
         }
+
+
+class GenerateRequest(GenerationParameters):
+    """Body of `POST /conversations/{id}/generate`, as the original service accepted it."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "What is the capital of France?",
+                    "sample_len": 64,
+                    "temperature": 0.0,
+                    "top_p": 0.9,
+                    "repeat_penalty": 1.1,
+                    "repeat_last_n": 64,
+                    "model": "SmolLM2-135M-Instruct",
+                    "revision": "main",
+                    "seed": 42,
+                }
+            ]
+        },
+    )
+
+    prompt: str = Field(min_length=1, max_length=100_000, description="The user's message.")
+
+
+class RegenerateRequest(GenerationParameters):
+    """Body of `POST /conversations/{id}/regenerate` (may be empty): answer the last prompt
+    again, optionally with other parameters or another model."""
+
+
+class StopResponse(BaseModel):
+    id: int
+    stopped: bool = Field(description="False when nothing was being generated in this conversation.")
 
 
 class Message(BaseModel):

@@ -3,6 +3,7 @@ validated once when the application is built and passed down as objects."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -25,6 +26,10 @@ class AppSettings(BaseModel):
     # The original page was opened from a file (Origin: null) or another localhost port.
     cors_origins: list[str] = ["null"]
     cors_origin_regex: str | None = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+    # When set, every API route requires `Authorization: Bearer <api_key>` (the page, its static
+    # files, /healthz, /readyz and the API docs stay open). Default: $RAY_CHAT_API_KEY, read once
+    # when the application is built.
+    api_key: str | None = Field(default_factory=lambda: os.environ.get("RAY_CHAT_API_KEY") or None, min_length=8)
     # The light deployments take a sliver of a CPU so the model replicas can be scheduled.
     ingress_num_cpus: float = Field(default=0.1, ge=0)
     history_num_cpus: float = Field(default=0.1, ge=0)

@@ -1,0 +1,94 @@
+"""Stopping, disconnecting and regenerating, against the real app: what the replica does (its
+active-stream count) and what history keeps."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SMOL = "SmolLM2-135M-Instruct"
+LONG = {"prompt": "Write a very long story about a dragon and a knight.", "sample_len": 400, "seed": 7, "temperature": 0.8}
+
+
+@pytest.fixture
+def client(serve_app):
+    with httpx.Client(base_url=serve_app.url, timeout=120) as client:
+        yield client
+
+
+def metric(client: httpx.Client, name: str, **labels) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in client.get("/metrics").text.splitlines():
+        match = re.fullmatch(rf"{name}\{{{re.escape(wanted)}\}} (\S+)", line)
+        if match:
+            return float(match.group(1))
+    return 0.0
+
+
+def messages(client: httpx.Client, conversation_id: int) -> list[dict]:
+    return client.get(f"/conversations/{conversation_id}").json()["messages"]
+
+
+def test_stop_ends_the_stream_cleanly_and_keeps_the_partial_answer(client):
+    conversation_id = client.get("/conversations/start").json()
+    received = b""
+    with httpx.Client(base_url=client.base_url, timeout=30) as other:
+        with client.stream("POST", f"/conversations/{conversation_id}/generate", json=LONG) as response:
+            stream = response.iter_raw()
+            while len(received) < 30:
+                received += next(stream)
+            stop = other.post(f"/conversations/{conversation_id}/stop")
+            assert stop.json() == {"id": conversation_id, "stopped": True}
+            stopped_at = time.monotonic()
+            received += b"".join(stream)  # the stream ends normally, soon
+            assert time.monotonic() - stopped_at < 2
+    user, answer = messages(client, conversation_id)
+    assert (answer["status"], answer["content"]) == ("stopped", received.decode())
+    assert answer["completion_tokens"] < 200
+    assert client.post(f"/conversations/{conversation_id}/stop").json()["stopped"] is False
+    assert client.post("/conversations/999999/stop").status_code == 404
+
+
+def test_a_disconnect_frees_the_replica_within_a_second(client):
+    conversation_id = client.get("/conversations/start").json()
+    stopped_before = metric(client, "chat_turns_total", model=SMOL, status="stopped")
+    with client.stream("POST", f"/conversations/{conversation_id}/generate", json=LONG) as response:
+        next(response.iter_raw())
+        assert metric(client, "chat_active_streams", model=SMOL) == 1
+    disconnected_at = time.monotonic()
+    while metric(client, "chat_active_streams", model=SMOL) != 0:
+        assert time.monotonic() - disconnected_at < 1.0, "the replica still decodes for a gone client"
+        time.sleep(0.05)
+    deadline = time.monotonic() + 5
+    while len(messages(client, conversation_id)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert messages(client, conversation_id)[1]["status"] == "stopped"
+    assert metric(client, "chat_turns_total", model=SMOL, status="stopped") == stopped_before + 1
+    assert metric(client, "chat_time_to_first_token_seconds_count", model=SMOL) >= 1
+
+
+def test_regenerate_replaces_the_last_answer_with_other_parameters(client):
+    conversation_id = client.get("/conversations/start").json()
+    first = client.post(
+        f"/conversations/{conversation_id}/generate", json={"prompt": "hello", "model": "tiny-random", "sample_len": 12, "seed": 1, "temperature": 1}
+    ).text
+    again = client.post(
+        f"/conversations/{conversation_id}/regenerate", json={"model": "tiny-random", "sample_len": 12, "seed": 2, "temperature": 1}
+    )
+    assert again.status_code == 200
+    stored = messages(client, conversation_id)
+    assert [(m["role"], m["content"]) for m in stored] == [("user", "hello"), ("assistant", again.text)]
+    assert again.text != first
+    assert stored[1]["parameters"]["seed"] == 2
+
+
+def test_regenerate_needs_a_prompt(client):
+    conversation_id = client.get("/conversations/start").json()
+    response = client.post(f"/conversations/{conversation_id}/regenerate")
+    assert response.status_code == 400
+    assert response.json()["detail"] == f"conversation '{conversation_id}' has no prompt to answer again"

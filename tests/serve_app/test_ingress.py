@@ -1,0 +1,82 @@
+"""The FastAPI app without Ray: routing of errors, validation and the API key, for requests that
+are answered before any deployment is called."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from deployments.model_registry import ModelRegistry
+from serve_app.conversations import ConversationService
+from serve_app.ingress import create_app
+from serve_app.settings import AppSettings
+
+KEY = "s3cret-key-123"
+
+
+def client_for(**settings) -> TestClient:
+    app_settings = AppSettings.model_validate({"api_key": None, **settings})
+    service = ConversationService(ModelRegistry(app_settings.models), models={}, history=None)
+    return TestClient(create_app(app_settings, service))
+
+
+def test_models_are_listed_without_a_key_when_none_is_configured():
+    response = client_for().get("/models")
+    assert response.status_code == 200
+    assert response.json() == [{"name": "SmolLM2-135M-Instruct", "aliases": ["smollm2"], "revision": "main", "is_default": True}]
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong-key-000", KEY, f"Basic {KEY}"])
+def test_api_routes_refuse_a_missing_or_wrong_key(header):
+    client = client_for(api_key=KEY)
+    headers = {"Authorization": header} if header else {}
+    response = client.get("/models", headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert "missing or wrong API key" in response.json()["detail"]
+    openai_style = client.get("/v1/models", headers=headers).json()
+    assert openai_style["error"]["code"] == 401 and "API key" in openai_style["error"]["message"]
+
+
+def test_the_right_key_opens_the_api_and_probes_and_page_stay_open():
+    client = client_for(api_key=KEY)
+    assert client.get("/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/").status_code == 200
+    preflight = client.options(
+        "/conversations", headers={"Origin": "null", "Access-Control-Request-Method": "GET"}
+    )
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "null"
+
+
+def test_a_short_api_key_is_rejected_at_build_time():
+    with pytest.raises(ValueError, match="at least 8 characters"):
+        AppSettings.model_validate({"api_key": "short"})
+
+
+def test_original_routes_answer_bad_bodies_with_field_messages():
+    client = client_for()
+    response = client.post("/conversations/1/generate", json={"prompt": "hi", "temperature": -1})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "temperature"]
+    response = client.post("/conversations/1/generate", content=b"{oops", headers={"content-type": "application/json"})
+    assert (response.status_code, response.json()) == (400, {"detail": "the request body is not valid JSON"})
+
+
+def test_openai_routes_answer_bad_bodies_in_openai_shape():
+    client = client_for()
+    response = client.post("/v1/chat/completions", json={"model": "smollm2", "messages": [], "temperature": 9})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "temperature" and error["type"] == "invalid_request_error"  # the first bad field
+    assert "messages: List should have at least 1 item" in error["message"]
+    assert "temperature: Input should be less than or equal to 2" in error["message"]
+
+
+def test_unknown_model_is_404_before_any_deployment_is_called():
+    client = client_for()
+    response = client.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
+    assert response.status_code == 404
+    assert response.json()["error"]["message"] == "model 'nope' is not served here; available models: SmolLM2-135M-Instruct"
+    response = client.post("/conversations/1/generate", json={"prompt": "hi", "model": "nope"})
+    assert response.status_code == 404 and "available models" in response.json()["detail"]
