@@ -34,5 +34,15 @@ test: install system-deps
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
+# Engine benchmark (minutes): transformers generate vs our engine, fp32 and int8, 1 and 16 streams.
+bench: install
+	$(BIN)/python bench/engine_bench.py
+
+# Load test against a running service (`make serve` in another terminal): TTFT and inter-token latency.
+USERS ?= 16
+DURATION ?= 60s
+loadtest: install
+	$(BIN)/locust -f loadtests/locustfile.py --headless -u $(USERS) -r 4 -t $(DURATION) --host http://127.0.0.1:8080
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache test-artifacts

@@ -1,11 +1,7 @@
-"""The engine contract between a model deployment and whatever runs the model, plus the
-reference engine: transformers' `generate` in one worker thread, one request at a time.
+"""The reference engine: transformers' `generate` in one worker thread, one request at a time.
 
-An engine takes prompt token ids and `SamplingParams` and yields `GenerationOutput`s: the new
-text since the previous output, at most one per decode step. Closing the async iterator
-(client gone, stop button) cancels the request at the next decode step. The reference engine
-is simple on purpose; the batched engine (issue "generation engine") implements the same
-contract.
+Simple on purpose; it implements the same `engine_protocol.Engine` contract as the batched
+engine and serves as its baseline in tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -14,8 +10,6 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Literal, Protocol
 
 import torch
 from transformers import (
@@ -27,34 +21,9 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from deployments.engine_protocol import EngineStats, FinishReason, GenerationOutput
 from deployments.model_loader import LoadedModel
 from deployments.sampling import SamplingParams
-
-FinishReason = Literal["stop", "length", "cancelled"]
-
-
-@dataclass
-class GenerationOutput:
-    text: str  # new text since the previous output
-    prompt_tokens: int
-    completion_tokens: int  # generated so far
-    finish_reason: FinishReason | None = None  # set on the last output only
-
-
-@dataclass
-class EngineStats:
-    active_requests: int
-    queued_requests: int
-    total_requests: int
-
-
-class Engine(Protocol):
-    def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]: ...
-
-    def stats(self) -> EngineStats: ...
-
-    def shutdown(self) -> None: ...
-
 
 class RecentRepetitionPenalty(LogitsProcessor):
     """The original's repeat penalty: only the last `last_n` tokens (prompt included) count.

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from ray import serve
 
-from deployments.engine import EngineStats, GenerationOutput
-from deployments.llm_server import GenerationRequest, LLMServer
+from deployments.engine_protocol import EngineStats, GenerationOutput, GenerationRequest
 from deployments.logs import show_our_logs
 from deployments.model_registry import ModelConfig
 
@@ -18,6 +17,10 @@ from deployments.model_registry import ModelConfig
 class LLMDeployment:
     def __init__(self, config: ModelConfig, cache_dir: Path | None):
         show_our_logs()
+        # Imported here: torch and transformers load only in model replicas, not in the
+        # application builder or the ingress that import this module (seconds and ~300 MB each).
+        from deployments.llm_server import LLMServer
+
         self.server = LLMServer(config, cache_dir)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:

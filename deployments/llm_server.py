@@ -9,33 +9,17 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from deployments.engine import Engine, EngineStats, GenerationOutput, ReferenceEngine
+from deployments.engine import ReferenceEngine
+from deployments.engine_protocol import Engine, EngineStats, GenerationOutput, GenerationRequest, PromptTooLongError
 from deployments.model_loader import LoadedModel, load_model
 from deployments.model_registry import ModelConfig
 from deployments.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class PromptTooLongError(ValueError):
-    """The newest message alone (plus room for the answer) does not fit the context."""
-
-
-@dataclass
-class GenerationRequest:
-    """What the ingress sends a model replica: either chat `messages` (earlier turns and the new
-    prompt, rendered with the model's chat template) or a raw `prompt` (text completion)."""
-
-    messages: list[dict[str, str]] | None = None  # [{"role": ..., "content": ...}], oldest first
-    prompt: str | None = None
-    params: SamplingParams = field(default_factory=SamplingParams)
-    # Lets `cancel(request_id)` stop it from anywhere (e.g. a stop button on another connection).
-    request_id: str | None = None
 
 
 class LLMServer:

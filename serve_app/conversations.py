@@ -20,9 +20,8 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from deployments.engine import EngineStats, GenerationOutput
+from deployments.engine_protocol import EngineStats, GenerationOutput, GenerationRequest
 from deployments.history_store import ConversationNotFoundError
-from deployments.llm_server import GenerationRequest
 from deployments.model_registry import ModelConfig, ModelRegistry
 from deployments.sampling import SamplingParams
 from serve_app.metrics import ServiceMetrics

@@ -12,16 +12,15 @@ from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.history_store import ConversationNotFoundError
-from deployments.llm_server import PromptTooLongError
+from deployments.engine_protocol import PromptTooLongError
 from deployments.logs import show_our_logs
-from deployments.model_loader import ModelLoadError
 from deployments.model_registry import ModelRegistry, UnknownModelError
 from serve_app.conversations import (
     ConversationService,
@@ -54,7 +53,6 @@ ERROR_STATUS: dict[type[Exception], int] = {
     UnknownRevisionError: status.HTTP_404_NOT_FOUND,
     PromptTooLongError: status.HTTP_400_BAD_REQUEST,
     InvalidRequestError: status.HTTP_400_BAD_REQUEST,
-    ModelLoadError: status.HTTP_503_SERVICE_UNAVAILABLE,
 }
 
 _ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 404, 422, 503)}

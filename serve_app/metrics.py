@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from deployments.engine import EngineStats
+from deployments.engine_protocol import EngineStats
 
 TTFT_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32)
 
@@ -31,6 +31,10 @@ class ServiceMetrics:
         self.prompt_tokens = Counter("chat_prompt_tokens", "Prompt tokens read", ["model"], registry=self.registry)
         self.active = Gauge("chat_active_streams", "Streams being decoded, all replicas", ["model"], registry=self.registry)
         self.queued = Gauge("chat_queued_streams", "Streams waiting for a slot, all replicas", ["model"], registry=self.registry)
+        self.served = Gauge(
+            "chat_replica_requests", "Requests the model's replicas have received since they started", ["model"],
+            registry=self.registry,
+        )
 
     def turn_started(self, model: str, ttft_s: float) -> None:
         self.ttft.labels(model).observe(ttft_s)
@@ -44,4 +48,5 @@ class ServiceMetrics:
         for model, replicas in stats_by_model.items():
             self.active.labels(model).set(sum(s.active_requests for s in replicas))
             self.queued.labels(model).set(sum(s.queued_requests for s in replicas))
+            self.served.labels(model).set(sum(s.total_requests for s in replicas))
         return generate_latest(self.registry)

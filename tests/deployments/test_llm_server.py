@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from deployments.llm_server import GenerationRequest, LLMServer, PromptTooLongError
+from deployments.engine_protocol import GenerationRequest, PromptTooLongError
+from deployments.llm_server import LLMServer
 from deployments.model_registry import ModelConfig
 from deployments.sampling import SamplingParams
 

@@ -126,11 +126,21 @@ def test_non_json_body_is_400(client):
     assert response.json() == {"detail": "the request body is not valid JSON"}
 
 
+def served_requests(client: httpx.Client) -> dict[str, float]:
+    """Requests each model's replicas say they received (from their own engine stats)."""
+    lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith("chat_replica_requests{")]
+    return {line.split('"')[1]: float(line.split()[-1]) for line in lines}
+
+
 def test_second_model_is_routed_by_name(client, serve_app):
     conversation_id = start(client)
+    before = served_requests(client)
     answer = b"".join(stream_answer(client, conversation_id, {"prompt": "hi", "model": "tiny-random", "sample_len": 8}))
     assert answer  # random weights: any text, but some
     assert stored_rows(serve_app, conversation_id)[-1][2] == "tiny-random"
+    after = served_requests(client)
+    assert after["tiny-random"] == before["tiny-random"] + 1
+    assert after["SmolLM2-135M-Instruct"] == before["SmolLM2-135M-Instruct"]
 
 
 def test_client_disconnect_keeps_the_partial_answer_as_stopped(client, serve_app):

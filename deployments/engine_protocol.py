@@ -1,0 +1,57 @@
+"""The contract between the model deployment and whatever runs the model, and the messages that
+cross Ray between the ingress and a model replica. Torch-free on purpose: the ingress and the
+application builder import this module and never load torch.
+
+An engine takes prompt token ids and `SamplingParams` and yields `GenerationOutput`s: the new
+text since the previous output, at most one per decode step, the last with a finish reason.
+Closing the async iterator (client gone, stop button) cancels the request at the next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from deployments.sampling import SamplingParams
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass
+class GenerationOutput:
+    text: str  # new text since the previous output
+    prompt_tokens: int
+    completion_tokens: int  # generated so far
+    finish_reason: FinishReason | None = None  # set on the last output only
+
+
+@dataclass
+class EngineStats:
+    active_requests: int
+    queued_requests: int
+    total_requests: int
+
+
+class Engine(Protocol):
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def shutdown(self) -> None: ...
+
+
+@dataclass
+class GenerationRequest:
+    """What the ingress sends a model replica: either chat `messages` (earlier turns and the new
+    prompt, rendered with the model's chat template) or a raw `prompt` (text completion)."""
+
+    messages: list[dict[str, str]] | None = None  # [{"role": ..., "content": ...}], oldest first
+    prompt: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    # Lets `cancel(request_id)` stop it from anywhere (e.g. a stop button on another connection).
+    request_id: str | None = None
+
+
+class PromptTooLongError(ValueError):
+    """The prompt (plus room for the answer) does not fit the model's context."""
