@@ -30,7 +30,7 @@ def test_locust_reports_time_to_first_token_and_inter_token_latency(serve_app, t
     generate = rows[("POST", "/conversations/[id]/generate")]
     assert int(generate["Request Count"]) >= 2 and int(generate["Failure Count"]) == 0
     ttft, itl = rows[("STREAM", "TTFT")], rows[("STREAM", "ITL")]
-    # --stop-timeout lets each user finish its answer, so every answer has exactly one TTFT.
-    assert int(ttft["Request Count"]) == int(generate["Request Count"])
+    # Every answer has one TTFT; a user stopped at the time limit may have a TTFT and no answer.
+    assert int(generate["Request Count"]) <= int(ttft["Request Count"]) <= int(generate["Request Count"]) + 2
     assert int(itl["Request Count"]) > int(ttft["Request Count"])  # several chunks per answer
     assert 0 < float(ttft["Median Response Time"]) < 30_000
