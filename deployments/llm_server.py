@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from deployments.batched_engine import BatchedEngine
 from deployments.engine import ReferenceEngine
 from deployments.engine_protocol import Engine, EngineStats, GenerationOutput, GenerationRequest, PromptTooLongError
 from deployments.model_loader import LoadedModel, load_model
@@ -27,7 +28,11 @@ class LLMServer:
         self.config = config
         self.loaded = loaded or load_model(config, cache_dir)
         torch.set_num_threads(config.torch_threads or max(1, round(config.num_cpus)))
-        self.engine: Engine = ReferenceEngine(self.loaded)
+        self.engine: Engine
+        if config.engine == "batched":
+            self.engine = BatchedEngine(self.loaded, weights=config.weights, max_batch_size=config.max_batch_size)
+        else:
+            self.engine = ReferenceEngine(self.loaded)
         self._stop_requested: dict[str, asyncio.Event] = {}
 
     def encode_chat(self, messages: list[dict[str, str]], max_tokens: int) -> list[int]:

@@ -64,6 +64,16 @@ class ModelConfig(_Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     # Tokens of prompt + answer; None means the model's own `max_position_embeddings`.
     context_length: int | None = Field(default=None, gt=0)
+    # "batched": continuous batching over a static KV cache (`batched_engine`); "reference":
+    # transformers' generate, one request at a time (`engine.ReferenceEngine`).
+    engine: Literal["batched", "reference"] = "batched"
+    # The batched engine's weight format, converted from the loaded `dtype`. int8 is dynamic
+    # quantization of the Linear layers: ~2.3x faster single-stream decode on a 2-core CPU, at
+    # some quality cost (perplexity 6.9 vs 6.1; bench/engine_bench.py prints both). bf16 halves
+    # memory but torch's CPU bf16 matmul was slower than fp32 at batch 1 here.
+    weights: Literal["fp32", "bf16", "int8"] = "fp32"
+    # Requests the batched engine advances together; more wait in its queue.
+    max_batch_size: int = Field(default=16, gt=0)
     # torch intra-op threads; None means the CPUs given to the replica (`num_cpus`).
     torch_threads: int | None = Field(default=None, gt=0)
     # Ray Serve deployment options, passed through as they are.

@@ -1,0 +1,189 @@
+"""Benchmarks the batched engine against transformers' `generate` and against the floor on the
+real SmolLM2, and checks that int8 weights keep the answers right.
+
+    .venv/bin/python bench/engine_bench.py [--quick] [--threads N]
+
+The floor is the time of one pass over every weight matrix (each Linear and lm_head, one matmul
+with a [batch, in_features] activation): a decode step cannot be faster, so tokens/s at the
+floor is batch / that time. Every run generates exactly `--tokens` new tokens (min = max,
+EOS ignored). The machine may be shared: numbers are noisy; run once, read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from deployments.batched_engine import BatchedEngine  # noqa: E402
+from deployments.kv_cache import KVCache  # noqa: E402
+from deployments.llama_forward import PromptChunk, build_step, extract_weights, forward, rope_table  # noqa: E402
+from deployments.model_loader import LoadedModel, load_model  # noqa: E402
+from deployments.model_registry import ModelConfig  # noqa: E402
+from deployments.sampling import SamplingParams  # noqa: E402
+
+QUESTION = "What is the capital of France?"
+# A fixed, ordinary English text for the perplexity check.
+PERPLEXITY_TEXT = (
+    "The city of Paris is the capital and most populous city of France. It is located on the river Seine, "
+    "in the north of the country. Paris is known for its museums and architectural landmarks: the Louvre "
+    "is the most visited art museum in the world, and the Eiffel Tower, built for the 1889 World's Fair, "
+    "has become a global symbol of the city. The city is also a major centre of finance, diplomacy, "
+    "commerce, fashion and science, and it hosts the headquarters of many international organisations."
+)
+
+
+@dataclass
+class Run:
+    label: str
+    batch: int
+    tokens_per_s: float
+    ttft_s: list[float]
+    itl_s: list[float]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def chat_prompt(loaded: LoadedModel, question: str = QUESTION) -> list[int]:
+    tokenizer = loaded.tokenizer
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def floor_s(linears: list[nn.Module], batch: int, repeats: int = 10) -> float:
+    """Fastest of `repeats` passes of one matmul with every weight matrix at `batch` rows: the
+    minimum, not the median, because other work on a shared machine only ever adds time."""
+    inputs = [torch.randn(batch, m.in_features) for m in linears]
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            for m, x in zip(linears, inputs):
+                m(x)
+            times.append(time.perf_counter() - started)
+    return min(times[1:])
+
+
+def linear_modules(weights) -> list[nn.Module]:
+    # Dynamic quantized Linear keeps in_features; plain Linear has it too.
+    return weights.linears
+
+
+def transformers_run(model: nn.Module, prompt_ids: list[int], batch: int, tokens: int, label: str) -> Run:
+    input_ids = torch.tensor([prompt_ids] * batch)
+    with torch.inference_mode():
+        started = time.perf_counter()
+        out = model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens, min_new_tokens=tokens,
+            do_sample=False, pad_token_id=2,
+        )
+        elapsed = time.perf_counter() - started
+    assert out.shape[1] - len(prompt_ids) == tokens
+    return Run(label, batch, batch * tokens / elapsed, [], [])
+
+
+async def engine_run(engine: BatchedEngine, prompt_ids: list[int], batch: int, tokens: int, label: str) -> Run:
+    params = SamplingParams(max_tokens=tokens, min_tokens=tokens, ignore_eos=True, temperature=0, repeat_penalty=1.0)
+    ttfts, itls = [], []
+
+    async def one() -> None:
+        started = last = time.perf_counter()
+        first = True
+        async for output in engine.generate(prompt_ids, params):
+            now = time.perf_counter()
+            if first:
+                ttfts.append(now - started)
+                first = False
+            else:
+                itls.append(now - last)
+            last = now
+        assert output.completion_tokens == tokens
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(batch)))
+    elapsed = time.perf_counter() - started
+    return Run(label, batch, batch * tokens / elapsed, ttfts, itls)
+
+
+def perplexity(weights, loaded: LoadedModel) -> float:
+    """Of PERPLEXITY_TEXT under our forward pass with these weights (one prompt chunk)."""
+    ids = loaded.tokenizer(PERPLEXITY_TEXT, add_special_tokens=False)["input_ids"]
+    cache = KVCache(len(weights.layers), 1, weights.n_kv_heads, len(ids), weights.head_dim, weights.dtype)
+    batch = build_step([], [(PromptChunk(0, 0, len(ids), True), ids)], weights.n_heads // weights.n_kv_heads)
+    batch.logit_rows = torch.arange(len(ids))  # every position, not only the last
+    with torch.inference_mode():
+        logits = forward(weights, cache, rope_table(weights, len(ids)), batch)
+    loss = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]))
+    return math.exp(loss.item())
+
+
+async def greedy_answer(engine: BatchedEngine, prompt_ids: list[int]) -> str:
+    params = SamplingParams(max_tokens=40, temperature=0, repeat_penalty=1.0)
+    return "".join([o.text async for o in engine.generate(prompt_ids, params)])
+
+
+def describe(run: Run, floor_tps: float, transformers_tps: float | None) -> str:
+    line = f"{run.label:<34} {run.tokens_per_s:7.1f} tok/s  {run.tokens_per_s / floor_tps:5.0%} of floor"
+    if transformers_tps:
+        line += f"  {run.tokens_per_s / transformers_tps:4.2f}x transformers"
+    if run.ttft_s:
+        line += (
+            f"  TTFT p50/p95 {percentile(run.ttft_s, 50) * 1e3:.0f}/{percentile(run.ttft_s, 95) * 1e3:.0f} ms"
+            f"  ITL p50/p95 {percentile(run.itl_s, 50) * 1e3:.0f}/{percentile(run.itl_s, 95) * 1e3:.0f} ms"
+        )
+    return line
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="32 new tokens instead of 128")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--streams", type=int, default=16)
+    args = parser.parse_args()
+    tokens = 32 if args.quick else 128
+    torch.set_num_threads(args.threads)
+    loaded = load_model(ModelConfig(name="smol"))
+    prompt_ids = chat_prompt(loaded)
+    print(f"SmolLM2-135M, {args.threads} threads, prompt {len(prompt_ids)} tokens, {tokens} new tokens per request\n")
+
+    hf_int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(loaded.model), {nn.Linear}, dtype=torch.qint8)
+    batches = (1, args.streams)
+    for fmt, hf_model in (("fp32", loaded.model), ("int8", hf_int8)):
+        engine = BatchedEngine(loaded, weights=fmt, max_batch_size=args.streams, max_context=len(prompt_ids) + tokens + 8)
+        floors = {b: floor_s(linear_modules(engine._weights), b) for b in batches}
+        print(f"== {fmt}")
+        for b in batches:
+            print(f"floor at batch {b:<2}: one pass over the weights {floors[b] * 1e3:6.1f} ms = {b / floors[b]:7.1f} tok/s")
+        await engine_run(engine, prompt_ids, 1, 4, "warm-up")
+        idle_ttft = None
+        for b in batches:
+            theirs = transformers_run(hf_model, prompt_ids, b, tokens, f"transformers generate, batch {b}")
+            ours = await engine_run(engine, prompt_ids, b, tokens, f"batched engine, {b} stream(s)")
+            floor_tps = b / floors[b]
+            print(describe(theirs, floor_tps, None))
+            print(describe(ours, floor_tps, theirs.tokens_per_s))
+            if b == 1:
+                idle_ttft = percentile(ours.ttft_s, 50)
+            else:
+                print(f"  TTFT p95 at {b} streams / idle TTFT: {percentile(ours.ttft_s, 95) / idle_ttft:.1f}x")
+        answer = await greedy_answer(engine, prompt_ids)
+        print(f"perplexity ({fmt}): {perplexity(engine._weights, loaded):.3f}")
+        print(f"greedy answer ({fmt}): {answer!r} -> {'correct' if 'Paris' in answer else 'WRONG'}\n")
+        engine.shutdown()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,286 @@
+"""The continuous-batching engine: every running request advances by one token per step, in
+one forward pass over the weights, and requests join and leave between steps.
+
+One decode loop runs in its own thread (`_run`). Each step it admits waiting requests into free
+cache slots, drops cancelled ones, then runs `forward` over one decode token per running request
+plus up to `prefill_chunk_tokens` of newcomers' prompts (chunked prefill: a long prompt costs
+running streams a few slower steps, not one long stall), samples, and hands each request its new
+text through `loop.call_soon_threadsafe` into the request's asyncio queue. The caller's event loop
+never runs torch.
+
+Owns: admission, slots, stopping (EOS, stop strings, max_tokens, context), streaming. The
+forward pass is `llama_forward`, sampling `sampler`, text `detokenizer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+from deployments.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from deployments.engine_protocol import EngineStats, FinishReason, GenerationOutput, PromptTooLongError
+from deployments.kv_cache import KVCache
+from deployments.llama_forward import (
+    CALIBRATION_TEXT,
+    PromptChunk,
+    WeightFormat,
+    build_step,
+    extract_weights,
+    forward,
+    rope_table,
+)
+from deployments.model_loader import LoadedModel
+from deployments.sampler import RowSampling, sample
+from deployments.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineShutDownError(RuntimeError):
+    """The engine stopped while the request was waiting or running."""
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine. Written by the engine thread only, except
+    `is_cancelled`, which the request's async generator sets."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopStringMatcher
+    generator: torch.Generator
+    slot: int = -1
+    n_prefilled: int = 0  # prompt tokens already in the cache
+    generated: list[int] = field(default_factory=list)
+    is_cancelled: bool = False
+
+    @property
+    def is_prefilled(self) -> bool:
+        return self.n_prefilled == len(self.prompt_ids)
+
+    def recent_tokens(self, n: int) -> list[int]:
+        """The last `n` of prompt + generated ids, without copying the whole sequence."""
+        if n <= 0:
+            return []
+        if n <= len(self.generated):
+            return self.generated[-n:]
+        return self.prompt_ids[-(n - len(self.generated)) :] + self.generated
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.generated)
+
+    def send(self, item: GenerationOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+
+
+class BatchedEngine:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        weights: WeightFormat = "fp32",
+        max_batch_size: int = 16,
+        max_context: int | None = None,
+        prefill_chunk_tokens: int = 256,
+    ):
+        if loaded.device.type != "cpu":
+            # Its step tensors (indices, masks, cache) are built on the CPU; nothing moves them.
+            raise ValueError(f"the batched engine runs on the CPU only, not {loaded.device}; use engine: reference")
+        self._tokenizer = loaded.tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_context = max_context or loaded.context_length
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        calibration_ids = None
+        if weights == "int8":
+            calibration_ids = self._tokenizer(CALIBRATION_TEXT, add_special_tokens=False)["input_ids"]
+        self._weights = extract_weights(loaded.model, weights, calibration_ids)
+        self._n_groups = self._weights.n_heads // self._weights.n_kv_heads
+        self._rope = rope_table(self._weights, self.max_context)
+        self._cache = KVCache(
+            len(self._weights.layers), max_batch_size, self._weights.n_kv_heads, self.max_context,
+            self._weights.head_dim, self._weights.dtype,
+        )
+        self._eos_ids = _eos_ids(loaded)
+        self._slots: list[Sequence | None] = [None] * max_batch_size
+        self._waiting: deque[Sequence] = deque()
+        self._wakeup = threading.Condition()
+        self._is_shut_down = False
+        self._total = 0
+        logger.info(
+            "Batched engine: %s weights, batch %d, context %d, KV cache %.0f MiB (grows with the longest request)",
+            weights, max_batch_size, self.max_context, self._cache.size_bytes / 2**20,
+        )
+        self._thread = threading.Thread(target=self._run, name="batched-engine", daemon=True)
+        self._thread.start()
+
+    # --- the asyncio side -------------------------------------------------------------------
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:
+        if not prompt_token_ids:
+            raise ValueError("the prompt has no tokens")
+        if len(prompt_token_ids) >= self.max_context:
+            raise PromptTooLongError(
+                f"the prompt is {len(prompt_token_ids)} tokens but the engine's context is {self.max_context} "
+                "tokens, with room needed for at least one new token; shorten the prompt"
+            )
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seq = Sequence(
+            prompt_ids=list(prompt_token_ids),
+            params=params,
+            loop=asyncio.get_running_loop(),
+            outputs=asyncio.Queue(),
+            detokenizer=IncrementalDetokenizer(self._tokenizer),
+            stop_matcher=StopStringMatcher(params.stop),
+            generator=torch.Generator().manual_seed(seed),
+        )
+        with self._wakeup:
+            if self._is_shut_down:
+                raise EngineShutDownError("the engine is shut down")
+            self._waiting.append(seq)
+            self._total += 1
+            self._wakeup.notify()
+        try:
+            while True:
+                item = await seq.outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            # Closed early (client gone) or finished: either way the engine may drop it now.
+            seq.is_cancelled = True
+            with self._wakeup:
+                self._wakeup.notify()
+
+    def stats(self) -> EngineStats:
+        active = sum(s is not None for s in self._slots)
+        return EngineStats(active_requests=active, queued_requests=len(self._waiting), total_requests=self._total)
+
+    def shutdown(self) -> None:
+        with self._wakeup:
+            self._is_shut_down = True
+            self._wakeup.notify()
+        self._thread.join(timeout=30)
+
+    # --- the engine thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wakeup:
+                    while not self._is_shut_down and not self._has_work():
+                        self._wakeup.wait()
+                    if self._is_shut_down:
+                        break
+                    self._admit()
+                try:
+                    self._step()
+                except Exception as exc:  # noqa: BLE001 - fail the requests in the step, keep serving
+                    logger.exception("engine step failed")
+                    for seq in self._running():
+                        seq.send(exc)
+                        self._free(seq)
+        error = EngineShutDownError("the engine shut down")
+        for seq in [*self._running(), *self._waiting]:
+            seq.send(error)
+
+    def _running(self) -> list[Sequence]:
+        return [s for s in self._slots if s is not None]
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting) or any(s is not None for s in self._slots)
+
+    def _admit(self) -> None:
+        """Waiting requests take the lowest free slots, so the decode batch stays dense."""
+        while self._waiting and None in self._slots:
+            seq = self._waiting.popleft()
+            if seq.is_cancelled:
+                continue
+            seq.slot = self._slots.index(None)
+            self._slots[seq.slot] = seq
+
+    def _free(self, seq: Sequence) -> None:
+        if seq.slot >= 0 and self._slots[seq.slot] is seq:
+            self._slots[seq.slot] = None
+
+    def _step(self) -> None:
+        for seq in self._running():
+            if seq.is_cancelled:
+                self._free(seq)
+        decoding = [s for s in self._running() if s.is_prefilled]
+        # Prompt chunks go to newcomers in arrival-slot order, up to the step's token budget.
+        chunks, completing, budget = [], [], self.prefill_chunk_tokens
+        for seq in self._running():
+            if seq.is_prefilled or budget <= 0:
+                continue
+            length = min(budget, len(seq.prompt_ids) - seq.n_prefilled)
+            is_last = seq.n_prefilled + length == len(seq.prompt_ids)
+            chunk = PromptChunk(seq.slot, seq.n_prefilled, length, is_last)
+            chunks.append((chunk, seq.prompt_ids[seq.n_prefilled : seq.n_prefilled + length]))
+            seq.n_prefilled += length
+            budget -= length
+            if is_last:
+                completing.append(seq)
+        if not decoding and not chunks:
+            return
+        decode = [(s.slot, s.length - 1, s.generated[-1]) for s in decoding]
+        self._cache.reserve(max([s.length for s in decoding] + [c.start + c.length for c, _ in chunks]))
+        batch = build_step(decode, chunks, self._n_groups)
+        logits = forward(self._weights, self._cache, self._rope, batch)
+        sampled = decoding + completing
+        rows = [
+            RowSampling(
+                params=s.params,
+                history=s.recent_tokens(s.params.repeat_last_n),
+                generator=s.generator,
+                suppressed_ids=self._eos_ids if len(s.generated) < s.params.min_tokens else (),
+            )
+            for s in sampled
+        ]
+        for seq, token in zip(sampled, sample(logits, rows)):
+            self._advance(seq, token)
+
+    def _advance(self, seq: Sequence, token: int) -> None:
+        """Appends one token; sends the request its new text and, if it is done, the finish."""
+        seq.generated.append(token)
+        text = seq.stop_matcher.feed(seq.detokenizer.add(token))
+        finish: FinishReason | None = None
+        # Like OpenAI's usage, the completion count leaves out the EOS token that ends it.
+        completion_tokens = len(seq.generated)
+        if seq.stop_matcher.is_stopped:
+            finish = "stop"
+        elif token in self._eos_ids and not seq.params.ignore_eos:
+            finish = "stop"
+            completion_tokens -= 1
+        elif len(seq.generated) >= seq.params.max_tokens or seq.length >= self.max_context:
+            finish = "length"
+        if finish is not None and not seq.stop_matcher.is_stopped:
+            text += seq.stop_matcher.feed(seq.detokenizer.flush())
+            if seq.stop_matcher.is_stopped:
+                finish = "stop"
+            else:
+                text += seq.stop_matcher.flush()
+        if finish is not None:
+            self._free(seq)  # before the finish is sent, so the caller sees the slot free
+        if text or finish is not None:
+            seq.send(GenerationOutput(text, len(seq.prompt_ids), completion_tokens, finish))
+
+
+def _eos_ids(loaded: LoadedModel) -> tuple[int, ...]:
+    """The tokenizer's EOS plus the generation config's (which may list several)."""
+    ids = {loaded.tokenizer.eos_token_id}
+    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return tuple(sorted(i for i in ids if i is not None))

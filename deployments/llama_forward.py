@@ -1,0 +1,389 @@
+"""A Llama forward pass as plain functions over a static KV cache, for the batched engine.
+
+One call runs one engine step: the decode tokens of every running request plus chunks of
+newcomers' prompts, flattened into one [N, hidden] activation so each weight matrix is read once
+per step (on CPU a step costs about one pass over the weights, whatever N is, until N gets large).
+Only attention is per request: decode rows attend to their cache rows in one batched call,
+each prompt chunk attends causally to its own row.
+
+Owns: turning a transformers `LlamaForCausalLM` into `LlamaWeights` (fp32, bf16 or dynamic
+int8 with activation smoothing), RoPE, RMSNorm, attention over the cache, logits. Does not own
+scheduling or sampling (see `batched_engine`, `sampler`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from deployments.kv_cache import KVCache
+
+WeightFormat = Literal["fp32", "bf16", "int8"]
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [hidden]
+    qkv_proj: nn.Module  # hidden -> (n_heads + 2 * n_kv_heads) * head_dim
+    o_proj: nn.Module
+    post_attention_norm: torch.Tensor
+    gate_up_proj: nn.Module  # hidden -> 2 * intermediate
+    down_proj: nn.Module
+
+
+@dataclass
+class LlamaWeights:
+    embed: torch.Tensor  # [vocab, hidden]
+    layers: list[LayerWeights]
+    norm: torch.Tensor
+    lm_head: nn.Module
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    # q/k rows are stored interleaved for RoPE and q is pre-scaled by 1/sqrt(head_dim), see
+    # `_attention_layout`.
+    inv_freq: torch.Tensor  # [head_dim // 2], from the model's own rotary embedding (rope_parameters)
+    rope_scaling: float  # transformers' `attention_scaling` (1.0 for default RoPE)
+    dtype: torch.dtype  # activations and KV cache
+
+    @property
+    def linears(self) -> list[nn.Module]:
+        return [m for layer in self.layers for m in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)] + [
+            self.lm_head
+        ]
+
+
+def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose output is the parts' outputs side by side: one matmul instead of
+    three (q/k/v) or two (gate/up), so the small-M matmuls of a decode step get bigger."""
+    weight = torch.cat([p.weight.detach() for p in parts])
+    has_bias = parts[0].bias is not None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+    return fused
+
+
+def _attention_layout(q_proj: nn.Linear, k_proj: nn.Linear, head_dim: int) -> tuple[nn.Linear, nn.Linear]:
+    """Copies of q_proj and k_proj whose per-head output rows are reordered from transformers'
+    rotate-half layout (pairs i, i + head_dim/2) to interleaved pairs (2i, 2i+1), so RoPE is
+    one complex multiply instead of ~6 ops per layer (gpt-fast does the same permutation).
+    Attention scores are unchanged: q and k get the same order. q also absorbs the softmax
+    scale 1/sqrt(head_dim), one multiply fewer per layer."""
+    half = head_dim // 2
+    order = torch.stack([torch.arange(half), torch.arange(half, head_dim)], dim=1).reshape(-1)
+
+    def reordered(linear: nn.Linear, scale: float) -> nn.Linear:
+        weight = linear.weight.detach()
+        weight = weight.view(-1, head_dim, weight.shape[1])[:, order].reshape(weight.shape) * scale
+        out = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, dtype=weight.dtype)
+        out.weight = nn.Parameter(weight, requires_grad=False)
+        if linear.bias is not None:
+            out.bias = nn.Parameter(linear.bias.detach().view(-1, head_dim)[:, order].reshape(-1) * scale, requires_grad=False)
+        return out
+
+    return reordered(q_proj, head_dim**-0.5), reordered(k_proj, 1.0)
+
+
+def extract_weights(
+    model: PreTrainedModel, weight_format: WeightFormat = "fp32", calibration_ids: list[int] | None = None
+) -> LlamaWeights:
+    """Copies a `LlamaForCausalLM`'s weights into `LlamaWeights` in `weight_format`; the model
+    itself is left untouched (the reference engine and benchmarks still use it). For int8,
+    `calibration_ids` (a few hundred tokens of ordinary text) enable `smooth_activations`."""
+    config = model.config
+    dtype = torch.bfloat16 if weight_format == "bf16" else torch.float32
+    inner = model.model
+
+    def tensor(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(dtype, copy=True)  # a copy: smoothing rescales norms in place
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layers = []
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        q_proj, k_proj = _attention_layout(attn.q_proj, attn.k_proj, head_dim)
+        layers.append(
+            LayerWeights(
+                input_norm=tensor(layer.input_layernorm.weight),
+                qkv_proj=_fused_linear([q_proj, k_proj, attn.v_proj]).to(dtype),
+                o_proj=_fused_linear([attn.o_proj]).to(dtype),
+                post_attention_norm=tensor(layer.post_attention_layernorm.weight),
+                gate_up_proj=_fused_linear([mlp.gate_proj, mlp.up_proj]).to(dtype),
+                down_proj=_fused_linear([mlp.down_proj]).to(dtype),
+            )
+        )
+    weights = LlamaWeights(
+        embed=tensor(inner.embed_tokens.weight),
+        layers=layers,
+        norm=tensor(inner.norm.weight),
+        lm_head=_fused_linear([model.lm_head]).to(dtype),
+        n_heads=config.num_attention_heads,
+        n_kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        inv_freq=inner.rotary_emb.inv_freq.detach().float().cpu(),
+        rope_scaling=float(inner.rotary_emb.attention_scaling),
+        dtype=dtype,
+    )
+    if weight_format == "int8":
+        if calibration_ids:
+            smooth_activations(weights, activation_maxima(model, calibration_ids))
+        _quantize_int8(weights)
+    return weights
+
+
+# Ordinary chat-like text for `activation_maxima`: prose, a question and answer, code, numbers.
+# Deliberately not the text bench/engine_bench.py measures perplexity on.
+CALIBRATION_TEXT = (
+    "<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n<|im_start|>user\nHow do plants make "
+    "their food?<|im_end|>\n<|im_start|>assistant\nPlants make their food through photosynthesis: their "
+    "leaves use sunlight to turn water and carbon dioxide into sugar and oxygen.<|im_end|>\n"
+    "<|im_start|>user\nWrite a Python function that adds two numbers.<|im_end|>\n<|im_start|>assistant\n"
+    "def add(a, b):\n    return a + b\n\nFor example, add(2, 3) returns 5.<|im_end|>\n"
+    "The quick brown fox jumps over the lazy dog. In 1969, Apollo 11 landed on the Moon; Neil Armstrong "
+    "and Buzz Aldrin walked on its surface for about two and a half hours."
+)
+
+
+def activation_maxima(model: PreTrainedModel, calibration_ids: list[int]) -> list[dict[str, torch.Tensor]]:
+    """Per layer, the largest |input| per channel of the attention and MLP projections and of
+    down_proj, from one fp32 forward pass of transformers' own model over `calibration_ids`."""
+    maxima: list[dict[str, torch.Tensor]] = [{} for _ in model.model.layers]
+    hooks = []
+    for layer, found in zip(model.model.layers, maxima):
+        for name, module in (("attention", layer.self_attn.q_proj), ("mlp", layer.mlp.gate_proj), ("down", layer.mlp.down_proj)):
+
+            def record(_module, inputs, name=name, found=found):
+                found[name] = inputs[0].detach().float().abs().reshape(-1, inputs[0].shape[-1]).amax(dim=0)
+
+            hooks.append(module.register_forward_pre_hook(record))
+    try:
+        with torch.inference_mode():
+            model(torch.tensor([calibration_ids], device=model.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return maxima
+
+
+def smooth_activations(weights: LlamaWeights, maxima: list[dict[str, torch.Tensor]], alpha: float = 0.65) -> None:
+    """SmoothQuant before int8: dynamic int8 quantizes each activation with one scale, so a few
+    outlier channels crush the rest. Dividing channel j of an input by s_j and multiplying the
+    weight's column j by s_j is exact in fp32, and moves the outliers into the (per-channel
+    quantized) weights. The division is folded into whatever produces the input: the RMSNorm
+    weight for q/k/v and gate/up, the up_proj rows for down_proj. Measured on SmolLM2, perplexity
+    of bench/engine_bench.py's text (fp32: 6.08): int8 without smoothing 13.3; alpha 0.35: 11.4,
+    0.5: 8.5, 0.65: 6.9, 0.8: 7.9 (alpha was picked on that text, so it flatters a little)."""
+
+    def scales(activation_max: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+        weight_max = linear.weight.detach().abs().amax(dim=0).clamp(min=1e-5)
+        return activation_max.clamp(min=1e-5) ** alpha / weight_max ** (1 - alpha)
+
+    with torch.no_grad():
+        for layer, found in zip(weights.layers, maxima):
+            s = scales(found["attention"], layer.qkv_proj)
+            layer.input_norm.div_(s)
+            layer.qkv_proj.weight.mul_(s)
+            s = scales(found["mlp"], layer.gate_up_proj)
+            layer.post_attention_norm.div_(s)
+            layer.gate_up_proj.weight.mul_(s)
+            s = scales(found["down"], layer.down_proj)
+            up_rows = layer.gate_up_proj.weight[layer.gate_up_proj.weight.shape[0] // 2 :]
+            up_rows.div_(s[:, None])  # silu(gate) * up is linear in up, so scaling up scales the input
+            layer.down_proj.weight.mul_(s)
+            if layer.gate_up_proj.bias is not None:
+                layer.gate_up_proj.bias[layer.gate_up_proj.bias.shape[0] // 2 :].div_(s)
+
+
+def _quantize_int8(weights: LlamaWeights) -> None:
+    """Dynamic int8 (int8 weights, activations quantized per step): a quarter of the bytes to
+    read per step, which is what a CPU decode step is bound by. Embedding and norms stay fp32."""
+    holder = nn.ModuleList(
+        nn.ModuleDict({"qkv": l.qkv_proj, "o": l.o_proj, "gate_up": l.gate_up_proj, "down": l.down_proj})
+        for l in weights.layers
+    )
+    holder.append(nn.ModuleDict({"lm_head": weights.lm_head}))
+    with warnings.catch_warnings():
+        # torch marks torch.ao.quantization deprecated (in favour of torchao, not installed) and
+        # warns once per layer; the API works in the pinned torch.
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        # Per output channel: q, k and v (and gate, up) share one fused matrix but not one
+        # scale. Perplexity on bench/engine_bench.py's text without smoothing: fp32 6.08,
+        # per-channel 12.6-13.3, per-tensor (quantize_dynamic's default) 19.6.
+        quantized = quantize_dynamic(holder, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    for layer, q in zip(weights.layers, quantized):
+        layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj = q["qkv"], q["o"], q["gate_up"], q["down"]
+    weights.lm_head = quantized[-1]["lm_head"]
+
+
+def rope_table(weights: LlamaWeights, max_context: int) -> torch.Tensor:
+    """The rotation of each position: complex64 [max_context, head_dim // 2]."""
+    angles = torch.outer(torch.arange(max_context, dtype=torch.float32), weights.inv_freq)
+    return torch.polar(torch.full_like(angles, weights.rope_scaling), angles)
+
+
+@dataclass
+class PromptChunk:
+    """`length` prompt tokens of the request in cache row `slot`, starting at position `start`;
+    the chunk that ends the prompt (`is_last`) also yields the first token's logits."""
+
+    slot: int
+    start: int
+    length: int
+    is_last: bool
+
+
+@dataclass
+class StepBatch:
+    """One engine step, flattened: the first `len(decode_slots)` tokens are one decode token per
+    running request (in slot order), then each prompt chunk's tokens in order."""
+
+    token_ids: torch.Tensor  # [N]
+    slots: torch.Tensor  # [N] cache row of each token
+    positions: torch.Tensor  # [N]
+    decode_slots: torch.Tensor  # [n_decode]
+    decode_mask: torch.Tensor | None  # [rows, 1, 1, keys] bool, rows = max(decode_slots) + 1
+    chunks: list[PromptChunk]
+    chunk_masks: list[torch.Tensor]  # per chunk [n_groups * length, start + length] bool
+    logit_rows: torch.Tensor  # which of the N tokens need next-token logits
+
+
+def build_step(
+    decode: list[tuple[int, int, int]], chunks: list[tuple[PromptChunk, list[int]]], n_groups: int
+) -> StepBatch:
+    """`decode`: (slot, position, token id) per running request, slots ascending; `chunks`:
+    prompt chunks with their token ids. `n_groups` = query heads per KV head."""
+    token_ids = [t for _, _, t in decode]
+    slots = [s for s, _, _ in decode]
+    positions = [p for _, p, _ in decode]
+    logit_rows = list(range(len(decode)))
+    decode_mask = None
+    if decode:
+        rows, keys = slots[-1] + 1, max(positions) + 1
+        # Rows between running requests (free or still prefilling) attend to key 0 only, so
+        # their (discarded) softmax is not over an empty set.
+        row_positions = torch.zeros(rows, dtype=torch.long)
+        row_positions[torch.tensor(slots)] = torch.tensor(positions)
+        decode_mask = (torch.arange(keys)[None, :] <= row_positions[:, None])[:, None, None, :]
+    chunk_masks = []
+    for chunk, ids in chunks:
+        token_ids += ids
+        slots += [chunk.slot] * chunk.length
+        positions += range(chunk.start, chunk.start + chunk.length)
+        end = chunk.start + chunk.length
+        causal = torch.arange(end)[None, :] <= torch.arange(chunk.start, end)[:, None]
+        chunk_masks.append(causal.repeat(n_groups, 1))
+        if chunk.is_last:
+            logit_rows.append(len(token_ids) - 1)
+    return StepBatch(
+        token_ids=torch.tensor(token_ids),
+        slots=torch.tensor(slots),
+        positions=torch.tensor(positions),
+        decode_slots=torch.tensor(slots[: len(decode)], dtype=torch.long),
+        decode_mask=decode_mask,
+        chunks=[c for c, _ in chunks],
+        chunk_masks=chunk_masks,
+        logit_rows=torch.tensor(logit_rows, dtype=torch.long),
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, head_dim] in the interleaved layout; rotation [N, head_dim // 2] complex."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotation[:, None, :]).flatten(2).to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """q [b, n_kv_heads, m, head_dim] over k/v [b, n_kv_heads, keys, head_dim] (strided views
+    of the cache), bias broadcastable to [b, n_kv_heads, m, keys] (0 or -inf). Two bmm calls
+    instead of `scaled_dot_product_attention`: its CPU kernel took ~2x as long for these
+    few-query shapes (measured at 16 rows x 200 keys); 3-D bmm reads the cache views in place."""
+    b, h, m, d = q.shape  # q is pre-scaled by 1/sqrt(d) (see `_attention_layout`)
+    keys = k.shape[2]
+    scores = torch.bmm(q.reshape(b * h, m, d), k.flatten(0, 1).transpose(1, 2)).view(b, h, m, keys) + bias
+    probs = scores.float().softmax(dim=-1).to(v.dtype)
+    return torch.bmm(probs.view(b * h, m, keys), v.flatten(0, 1)).view(b, h, m, d)
+
+
+def attention_biases(batch: StepBatch, dtype: torch.dtype) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """The step's boolean masks as additive biases, built once and shared by all layers."""
+
+    def bias(mask: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+
+    decode = bias(batch.decode_mask) if batch.decode_mask is not None else None
+    return decode, [bias(m)[None, None] for m in batch.chunk_masks]
+
+
+def attend(
+    q: torch.Tensor, layer_k: torch.Tensor, layer_v: torch.Tensor, batch: StepBatch,
+    biases: tuple[torch.Tensor | None, list[torch.Tensor]], w: LlamaWeights,
+) -> torch.Tensor:
+    """q [N, n_heads, head_dim] -> [N, n_heads * head_dim]. Grouped-query attention without
+    copying K/V: each KV head's query group is folded into the query-length dimension."""
+    n_kv, groups, head_dim = w.n_kv_heads, w.n_heads // w.n_kv_heads, w.head_dim
+    decode_bias, chunk_biases = biases
+    outputs = []
+    n_decode = len(batch.decode_slots)
+    if n_decode:
+        rows, keys = decode_bias.shape[0], decode_bias.shape[-1]
+        q_decode = q[:n_decode].reshape(n_decode, n_kv, groups, head_dim)
+        if rows == n_decode:  # slots 0..n-1, the usual case: no scatter/gather needed
+            q_rows = q_decode
+        else:
+            q_rows = q.new_zeros(rows, n_kv, groups, head_dim)
+            q_rows[batch.decode_slots] = q_decode
+        out = attention(q_rows, layer_k[:rows, :, :keys], layer_v[:rows, :, :keys], decode_bias)
+        outputs.append((out if rows == n_decode else out[batch.decode_slots]).reshape(n_decode, -1))
+    offset = n_decode
+    for chunk, bias in zip(batch.chunks, chunk_biases):
+        t, end = chunk.length, chunk.start + chunk.length
+        q_chunk = q[offset : offset + t].reshape(t, n_kv, groups, head_dim).permute(1, 2, 0, 3).reshape(1, n_kv, groups * t, head_dim)
+        row = slice(chunk.slot, chunk.slot + 1)
+        out = attention(q_chunk, layer_k[row, :, :end], layer_v[row, :, :end], bias)
+        outputs.append(out.view(n_kv, groups, t, head_dim).permute(2, 0, 1, 3).reshape(t, -1))
+        offset += t
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def forward(
+    w: LlamaWeights, cache: KVCache, rope: torch.Tensor, batch: StepBatch
+) -> torch.Tensor:
+    """Runs one step, writing every token's K/V into the cache; returns fp32 logits
+    [len(batch.logit_rows), vocab]."""
+    rotation = rope[batch.positions]
+    n = len(batch.token_ids)
+    q_size, kv_size = w.n_heads * w.head_dim, w.n_kv_heads * w.head_dim
+    biases = attention_biases(batch, w.dtype)
+    write_index = cache.write_index(batch.slots, batch.positions, w.n_kv_heads)
+    x = w.embed[batch.token_ids]  # [N, hidden]
+    for i, layer in enumerate(w.layers):
+        h = rms_norm(x, layer.input_norm, w.rms_norm_eps)
+        qkv = layer.qkv_proj(h)
+        # q and k heads side by side get RoPE in one call.
+        qk = apply_rope(qkv[:, : q_size + kv_size].reshape(n, w.n_heads + w.n_kv_heads, w.head_dim), rotation)
+        q, k = qk[:, : w.n_heads], qk[:, w.n_heads :]
+        cache.update(i, write_index, k, qkv[:, q_size + kv_size :].reshape(n, w.n_kv_heads, w.head_dim))
+        x = x + layer.o_proj(attend(q, cache.k[i], cache.v[i], batch, biases, w))
+        h = rms_norm(x, layer.post_attention_norm, w.rms_norm_eps)
+        gate, up = layer.gate_up_proj(h).chunk(2, dim=-1)
+        x = x + layer.down_proj(F.silu(gate) * up)
+    # Only the last token of each sequence needs logits; lm_head is the biggest matrix.
+    x = rms_norm(x[batch.logit_rows], w.norm, w.rms_norm_eps)
+    return w.lm_head(x).float()

@@ -1,0 +1,164 @@
+// The HTTP API of the ingress, as the page uses it. Every failure becomes an ApiError whose
+// message a person can act on; this module knows nothing about the DOM.
+
+export class ApiError extends Error {
+  /** status: the HTTP status, or 0 when the server could not be reached at all. */
+  constructor(message, { status = 0, retryAfterS = null } = {}) {
+    super(message);
+    this.name = "ApiError";
+    this.status = status;
+    this.retryAfterS = retryAfterS;
+  }
+
+  get isRetryable() {
+    return this.status === 0 || this.status === 503 || this.status === 502 || this.status === 504;
+  }
+}
+
+/** The server predates this route (FastAPI's own 404 "Not Found", or 405). */
+export class RouteMissingError extends ApiError {}
+
+const NETWORK_MESSAGE = "Can't reach the server. Check your connection, then retry.";
+
+/** `{"detail": "msg"}` or FastAPI's 422 `{"detail": [{loc, msg}, ...]}` -> one readable line. */
+function describeDetail(detail) {
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail)) {
+    return detail
+      .map((error) => {
+        const field = (error.loc || []).filter((part) => part !== "body").join(".");
+        return field ? `${field}: ${error.msg}` : error.msg;
+      })
+      .join("; ");
+  }
+  return null;
+}
+
+async function errorFromResponse(response) {
+  let detail = null;
+  try {
+    detail = describeDetail((await response.json()).detail);
+  } catch {
+    // Not JSON (a proxy's error page): fall back to the status line below.
+  }
+  if (response.status === 405 || (response.status === 404 && detail === "Not Found")) {
+    return new RouteMissingError(`This server does not support ${new URL(response.url).pathname} yet.`, {
+      status: response.status,
+    });
+  }
+  const retryAfterS = Number(response.headers.get("Retry-After")) || null;
+  let message = detail || `The server answered ${response.status} ${response.statusText}.`;
+  if (response.status === 503) {
+    // Overloaded, or a model (re)loading: both pass, so say when to retry.
+    const reason = (detail || "The server is busy or a model is still loading").replace(/\.$/, "");
+    const wait = retryAfterS ? `Retry in ${retryAfterS} s.` : "Retry in a moment.";
+    message = `${reason[0].toUpperCase()}${reason.slice(1)}. ${wait}`;
+  }
+  return new ApiError(message, { status: response.status, retryAfterS });
+}
+
+/** fetch() that turns network failures and non-2xx answers into ApiError. */
+async function request(path, { method = "GET", body, signal, headers = {} } = {}) {
+  let response;
+  try {
+    response = await fetch(path, {
+      method,
+      signal,
+      headers: body === undefined ? headers : { "Content-Type": "application/json", ...headers },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    throw new ApiError(NETWORK_MESSAGE);
+  }
+  if (!response.ok) throw await errorFromResponse(response);
+  return response;
+}
+
+const json = async (path, options) => (await request(path, options)).json();
+
+export const listModels = () => json("/models");
+
+/** {ready: bool, models: {name: "ready"|"loading"|"failed"}} (models is empty when all ready). */
+export async function readiness() {
+  let response;
+  try {
+    response = await fetch("/readyz");
+  } catch {
+    throw new ApiError(NETWORK_MESSAGE);
+  }
+  if (response.ok) return { ready: true, models: {} };
+  const body = await response.json().catch(() => ({}));
+  return { ready: false, models: body.models || {} };
+}
+
+/** Summaries newest first. Servers without `?detail=true` answer bare ids oldest first. */
+export async function listConversations() {
+  const items = await json("/conversations?detail=true");
+  if (items.every((item) => typeof item === "number")) {
+    return items.reverse().map((id) => ({ id, title: null, created_at: null, updated_at: null }));
+  }
+  return items;
+}
+
+export async function createConversation() {
+  try {
+    return await json("/conversations", { method: "POST" });
+  } catch (error) {
+    if (!(error instanceof RouteMissingError)) throw error;
+    const id = await json("/conversations/start");
+    return { id, title: null, created_at: null, updated_at: null };
+  }
+}
+
+export const getConversation = (id) => json(`/conversations/${id}`);
+
+export const renameConversation = (id, title) => json(`/conversations/${id}`, { method: "PATCH", body: { title } });
+
+export const deleteConversation = (id) => json(`/conversations/${id}`, { method: "DELETE" });
+
+export const exportUrl = (id, format) => `/conversations/${id}/export?format=${format}`;
+
+/**
+ * Streams an answer: calls onText(fullTextSoFar) as pieces arrive and resolves with the full
+ * text. Aborting `signal` ends the stream; the server then keeps the partial answer as "stopped".
+ */
+export const generate = (conversationId, body, options) =>
+  streamText(`/conversations/${conversationId}/generate`, body, options);
+
+/** Like generate, for the last prompt again; the new answer replaces the previous one. */
+export const regenerate = (conversationId, body, options) =>
+  streamText(`/conversations/${conversationId}/regenerate`, body, options);
+
+/** Ends the answer being generated now; the server stores it as "stopped". Best effort: the
+ * aborted fetch already tells the server, so a failure here is only logged. */
+export async function stopGeneration(conversationId) {
+  try {
+    await request(`/conversations/${conversationId}/stop`, { method: "POST" });
+  } catch (error) {
+    console.warn("stop request failed:", error.message);
+  }
+}
+
+async function streamText(path, body, { signal, onText }) {
+  const response = await request(path, { method: "POST", body, signal });
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let text = "";
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      text += decoder.decode(value, { stream: true });
+      onText(text);
+    }
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    const partial = new ApiError("The connection dropped in the middle of the answer. What arrived is kept; retry to ask again.");
+    partial.partialText = text;
+    throw partial;
+  }
+  text += decoder.decode();
+  onText(text);
+  return text;
+}

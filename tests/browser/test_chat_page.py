@@ -1,0 +1,482 @@
+"""The chat page in Chromium against the real app (`serve_app`): streaming, history restored
+after a reload, model and parameters reaching the stored history, stop, rename, export,
+delete, errors with retry, and that nothing in a prompt or an answer can run script.
+
+Screenshots (desktop and phone, light and dark) go to test-artifacts/screenshots/."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
+SMOL = "SmolLM2-135M-Instruct"
+TINY = "tiny-random"
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+ANSWER_TIMEOUT_MS = 180_000  # SmolLM2 on a busy 2-core machine
+STREAMING = re.compile(r"\bstreaming\b")
+INJECTION = "<img src=x onerror=window.__pwned=1> and <script>window.__pwned=1</script> end"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Browser:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def open_page(browser: Browser, url: str, viewport=DESKTOP, color_scheme="light") -> Page:
+    context = browser.new_context(viewport=viewport, color_scheme=color_scheme)
+    page = context.new_page()
+    page.page_errors = []
+    page.on("pageerror", lambda error: page.page_errors.append(str(error)))
+    page.goto(url)
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    expect(page.get_by_test_id("model-state")).to_have_attribute("data-state", "ready")
+    return page
+
+
+@pytest.fixture
+def page(browser, serve_app):
+    page = open_page(browser, serve_app.url)
+    yield page
+    errors = page.page_errors
+    page.context.close()
+    assert errors == [], f"the page raised: {errors}"
+
+
+def stored(serve_app, conversation_id: int) -> dict:
+    response = httpx.get(f"{serve_app.url}/conversations/{conversation_id}", timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def current_id(page: Page) -> int:
+    return int(page.evaluate("location.hash").removeprefix("#/c/"))
+
+
+def new_conversation(page: Page) -> None:
+    if page.get_by_test_id("open-sidebar").is_visible():  # phones: the list is a drawer
+        page.get_by_test_id("open-sidebar").click()
+    page.get_by_test_id("new-conversation").click()
+    expect(page.get_by_test_id("welcome")).to_be_visible()
+
+
+def set_parameters(page: Page, **values) -> None:
+    if page.get_by_test_id("params-panel").is_hidden():
+        page.get_by_test_id("params-toggle").click()
+    for name, value in values.items():
+        page.get_by_test_id(f"param-{name}").fill("" if value is None else str(value))
+    page.get_by_test_id("params-toggle").click()
+    expect(page.get_by_test_id("params-panel")).to_be_hidden()
+
+
+def send(page: Page, prompt: str) -> None:
+    page.get_by_test_id("prompt-input").fill(prompt)
+    page.get_by_test_id("prompt-input").press("Enter")
+
+
+def wait_for_answer(page: Page):
+    """The last assistant message, once it has finished streaming."""
+    answer = page.locator('[data-testid="message"][data-role="assistant"]').last
+    expect(answer).not_to_have_class(STREAMING, timeout=ANSWER_TIMEOUT_MS)
+    expect(page.get_by_test_id("send-button")).to_be_visible()
+    return answer
+
+
+def screenshot(page: Page, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+
+
+def test_answer_streams_in_and_conversation_survives_reload(page, serve_app):
+    new_conversation(page)
+    set_parameters(page, sample_len=48, temperature=0, seed=None)
+    # Shift+Enter is a new line, not a send.
+    prompt_input = page.get_by_test_id("prompt-input")
+    prompt_input.fill("Explain in two sentences what a GPU is.")
+    prompt_input.press("Shift+Enter")
+    expect(prompt_input).to_have_value("Explain in two sentences what a GPU is.\n")
+    expect(page.locator('[data-testid="message"]')).to_have_count(0)
+    prompt_input.press("Enter")
+
+    answer = page.locator('[data-testid="message"][data-role="assistant"]').last
+    expect(page.get_by_test_id("stop-button")).to_be_visible()
+    lengths = []
+    deadline = time.monotonic() + ANSWER_TIMEOUT_MS / 1000
+    while time.monotonic() < deadline:
+        is_streaming = "streaming" in (answer.get_attribute("class") or "")
+        lengths.append(len(answer.get_by_test_id("message-content").inner_text()))
+        if not is_streaming:
+            break
+        page.wait_for_timeout(150)
+    growing = sorted(set(length for length in lengths if length > 0))
+    assert len(growing) >= 3, f"the answer did not grow over time: {lengths}"
+    wait_for_answer(page)
+    answer_text = answer.get_by_test_id("message-content").inner_text()
+    assert answer_text.strip()
+
+    conversation_id = current_id(page)
+    conversation = stored(serve_app, conversation_id)
+    assert [m["role"] for m in conversation["messages"]] == ["user", "assistant"]
+    assert conversation["messages"][0]["content"] == "Explain in two sentences what a GPU is."
+    assert conversation["messages"][1]["status"] == "complete"
+    item = page.locator(f'[data-testid="conversation-item"][data-id="{conversation_id}"]')
+    expect(item.get_by_test_id("conversation-title")).to_contain_text("Explain in two sentences")
+    expect(page.get_by_test_id("chat-title")).to_contain_text("Explain in two sentences")
+
+    page.reload()
+    expect(page.locator('[data-testid="message"]')).to_have_count(2)
+    expect(page.locator('[data-testid="message"][data-role="user"] [data-testid="message-content"]')).to_have_text(
+        "Explain in two sentences what a GPU is."
+    )
+    restored = page.locator('[data-testid="message"][data-role="assistant"] [data-testid="message-content"]')
+    assert restored.inner_text() == answer_text
+    expect(item).to_have_class("conversation active")
+
+
+def test_model_and_parameters_reach_the_stored_history(page, serve_app):
+    new_conversation(page)
+    page.get_by_test_id("model-select").select_option(TINY)
+    parameters = {"sample_len": 12, "temperature": 0.3, "top_p": 0.8, "repeat_penalty": 1.3, "repeat_last_n": 32, "seed": 7}
+    set_parameters(page, **parameters)
+    send(page, "hello tiny model")
+    answer = wait_for_answer(page)
+    expect(answer.locator(".message-author")).to_have_text(TINY)
+
+    (_, stored_answer) = stored(serve_app, current_id(page))["messages"]
+    assert stored_answer["model"] == TINY
+    assert stored_answer["parameters"] == {**parameters, "model": TINY, "revision": "main"}
+
+    # Both the model and the parameters are remembered across visits, until reset.
+    page.reload()
+    expect(page.get_by_test_id("model-select")).to_have_value(TINY)
+    page.get_by_test_id("params-toggle").click()
+    expect(page.get_by_test_id("param-top_p")).to_have_value("0.8")
+    expect(page.get_by_test_id("param-seed")).to_have_value("7")
+    page.get_by_test_id("params-reset").click()
+    expect(page.get_by_test_id("param-sample_len")).to_have_value("256")
+    expect(page.get_by_test_id("param-temperature")).to_have_value("0.7")
+    expect(page.get_by_test_id("param-seed")).to_have_value("")
+    # An out-of-range value is flagged and blocks sending instead of reaching the server as a 422.
+    page.get_by_test_id("param-temperature").fill("9")
+    expect(page.get_by_test_id("params-error")).to_contain_text("Temperature")
+    send(page, "this must not be sent")
+    expect(page.get_by_test_id("error-message")).to_contain_text("Fix the parameters")
+    expect(page.get_by_test_id("prompt-input")).to_have_value("this must not be sent")
+    assert len(stored(serve_app, current_id(page))["messages"]) == 2
+
+
+def test_stop_keeps_the_partial_answer(page, serve_app):
+    new_conversation(page)
+    set_parameters(page, sample_len=2000, temperature=0.8)
+    send(page, "Write a very long story about a lighthouse keeper.")
+    answer = page.locator('[data-testid="message"][data-role="assistant"]').last
+    expect(answer.get_by_test_id("message-content")).not_to_be_empty(timeout=ANSWER_TIMEOUT_MS)
+    page.get_by_test_id("stop-button").click()
+
+    expect(answer).to_have_attribute("data-status", "stopped")
+    expect(answer.get_by_test_id("message-status")).to_have_text("Stopped")
+    screenshot(page, "desktop-light-stopped")
+    expect(page.get_by_test_id("send-button")).to_be_visible()
+    conversation_id = current_id(page)
+    deadline = time.monotonic() + 30
+    while (messages := stored(serve_app, conversation_id)["messages"])[-1].get("status") != "stopped":
+        assert time.monotonic() < deadline, f"the server did not store a stopped answer: {messages}"
+        time.sleep(0.5)
+    assert messages[-1]["role"] == "assistant" and messages[-1]["content"].strip()
+    assert len(messages[-1]["content"]) < 2000 * 8
+
+    page.reload()
+    expect(page.locator('[data-testid="message"][data-role="assistant"]').last).to_have_attribute("data-status", "stopped")
+
+
+def test_rename_export_and_delete_with_confirmation(page, serve_app):
+    page.get_by_test_id("model-select").select_option(TINY)
+    new_conversation(page)
+    set_parameters(page, sample_len=4)
+    send(page, "a conversation to rename")
+    wait_for_answer(page)
+    conversation_id = current_id(page)
+    item = page.locator(f'[data-testid="conversation-item"][data-id="{conversation_id}"]')
+    # Newest first.
+    expect(page.get_by_test_id("conversation-item").first).to_have_attribute("data-id", str(conversation_id))
+
+    item.get_by_test_id("rename-conversation").click()
+    page.get_by_test_id("rename-input").fill("Renamed by the browser test")
+    page.get_by_test_id("rename-input").press("Enter")
+    expect(item.get_by_test_id("conversation-title")).to_have_text("Renamed by the browser test")
+    assert stored(serve_app, conversation_id)["title"] == "Renamed by the browser test"
+
+    item.get_by_test_id("export-conversation").click()
+    with page.expect_download() as download_info:
+        item.get_by_test_id("export-json").click()
+    download = download_info.value
+    assert download.suggested_filename == f"conversation-{conversation_id}.json"
+    exported = json.loads(Path(download.path()).read_text())
+    assert exported["title"] == "Renamed by the browser test"
+    assert [m["role"] for m in exported["messages"]] == ["user", "assistant"]
+    markdown_href = item.get_by_test_id("export-markdown").get_attribute("href")
+    assert markdown_href == f"/conversations/{conversation_id}/export?format=markdown"
+
+    # Cancelling the confirmation keeps the conversation; confirming deletes it.
+    item.get_by_test_id("delete-conversation").click()
+    expect(page.get_by_test_id("confirm-delete-dialog")).to_be_visible()
+    expect(page.get_by_test_id("confirm-delete-dialog")).to_contain_text("Renamed by the browser test")
+    page.get_by_test_id("cancel-delete").click()
+    expect(item).to_be_visible()
+    assert stored(serve_app, conversation_id)["id"] == conversation_id
+
+    item.get_by_test_id("delete-conversation").click()
+    page.get_by_test_id("confirm-delete").click()
+    expect(item).to_have_count(0)
+    expect(page.get_by_test_id("welcome")).to_be_visible()
+    assert httpx.get(f"{serve_app.url}/conversations/{conversation_id}").status_code == 404
+
+
+def assert_nothing_ran(page: Page) -> None:
+    assert page.evaluate("typeof window.__pwned") == "undefined"
+    message_list = page.get_by_test_id("message-list")
+    assert message_list.locator("img, script, iframe, svg image").count() == 0
+    assert message_list.locator("[onerror], [onload], a[href^='javascript']").count() == 0
+
+
+def test_html_in_prompts_and_answers_stays_inert(page, serve_app):
+    page.get_by_test_id("model-select").select_option(TINY)
+    new_conversation(page)
+    set_parameters(page, sample_len=4)
+    send(page, INJECTION)
+    wait_for_answer(page)
+    prompt = page.locator('[data-testid="message"][data-role="user"] [data-testid="message-content"]')
+    expect(prompt).to_have_text(INJECTION)
+    assert_nothing_ran(page)
+    page.reload()
+    expect(prompt).to_have_text(INJECTION)
+    assert_nothing_ran(page)
+
+    # A test-controlled answer: raw HTML and dangerous Markdown from the "model".
+    hostile_answer = (
+        "Here is **bold** and a list:\n\n- one\n- two\n\n"
+        "<img src=x onerror=window.__pwned=1>\n<script>window.__pwned=1</script>\n"
+        '<a href="javascript:window.__pwned=1">click</a> [also](javascript:window.__pwned=1) '
+        "![pixel](http://example.invalid/p.png)\n\n```python\nprint('<b>hi</b>')\n```\n"
+    )
+    page.route(
+        "**/conversations/*/generate",
+        lambda route: route.fulfill(status=200, content_type="text/plain; charset=utf-8", body=hostile_answer),
+    )
+    send(page, "answer with some HTML please")
+    answer = wait_for_answer(page)
+    content = answer.get_by_test_id("message-content")
+    expect(content.locator("strong")).to_have_text("bold")
+    expect(content.locator("li")).to_have_count(2)
+    expect(content).to_contain_text("<img src=x onerror=window.__pwned=1>")
+    expect(content).to_contain_text("<script>window.__pwned=1</script>")
+    expect(content.locator(".code-block pre")).to_have_text("print('<b>hi</b>')")
+    assert_nothing_ran(page)
+
+    # Copy gives the answer's Markdown source, not the rendered text.
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    answer.get_by_test_id("copy-message").click()
+    expect(answer.get_by_test_id("copy-message")).to_contain_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == hostile_answer
+    page.unroute("**/conversations/*/generate")
+
+
+def test_errors_are_explained_and_retry_works(page, serve_app):
+    page.get_by_test_id("model-select").select_option(TINY)
+    new_conversation(page)
+    set_parameters(page, sample_len=4)
+
+    page.route(
+        "**/conversations/*/generate",
+        lambda route: route.fulfill(
+            status=503,
+            headers={"Retry-After": "5"},
+            content_type="application/json",
+            body=json.dumps({"detail": "the model is overloaded"}),
+        ),
+    )
+    send(page, "first try is refused")
+    expect(page.get_by_test_id("error-banner")).to_be_visible()
+    expect(page.get_by_test_id("error-message")).to_contain_text("The model is overloaded")
+    expect(page.get_by_test_id("error-message")).to_contain_text("Retry in 5 s")
+    expect(page.get_by_test_id("prompt-input")).to_have_value("first try is refused")
+    screenshot(page, "desktop-light-error")
+    expect(page.locator('[data-testid="message"]')).to_have_count(0)
+
+    page.unroute("**/conversations/*/generate")
+    page.route("**/conversations/*/generate", lambda route: route.abort("internetdisconnected"))
+    page.get_by_test_id("retry-button").click()
+    expect(page.get_by_test_id("error-message")).to_contain_text("Can't reach the server")
+
+    page.unroute("**/conversations/*/generate")
+    page.get_by_test_id("retry-button").click()
+    wait_for_answer(page)
+    expect(page.get_by_test_id("error-banner")).to_be_hidden()
+    messages = stored(serve_app, current_id(page))["messages"]
+    assert [(m["role"], m["status"]) for m in messages] == [("user", "complete"), ("assistant", "complete")]
+    assert messages[0]["content"] == "first try is refused"
+
+    # Regenerate answers the last prompt again; the new answer replaces the old one.
+    page.locator('[data-testid="message"][data-role="assistant"]').last.get_by_test_id("regenerate").click()
+    wait_for_answer(page)
+    expect(page.locator('[data-testid="message"]')).to_have_count(2)
+    regenerated = stored(serve_app, current_id(page))["messages"]
+    assert [(m["role"], m["status"]) for m in regenerated] == [("user", "complete"), ("assistant", "complete")]
+    assert regenerated[1]["created_at"] > messages[1]["created_at"]
+
+
+def test_model_states_come_from_readyz(browser, serve_app):
+    context = browser.new_context(viewport=DESKTOP)
+    page = context.new_page()
+    states = {"detail": "models not ready", "models": {SMOL: "loading", TINY: "failed"}}
+    page.route("**/readyz", lambda route: route.fulfill(status=503, content_type="application/json", body=json.dumps(states)))
+    page.goto(serve_app.url)
+    expect(page.get_by_test_id("model-state")).to_have_attribute("data-state", "loading")
+    expect(page.get_by_test_id("model-state")).to_contain_text("loading")
+    expect(page.get_by_test_id("model-select").locator("option")).to_have_text([f"{SMOL} (loading)", f"{TINY} (failed)"])
+    send(page, "are you there?")
+    expect(page.get_by_test_id("error-message")).to_contain_text(f"{SMOL} is still loading")
+    expect(page.get_by_test_id("prompt-input")).to_have_value("are you there?")
+
+    page.unroute("**/readyz")  # the page polls every few seconds while a model is not ready
+    expect(page.get_by_test_id("model-state")).to_have_attribute("data-state", "ready", timeout=15_000)
+    expect(page.get_by_test_id("model-select").locator("option")).to_have_text([SMOL, TINY])
+    context.close()
+
+
+UNLABELLED_CONTROLS = """() => [...document.querySelectorAll("button, input, select, textarea, summary, a[href]")]
+    .filter((el) => el.getClientRects().length > 0)
+    .filter((el) => !(el.getAttribute("aria-label") || (el.id && document.querySelector(`label[for="${el.id}"]`))
+                      || el.textContent.trim()))
+    .map((el) => el.outerHTML.slice(0, 80))"""
+
+
+def test_controls_are_labelled_and_work_from_the_keyboard(page, serve_app):
+    page.get_by_test_id("params-toggle").click()
+    page.get_by_test_id("model-select").select_option(TINY)
+    set_parameters(page, sample_len=4)
+    send(page, "labelled?")
+    wait_for_answer(page)
+    page.get_by_test_id("params-toggle").click()
+    assert page.evaluate(UNLABELLED_CONTROLS) == []
+
+    # Escape closes the parameters and gives focus back to their button; Enter opens them again.
+    page.keyboard.press("Escape")
+    expect(page.get_by_test_id("params-panel")).to_be_hidden()
+    expect(page.get_by_test_id("params-toggle")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.get_by_test_id("params-panel")).to_be_visible()
+    expect(page.get_by_test_id("param-sample_len")).to_be_focused()
+    page.keyboard.press("Escape")
+    # The conversation's own actions are reachable with Tab from its link.
+    conversation = page.locator(f'[data-testid="conversation-item"][data-id="{current_id(page)}"]')
+    conversation.get_by_test_id("conversation-link").focus()
+    page.keyboard.press("Tab")
+    expect(conversation.get_by_test_id("rename-conversation")).to_be_focused()
+
+
+AT_BOTTOM = """() => {
+    const list = document.querySelector('[data-testid=message-list]');
+    return list.scrollHeight - list.scrollTop - list.clientHeight < 48;
+}"""
+
+
+def test_autoscroll_follows_until_the_user_scrolls_up(browser, serve_app):
+    page = open_page(browser, serve_app.url, viewport=PHONE)
+    new_conversation(page)
+    # Fill the screen first with a canned answer, then stream a real one below it.
+    long_answer = "\n\n".join(f"Paragraph {i}: " + "words " * 30 for i in range(20))
+    page.route("**/conversations/*/generate", lambda route: route.fulfill(status=200, body=long_answer))
+    send(page, "long please")
+    wait_for_answer(page)
+    assert page.evaluate(AT_BOTTOM)
+    page.unroute("**/conversations/*/generate")
+
+    set_parameters(page, sample_len=1000, temperature=0.8)
+    send(page, "Tell me a long story about a dragon.")
+    answer = page.locator('[data-testid="message"][data-role="assistant"]').last
+    content = answer.get_by_test_id("message-content")
+    expect(content).not_to_be_empty(timeout=ANSWER_TIMEOUT_MS)
+    page.wait_for_timeout(500)
+    assert page.evaluate(AT_BOTTOM), "the list did not follow the streaming answer"
+
+    page.get_by_test_id("message-list").evaluate("list => list.scrollTo(0, 0)")
+    length_when_scrolled = len(content.inner_text())
+    deadline = time.monotonic() + 60
+    while len(content.inner_text()) < length_when_scrolled + 40 and STREAMING.search(answer.get_attribute("class")):
+        assert time.monotonic() < deadline
+        page.wait_for_timeout(200)
+    assert page.get_by_test_id("message-list").evaluate("list => list.scrollTop") == 0
+    expect(page.get_by_test_id("jump-latest")).to_be_visible()
+    page.get_by_test_id("jump-latest").click()
+    page.wait_for_timeout(300)
+    assert page.evaluate(AT_BOTTOM)
+    if page.get_by_test_id("stop-button").is_visible():
+        page.get_by_test_id("stop-button").click()
+    page.context.close()
+
+
+SCREENSHOT_ANSWER = """Sure! Here is a function that reverses a string:
+
+```python
+def reverse(text: str) -> str:
+    return text[::-1]
+```
+
+It uses **slicing** with a step of `-1`:
+
+1. `text[::-1]` walks the string backwards,
+2. and builds a new string — the original is left unchanged.
+"""
+
+
+@pytest.mark.parametrize("color_scheme", ["light", "dark"])
+@pytest.mark.parametrize("device", ["desktop", "phone"])
+def test_screenshots(browser, serve_app, device, color_scheme):
+    """Looks, for people: a titled conversation with Markdown and a code block, the parameters
+    (desktop) or the conversation drawer (phone), and the empty page."""
+    created = httpx.post(f"{serve_app.url}/conversations", timeout=30).json()
+    httpx.patch(f"{serve_app.url}/conversations/{created['id']}", json={"title": "Reverse a string in Python"}, timeout=30)
+    viewport = DESKTOP if device == "desktop" else PHONE
+    page = open_page(browser, f"{serve_app.url}/#/c/{created['id']}", viewport=viewport, color_scheme=color_scheme)
+    expect(page.get_by_test_id("chat-title")).to_have_text("Reverse a string in Python")
+    page.route("**/conversations/*/generate", lambda route: route.fulfill(status=200, body=SCREENSHOT_ANSWER))
+    send(page, "Write a Python function that reverses a string.")
+    wait_for_answer(page)
+    page.get_by_test_id("prompt-input").blur()
+    screenshot(page, f"{device}-{color_scheme}-conversation")
+    if device == "desktop":
+        page.get_by_test_id("params-toggle").click()
+        screenshot(page, f"{device}-{color_scheme}-parameters")
+    else:
+        page.get_by_test_id("open-sidebar").click()
+        page.wait_for_timeout(300)  # the drawer slides in
+        screenshot(page, f"{device}-{color_scheme}-sidebar")
+    page.goto(serve_app.url)
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    new_conversation(page)
+    screenshot(page, f"{device}-{color_scheme}-welcome")
+    assert page.page_errors == []
+    page.context.close()

@@ -1,0 +1,262 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from deployments.batched_engine import BatchedEngine
+from deployments.engine import ReferenceEngine
+from deployments.kv_cache import KVCache
+from deployments.llama_forward import (
+    PromptChunk,
+    activation_maxima,
+    build_step,
+    extract_weights,
+    forward,
+    rope_table,
+    smooth_activations,
+)
+from deployments.engine_protocol import PromptTooLongError
+from deployments.model_loader import LoadedModel, build_tiny_random_model, load_model
+from deployments.model_registry import ModelConfig
+from deployments.sampler import apply_repeat_penalty
+from deployments.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=24, min_tokens=24, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedModel:
+    torch.set_num_threads(1)
+    model, tokenizer = build_tiny_random_model()
+    return LoadedModel(ModelConfig(name="tiny", source={"kind": "tiny_random"}), model.eval(), tokenizer, torch.device("cpu"), 512)
+
+
+@pytest.fixture
+def engine(tiny):
+    engine = BatchedEngine(tiny, max_batch_size=8, max_context=256, prefill_chunk_tokens=16)
+    yield engine
+    engine.shutdown()
+
+
+def prompt(tiny: LoadedModel, text: str) -> list[int]:
+    return tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+async def run(engine, prompt_ids, params):
+    outputs = [o async for o in engine.generate(prompt_ids, params)]
+    return "".join(o.text for o in outputs), outputs
+
+
+def test_forward_matches_transformers_with_chunked_prefill_and_batched_decode(tiny):
+    w = extract_weights(tiny.model, "fp32")
+    cache = KVCache(len(w.layers), 4, w.n_kv_heads, 64, w.head_dim, w.dtype)
+    rope, groups = rope_table(w, 64), w.n_heads // w.n_kv_heads
+    a, b = torch.randint(0, 259, (20,)).tolist(), torch.randint(0, 259, (13,)).tolist()
+    with torch.inference_mode():
+        forward(w, cache, rope, build_step([], [(PromptChunk(0, 0, 8, False), a[:8])], groups))
+        first = forward(w, cache, rope, build_step([], [(PromptChunk(0, 8, 12, True), a[8:]), (PromptChunk(2, 0, 13, True), b)], groups))
+        second = forward(w, cache, rope, build_step([(0, 20, 5), (2, 13, 7)], [], groups))
+        expected_a = tiny.model(torch.tensor([a + [5]])).logits[0]
+        expected_b = tiny.model(torch.tensor([b + [7]])).logits[0]
+    torch.testing.assert_close(first, torch.stack([expected_a[19], expected_b[12]]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second, torch.stack([expected_a[20], expected_b[13]]), atol=1e-5, rtol=1e-5)
+
+
+def test_activation_smoothing_leaves_fp32_logits_unchanged(tiny):
+    ids = torch.randint(0, 259, (12,)).tolist()
+    logits = []
+    for is_smoothed in (False, True):
+        w = extract_weights(tiny.model, "fp32")
+        if is_smoothed:
+            smooth_activations(w, activation_maxima(tiny.model, ids[::-1]))
+        cache = KVCache(len(w.layers), 1, w.n_kv_heads, 16, w.head_dim, w.dtype)
+        with torch.inference_mode():
+            step = build_step([], [(PromptChunk(0, 0, 12, True), ids)], w.n_heads // w.n_kv_heads)
+            logits.append(forward(w, cache, rope_table(w, 16), step))
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("weight_format", ["bf16", "int8"])
+async def test_bf16_and_int8_weights_stay_close_to_fp32_and_generate(tiny, weight_format):
+    ids = torch.randint(0, 259, (12,)).tolist()
+    logits = {}
+    for fmt in ("fp32", weight_format):
+        w = extract_weights(tiny.model, fmt)
+        cache = KVCache(len(w.layers), 1, w.n_kv_heads, 16, w.head_dim, w.dtype)
+        with torch.inference_mode():
+            step = build_step([], [(PromptChunk(0, 0, 12, True), ids)], w.n_heads // w.n_kv_heads)
+            logits[fmt] = forward(w, cache, rope_table(w, 16), step)
+    assert (logits[weight_format] - logits["fp32"]).abs().max() < 0.05
+    engine = BatchedEngine(tiny, weights=weight_format, max_batch_size=2, max_context=64)
+    try:
+        _, outputs = await run(engine, ids, GREEDY)
+    finally:
+        engine.shutdown()
+    assert outputs[-1].completion_tokens == 24 and outputs[-1].finish_reason == "length"
+
+
+async def test_greedy_matches_the_reference_engine_including_repeat_penalty(tiny, engine):
+    params = SamplingParams(max_tokens=30, min_tokens=30, temperature=0, repeat_penalty=1.3, repeat_last_n=8)
+    ids = prompt(tiny, "hello there")
+    ours, outputs = await run(engine, ids, params)
+    reference = ReferenceEngine(tiny)
+    try:
+        theirs = "".join([o.text async for o in reference.generate(ids, params)])
+    finally:
+        reference.shutdown()
+    assert ours == theirs
+    assert outputs[-1].finish_reason == "length"
+    assert outputs[-1].completion_tokens == 30 and outputs[-1].prompt_tokens == len(ids)
+    assert all(o.finish_reason is None for o in outputs[:-1])
+
+
+async def test_a_request_outgrowing_the_initial_cache_matches_the_reference_engine(tiny):
+    engine = BatchedEngine(tiny, max_batch_size=2, max_context=1024, prefill_chunk_tokens=256)
+    reference = ReferenceEngine(tiny)
+    ids = prompt(tiny, "long " * 100)  # 500 tokens; the answer crosses the 512-position start capacity
+    try:
+        ours, _ = await run(engine, ids, GREEDY)
+        theirs = "".join([o.text async for o in reference.generate(ids, GREEDY)])
+    finally:
+        engine.shutdown()
+        reference.shutdown()
+    assert ours == theirs
+
+
+async def test_greedy_output_is_the_same_alone_and_in_a_mixed_batch(tiny, engine):
+    texts = ["hi", "a much longer prompt that spans several prefill chunks of sixteen tokens", "x" * 40, "hello"]
+    alone = [(await run(engine, prompt(tiny, t), GREEDY))[0] for t in texts]
+    requests = []
+    for i, t in enumerate(texts):
+        requests.append(run(engine, prompt(tiny, t), GREEDY))
+        # Company with other lengths and sampling settings.
+        requests.append(run(engine, prompt(tiny, t * 2), SamplingParams(max_tokens=5 + 7 * i, temperature=1.0, top_p=0.9, top_k=20)))
+    together = await asyncio.gather(*requests)
+    assert [text for text, _ in together[::2]] == alone
+
+
+async def test_seeded_sampling_repeats_alone_and_in_company(tiny, engine):
+    params = SamplingParams(max_tokens=20, min_tokens=20, temperature=1.0, top_p=0.8, top_k=50, seed=7)
+    ids = prompt(tiny, "seeded")
+    first, _ = await run(engine, ids, params)
+    second, _ = await run(engine, ids, params)
+    company = [run(engine, prompt(tiny, "other"), SamplingParams(max_tokens=20, temperature=1.0, seed=i)) for i in range(5)]
+    in_company, *_ = await asyncio.gather(run(engine, ids, params), *company)
+    assert first == second == in_company[0]
+    other_seed, _ = await run(engine, ids, SamplingParams(max_tokens=20, min_tokens=20, temperature=1.0, top_p=0.8, top_k=50, seed=8))
+    assert other_seed != first
+
+
+async def test_a_request_joining_mid_stream_gets_the_same_tokens_as_alone(tiny, engine):
+    long_ids, late_ids = prompt(tiny, "the first request"), prompt(tiny, "the late one, with a longer prompt than the first")
+    params = SamplingParams(max_tokens=40, min_tokens=40, temperature=0)
+    long_alone, _ = await run(engine, long_ids, params)
+    late_alone, _ = await run(engine, late_ids, GREEDY)
+
+    first_texts: list[str] = []
+
+    async def first():
+        async for output in engine.generate(long_ids, params):
+            first_texts.append(output.text)
+            if len(first_texts) == 10:
+                late.set()  # join while the first is mid-stream
+
+    late = asyncio.Event()
+
+    async def second():
+        await late.wait()
+        return (await run(engine, late_ids, GREEDY))[0]
+
+    _, late_text = await asyncio.gather(first(), second())
+    assert "".join(first_texts) == long_alone
+    assert late_text == late_alone
+
+
+def test_repeat_penalty_divides_positive_and_multiplies_negative_logits_in_the_window():
+    logits = torch.tensor([2.0, -2.0, 3.0, -1.0, 0.5])
+    apply_repeat_penalty(logits, history=[4, 0, 0, 1, 3], penalty=2.0, last_n=4)  # window: 0, 0, 1, 3
+    assert logits.tolist() == [1.0, -4.0, 3.0, -2.0, 0.5]
+
+
+async def test_closing_the_stream_frees_the_slot(tiny):
+    engine = BatchedEngine(tiny, max_batch_size=1, max_context=256)
+    try:
+        stream = engine.generate(prompt(tiny, "hello"), SamplingParams(max_tokens=200, min_tokens=200, temperature=0))
+        await stream.__anext__()
+        await stream.aclose()
+        # The single slot is free again: a new request runs to completion.
+        _, outputs = await asyncio.wait_for(run(engine, prompt(tiny, "next"), GREEDY), timeout=10)
+        assert outputs[-1].completion_tokens == 24
+        assert engine.stats().active_requests == 0 and engine.stats().total_requests == 2
+    finally:
+        engine.shutdown()
+
+
+async def test_requests_beyond_the_batch_size_wait_their_turn(tiny):
+    engine = BatchedEngine(tiny, max_batch_size=2, max_context=256)
+    try:
+        results = await asyncio.gather(*(run(engine, prompt(tiny, f"q{i}"), GREEDY) for i in range(5)))
+        assert all(outputs[-1].completion_tokens == 24 for _, outputs in results)
+    finally:
+        engine.shutdown()
+
+
+async def test_a_prompt_longer_than_the_context_is_rejected_before_generating(tiny, engine):
+    with pytest.raises(PromptTooLongError, match="256 tokens"):
+        await run(engine, [5] * 300, GREEDY)
+
+
+async def test_generation_stops_at_the_context_end(tiny):
+    engine = BatchedEngine(tiny, max_batch_size=2, max_context=32)
+    try:
+        _, outputs = await run(engine, [5] * 30, SamplingParams(max_tokens=10, temperature=0))
+        assert outputs[-1].finish_reason == "length" and outputs[-1].completion_tokens == 2
+    finally:
+        engine.shutdown()
+
+
+async def test_stop_string_truncates_the_output(tiny, engine):
+    ids = prompt(tiny, "stop me")
+    full, _ = await run(engine, ids, GREEDY)
+    stop = full[5:8]
+    text, outputs = await run(engine, ids, SamplingParams(max_tokens=24, temperature=0, stop=(stop,)))
+    assert text == full[: full.index(stop)]
+    assert outputs[-1].finish_reason == "stop"
+
+
+async def test_eos_stops_unless_ignored_and_is_suppressed_before_min_tokens(tiny, engine):
+    eos = tiny.tokenizer.eos_token_id
+    # Make EOS the greedy choice by biasing lm_head towards it for this test's engine.
+    engine._weights.lm_head.weight.data[eos] *= 0
+    engine._weights.lm_head.bias = torch.nn.Parameter(torch.zeros(259))
+    engine._weights.lm_head.bias.data[eos] = 100.0
+    ids = prompt(tiny, "eos")
+    _, outputs = await run(engine, ids, SamplingParams(max_tokens=10, temperature=0))
+    # The EOS token ends the answer but is not counted (as in OpenAI's usage).
+    assert outputs[-1].finish_reason == "stop" and outputs[-1].completion_tokens == 0
+    _, outputs = await run(engine, ids, SamplingParams(max_tokens=10, min_tokens=4, temperature=0))
+    assert outputs[-1].finish_reason == "stop" and outputs[-1].completion_tokens == 4  # 4 forced, then EOS
+    _, outputs = await run(engine, ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert outputs[-1].finish_reason == "length" and outputs[-1].completion_tokens == 6
+
+
+@pytest.mark.slow
+async def test_smollm2_greedy_answer_matches_transformers_token_for_token():
+    torch.set_num_threads(2)
+    loaded = load_model(ModelConfig(name="smol"))
+    tokenizer = loaded.tokenizer
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        expected = loaded.model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids) :].tolist()
+    engine = BatchedEngine(loaded, max_context=512)
+    try:
+        answer, outputs = await run(engine, ids, SamplingParams(max_tokens=40, temperature=0, repeat_penalty=1.0))
+    finally:
+        engine.shutdown()
+    assert expected[-1] == loaded.tokenizer.eos_token_id
+    assert outputs[-1].completion_tokens == len(expected) - 1  # EOS is not counted
+    assert answer == tokenizer.decode(expected, skip_special_tokens=True)
+    assert "Paris" in answer
