@@ -57,22 +57,47 @@ async function errorFromResponse(response) {
   return new ApiError(message, { status: response.status, retryAfterS });
 }
 
-/** fetch() that turns network failures and non-2xx answers into ApiError. */
+const API_KEY_STORAGE = "ray-chat.apiKey";
+
+/** The API key this browser keeps for servers that require one (`api_key` in the config). */
+export const apiKey = () => localStorage.getItem(API_KEY_STORAGE) || "";
+
+/** Asks the person for the server's API key and keeps it; false if they cancel. */
+function askForApiKey(wasRejected) {
+  const question = wasRejected
+    ? "That API key was not accepted. Enter the server's API key:"
+    : "This server requires an API key. Enter it (it stays in this browser):";
+  const key = window.prompt(question, "");
+  if (!key) return false;
+  localStorage.setItem(API_KEY_STORAGE, key.trim());
+  return true;
+}
+
+/** fetch() that turns network failures and non-2xx answers into ApiError, and sends (asking
+ * for it once on a 401) the API key when the server requires one. */
 async function request(path, { method = "GET", body, signal, headers = {} } = {}) {
-  let response;
-  try {
-    response = await fetch(path, {
-      method,
-      signal,
-      headers: body === undefined ? headers : { "Content-Type": "application/json", ...headers },
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
-  } catch (error) {
-    if (error.name === "AbortError") throw error;
-    throw new ApiError(NETWORK_MESSAGE);
+  for (;;) {
+    const key = apiKey();
+    let response;
+    try {
+      response = await fetch(path, {
+        method,
+        signal,
+        headers: {
+          ...(body === undefined ? {} : { "Content-Type": "application/json" }),
+          ...(key ? { Authorization: `Bearer ${key}` } : {}),
+          ...headers,
+        },
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+    } catch (error) {
+      if (error.name === "AbortError") throw error;
+      throw new ApiError(NETWORK_MESSAGE);
+    }
+    if (response.status === 401 && askForApiKey(Boolean(key))) continue;
+    if (!response.ok) throw await errorFromResponse(response);
+    return response;
   }
-  if (!response.ok) throw await errorFromResponse(response);
-  return response;
 }
 
 const json = async (path, options) => (await request(path, options)).json();
@@ -118,6 +143,20 @@ export const renameConversation = (id, title) => json(`/conversations/${id}`, { 
 export const deleteConversation = (id) => json(`/conversations/${id}`, { method: "DELETE" });
 
 export const exportUrl = (id, format) => `/conversations/${id}/export?format=${format}`;
+
+/** A plain link cannot send the API key: with a key, fetch the export and save it from memory. */
+export async function downloadExport(event, anchor) {
+  if (!apiKey()) return; // the link itself works
+  event.preventDefault();
+  const url = new URL(anchor.href);
+  const response = await request(url.pathname + url.search);
+  const name = /filename="([^"]+)"/.exec(response.headers.get("Content-Disposition") || "");
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(await response.blob());
+  link.download = name ? name[1] : "conversation";
+  link.click();
+  URL.revokeObjectURL(link.href);
+}
 
 /**
  * Streams an answer: calls onText(fullTextSoFar) as pieces arrive and resolves with the full

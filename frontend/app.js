@@ -158,6 +158,7 @@ function renderConversationList() {
     item.querySelector(".export-menu summary").setAttribute("aria-label", `Export “${title}”`);
     for (const anchor of item.querySelectorAll(".export-options a")) {
       anchor.href = api.exportUrl(conversation.id, anchor.dataset.format);
+      anchor.addEventListener("click", (event) => api.downloadExport(event, anchor).catch((error) => showError(error.message)));
     }
     return item;
   });

@@ -480,3 +480,45 @@ def test_screenshots(browser, serve_app, device, color_scheme):
     screenshot(page, f"{device}-{color_scheme}-welcome")
     assert page.page_errors == []
     page.context.close()
+
+
+def test_a_server_that_wants_an_api_key_gets_it_from_the_page(browser, serve_app):
+    """The server side of the key is tested in tests/serve_app/test_ingress.py; here the page
+    meets a server that answers 401 without `Authorization: Bearer <key>` (played by a route
+    in front of the real app) and must ask for the key once, keep it, and send it everywhere."""
+    key = "browser-test-key-1"
+    seen_without_key = []
+    context = browser.new_context(viewport=DESKTOP, accept_downloads=True)
+    page = context.new_page()
+
+    def require_key(route):
+        path = route.request.url.removeprefix(serve_app.url).split("?")[0]
+        is_open = path in ("/", "/readyz") or path.startswith("/static/")
+        if not is_open and route.request.headers.get("authorization") != f"Bearer {key}":
+            seen_without_key.append(path)
+            route.fulfill(status=401, json={"detail": "missing or wrong API key"}, headers={"WWW-Authenticate": "Bearer"})
+        else:
+            route.continue_()
+
+    page.route(f"{serve_app.url}/**", require_key)
+    prompts = []
+    page.on("dialog", lambda dialog: (prompts.append(dialog.message), dialog.accept(key)))
+    page.goto(serve_app.url)
+    expect(page.get_by_test_id("model-state")).to_have_attribute("data-state", "ready")
+    assert len(prompts) == 1 and "API key" in prompts[0]
+    assert page.evaluate("localStorage.getItem('ray-chat.apiKey')") == key
+
+    page.get_by_test_id("model-select").select_option(TINY)
+    set_parameters(page, sample_len=4)
+    send(page, "with a key")
+    wait_for_answer(page)
+    conversation_id = current_id(page)
+    item = page.locator(f'[data-testid="conversation-item"][data-id="{conversation_id}"]')
+    item.get_by_test_id("export-conversation").click()
+    with page.expect_download() as download_info:
+        item.get_by_test_id("export-json").click()
+    assert download_info.value.suggested_filename == f"conversation-{conversation_id}.json"
+    assert json.loads(Path(download_info.value.path()).read_text())["messages"][0]["content"] == "with a key"
+    # Only the very first API call went without the key; the page asked once.
+    assert len(seen_without_key) == 1 and len(prompts) == 1
+    context.close()
