@@ -81,7 +81,11 @@ class ModelConfig(_Strict):
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
     autoscaling_config: dict | None = None
+    # Backpressure: each replica takes at most `max_ongoing_requests` at once (keep it above
+    # `max_batch_size`: stats and cancel calls use slots too); beyond that up to
+    # `max_queued_requests` wait in the ingress, and more are refused with 503 + Retry-After.
     max_ongoing_requests: int = Field(default=32, gt=0)
+    max_queued_requests: int = Field(default=64, ge=-1)  # -1: unbounded
 
     @field_validator("aliases", mode="before")
     @classmethod

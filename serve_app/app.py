@@ -28,6 +28,7 @@ def _model_deployment(model: ModelConfig, settings: AppSettings) -> Application:
         "name": deployment_name(model),
         "ray_actor_options": {"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
         "max_ongoing_requests": model.max_ongoing_requests,
+        "max_queued_requests": model.max_queued_requests,
     }
     if model.autoscaling_config is not None:
         options["autoscaling_config"] = model.autoscaling_config
@@ -42,4 +43,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         settings.database_path
     )
     models = {model.name: _model_deployment(model, settings) for model in settings.models}
-    return Ingress.options(ray_actor_options={"num_cpus": settings.ingress_num_cpus}).bind(settings, models, history)
+    return Ingress.options(
+        ray_actor_options={"num_cpus": settings.ingress_num_cpus},
+        max_ongoing_requests=settings.ingress_max_ongoing_requests,
+    ).bind(settings, models, history)

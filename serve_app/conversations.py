@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.engine_protocol import EngineStats, GenerationOutput, GenerationRequest
@@ -39,6 +40,13 @@ MODEL_STATE = {
 
 class InvalidRequestError(ValueError):
     """A request that validates field by field but makes no sense as a whole (400)."""
+
+
+class ModelOverloadedError(RuntimeError):
+    """The model's replicas are busy and its queue is full (503 with Retry-After)."""
+
+    def __init__(self, model: ModelConfig):
+        super().__init__(f"model '{model.name}' is overloaded (all replicas busy, queue full); retry shortly")
 
 
 class UnknownRevisionError(LookupError):
@@ -210,6 +218,9 @@ class ConversationService:
         stream: DeploymentResponseGenerator = self.models[model.name].options(stream=True).generate.remote(request)
         try:
             first: GenerationOutput = await stream.__anext__()
+        except BackPressureError as exc:
+            # Serve's own handler would answer in plain text; ours names the model.
+            raise ModelOverloadedError(model) from exc
         except BaseException:
             stream.cancel()
             raise

@@ -25,6 +25,7 @@ from deployments.model_registry import ModelRegistry, UnknownModelError
 from serve_app.conversations import (
     ConversationService,
     InvalidRequestError,
+    ModelOverloadedError,
     UnknownRevisionError,
     conversation_markdown,
     parse_conversation_id,
@@ -71,6 +72,8 @@ def _error_response(request: Request, exc: Exception) -> JSONResponse:
     """The one place errors become HTTP responses. Handle calls raise a replica's exception as
     a RayTaskError whose `cause` is the original, so the cause decides the status."""
     cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, ModelOverloadedError):
+        return JSONResponse(_error_body(request, 503, str(cause)), status_code=503, headers={"Retry-After": "2"})
     for error_type, code in ERROR_STATUS.items():
         if isinstance(cause, error_type):
             return JSONResponse(_error_body(request, code, str(cause)), status_code=code)
@@ -129,7 +132,7 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         allow_methods=["*"],
         allow_headers=["*"],
     )
-    for error_type in (*ERROR_STATUS, RayError):
+    for error_type in (*ERROR_STATUS, RayError, ModelOverloadedError):
         app.add_exception_handler(error_type, _error_response)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     registry = service.registry

@@ -32,6 +32,9 @@ class AppSettings(BaseModel):
     api_key: str | None = Field(default_factory=lambda: os.environ.get("RAY_CHAT_API_KEY") or None, min_length=8)
     # The light deployments take a sliver of a CPU so the model replicas can be scheduled.
     ingress_num_cpus: float = Field(default=0.1, ge=0)
+    # Streams one ingress replica relays at once (Serve's default of 5 would queue the 6th
+    # chat in the proxy); model replicas bound the real work.
+    ingress_max_ongoing_requests: int = Field(default=256, gt=0)
     history_num_cpus: float = Field(default=0.1, ge=0)
 
     @model_validator(mode="after")

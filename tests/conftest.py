@@ -1,5 +1,5 @@
 """Shared fixtures. `serve_app` starts the real application (real Ray, real Serve, real SQLite
-file, the packaged SmolLM2 plus a tiny random model) from `serve_config.yaml`'s own args, on a
+file, the packaged SmolLM2 plus two tiny random models) from `serve_config.yaml`'s own args, on a
 free port, once per test session, and always shuts it down."""
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TINY_MODEL = {"name": "tiny-random", "source": {"kind": "tiny_random"}, "num_cpus": 0.2, "torch_threads": 1}
+TEST_MODELS = [
+    {"name": "tiny-random", "source": {"kind": "tiny_random"}, "num_cpus": 0.2, "torch_threads": 1},
+    # One request at a time and one waiting: for backpressure tests.
+    {
+        "name": "tiny-narrow", "source": {"kind": "tiny_random"}, "num_cpus": 0.1, "torch_threads": 1,
+        "max_ongoing_requests": 1, "max_queued_requests": 1,
+    },
+]
 APP_NAME = "chat"
 STARTUP_TIMEOUT_S = 600  # the first run converts the packaged GGUF (~20-40 s) on a busy 2-core box
 
@@ -73,7 +80,7 @@ def serve_app(tmp_path_factory) -> ServeApp:
     database_path = tmp_path_factory.mktemp("history") / "history.sqlite3"
     args = config_app_args()
     args["database_path"] = str(database_path)
-    args["models"].append(TINY_MODEL)
+    args["models"] += TEST_MODELS
     # No dashboard: nothing to look at in tests, and it would clash with a developer's cluster.
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

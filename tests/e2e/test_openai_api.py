@@ -37,7 +37,7 @@ def chat_prompt_tokens(tokenizer, messages) -> int:
 
 def test_models_are_listed_with_their_state(client):
     models = client.models.list().data
-    assert [m.id for m in models] == [SMOL, "tiny-random"]
+    assert [m.id for m in models] == [SMOL, "tiny-random", "tiny-narrow"]
     assert {m.model_extra["state"] for m in models} == {"ready"}
     assert models[0].model_extra["aliases"] == ["smollm2"]
 
@@ -93,7 +93,7 @@ def test_seeded_sampling_is_reproducible(client):
 def test_unknown_model_is_not_found(client):
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="gpt-9", messages=CAPITAL)
-    assert "available models: SmolLM2-135M-Instruct, tiny-random" in caught.value.message
+    assert "available models: SmolLM2-135M-Instruct, tiny-random, tiny-narrow" in caught.value.message
 
 
 @pytest.mark.parametrize(

@@ -98,7 +98,7 @@ def test_later_turns_see_earlier_ones(client):
 @pytest.mark.parametrize(
     ("path_id", "body", "status", "message_part"),
     [
-        ("{id}", {"prompt": "hi", "model": "no-such-model"}, 404, "available models: SmolLM2-135M-Instruct, tiny-random"),
+        ("{id}", {"prompt": "hi", "model": "no-such-model"}, 404, "available models: SmolLM2-135M-Instruct, tiny-random, tiny-narrow"),
         ("999999", {"prompt": "hi"}, 404, "conversation '999999' not found"),
         ("not-a-number", {"prompt": "hi"}, 404, "conversation 'not-a-number' not found"),
         ("{id}", {"prompt": "hi", "temperature": -1}, 422, "greater than or equal to 0"),
@@ -152,10 +152,12 @@ def test_client_disconnect_keeps_the_partial_answer_as_stopped(client, serve_app
             received += chunk
             if len(received) > 20:
                 break  # closing the response drops the connection mid-answer
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline and len(stored_rows(serve_app, conversation_id)) < 2:
         time.sleep(0.1)
-    (_, prompt, _, _), (role, content, _, status) = stored_rows(serve_app, conversation_id)
+    rows = stored_rows(serve_app, conversation_id)
+    assert len(rows) == 2, f"the partial answer was not stored: {rows}"
+    (_, prompt, _, _), (role, content, _, status) = rows
     assert (prompt, role, status) == (body["prompt"], "assistant", "stopped")
     assert content.startswith(received.decode(errors="ignore")[:10])
     assert len(content.split()) < 300  # stopped well before sample_len
@@ -185,7 +187,7 @@ def test_page_health_and_cors(client):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
-    assert [m["name"] for m in client.get("/models").json()] == ["SmolLM2-135M-Instruct", "tiny-random"]
+    assert [m["name"] for m in client.get("/models").json()] == ["SmolLM2-135M-Instruct", "tiny-random", "tiny-narrow"]
     # The original page opened from a file sends `Origin: null`.
     preflight = client.options(
         "/conversations/1/generate",

@@ -92,3 +92,26 @@ def test_regenerate_needs_a_prompt(client):
     response = client.post(f"/conversations/{conversation_id}/regenerate")
     assert response.status_code == 400
     assert response.json()["detail"] == f"conversation '{conversation_id}' has no prompt to answer again"
+
+
+def test_a_full_queue_is_refused_with_503_and_retry_after(serve_app):
+    """tiny-narrow takes one request at a time and queues one more: of ten sent at once, the
+    overflow is refused at once with 503 + Retry-After, the rest are served; none hangs or 500s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"model": "tiny-narrow", "prompt": "go", "max_tokens": 450, "min_tokens": 450, "ignore_eos": True}
+
+    def send(_):
+        response = httpx.post(f"{serve_app.url}/v1/completions", json=body, timeout=120)
+        return response.status_code, response.headers.get("retry-after"), response.json()
+
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(send, range(10)))
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) == {200, 503}, statuses
+    for status, retry_after, answer in results:
+        if status == 503:
+            assert retry_after == "2"
+            assert answer["error"]["message"] == "model 'tiny-narrow' is overloaded (all replicas busy, queue full); retry shortly"
+        else:
+            assert answer["usage"]["completion_tokens"] == 450
