@@ -1,7 +1,7 @@
 """Benchmarks the batched engine against transformers' `generate` and against the floor on the
 real SmolLM2, and checks that int8 weights keep the answers right.
 
-    .venv/bin/python bench/engine_bench.py [--quick] [--threads N]
+    .venv/bin/python bench/engine_bench.py [--quick] [--threads N] [--http http://127.0.0.1:8080]
 
 The floor is the time of one pass over every weight matrix (each Linear and lm_head, one matmul
 with a [batch, in_features] activation): a decode step cannot be faster, so tokens/s at the
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import json
 import math
 import sys
 import time
@@ -118,6 +119,42 @@ async def engine_run(engine: BatchedEngine, prompt_ids: list[int], batch: int, t
     return Run(label, batch, batch * tokens / elapsed, ttfts, itls)
 
 
+async def http_run(url: str, model: str, batch: int, tokens: int, label: str) -> Run:
+    """The same request through the running Serve app's streaming chat API (SSE), measured at
+    the client: what a user of the service gets, proxy, ingress and handles included."""
+    import httpx
+
+    body = {
+        "model": model, "messages": [{"role": "user", "content": QUESTION}], "stream": True,
+        "max_tokens": tokens, "min_tokens": tokens, "ignore_eos": True, "temperature": 0,
+        "stream_options": {"include_usage": True},
+    }
+    ttfts, itls = [], []
+
+    async def one(client: httpx.AsyncClient) -> None:
+        started = last = time.perf_counter()
+        first, usage = True, None
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                usage = chunk.get("usage") or usage
+                if not (chunk["choices"] and chunk["choices"][0]["delta"].get("content")):
+                    continue
+                now = time.perf_counter()
+                (ttfts if first else itls).append(now - (started if first else last))
+                first, last = False, now
+        assert usage["completion_tokens"] == tokens
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(one(client) for _ in range(batch)))
+        elapsed = time.perf_counter() - started
+    return Run(label, batch, batch * tokens / elapsed, ttfts, itls)
+
+
 def perplexity(weights, loaded: LoadedModel) -> float:
     """Of PERPLEXITY_TEXT under our forward pass with these weights (one prompt chunk)."""
     ids = loaded.tokenizer(PERPLEXITY_TEXT, add_special_tokens=False)["input_ids"]
@@ -152,6 +189,10 @@ async def main() -> None:
     parser.add_argument("--quick", action="store_true", help="32 new tokens instead of 128")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument(
+        "--http", metavar="URL", help="also measure through a running Serve app (e.g. http://127.0.0.1:8080, fp32 model)"
+    )
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="the served model for --http")
     args = parser.parse_args()
     tokens = 32 if args.quick else 128
     torch.set_num_threads(args.threads)
@@ -175,6 +216,9 @@ async def main() -> None:
             floor_tps = b / floors[b]
             print(describe(theirs, floor_tps, None))
             print(describe(ours, floor_tps, theirs.tokens_per_s))
+            if args.http and fmt == "fp32":
+                served = await http_run(args.http, args.model, b, tokens, f"through HTTP, {b} stream(s)")
+                print(describe(served, floor_tps, theirs.tokens_per_s) + f"  {served.tokens_per_s / ours.tokens_per_s:4.2f}x engine alone")
             if b == 1:
                 idle_ttft = percentile(ours.ttft_s, 50)
             else:

@@ -30,6 +30,7 @@ CHROMIUM_ARGS = [
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
 SMOL = "SmolLM2-135M-Instruct"
 TINY = "tiny-random"
+NARROW = "tiny-narrow"  # the third test model (tests/conftest.py)
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 ANSWER_TIMEOUT_MS = 180_000  # SmolLM2 on a busy 2-core machine
@@ -355,14 +356,14 @@ def test_model_states_come_from_readyz(browser, serve_app):
     page.goto(serve_app.url)
     expect(page.get_by_test_id("model-state")).to_have_attribute("data-state", "loading")
     expect(page.get_by_test_id("model-state")).to_contain_text("loading")
-    expect(page.get_by_test_id("model-select").locator("option")).to_have_text([f"{SMOL} (loading)", f"{TINY} (failed)"])
+    expect(page.get_by_test_id("model-select").locator("option")).to_have_text([f"{SMOL} (loading)", f"{TINY} (failed)", NARROW])
     send(page, "are you there?")
     expect(page.get_by_test_id("error-message")).to_contain_text(f"{SMOL} is still loading")
     expect(page.get_by_test_id("prompt-input")).to_have_value("are you there?")
 
     page.unroute("**/readyz")  # the page polls every few seconds while a model is not ready
     expect(page.get_by_test_id("model-state")).to_have_attribute("data-state", "ready", timeout=15_000)
-    expect(page.get_by_test_id("model-select").locator("option")).to_have_text([SMOL, TINY])
+    expect(page.get_by_test_id("model-select").locator("option")).to_have_text([SMOL, TINY, NARROW])
     context.close()
 
 
