@@ -10,6 +10,7 @@ A stored turn is two final rows: the user's prompt once the model has produced i
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -121,6 +122,7 @@ class ConversationService:
         self.models = models
         self.history = history
         self.metrics = ServiceMetrics()
+        self._pending_writes: set[asyncio.Task] = set()
 
     async def model_states(self) -> dict[str, ModelState]:
         """Each model's state from Serve's view of its deployment."""
@@ -255,17 +257,16 @@ class ConversationService:
         finally:
             if output.finish_reason == "cancelled":
                 status = "stopped"
+            self.metrics.turn_finished(turn.model.name, status, output.prompt_tokens, output.completion_tokens)
             if status != "complete":
                 turn.stream.cancel()
-            self.metrics.turn_finished(turn.model.name, status, output.prompt_tokens, output.completion_tokens)
             if turn.record is not None:
                 answer = dict(
                     model=turn.model.name, parameters=turn.record.parameters, status=status, error=error,
                     prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens,
                     replace_after=turn.record.replace_after,
                 )
-                # Shielded: the answer is stored even when the client's disconnect cancelled us.
-                await asyncio.shield(self._store_answer(turn.record.conversation_id, "".join(pieces), answer))
+                await self._store_answer_surely(turn.record.conversation_id, "".join(pieces), answer)
 
     async def text_pieces(self, turn: Turn) -> AsyncIterator[str]:
         """The turn as plain text pieces (the original API's stream)."""
@@ -273,6 +274,18 @@ class ConversationService:
             async for output in outputs:
                 if output.text:
                     yield output.text
+
+    async def _store_answer_surely(self, conversation_id: int, content: str, answer: dict[str, Any]) -> None:
+        """Stores the answer even when the client's disconnect cancelled this request. The write
+        runs in a task of its own with an empty context: Serve keeps the request in contextvars
+        and cancels every handle call made under a cancelled request, this write included. We
+        keep a reference to the task (asyncio holds tasks only weakly) and wait for it shielded."""
+        write = asyncio.create_task(
+            self._store_answer(conversation_id, content, answer), context=contextvars.Context()
+        )
+        self._pending_writes.add(write)
+        write.add_done_callback(self._pending_writes.discard)
+        await asyncio.shield(write)
 
     async def _store_answer(self, conversation_id: int, content: str, answer: dict[str, Any]) -> None:
         try:

@@ -8,9 +8,15 @@ be stored promptly), so these responses close them explicitly, whatever ended th
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi.sse import EventSourceResponse
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
+
+
+# asyncio keeps only weak references to tasks: hold the closing ones until they are done.
+_closing: set[asyncio.Task] = set()
 
 
 class _ClosesBody:
@@ -20,7 +26,12 @@ class _ClosesBody:
         finally:
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
-                await aclose()
+                # In a task of its own: after a disconnect this one sits in a cancelled anyio
+                # scope, where every await inside the generator's cleanup would be cancelled.
+                closing = asyncio.create_task(aclose())
+                _closing.add(closing)
+                closing.add_done_callback(_closing.discard)
+                await asyncio.shield(closing)
 
 
 class TextStreamResponse(_ClosesBody, StreamingResponse):
