@@ -36,7 +36,7 @@ from deployments.llama_forward import (
     forward,
     rope_table,
 )
-from deployments.model_loader import LoadedModel
+from deployments.model_loader import LoadedModel, eos_token_ids
 from deployments.sampler import RowSampling, sample
 from deployments.sampling import SamplingParams
 
@@ -111,7 +111,7 @@ class BatchedEngine:
             len(self._weights.layers), max_batch_size, self._weights.n_kv_heads, self.max_context,
             self._weights.head_dim, self._weights.dtype,
         )
-        self._eos_ids = _eos_ids(loaded)
+        self._eos_ids = eos_token_ids(loaded)
         self._slots: list[Sequence | None] = [None] * max_batch_size
         self._waiting: deque[Sequence] = deque()
         self._wakeup = threading.Condition()
@@ -276,11 +276,3 @@ class BatchedEngine:
             self._free(seq)  # before the finish is sent, so the caller sees the slot free
         if text or finish is not None:
             seq.send(GenerationOutput(text, len(seq.prompt_ids), completion_tokens, finish))
-
-
-def _eos_ids(loaded: LoadedModel) -> tuple[int, ...]:
-    """The tokenizer's EOS plus the generation config's (which may list several)."""
-    ids = {loaded.tokenizer.eos_token_id}
-    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return tuple(sorted(i for i in ids if i is not None))

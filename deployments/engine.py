@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from deployments.engine_protocol import EngineStats, FinishReason, GenerationOutput
-from deployments.model_loader import LoadedModel
+from deployments.model_loader import LoadedModel, eos_token_ids
 from deployments.sampling import SamplingParams
 
 class RecentRepetitionPenalty(LogitsProcessor):
@@ -53,8 +53,7 @@ class ReferenceEngine:
     def __init__(self, loaded: LoadedModel):
         self._loaded = loaded
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference-engine")
-        eos = loaded.model.generation_config.eos_token_id
-        self._eos_ids = {loaded.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+        self._eos_ids = eos_token_ids(loaded)
         self._active = 0
         self._waiting = 0
         self._total = 0
@@ -125,7 +124,7 @@ class ReferenceEngine:
         generated = sequences[0, prompt_tokens:].tolist()
         finish: FinishReason = "length"
         end_ids = {tokenizer.pad_token_id, *self._eos_ids}
-        while generated and generated[-1] in end_ids and len(generated) <= params.max_tokens:
+        while generated and generated[-1] in end_ids:
             generated.pop()
             finish = "stop"
         if len(generated) < params.max_tokens:

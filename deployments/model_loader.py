@@ -51,6 +51,15 @@ class LoadedModel:
     context_length: int
 
 
+def eos_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
+    """The tokens that end an answer: the tokenizer's EOS plus the generation config's (which
+    may list several)."""
+    ids = {loaded.tokenizer.eos_token_id}
+    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return tuple(sorted(i for i in ids if i is not None))
+
+
 def pick_device(requested: str) -> torch.device:
     """`auto` prefers CUDA, then Apple Metal, then the CPU; an explicit device must exist."""
     if requested == "auto":

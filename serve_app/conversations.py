@@ -134,12 +134,15 @@ class ConversationService:
             for name, handle in self.models.items()
         }
 
+    async def _broadcast(self, method: str, *args) -> dict[str, list]:
+        """Calls `method` on every replica of every model; each replica's answer, per model."""
+        names = list(self.models)
+        responses = [self.models[name].broadcast(method, *args) for name in names]
+        return dict(zip(names, await asyncio.gather(*(response.results_async() for response in responses))))
+
     async def engine_stats(self) -> dict[str, list[EngineStats]]:
         """Every replica's engine stats, per model."""
-        names = list(self.models)
-        responses = [self.models[name].broadcast("stats") for name in names]
-        results = await asyncio.gather(*(response.results_async() for response in responses))
-        return dict(zip(names, results))
+        return await self._broadcast("stats")
 
     async def list_ids(self) -> list[int]:
         return await self.history.list_conversation_ids.remote()
@@ -164,10 +167,8 @@ class ConversationService:
     async def stop(self, raw_id: str) -> bool:
         """Stops the conversation's running generation, on whichever replica runs it."""
         conversation = await self.get(raw_id)
-        request_id = turn_request_id(conversation.id)
-        responses = [handle.broadcast("cancel", request_id) for handle in self.models.values()]
-        results = await asyncio.gather(*(response.results_async() for response in responses))
-        return any(any(per_replica) for per_replica in results)
+        answers = await self._broadcast("cancel", turn_request_id(conversation.id))
+        return any(any(per_replica) for per_replica in answers.values())
 
     def resolve_model(self, name: str | None, revision: str | None = None) -> ModelConfig:
         model = self.registry.resolve(name)
