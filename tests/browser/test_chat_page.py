@@ -515,7 +515,10 @@ def test_a_server_that_wants_an_api_key_gets_it_from_the_page(browser, serve_app
     wait_for_answer(page)
     conversation_id = current_id(page)
     item = page.locator(f'[data-testid="conversation-item"][data-id="{conversation_id}"]')
+    # The sidebar re-renders once the answer's title arrives; open the menu after that.
+    expect(item.get_by_test_id("conversation-title")).to_have_text("with a key")
     item.get_by_test_id("export-conversation").click()
+    expect(item.get_by_test_id("export-json")).to_be_visible()
     with page.expect_download() as download_info:
         item.get_by_test_id("export-json").click()
     assert download_info.value.suggested_filename == f"conversation-{conversation_id}.json"
