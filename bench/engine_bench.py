@@ -32,6 +32,7 @@ from deployments.llama_forward import PromptChunk, build_step, extract_weights, 
 from deployments.model_loader import LoadedModel, load_model  # noqa: E402
 from deployments.model_registry import ModelConfig  # noqa: E402
 from deployments.sampling import SamplingParams  # noqa: E402
+from deployments.torch_threads import run_in_fresh_thread  # noqa: E402
 
 QUESTION = "What is the capital of France?"
 # A fixed, ordinary English text for the perplexity check.
@@ -78,9 +79,10 @@ def floor_s(linears: list[nn.Module], batch: int, repeats: int = 10) -> float:
     return min(times[1:])
 
 
-def linear_modules(weights) -> list[nn.Module]:
-    # Dynamic quantized Linear keeps in_features; plain Linear has it too.
-    return weights.linears
+def measure_floors(loaded: LoadedModel, fmt: str, batches: tuple[int, ...]) -> dict[int, float]:
+    """The floor for each batch size, over the engine's own weight matrices in `fmt`."""
+    linears = extract_weights(loaded.model, fmt).linears
+    return {b: floor_s(linears, b) for b in batches}
 
 
 def transformers_run(model: nn.Module, prompt_ids: list[int], batch: int, tokens: int, label: str) -> Run:
@@ -196,38 +198,44 @@ async def main() -> None:
     args = parser.parse_args()
     tokens = 32 if args.quick else 128
     torch.set_num_threads(args.threads)
-    loaded = load_model(ModelConfig(name="smol"))
+    # Every torch call outside the engine runs on a short-lived thread, and never while an
+    # engine is alive, so each side gets the CPUs' OpenMP pools to itself (see torch_threads).
+    loaded = run_in_fresh_thread(load_model, ModelConfig(name="smol"))
     prompt_ids = chat_prompt(loaded)
     print(f"SmolLM2-135M, {args.threads} threads, prompt {len(prompt_ids)} tokens, {tokens} new tokens per request\n")
 
-    hf_int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(loaded.model), {nn.Linear}, dtype=torch.qint8)
+    hf_int8 = run_in_fresh_thread(
+        lambda: torch.ao.quantization.quantize_dynamic(copy.deepcopy(loaded.model), {nn.Linear}, dtype=torch.qint8)
+    )
     batches = (1, args.streams)
     for fmt, hf_model in (("fp32", loaded.model), ("int8", hf_int8)):
+        floors = run_in_fresh_thread(measure_floors, loaded, fmt, batches)
+        theirs = {
+            b: run_in_fresh_thread(transformers_run, hf_model, prompt_ids, b, tokens, f"transformers generate, batch {b}")
+            for b in batches
+        }
         engine = BatchedEngine(loaded, weights=fmt, max_batch_size=args.streams, max_context=len(prompt_ids) + tokens + 8)
-        floors = {b: floor_s(linear_modules(engine._weights), b) for b in batches}
         print(f"== {fmt}")
         for b in batches:
             print(f"floor at batch {b:<2}: one pass over the weights {floors[b] * 1e3:6.1f} ms = {b / floors[b]:7.1f} tok/s")
         await engine_run(engine, prompt_ids, 1, 4, "warm-up")
         idle_ttft = None
         for b in batches:
-            theirs = transformers_run(hf_model, prompt_ids, b, tokens, f"transformers generate, batch {b}")
             ours = await engine_run(engine, prompt_ids, b, tokens, f"batched engine, {b} stream(s)")
             floor_tps = b / floors[b]
-            print(describe(theirs, floor_tps, None))
-            print(describe(ours, floor_tps, theirs.tokens_per_s))
+            print(describe(theirs[b], floor_tps, None))
+            print(describe(ours, floor_tps, theirs[b].tokens_per_s))
             if args.http and fmt == "fp32":
                 served = await http_run(args.http, args.model, b, tokens, f"through HTTP, {b} stream(s)")
-                print(describe(served, floor_tps, theirs.tokens_per_s) + f"  {served.tokens_per_s / ours.tokens_per_s:4.2f}x engine alone")
+                print(describe(served, floor_tps, theirs[b].tokens_per_s) + f"  {served.tokens_per_s / ours.tokens_per_s:4.2f}x engine alone")
             if b == 1:
                 idle_ttft = percentile(ours.ttft_s, 50)
             else:
                 print(f"  TTFT p95 at {b} streams / idle TTFT: {percentile(ours.ttft_s, 95) / idle_ttft:.1f}x")
         answer = await greedy_answer(engine, prompt_ids)
-        print(f"perplexity ({fmt}): {perplexity(engine._weights, loaded):.3f}")
+        print(f"perplexity ({fmt}): {run_in_fresh_thread(perplexity, engine._weights, loaded):.3f}")
         print(f"greedy answer ({fmt}): {answer!r} -> {'correct' if 'Paris' in answer else 'WRONG'}\n")
         engine.shutdown()
-
 
 if __name__ == "__main__":
     asyncio.run(main())

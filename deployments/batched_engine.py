@@ -101,6 +101,22 @@ class BatchedEngine:
         self.max_batch_size = max_batch_size
         self.max_context = max_context or loaded.context_length
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self._eos_ids = eos_token_ids(loaded)
+        self._slots: list[Sequence | None] = [None] * max_batch_size
+        self._waiting: deque[Sequence] = deque()
+        self._wakeup = threading.Condition()
+        self._is_shut_down = False
+        self._total = 0
+        # All torch work, setup included, happens on the engine's thread (see torch_threads).
+        self._ready = threading.Event()
+        self._setup_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(loaded, weights), name="batched-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._setup_error is not None:
+            raise self._setup_error
+
+    def _setup(self, loaded: LoadedModel, weights: WeightFormat) -> None:
         calibration_ids = None
         if weights == "int8":
             calibration_ids = self._tokenizer(CALIBRATION_TEXT, add_special_tokens=False)["input_ids"]
@@ -108,21 +124,13 @@ class BatchedEngine:
         self._n_groups = self._weights.n_heads // self._weights.n_kv_heads
         self._rope = rope_table(self._weights, self.max_context)
         self._cache = KVCache(
-            len(self._weights.layers), max_batch_size, self._weights.n_kv_heads, self.max_context,
+            len(self._weights.layers), self.max_batch_size, self._weights.n_kv_heads, self.max_context,
             self._weights.head_dim, self._weights.dtype,
         )
-        self._eos_ids = eos_token_ids(loaded)
-        self._slots: list[Sequence | None] = [None] * max_batch_size
-        self._waiting: deque[Sequence] = deque()
-        self._wakeup = threading.Condition()
-        self._is_shut_down = False
-        self._total = 0
         logger.info(
             "Batched engine: %s weights, batch %d, context %d, KV cache %.0f MiB (grows with the longest request)",
-            weights, max_batch_size, self.max_context, self._cache.size_bytes / 2**20,
+            weights, self.max_batch_size, self.max_context, self._cache.size_bytes / 2**20,
         )
-        self._thread = threading.Thread(target=self._run, name="batched-engine", daemon=True)
-        self._thread.start()
 
     # --- the asyncio side -------------------------------------------------------------------
 
@@ -176,7 +184,14 @@ class BatchedEngine:
 
     # --- the engine thread ------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, loaded: LoadedModel, weights: WeightFormat) -> None:
+        try:
+            self._setup(loaded, weights)
+        except BaseException as exc:  # noqa: BLE001 - raised by __init__ in the caller's thread
+            self._setup_error = exc
+            return
+        finally:
+            self._ready.set()
         with torch.inference_mode():
             while True:
                 with self._wakeup:

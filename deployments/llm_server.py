@@ -19,6 +19,7 @@ from deployments.engine_protocol import Engine, EngineStats, GenerationOutput, G
 from deployments.model_loader import LoadedModel, load_model
 from deployments.model_registry import ModelConfig
 from deployments.sampling import SamplingParams
+from deployments.torch_threads import run_in_fresh_thread
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ logger = logging.getLogger(__name__)
 class LLMServer:
     def __init__(self, config: ModelConfig, cache_dir: Path | None = None, loaded: LoadedModel | None = None):
         self.config = config
-        self.loaded = loaded or load_model(config, cache_dir)
+        # In a thread that exits, so the engine's thread is left the only one with an OpenMP pool.
+        self.loaded = loaded or run_in_fresh_thread(load_model, config, cache_dir)
         torch.set_num_threads(config.torch_threads or max(1, round(config.num_cpus)))
         self.engine: Engine
         if config.engine == "batched":
