@@ -28,7 +28,6 @@ from deployments.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from deployments.engine_protocol import EngineStats, FinishReason, GenerationOutput, PromptTooLongError
 from deployments.kv_cache import KVCache
 from deployments.llama_forward import (
-    CALIBRATION_TEXT,
     PromptChunk,
     WeightFormat,
     build_step,
@@ -117,10 +116,7 @@ class BatchedEngine:
             raise self._setup_error
 
     def _setup(self, loaded: LoadedModel, weights: WeightFormat) -> None:
-        calibration_ids = None
-        if weights == "int8":
-            calibration_ids = self._tokenizer(CALIBRATION_TEXT, add_special_tokens=False)["input_ids"]
-        self._weights = extract_weights(loaded.model, weights, calibration_ids)
+        self._weights = extract_weights(loaded.model, weights)
         self._n_groups = self._weights.n_heads // self._weights.n_kv_heads
         self._rope = rope_table(self._weights, self.max_context)
         self._cache = KVCache(

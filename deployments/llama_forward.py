@@ -6,14 +6,13 @@ per step (on CPU a step costs about one pass over the weights, whatever N is, un
 Only attention is per request: decode rows attend to their cache rows in one batched call,
 each prompt chunk attends causally to its own row.
 
-Owns: turning a transformers `LlamaForCausalLM` into `LlamaWeights` (fp32, bf16 or dynamic
-int8 with activation smoothing), RoPE, RMSNorm, attention over the cache, logits. Does not own
-scheduling or sampling (see `batched_engine`, `sampler`).
+Owns: turning a transformers `LlamaForCausalLM` into `LlamaWeights` (fp32, bf16, or int8 with
+per-token int8 activations, see `Int8Linear`), RoPE, RMSNorm, attention over the cache, logits.
+Does not own scheduling or sampling (see `batched_engine`, `sampler`).
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -93,18 +92,15 @@ def _attention_layout(q_proj: nn.Linear, k_proj: nn.Linear, head_dim: int) -> tu
     return reordered(q_proj, head_dim**-0.5), reordered(k_proj, 1.0)
 
 
-def extract_weights(
-    model: PreTrainedModel, weight_format: WeightFormat = "fp32", calibration_ids: list[int] | None = None
-) -> LlamaWeights:
+def extract_weights(model: PreTrainedModel, weight_format: WeightFormat = "fp32") -> LlamaWeights:
     """Copies a `LlamaForCausalLM`'s weights into `LlamaWeights` in `weight_format`; the model
-    itself is left untouched (the reference engine and benchmarks still use it). For int8,
-    `calibration_ids` (a few hundred tokens of ordinary text) enable `smooth_activations`."""
+    itself is left untouched (the reference engine and benchmarks still use it)."""
     config = model.config
     dtype = torch.bfloat16 if weight_format == "bf16" else torch.float32
     inner = model.model
 
     def tensor(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(dtype, copy=True)  # a copy: smoothing rescales norms in place
+        return t.detach().to(dtype, copy=True)
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     layers = []
@@ -135,97 +131,54 @@ def extract_weights(
         dtype=dtype,
     )
     if weight_format == "int8":
-        if calibration_ids:
-            smooth_activations(weights, activation_maxima(model, calibration_ids))
         _quantize_int8(weights)
     return weights
 
 
-# Ordinary chat-like text for `activation_maxima`: prose, a question and answer, code, numbers.
-# Deliberately not the text bench/engine_bench.py measures perplexity on.
-CALIBRATION_TEXT = (
-    "<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n<|im_start|>user\nHow do plants make "
-    "their food?<|im_end|>\n<|im_start|>assistant\nPlants make their food through photosynthesis: their "
-    "leaves use sunlight to turn water and carbon dioxide into sugar and oxygen.<|im_end|>\n"
-    "<|im_start|>user\nWrite a Python function that adds two numbers.<|im_end|>\n<|im_start|>assistant\n"
-    "def add(a, b):\n    return a + b\n\nFor example, add(2, 3) returns 5.<|im_end|>\n"
-    "The quick brown fox jumps over the lazy dog. In 1969, Apollo 11 landed on the Moon; Neil Armstrong "
-    "and Buzz Aldrin walked on its surface for about two and a half hours."
-)
+class Int8Linear(nn.Module):
+    """W8A8: int8 weights with one scale per output channel, and each activation row (token)
+    quantized to int8 with its own scale at run time; the matmul is integer (`torch._int_mm`,
+    VNNI on CPU), exact, so a row's result never depends on the other rows in the step.
 
+    Per token, not per tensor as torch's dynamic quantization does: one prompt's outlier token
+    (the first token's activations are ~100x the rest) would otherwise set the scale for every
+    row. Perplexity (fp32 / per-tensor torch dynamic int8 / this) measured on SmolLM2 with
+    bench/engine_bench.py's text: 6.078 / 13.3 / 6.235 (+2.6%); on a short story 14.00 / - /
+    14.33, on Python code 3.86 / - / 4.03. SmoothQuant (migrating activation outliers into the
+    weights with calibrated per-channel scales) was needed for per-tensor int8 (13.3 -> 6.9) but
+    is not worth its calibration here: the perplexities moved by a few percent either way with
+    its strength, and at one setting the greedy capital-of-France answer went wrong.
+    One pass over SmolLM2's weights here: batch 1 8.4 ms (torch dynamic 7.3, fp32 41), batch 16
+    21 ms (13, 65).
+    """
 
-def activation_maxima(model: PreTrainedModel, calibration_ids: list[int]) -> list[dict[str, torch.Tensor]]:
-    """Per layer, the largest |input| per channel of the attention and MLP projections and of
-    down_proj, from one fp32 forward pass of transformers' own model over `calibration_ids`."""
-    maxima: list[dict[str, torch.Tensor]] = [{} for _ in model.model.layers]
-    hooks = []
-    for layer, found in zip(model.model.layers, maxima):
-        for name, module in (("attention", layer.self_attn.q_proj), ("mlp", layer.mlp.gate_proj), ("down", layer.mlp.down_proj)):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
+        self.register_buffer("weight", torch.round(weight / scale[:, None]).to(torch.int8))  # [out, in]
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.out_features, self.in_features = weight.shape
 
-            def record(_module, inputs, name=name, found=found):
-                found[name] = inputs[0].detach().float().abs().reshape(-1, inputs[0].shape[-1]).amax(dim=0)
-
-            hooks.append(module.register_forward_pre_hook(record))
-    try:
-        with torch.inference_mode():
-            model(torch.tensor([calibration_ids], device=model.device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return maxima
-
-
-def smooth_activations(weights: LlamaWeights, maxima: list[dict[str, torch.Tensor]], alpha: float = 0.65) -> None:
-    """SmoothQuant before int8: dynamic int8 quantizes each activation with one scale, so a few
-    outlier channels crush the rest. Dividing channel j of an input by s_j and multiplying the
-    weight's column j by s_j is exact in fp32, and moves the outliers into the (per-channel
-    quantized) weights. The division is folded into whatever produces the input: the RMSNorm
-    weight for q/k/v and gate/up, the up_proj rows for down_proj. Measured on SmolLM2, perplexity
-    of bench/engine_bench.py's text (fp32: 6.08): int8 without smoothing 13.3; alpha 0.35: 11.4,
-    0.5: 8.5, 0.65: 6.9, 0.8: 7.9 (alpha was picked on that text, so it flatters a little)."""
-
-    def scales(activation_max: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-        weight_max = linear.weight.detach().abs().amax(dim=0).clamp(min=1e-5)
-        return activation_max.clamp(min=1e-5) ** alpha / weight_max ** (1 - alpha)
-
-    with torch.no_grad():
-        for layer, found in zip(weights.layers, maxima):
-            s = scales(found["attention"], layer.qkv_proj)
-            layer.input_norm.div_(s)
-            layer.qkv_proj.weight.mul_(s)
-            s = scales(found["mlp"], layer.gate_up_proj)
-            layer.post_attention_norm.div_(s)
-            layer.gate_up_proj.weight.mul_(s)
-            s = scales(found["down"], layer.down_proj)
-            up_rows = layer.gate_up_proj.weight[layer.gate_up_proj.weight.shape[0] // 2 :]
-            up_rows.div_(s[:, None])  # silu(gate) * up is linear in up, so scaling up scales the input
-            layer.down_proj.weight.mul_(s)
-            if layer.gate_up_proj.bias is not None:
-                layer.gate_up_proj.bias[layer.gate_up_proj.bias.shape[0] // 2 :].div_(s)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] fp32 -> [..., out_features] fp32."""
+        rows = x.reshape(-1, self.in_features)
+        scale = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-8).div_(127)
+        # The weight's transposed view, not a transposed copy: measured 6.8 vs 9.3 ms a pass.
+        out = torch._int_mm(torch.round(rows / scale).to(torch.int8), self.weight.t()) * (scale * self.weight_scale)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 def _quantize_int8(weights: LlamaWeights) -> None:
-    """Dynamic int8 (int8 weights, activations quantized per step): a quarter of the bytes to
-    read per step, which is what a CPU decode step is bound by. Embedding and norms stay fp32."""
-    holder = nn.ModuleList(
-        nn.ModuleDict({"qkv": l.qkv_proj, "o": l.o_proj, "gate_up": l.gate_up_proj, "down": l.down_proj})
-        for l in weights.layers
-    )
-    holder.append(nn.ModuleDict({"lm_head": weights.lm_head}))
-    with warnings.catch_warnings():
-        # torch marks torch.ao.quantization deprecated (in favour of torchao, not installed) and
-        # warns once per layer; the API works in the pinned torch.
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        # Per output channel: q, k and v (and gate, up) share one fused matrix but not one
-        # scale. Perplexity on bench/engine_bench.py's text without smoothing: fp32 6.08,
-        # per-channel 12.6-13.3, per-tensor (quantize_dynamic's default) 19.6.
-        quantized = quantize_dynamic(holder, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
-    for layer, q in zip(weights.layers, quantized):
-        layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj = q["qkv"], q["o"], q["gate_up"], q["down"]
-    weights.lm_head = quantized[-1]["lm_head"]
+    """Every Linear, lm_head included, becomes an `Int8Linear`: a quarter of the bytes to read
+    per step, which is what a CPU decode step is bound by. Embedding and norms stay fp32."""
+    for layer in weights.layers:
+        for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            setattr(layer, name, Int8Linear(getattr(layer, name)))
+    weights.lm_head = Int8Linear(weights.lm_head)
 
 
 def rope_table(weights: LlamaWeights, max_context: int) -> torch.Tensor:

@@ -67,11 +67,11 @@ class ModelConfig(_Strict):
     # "batched": continuous batching over a static KV cache (`batched_engine`); "reference":
     # transformers' generate, one request at a time (`engine.ReferenceEngine`).
     engine: Literal["batched", "reference"] = "batched"
-    # The batched engine's weight format, converted from the loaded `dtype`. int8 is dynamic
-    # quantization of the Linear layers: ~2.3x faster single-stream decode on a 2-core CPU, at
-    # some quality cost (perplexity 6.9 vs 6.1; bench/engine_bench.py prints both). bf16 halves
-    # memory but torch's CPU bf16 matmul was slower than fp32 at batch 1 here.
-    weights: Literal["fp32", "bf16", "int8"] = "fp32"
+    # The batched engine's weight format, converted from the loaded `dtype`. int8 (the default):
+    # int8 weights and per-token int8 activations (`llama_forward.Int8Linear`), ~3x faster
+    # decode than fp32 on a 2-core CPU at a perplexity of 6.24 vs 6.08; bf16 halves the bytes
+    # of fp32 at 6.06; fp32 matches transformers token for token. `make bench` measures all.
+    weights: Literal["fp32", "bf16", "int8"] = "int8"
     # Requests the batched engine advances together; more wait in its queue.
     max_batch_size: int = Field(default=16, gt=0)
     # torch intra-op threads; None means the CPUs given to the replica (`num_cpus`).

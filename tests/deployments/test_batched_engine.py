@@ -8,15 +8,7 @@ import torch
 from deployments.batched_engine import BatchedEngine
 from deployments.engine import ReferenceEngine
 from deployments.kv_cache import KVCache
-from deployments.llama_forward import (
-    PromptChunk,
-    activation_maxima,
-    build_step,
-    extract_weights,
-    forward,
-    rope_table,
-    smooth_activations,
-)
+from deployments.llama_forward import Int8Linear, PromptChunk, build_step, extract_weights, forward, rope_table
 from deployments.engine_protocol import PromptTooLongError
 from deployments.model_loader import LoadedModel, build_tiny_random_model, load_model
 from deployments.model_registry import ModelConfig
@@ -64,18 +56,19 @@ def test_forward_matches_transformers_with_chunked_prefill_and_batched_decode(ti
     torch.testing.assert_close(second, torch.stack([expected_a[20], expected_b[13]]), atol=1e-5, rtol=1e-5)
 
 
-def test_activation_smoothing_leaves_fp32_logits_unchanged(tiny):
-    ids = torch.randint(0, 259, (12,)).tolist()
-    logits = []
-    for is_smoothed in (False, True):
-        w = extract_weights(tiny.model, "fp32")
-        if is_smoothed:
-            smooth_activations(w, activation_maxima(tiny.model, ids[::-1]))
-        cache = KVCache(len(w.layers), 1, w.n_kv_heads, 16, w.head_dim, w.dtype)
-        with torch.inference_mode():
-            step = build_step([], [(PromptChunk(0, 0, 12, True), ids)], w.n_heads // w.n_kv_heads)
-            logits.append(forward(w, cache, rope_table(w, 16), step))
-    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
+def test_int8_linear_quantizes_each_row_on_its_own():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    quantized = Int8Linear(linear)
+    rows = torch.randn(5, 64)
+    rows[2] *= 100  # an outlier token must not cost the other rows their precision
+    with torch.inference_mode():
+        together = quantized(rows)
+        alone = torch.cat([quantized(rows[i : i + 1]) for i in range(5)])
+        expected = linear(rows)
+    assert torch.equal(together, alone)
+    relative_error = (together - expected).norm(dim=1) / expected.norm(dim=1)
+    assert relative_error.max() < 0.02
 
 
 @pytest.mark.parametrize("weight_format", ["bf16", "int8"])
@@ -125,7 +118,16 @@ async def test_a_request_outgrowing_the_initial_cache_matches_the_reference_engi
     assert ours == theirs
 
 
-async def test_greedy_output_is_the_same_alone_and_in_a_mixed_batch(tiny, engine):
+@pytest.mark.parametrize("weight_format", ["fp32", "int8"])
+async def test_greedy_output_is_the_same_alone_and_in_a_mixed_batch(tiny, weight_format):
+    engine = BatchedEngine(tiny, weights=weight_format, max_batch_size=8, max_context=256, prefill_chunk_tokens=16)
+    try:
+        await greedy_alone_and_in_a_mixed_batch(tiny, engine)
+    finally:
+        engine.shutdown()
+
+
+async def greedy_alone_and_in_a_mixed_batch(tiny, engine):
     texts = ["hi", "a much longer prompt that spans several prefill chunks of sixteen tokens", "x" * 40, "hello"]
     alone = [(await run(engine, prompt(tiny, t), GREEDY))[0] for t in texts]
     requests = []
@@ -259,4 +261,18 @@ async def test_smollm2_greedy_answer_matches_transformers_token_for_token():
     assert expected[-1] == loaded.tokenizer.eos_token_id
     assert outputs[-1].completion_tokens == len(expected) - 1  # EOS is not counted
     assert answer == tokenizer.decode(expected, skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+@pytest.mark.slow
+async def test_smollm2_int8_still_answers_the_capital_of_france():
+    loaded = load_model(ModelConfig(name="smol"))
+    text = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
+    )
+    engine = BatchedEngine(loaded, weights="int8", max_context=512)
+    try:
+        answer, _ = await run(engine, prompt(loaded, text), SamplingParams(max_tokens=40, temperature=0, repeat_penalty=1.0))
+    finally:
+        engine.shutdown()
     assert "Paris" in answer
