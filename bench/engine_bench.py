@@ -242,30 +242,40 @@ async def main() -> None:
             ]
             for b in batches
         }
-        engine = BatchedEngine(loaded, weights=fmt, max_batch_size=args.streams, max_context=len(prompt_ids) + tokens + 8)
         print(f"== {fmt}")
         for b in batches:
             print(f"floor at batch {b:<2}: one pass over the weights {floors[b] * 1e3:6.1f} ms = {b / floors[b]:7.1f} tok/s")
-        await engine_run(engine, prompt_ids, 1, 4, "warm-up")
-        idle_ttft = None
         for b in batches:
-            ours = await engine_run(engine, prompt_ids, b, tokens, f"batched engine, {b} stream(s)")
-            floor_tps = b / floors[b]
             for theirs in their_runs[b]:
-                print(describe(theirs, floor_tps, None))
-            best = max(theirs.tokens_per_s for theirs in their_runs[b])
-            print(describe(ours, floor_tps, best))
-            if args.http and fmt == args.http_weights:
-                served = await http_run(args.http, args.model, b, tokens, f"through HTTP, {b} stream(s)")
-                print(describe(served, floor_tps, best) + f"  {served.tokens_per_s / ours.tokens_per_s:4.2f}x engine alone")
-            if b == 1:
-                idle_ttft = percentile(ours.ttft_s, 50)
-            else:
-                print(f"  TTFT p95 at {b} streams / idle TTFT: {percentile(ours.ttft_s, 95) / idle_ttft:.1f}x")
-        answer = await greedy_answer(engine, prompt_ids)
-        print(f"perplexity ({fmt}): {run_in_fresh_thread(perplexity, engine._weights, loaded):.3f}")
-        print(f"greedy answer ({fmt}): {answer!r} -> {'correct' if 'Paris' in answer else 'WRONG'}\n")
-        engine.shutdown()
+                print(describe(theirs, b / floors[b], None))
+        # Every request of the benchmark has the same prompt, so with prefix caching (the
+        # default) only the first one computes it; the second pass shows the engine without.
+        for prefix_caching in (True, False):
+            engine = BatchedEngine(
+                loaded, weights=fmt, max_batch_size=args.streams, max_context=len(prompt_ids) + tokens + 8,
+                prefix_caching=prefix_caching,
+            )
+            name = "batched engine" + ("" if prefix_caching else " (no prefix cache)")
+            await engine_run(engine, prompt_ids, 1, 4, "warm-up")
+            idle_ttft = None
+            for b in batches:
+                ours = await engine_run(engine, prompt_ids, b, tokens, f"{name}, {b} stream(s)")
+                floor_tps, best = b / floors[b], max(theirs.tokens_per_s for theirs in their_runs[b])
+                print(describe(ours, floor_tps, best))
+                if args.http and fmt == args.http_weights and prefix_caching:
+                    served = await http_run(args.http, args.model, b, tokens, f"through HTTP, {b} stream(s)")
+                    print(describe(served, floor_tps, best) + f"  {served.tokens_per_s / ours.tokens_per_s:4.2f}x engine alone")
+                if b == 1:
+                    idle_ttft = percentile(ours.ttft_s, 50)
+                else:
+                    print(f"  TTFT p95 at {b} streams / idle TTFT: {percentile(ours.ttft_s, 95) / idle_ttft:.1f}x")
+            if prefix_caching:
+                answer = await greedy_answer(engine, prompt_ids)
+                print(f"perplexity ({fmt}): {run_in_fresh_thread(perplexity, engine._weights, loaded):.3f}")
+                print(f"greedy answer ({fmt}): {answer!r} -> {'correct' if 'Paris' in answer else 'WRONG'}")
+            engine.shutdown()
+        print()
+
 
 if __name__ == "__main__":
     asyncio.run(main())

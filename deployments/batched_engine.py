@@ -8,6 +8,9 @@ running streams a few slower steps, not one long stall), samples, and hands each
 text through `loop.call_soon_threadsafe` into the request's asyncio queue. The caller's event loop
 never runs torch.
 
+A newcomer's prompt starts from the longest prefix another cache row already holds (prefix
+caching, `_reuse_prefix`): the chat template's system prompt, or a conversation's earlier turns.
+
 Owns: admission, slots, stopping (EOS, stop strings, max_tokens, context), streaming. The
 forward pass is `llama_forward`, sampling `sampler`, text `detokenizer`.
 """
@@ -79,6 +82,11 @@ class Sequence:
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.generated)
 
+    def cached_ids(self) -> list[int]:
+        """The tokens whose K/V are in the cache row, at positions 0, 1, ...: the prefilled
+        prompt and every generated token but the newest (it is written by the next step)."""
+        return (self.prompt_ids + self.generated)[: self.n_prefilled + max(0, len(self.generated) - 1)]
+
     def send(self, item: GenerationOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
 
@@ -92,6 +100,7 @@ class BatchedEngine:
         max_batch_size: int = 16,
         max_context: int | None = None,
         prefill_chunk_tokens: int = 256,
+        prefix_caching: bool = True,
     ):
         if loaded.device.type != "cpu":
             # Its step tensors (indices, masks, cache) are built on the CPU; nothing moves them.
@@ -100,12 +109,18 @@ class BatchedEngine:
         self.max_batch_size = max_batch_size
         self.max_context = max_context or loaded.context_length
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefix_caching = prefix_caching
         self._eos_ids = eos_token_ids(loaded)
         self._slots: list[Sequence | None] = [None] * max_batch_size
+        # What a free slot's cache row still holds from its last request (see `_reuse_prefix`).
+        self._left_in_slot: list[list[int]] = [[] for _ in range(max_batch_size)]
+        self._freed_at = [0] * max_batch_size  # in frees so far, for least-recently-used order
+        self._frees = 0
         self._waiting: deque[Sequence] = deque()
         self._wakeup = threading.Condition()
         self._is_shut_down = False
         self._total = 0
+        self.reused_prompt_tokens = 0  # prompt tokens prefix caching did not have to compute
         # All torch work, setup included, happens on the engine's thread (see torch_threads).
         self._ready = threading.Event()
         self._setup_error: BaseException | None = None
@@ -202,7 +217,7 @@ class BatchedEngine:
                     logger.exception("engine step failed")
                     for seq in self._running():
                         seq.send(exc)
-                        self._free(seq)
+                        self._free(seq, keep_cache=False)  # the failed step may have written part of it
         error = EngineShutDownError("the engine shut down")
         for seq in [*self._running(), *self._waiting]:
             seq.send(error)
@@ -214,17 +229,58 @@ class BatchedEngine:
         return bool(self._waiting) or any(s is not None for s in self._slots)
 
     def _admit(self) -> None:
-        """Waiting requests take the lowest free slots, so the decode batch stays dense."""
         while self._waiting and None in self._slots:
             seq = self._waiting.popleft()
             if seq.is_cancelled:
                 continue
-            seq.slot = self._slots.index(None)
+            seq.slot = self._pick_slot(seq)
             self._slots[seq.slot] = seq
+            if self.prefix_caching:
+                seq.n_prefilled = _shared_prefix(seq, self._left_in_slot[seq.slot])
+                self.reused_prompt_tokens += seq.n_prefilled
+            self._left_in_slot[seq.slot] = []
 
-    def _free(self, seq: Sequence) -> None:
+    def _pick_slot(self, seq: Sequence) -> int:
+        """Without prefix caching, the lowest free slot, so the decode batch stays dense. With
+        it, a free row whose leftover the prompt continues (the next turn of that chat), else
+        the free row whose leftover is least likely to be asked for again: empty, else the one
+        freed longest ago. Rows in use are reachable by copying (`_reuse_prefix`)."""
+        free = [slot for slot, seq in enumerate(self._slots) if seq is None]
+        if not self.prefix_caching:
+            return free[0]
+        for slot in free:
+            left = self._left_in_slot[slot]
+            if left and _shared_prefix(seq, left) == min(len(left), len(seq.prompt_ids) - 1):
+                return slot
+        return min(free, key=lambda slot: (bool(self._left_in_slot[slot]), self._freed_at[slot], slot))
+
+    def _free(self, seq: Sequence, keep_cache: bool = True) -> None:
         if seq.slot >= 0 and self._slots[seq.slot] is seq:
             self._slots[seq.slot] = None
+            self._left_in_slot[seq.slot] = seq.cached_ids() if keep_cache else []
+            self._frees += 1
+            self._freed_at[seq.slot] = self._frees
+
+    def _cache_contents(self) -> list[list[int]]:
+        """Per cache row, the tokens whose K/V it holds now (before this step's forward)."""
+        return [seq.cached_ids() if seq is not None else left for seq, left in zip(self._slots, self._left_in_slot)]
+
+    def _reuse_prefix(self, seq: Sequence, contents: list[list[int]], prefilling: list[Sequence]) -> bool:
+        """Prefix caching: copies the longest start of `seq`'s prompt that another cache row
+        holds (`contents`: running or left by a finished request: the same system prompt, or
+        the earlier turns of the same conversation) instead of computing it again. Returns
+        False if `seq` should rather wait a step because a request prefilling in this step
+        computes more of its prefix (16 identical new chats prefill once, not 16 times)."""
+        best_slot, best = -1, seq.n_prefilled
+        for slot, cached in enumerate(contents):
+            shared = _shared_prefix(seq, cached) if slot != seq.slot else 0
+            if shared > best:
+                best_slot, best = slot, shared
+        if best_slot >= 0:
+            self._cache.copy_positions(best_slot, seq.slot, seq.n_prefilled, best)
+            self.reused_prompt_tokens += best - seq.n_prefilled
+            seq.n_prefilled = best
+        return not any(_shared_prefix(seq, other.prompt_ids[: other.n_prefilled]) > seq.n_prefilled for other in prefilling)
 
     def _step(self) -> None:
         for seq in self._running():
@@ -232,9 +288,12 @@ class BatchedEngine:
                 self._free(seq)
         decoding = [s for s in self._running() if s.is_prefilled]
         # Prompt chunks go to newcomers in arrival-slot order, up to the step's token budget.
-        chunks, completing, budget = [], [], self.prefill_chunk_tokens
+        chunks, completing, prefilling, budget = [], [], [], self.prefill_chunk_tokens
+        contents = self._cache_contents() if self.prefix_caching and len(decoding) < len(self._running()) else []
         for seq in self._running():
             if seq.is_prefilled or budget <= 0:
+                continue
+            if self.prefix_caching and not self._reuse_prefix(seq, contents, prefilling):
                 continue
             length = min(budget, len(seq.prompt_ids) - seq.n_prefilled)
             is_last = seq.n_prefilled + length == len(seq.prompt_ids)
@@ -242,6 +301,7 @@ class BatchedEngine:
             chunks.append((chunk, seq.prompt_ids[seq.n_prefilled : seq.n_prefilled + length]))
             seq.n_prefilled += length
             budget -= length
+            prefilling.append(seq)
             if is_last:
                 completing.append(seq)
         if not decoding and not chunks:
@@ -287,3 +347,13 @@ class BatchedEngine:
             self._free(seq)  # before the finish is sent, so the caller sees the slot free
         if text or finish is not None:
             seq.send(GenerationOutput(text, len(seq.prompt_ids), completion_tokens, finish))
+
+
+def _shared_prefix(seq: Sequence, cached_ids: list[int]) -> int:
+    """How many of `seq`'s prompt tokens, from the start, `cached_ids` holds; never the whole
+    prompt, since its last token must run to give the first new token's logits."""
+    limit = min(len(seq.prompt_ids) - 1, len(cached_ids))
+    n = 0
+    while n < limit and seq.prompt_ids[n] == cached_ids[n]:
+        n += 1
+    return n

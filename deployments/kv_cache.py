@@ -69,3 +69,10 @@ class KVCache:
         head_dim = k.shape[-1]
         self.k[layer].view(-1, head_dim).index_copy_(0, index, k.reshape(-1, head_dim))
         self.v[layer].view(-1, head_dim).index_copy_(0, index, v.reshape(-1, head_dim))
+
+    def copy_positions(self, source: int, target: int, start: int, end: int) -> None:
+        """Copies slot `source`'s keys/values at positions [start, end) into slot `target`
+        (prefix caching: the same tokens at the same positions have the same K/V)."""
+        for k, v in zip(self.k, self.v):
+            k[target, :, start:end] = k[source, :, start:end]
+            v[target, :, start:end] = v[source, :, start:end]

@@ -276,3 +276,27 @@ async def test_smollm2_int8_still_answers_the_capital_of_france():
     finally:
         engine.shutdown()
     assert "Paris" in answer
+
+
+async def test_prefix_caching_reuses_shared_prompts_without_changing_the_output(tiny):
+    system = prompt(tiny, "You are a helpful assistant who answers briefly. ")
+    prompts = [system + prompt(tiny, q) for q in ("Why is the sky blue?", "Name a prime.", "Why is the sky blue?")]
+    outputs = {}
+    for caching in (False, True):
+        engine = BatchedEngine(tiny, max_batch_size=8, max_context=256, prefill_chunk_tokens=16, prefix_caching=caching)
+        try:
+            sequential = [(await run(engine, p, GREEDY))[0] for p in prompts]
+            reused_sequentially = engine.reused_prompt_tokens
+            # Eight identical prompts at once: one computes it, the others wait a step and copy.
+            together = await asyncio.gather(*(run(engine, prompts[1], GREEDY) for _ in range(8)))
+            outputs[caching] = (sequential, [text for text, _ in together])
+        finally:
+            engine.shutdown()
+        if caching:
+            # The second prompt shares the system prompt; the third is the first one again.
+            assert reused_sequentially == len(system) + len(prompts[2]) - 1
+            assert engine.reused_prompt_tokens - reused_sequentially == 8 * (len(prompts[1]) - 1)
+        else:
+            assert engine.reused_prompt_tokens == 0
+    assert outputs[True] == outputs[False]
+    assert len(set(outputs[True][1])) == 1
