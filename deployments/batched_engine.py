@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import math
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -65,6 +67,8 @@ class Sequence:
     n_prefilled: int = 0  # prompt tokens already in the cache
     generated: list[int] = field(default_factory=list)
     is_cancelled: bool = False
+    unsent_text: str = ""  # held back to coalesce chunks, see `BatchedEngine._advance`
+    last_sent: float = -math.inf  # time.monotonic() of the last output sent
 
     @property
     def is_prefilled(self) -> bool:
@@ -101,6 +105,7 @@ class BatchedEngine:
         max_context: int | None = None,
         prefill_chunk_tokens: int = 256,
         prefix_caching: bool = True,
+        max_chunks_per_s: float = 150.0,
     ):
         if loaded.device.type != "cpu":
             # Its step tensors (indices, masks, cache) are built on the CPU; nothing moves them.
@@ -110,6 +115,7 @@ class BatchedEngine:
         self.max_context = max_context or loaded.context_length
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.prefix_caching = prefix_caching
+        self.max_chunks_per_s = max_chunks_per_s
         self._eos_ids = eos_token_ids(loaded)
         self._slots: list[Sequence | None] = [None] * max_batch_size
         # What a free slot's cache row still holds from its last request (see `_reuse_prefix`).
@@ -320,11 +326,17 @@ class BatchedEngine:
             )
             for s in sampled
         ]
+        # Every streamed chunk costs CPU in the replica, the ingress and the proxy (~1 ms in all
+        # here), taken from the engine on a small machine. So the replica sends at most about
+        # `max_chunks_per_s` in all: each of many streams gets its text every few steps, while
+        # a few streams get every token as it comes.
+        interval = len(sampled) / self.max_chunks_per_s
         for seq, token in zip(sampled, sample(logits, rows)):
-            self._advance(seq, token)
+            self._advance(seq, token, interval)
 
-    def _advance(self, seq: Sequence, token: int) -> None:
-        """Appends one token; sends the request its new text and, if it is done, the finish."""
+    def _advance(self, seq: Sequence, token: int, interval: float) -> None:
+        """Appends one token; sends the request its new text if `interval` seconds passed since
+        the last send (or this is its first), and the finish if it is done."""
         seq.generated.append(token)
         text = seq.stop_matcher.feed(seq.detokenizer.add(token))
         finish: FinishReason | None = None
@@ -345,8 +357,11 @@ class BatchedEngine:
                 text += seq.stop_matcher.flush()
         if finish is not None:
             self._free(seq)  # before the finish is sent, so the caller sees the slot free
-        if text or finish is not None:
-            seq.send(GenerationOutput(text, len(seq.prompt_ids), completion_tokens, finish))
+        seq.unsent_text += text
+        now = time.monotonic()
+        if finish is not None or (seq.unsent_text and now - seq.last_sent >= interval):
+            seq.send(GenerationOutput(seq.unsent_text, len(seq.prompt_ids), completion_tokens, finish))
+            seq.unsent_text, seq.last_sent = "", now
 
 
 def _shared_prefix(seq: Sequence, cached_ids: list[int]) -> int:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 import torch
@@ -27,7 +28,8 @@ def tiny() -> LoadedModel:
 
 @pytest.fixture
 def engine(tiny):
-    engine = BatchedEngine(tiny, max_batch_size=8, max_context=256, prefill_chunk_tokens=16)
+    # Every token its own output (no coalescing), so tests can act between tokens.
+    engine = BatchedEngine(tiny, max_batch_size=8, max_context=256, prefill_chunk_tokens=16, max_chunks_per_s=math.inf)
     yield engine
     engine.shutdown()
 
@@ -300,3 +302,17 @@ async def test_prefix_caching_reuses_shared_prompts_without_changing_the_output(
             assert engine.reused_prompt_tokens == 0
     assert outputs[True] == outputs[False]
     assert len(set(outputs[True][1])) == 1
+
+
+async def test_many_streams_get_coalesced_chunks_with_the_same_text(tiny, engine):
+    ids = [prompt(tiny, f"stream {i}") for i in range(4)]
+    expected = [(await run(engine, p, GREEDY))[0] for p in ids]
+    slow = BatchedEngine(tiny, max_batch_size=8, max_context=256, max_chunks_per_s=20)  # 4 streams: one chunk per 0.2 s
+    try:
+        results = await asyncio.gather(*(run(slow, p, GREEDY) for p in ids))
+    finally:
+        slow.shutdown()
+    assert [text for text, _ in results] == expected
+    for _, outputs in results:
+        assert outputs[0].completion_tokens == 1  # the first token is never held back
+        assert len(outputs) < 24 // 2 and outputs[-1].completion_tokens == 24
