@@ -106,6 +106,7 @@ class BatchedEngine:
         prefill_chunk_tokens: int = 256,
         prefix_caching: bool = True,
         max_chunks_per_s: float = 150.0,
+        max_stream_chunks_per_s: float = 40.0,
     ):
         if loaded.device.type != "cpu":
             # Its step tensors (indices, masks, cache) are built on the CPU; nothing moves them.
@@ -116,6 +117,7 @@ class BatchedEngine:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.prefix_caching = prefix_caching
         self.max_chunks_per_s = max_chunks_per_s
+        self.max_stream_chunks_per_s = max_stream_chunks_per_s
         self._eos_ids = eos_token_ids(loaded)
         self._slots: list[Sequence | None] = [None] * max_batch_size
         # What a free slot's cache row still holds from its last request (see `_reuse_prefix`).
@@ -328,9 +330,10 @@ class BatchedEngine:
         ]
         # Every streamed chunk costs CPU in the replica, the ingress and the proxy (~1 ms in all
         # here), taken from the engine on a small machine. So the replica sends at most about
-        # `max_chunks_per_s` in all: each of many streams gets its text every few steps, while
-        # a few streams get every token as it comes.
-        interval = len(sampled) / self.max_chunks_per_s
+        # `max_chunks_per_s` in all and each stream at most `max_stream_chunks_per_s` (40 a
+        # second reads as smooth as every token): many streams get their text every few steps;
+        # a single stream gets every token when a step takes longer than 25 ms.
+        interval = max(1 / self.max_stream_chunks_per_s, len(sampled) / self.max_chunks_per_s)
         for seq, token in zip(sampled, sample(logits, rows)):
             self._advance(seq, token, interval)
 

@@ -29,7 +29,9 @@ def tiny() -> LoadedModel:
 @pytest.fixture
 def engine(tiny):
     # Every token its own output (no coalescing), so tests can act between tokens.
-    engine = BatchedEngine(tiny, max_batch_size=8, max_context=256, prefill_chunk_tokens=16, max_chunks_per_s=math.inf)
+    engine = BatchedEngine(
+        tiny, max_batch_size=8, max_context=256, prefill_chunk_tokens=16, max_chunks_per_s=math.inf, max_stream_chunks_per_s=math.inf
+    )
     yield engine
     engine.shutdown()
 

@@ -55,14 +55,16 @@ async def collect(server: LLMServer, request: GenerationRequest):
     return [output async for output in server.generate(request)]
 
 
-async def test_reference_engine_streams_and_counts_tokens():
+async def test_generate_streams_and_counts_tokens():
     server = tiny_server()
     params = SamplingParams(max_tokens=12, temperature=0, min_tokens=12)
     outputs = await collect(server, GenerationRequest(messages=[{"role": "user", "content": "hello"}], params=params))
     *pieces, last = outputs
     assert last.finish_reason == "length" and last.completion_tokens == 12
     assert last.prompt_tokens == len(server.encode_chat([{"role": "user", "content": "hello"}], 12))
-    assert all(o.finish_reason is None for o in pieces) and len(pieces) > 1
+    # The first token comes alone; the tiny model's next ones may come coalesced.
+    assert pieces and pieces[0].completion_tokens == 1
+    assert all(o.finish_reason is None for o in pieces)
 
 
 async def test_seeded_sampling_repeats_and_greedy_is_deterministic():
