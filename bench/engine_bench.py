@@ -170,6 +170,8 @@ async def http_run(url: str, model: str, batch: int, tokens: int, label: str) ->
         assert usage["completion_tokens"] == tokens
 
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        # Warm-up: the connection, and the replica's prefix cache as for the engine alone.
+        (await client.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2, "min_tokens": 0})).raise_for_status()
         started = time.perf_counter()
         await asyncio.gather(*(one(client) for _ in range(batch)))
         elapsed = time.perf_counter() - started

@@ -132,7 +132,10 @@ class BatchedEngine:
         # All torch work, setup included, happens on the engine's thread (see torch_threads).
         self._ready = threading.Event()
         self._setup_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(loaded, weights), name="batched-engine", daemon=True)
+        # Handed over through an attribute, not the thread's args (which live as long as the
+        # thread), so the caller can free transformers' copy of the weights once we are set up.
+        self._to_load: tuple[LoadedModel, WeightFormat] | None = (loaded, weights)
+        self._thread = threading.Thread(target=self._run, name="batched-engine", daemon=True)
         self._thread.start()
         self._ready.wait()
         if self._setup_error is not None:
@@ -203,9 +206,11 @@ class BatchedEngine:
 
     # --- the engine thread ------------------------------------------------------------------
 
-    def _run(self, loaded: LoadedModel, weights: WeightFormat) -> None:
+    def _run(self) -> None:
         try:
-            self._setup(loaded, weights)
+            assert self._to_load is not None
+            self._setup(*self._to_load)
+            self._to_load = None
         except BaseException as exc:  # noqa: BLE001 - raised by __init__ in the caller's thread
             self._setup_error = exc
             return

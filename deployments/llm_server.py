@@ -6,6 +6,7 @@ and stream the engine's output.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -33,6 +34,8 @@ class LLMServer:
         self.engine: Engine
         if config.engine == "batched":
             self.engine = BatchedEngine(self.loaded, weights=config.weights, max_batch_size=config.max_batch_size)
+            # The engine keeps its own copy of the weights; transformers' (SmolLM2 fp32: 0.5 GB) can go.
+            self.loaded = dataclasses.replace(self.loaded, model=None)
         else:
             self.engine = ReferenceEngine(self.loaded)
         self._stop_requested: dict[str, asyncio.Event] = {}

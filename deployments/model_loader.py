@@ -45,7 +45,7 @@ class ModelLoadError(RuntimeError):
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    model: PreTrainedModel
+    model: PreTrainedModel | None  # None once an engine has taken what it needs (see LLMServer)
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
     context_length: int

@@ -94,3 +94,10 @@ async def test_closing_the_stream_cancels_generation_and_frees_the_engine():
     # The engine is free again: a new request completes.
     outputs = await collect(server, GenerationRequest(messages=[{"role": "user", "content": "hi"}], params=SamplingParams(max_tokens=3, temperature=0, min_tokens=3)))
     assert outputs[-1].completion_tokens == 3
+
+
+async def test_the_batched_engine_server_lets_transformers_weights_go():
+    server = tiny_server()
+    assert server.loaded.model is None  # the engine holds its own copy
+    outputs = await collect(server, GenerationRequest(prompt="hi", params=SamplingParams(max_tokens=3, min_tokens=3)))
+    assert outputs[-1].completion_tokens == 3
