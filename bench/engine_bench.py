@@ -1,11 +1,12 @@
 """Benchmarks the batched engine against transformers' `generate` and against the floor on the
-real SmolLM2, and checks that int8 weights keep the answers right.
+real SmolLM2 in fp32, int8 and int4 weights, and checks that quantized weights keep the answers
+right (perplexity on a fixed text, the greedy capital-of-France answer).
 
     .venv/bin/python bench/engine_bench.py [--quick] [--threads N] [--http http://127.0.0.1:8080]
 
 The floor is the time of one pass over every weight matrix (each Linear and lm_head, one matmul
 with a [batch, in_features] activation): a decode step cannot be faster, so tokens/s at the
-floor is batch / that time. Every run generates exactly `--tokens` new tokens (min = max,
+floor is batch / that time. Every run generates exactly 128 (--quick: 32) new tokens (min = max,
 EOS ignored). The machine may be shared: numbers are noisy; run once, read the ratios.
 """
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deployments.batched_engine import BatchedEngine  # noqa: E402
 from deployments.kv_cache import KVCache  # noqa: E402
-from deployments.llama_forward import Int8Linear, PromptChunk, build_step, extract_weights, forward, rope_table  # noqa: E402
+from deployments.llama_forward import Int4Linear, Int8Linear, PromptChunk, build_step, extract_weights, forward, rope_table  # noqa: E402
 from deployments.model_loader import LoadedModel, load_model  # noqa: E402
 from deployments.model_registry import ModelConfig  # noqa: E402
 from deployments.sampling import SamplingParams  # noqa: E402
@@ -88,12 +89,15 @@ def torch_dynamic_int8(model: nn.Module) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
 
 
-def with_our_int8_linears(model: nn.Module) -> nn.Module:
+def with_our_linears(model: nn.Module, layer_linear: type[nn.Module]) -> nn.Module:
+    """A copy of transformers' model with the engine's quantized Linears: the same int8/int4
+    model, run by `generate`."""
     model = copy.deepcopy(model)
-    for parent in list(model.modules()):
+    for parent in list(model.model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear(child))
+                setattr(parent, name, layer_linear(child))
+    model.lm_head = Int8Linear(model.lm_head)  # as `llama_forward._quantize` does
     return model
 
 
@@ -217,7 +221,8 @@ async def main() -> None:
     )
     parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="the served model for --http")
     parser.add_argument(
-        "--http-weights", default="int8", choices=["fp32", "int8"], help="the served model's weight format (default int8)"
+        "--http-weights", default="int4", choices=["fp32", "int8", "int4"],
+        help="the served model's weight format (default int4, as in serve_config.yaml)",
     )
     args = parser.parse_args()
     tokens = 32 if args.quick else 128
@@ -230,12 +235,14 @@ async def main() -> None:
 
     # transformers on int8: torch's own dynamic quantization (what a transformers user reaches
     # for), and the same model with our int8 linears swapped in; the faster one is the baseline.
+    # On int4, the same model with our int4 linears (torch has no int4 of its own for CPU).
     baselines = {
         "fp32": {"transformers generate": loaded.model},
         "int8": {
             "transformers + torch dynamic int8": run_in_fresh_thread(torch_dynamic_int8, loaded.model),
-            "transformers + our int8 linears": run_in_fresh_thread(with_our_int8_linears, loaded.model),
+            "transformers + our int8 linears": run_in_fresh_thread(with_our_linears, loaded.model, Int8Linear),
         },
+        "int4": {"transformers + our int4 linears": run_in_fresh_thread(with_our_linears, loaded.model, Int4Linear)},
     }
     batches = (1, args.streams)
     for fmt, hf_models in baselines.items():

@@ -68,10 +68,12 @@ class ModelConfig(_Strict):
     # transformers' generate, one request at a time (`engine.ReferenceEngine`).
     engine: Literal["batched", "reference"] = "batched"
     # The batched engine's weight format, converted from the loaded `dtype`. int8 (the default):
-    # int8 weights and per-token int8 activations (`llama_forward.Int8Linear`), ~3x faster
-    # decode than fp32 on a 2-core CPU at a perplexity of 6.24 vs 6.08; bf16 halves the bytes
-    # of fp32 at 6.06; fp32 matches transformers token for token. `make bench` measures all.
-    weights: Literal["fp32", "bf16", "int8"] = "int8"
+    # int8 weights and per-token int8 activations (`llama_forward.Int8Linear`), ~3x the tok/s of
+    # fp32 on a 2-core CPU at a perplexity of 6.24 vs 6.08. int4 (`Int4Linear`, groups of 32
+    # like GGUF's Q4_1): another ~1.3x for one to eight streams, slower beyond and for long
+    # prompts; exact for a Q4_1 source (6.06), lossy for others. bf16 halves fp32's bytes (6.06);
+    # fp32 matches transformers token for token. `make bench` measures them.
+    weights: Literal["fp32", "bf16", "int8", "int4"] = "int8"
     # Requests the batched engine advances together; more wait in its queue.
     max_batch_size: int = Field(default=16, gt=0)
     # torch intra-op threads; None means the CPUs given to the replica (`num_cpus`).

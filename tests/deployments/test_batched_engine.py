@@ -9,7 +9,7 @@ import torch
 from deployments.batched_engine import BatchedEngine
 from deployments.engine import ReferenceEngine
 from deployments.kv_cache import KVCache
-from deployments.llama_forward import Int8Linear, PromptChunk, build_step, extract_weights, forward, rope_table
+from deployments.llama_forward import Int4Linear, Int8Linear, PromptChunk, build_step, extract_weights, forward, rope_table
 from deployments.engine_protocol import PromptTooLongError
 from deployments.model_loader import LoadedModel, build_tiny_random_model, load_model
 from deployments.model_registry import ModelConfig
@@ -60,6 +60,24 @@ def test_forward_matches_transformers_with_chunked_prefill_and_batched_decode(ti
     torch.testing.assert_close(second, torch.stack([expected_a[20], expected_b[13]]), atol=1e-5, rtol=1e-5)
 
 
+def test_int4_linear_holds_q4_1_weights_exactly():
+    # Weights on GGUF Q4_1's grid (min + q * scale, q in 0..15, per group of 32) come back as
+    # they were, up to the bf16 the kernel computes in.
+    torch.manual_seed(0)
+    out_features, in_features = 48, 64
+    q = torch.randint(0, 16, (out_features, in_features // 32, 32))
+    q[..., 0], q[..., 1] = 0, 15  # every group spans the whole grid, as Q4_1's groups do
+    scale = torch.rand(out_features, in_features // 32, 1) * 0.01 + 0.001
+    minimum = -torch.rand(out_features, in_features // 32, 1) * 0.05
+    linear = torch.nn.Linear(in_features, out_features, bias=False)
+    linear.weight.data = (minimum + q * scale).reshape(out_features, in_features)
+    rows = torch.randn(3, in_features)
+    with torch.inference_mode():
+        ours = Int4Linear(linear)(rows)
+        expected = rows.bfloat16().float() @ linear.weight.T
+    torch.testing.assert_close(ours, expected, atol=0.005, rtol=0)  # half a grid step off: 0.04
+
+
 def test_int8_linear_quantizes_each_row_on_its_own():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
@@ -75,8 +93,8 @@ def test_int8_linear_quantizes_each_row_on_its_own():
     assert relative_error.max() < 0.02
 
 
-@pytest.mark.parametrize("weight_format", ["bf16", "int8"])
-async def test_bf16_and_int8_weights_stay_close_to_fp32_and_generate(tiny, weight_format):
+@pytest.mark.parametrize("weight_format", ["bf16", "int8", "int4"])
+async def test_bf16_int8_and_int4_weights_stay_close_to_fp32_and_generate(tiny, weight_format):
     ids = torch.randint(0, 259, (12,)).tolist()
     logits = {}
     for fmt in ("fp32", weight_format):
@@ -122,7 +140,7 @@ async def test_a_request_outgrowing_the_initial_cache_matches_the_reference_engi
     assert ours == theirs
 
 
-@pytest.mark.parametrize("weight_format", ["fp32", "int8"])
+@pytest.mark.parametrize("weight_format", ["fp32", "int8", "int4"])
 async def test_greedy_output_is_the_same_alone_and_in_a_mixed_batch(tiny, weight_format):
     engine = BatchedEngine(tiny, weights=weight_format, max_batch_size=8, max_context=256, prefill_chunk_tokens=16)
     try:
