@@ -196,7 +196,10 @@ class BatchedEngine:
 
     def stats(self) -> EngineStats:
         active = sum(s is not None for s in self._slots)
-        return EngineStats(active_requests=active, queued_requests=len(self._waiting), total_requests=self._total)
+        return EngineStats(
+            active_requests=active, queued_requests=len(self._waiting), total_requests=self._total,
+            reused_prompt_tokens=self.reused_prompt_tokens,
+        )
 
     def shutdown(self) -> None:
         with self._wakeup:

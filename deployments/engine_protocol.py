@@ -31,6 +31,7 @@ class EngineStats:
     active_requests: int
     queued_requests: int
     total_requests: int
+    reused_prompt_tokens: int = 0  # taken from the prefix cache instead of computed, since start
 
 
 class Engine(Protocol):

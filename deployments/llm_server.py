@@ -33,7 +33,10 @@ class LLMServer:
         torch.set_num_threads(config.torch_threads or max(1, round(config.num_cpus)))
         self.engine: Engine
         if config.engine == "batched":
-            self.engine = BatchedEngine(self.loaded, weights=config.weights, max_batch_size=config.max_batch_size)
+            self.engine = BatchedEngine(
+                self.loaded, weights=config.weights, max_batch_size=config.max_batch_size,
+                max_chunks_per_s=config.replica_chunks_per_s, max_stream_chunks_per_s=config.stream_chunks_per_s,
+            )
             # The engine keeps its own copy of the weights; transformers' (SmolLM2 fp32: 0.5 GB) can go.
             self.loaded = dataclasses.replace(self.loaded, model=None)
         else:

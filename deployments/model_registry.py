@@ -76,6 +76,11 @@ class ModelConfig(_Strict):
     weights: Literal["fp32", "bf16", "int8", "int4"] = "int8"
     # Requests the batched engine advances together; more wait in its queue.
     max_batch_size: int = Field(default=16, gt=0)
+    # Streamed chunks cost CPU in the replica, the ingress and the proxy: the batched engine
+    # sends each stream at most this many a second, and the replica about this many in all,
+    # coalescing tokens beyond that (the first token always goes at once).
+    stream_chunks_per_s: float = Field(default=40.0, gt=0)
+    replica_chunks_per_s: float = Field(default=150.0, gt=0)
     # torch intra-op threads; None means the CPUs given to the replica (`num_cpus`).
     torch_threads: int | None = Field(default=None, gt=0)
     # Ray Serve deployment options, passed through as they are.

@@ -35,6 +35,11 @@ class ServiceMetrics:
             "chat_replica_requests", "Requests the model's replicas have received since they started", ["model"],
             registry=self.registry,
         )
+        self.reused = Gauge(
+            "chat_prompt_tokens_reused",
+            "Prompt tokens the model's replicas took from their prefix cache instead of computing, since they started",
+            ["model"], registry=self.registry,
+        )
 
     def turn_started(self, model: str, ttft_s: float) -> None:
         self.ttft.labels(model).observe(ttft_s)
@@ -49,4 +54,5 @@ class ServiceMetrics:
             self.active.labels(model).set(sum(s.active_requests for s in replicas))
             self.queued.labels(model).set(sum(s.queued_requests for s in replicas))
             self.served.labels(model).set(sum(s.total_requests for s in replicas))
+            self.reused.labels(model).set(sum(s.reused_prompt_tokens for s in replicas))
         return generate_latest(self.registry)

@@ -101,3 +101,13 @@ async def test_the_batched_engine_server_lets_transformers_weights_go():
     assert server.loaded.model is None  # the engine holds its own copy
     outputs = await collect(server, GenerationRequest(prompt="hi", params=SamplingParams(max_tokens=3, min_tokens=3)))
     assert outputs[-1].completion_tokens == 3
+
+
+async def test_chunk_rates_from_the_config_reach_the_engine():
+    config = ModelConfig(
+        name="tiny", source={"kind": "tiny_random"}, torch_threads=1, stream_chunks_per_s=1e9, replica_chunks_per_s=1e9
+    )
+    server = LLMServer(config)
+    params = SamplingParams(max_tokens=12, min_tokens=12, temperature=0)
+    outputs = await collect(server, GenerationRequest(prompt="hi", params=params))
+    assert [o.completion_tokens for o in outputs] == list(range(1, 13))  # no coalescing: a chunk per token
