@@ -37,13 +37,32 @@ from deployments.sampling import SamplingParams  # noqa: E402
 from deployments.torch_threads import run_in_fresh_thread  # noqa: E402
 
 QUESTION = "What is the capital of France?"
-# A fixed, ordinary English text for the perplexity check.
+# A fixed text for the perplexity check: prose, a story, science, a recipe and code, ~475
+# tokens. (A ~100-token text was too short: int8's perplexity moved by 2% with the order of two
+# float multiplications.)
 PERPLEXITY_TEXT = (
     "The city of Paris is the capital and most populous city of France. It is located on the river Seine, "
     "in the north of the country. Paris is known for its museums and architectural landmarks: the Louvre "
     "is the most visited art museum in the world, and the Eiffel Tower, built for the 1889 World's Fair, "
     "has become a global symbol of the city. The city is also a major centre of finance, diplomacy, "
-    "commerce, fashion and science, and it hosts the headquarters of many international organisations."
+    "commerce, fashion and science, and it hosts the headquarters of many international organisations.\n\n"
+    "Once upon a time, in a small village at the edge of a great forest, there lived a girl named Mira who "
+    "loved to collect stones. Every morning she walked along the river and picked up the smoothest, brightest "
+    "pebbles she could find. One day she found a stone that glowed softly in her hand. She showed it to her "
+    "grandmother, who smiled and told her an old story about the river spirits and the gifts they leave for "
+    "children who are kind to the forest.\n\n"
+    "Photosynthesis is the process by which green plants, algae and some bacteria turn light into chemical "
+    "energy. In the leaves, chlorophyll absorbs sunlight, which drives the reactions that split water into "
+    "oxygen, protons and electrons. The energy captured is stored in molecules such as ATP and NADPH, which "
+    "the plant then uses to fix carbon dioxide from the air into sugars. Almost all the oxygen in the "
+    "atmosphere was produced this way, and nearly every food chain on Earth starts with it.\n\n"
+    "To make a simple tomato sauce, warm two tablespoons of olive oil in a pan over medium heat. Add a chopped "
+    "onion and a pinch of salt, and cook until soft, about ten minutes. Stir in two cloves of garlic for a "
+    "minute, then add a can of crushed tomatoes and a few basil leaves. Let it simmer gently for twenty "
+    "minutes, stirring now and then, and season with salt and pepper before serving it over pasta.\n\n"
+    "def read_lines(path):\n    \"\"\"Return the lines of a text file without trailing newlines.\"\"\"\n"
+    "    with open(path, encoding='utf-8') as handle:\n        return [line.rstrip('\\n') for line in handle]\n\n\n"
+    "def main():\n    lines = read_lines('notes.txt')\n    print(f'{len(lines)} lines')\n    return 0\n"
 )
 
 

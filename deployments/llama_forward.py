@@ -137,20 +137,26 @@ def extract_weights(model: PreTrainedModel, weight_format: WeightFormat = "fp32"
 
 class Int8Linear(nn.Module):
     """W8A8: int8 weights with one scale per output channel, and each activation row (token)
-    quantized to int8 with its own scale at run time; the matmul is integer (`torch._int_mm`,
-    VNNI on CPU), exact, so a row's result never depends on the other rows in the step.
+    quantized to int8 with its own scale at run time; the matmul is integer and exact, so a
+    row's result never depends on the other rows in the step.
 
     Per token, not per tensor as torch's dynamic quantization does: one prompt's outlier token
     (the first token's activations are ~100x the rest) would otherwise set the scale for every
-    row. Perplexity (fp32 / per-tensor torch dynamic int8 / this) measured on SmolLM2 with
-    bench/engine_bench.py's text: 6.078 / 13.3 / 6.235 (+2.6%); on a short story 14.00 / - /
-    14.33, on Python code 3.86 / - / 4.03. SmoothQuant (migrating activation outliers into the
-    weights with calibrated per-channel scales) was needed for per-tensor int8 (13.3 -> 6.9) but
-    is not worth its calibration here: the perplexities moved by a few percent either way with
-    its strength, and at one setting the greedy capital-of-France answer went wrong.
-    One pass over SmolLM2's weights here: batch 1 8.4 ms (torch dynamic 7.3, fp32 41), batch 16
-    21 ms (13, 65).
+    row (perplexity on a ~100-token text: fp32 6.08, per-tensor 13.3, per token 6.2-6.4).
+    Perplexity on bench/engine_bench.py's ~475-token text: fp32 8.03, this 8.31 (+3.4%); the
+    same weights with the two scale multiplications in the other order gave 8.55, so the
+    per-token rounding noise is worth a few percent either way. SmoothQuant (migrating outliers
+    into the weights with calibrated per-channel scales) was needed for per-tensor int8 but is
+    not worth its calibration here: it moved perplexity by a few percent either way with its
+    strength, and at one setting the greedy capital-of-France answer went wrong.
+
+    Two integer kernels, the faster for the row count; both give the same int32 sums, scaled in
+    the same order, so the choice never changes a result. Layers of SmolLM2, one pass here:
+    `torch._int_mm` 5.4 ms at 1 row, 13.6 at 16; oneDNN's prepacked `qlinear` (x86) 7.6 / 9.6,
+    and ahead from 4 rows on. (Torch's per-tensor dynamic int8, for scale: 7.3 / 13.1 with lm_head.)
     """
+
+    ONEDNN_MIN_ROWS = 4
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -160,13 +166,30 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         self.out_features, self.in_features = weight.shape
+        # The weight's transposed view, not a transposed copy: measured 6.8 vs 9.3 ms a pass.
+        self._weight_t = self.weight.t()
+        self._packed: torch.Tensor | None = None
+        try:
+            # oneDNN's blocked layout; it wants unsigned activations (signed ones take a
+            # reference kernel, ~100x slower), hence the zero point of 128 in `forward`.
+            self._packed = torch.ops.onednn.qlinear_prepack(self.weight, [1, self.in_features])
+            self._zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        except (RuntimeError, AttributeError, NotImplementedError):  # no oneDNN int8 here (e.g. ARM)
+            pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] fp32 -> [..., out_features] fp32."""
         rows = x.reshape(-1, self.in_features)
         scale = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-8).div_(127)
-        # The weight's transposed view, not a transposed copy: measured 6.8 vs 9.3 ms a pass.
-        out = torch._int_mm(torch.round(rows / scale).to(torch.int8), self.weight.t()) * (scale * self.weight_scale)
+        q = torch.round(rows / scale)  # integers in [-127, 127]
+        if self._packed is not None and len(rows) >= self.ONEDNN_MIN_ROWS:
+            out = torch.ops.onednn.qlinear_pointwise(
+                q.add_(128).to(torch.uint8), 1.0, 128, self._packed, self.weight_scale, self._zero_points,
+                None, 1.0, 0, torch.float32, "none", [], "",
+            )
+        else:
+            out = torch._int_mm(q.to(torch.int8), self._weight_t) * self.weight_scale
+        out.mul_(scale)
         if self.bias is not None:
             out.add_(self.bias)
         return out.view(*x.shape[:-1], self.out_features)
@@ -175,7 +198,8 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """Weight-only 4-bit: groups of 32 inputs, each with a scale and a minimum, the layout of
     GGUF's Q4_1. The packaged SmolLM2's linear layers are Q4_1, so this holds their values again
-    (up to bf16 scales) in an eighth of fp32's bytes. Activations go in as bf16: torch's CPU int4
+    (up to bf16 scales) in an eighth of fp32's bytes: perplexity 8.07 vs fp32 8.03 on
+    bench/engine_bench.py's text. Activations go in as bf16: torch's CPU int4
     kernel runs at full speed only with them (fp32 was 25x slower).
 
     The kernel unpacks the weights for every activation row, so it is the fastest there is for

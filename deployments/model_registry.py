@@ -69,9 +69,9 @@ class ModelConfig(_Strict):
     engine: Literal["batched", "reference"] = "batched"
     # The batched engine's weight format, converted from the loaded `dtype`. int8 (the default):
     # int8 weights and per-token int8 activations (`llama_forward.Int8Linear`), ~3x the tok/s of
-    # fp32 on a 2-core CPU at a perplexity of 6.24 vs 6.08. int4 (`Int4Linear`, groups of 32
+    # fp32 on a 2-core CPU at a perplexity of 8.31 vs 8.03 (+3.4%). int4 (`Int4Linear`, groups of 32
     # like GGUF's Q4_1): another ~1.3x for one to eight streams, slower beyond and for long
-    # prompts; exact for a Q4_1 source (6.06), lossy for others. bf16 halves fp32's bytes (6.06);
+    # prompts; exact for a Q4_1 source (8.07), lossy for others. bf16 halves fp32's bytes (8.03);
     # fp32 matches transformers token for token. `make bench` measures them.
     weights: Literal["fp32", "bf16", "int8", "int4"] = "int8"
     # Requests the batched engine advances together; more wait in its queue.
