@@ -34,7 +34,7 @@ test: install system-deps
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
-# Engine benchmark (minutes): transformers generate vs our engine, fp32 and int8, 1 and 16 streams.
+# Engine benchmark (~7 min): transformers generate vs our engine, fp32, int8 and int4, 1 and 16 streams.
 bench: install
 	$(BIN)/python bench/engine_bench.py
 
