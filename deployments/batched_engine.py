@@ -261,7 +261,7 @@ class BatchedEngine:
         it, a free row whose leftover the prompt continues (the next turn of that chat), else
         the free row whose leftover is least likely to be asked for again: empty, else the one
         freed longest ago. Rows in use are reachable by copying (`_reuse_prefix`)."""
-        free = [slot for slot, seq in enumerate(self._slots) if seq is None]
+        free = [slot for slot, other in enumerate(self._slots) if other is None]
         if not self.prefix_caching:
             return free[0]
         for slot in free:
