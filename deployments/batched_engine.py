@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import math
+import random
 import threading
 import time
 from collections import deque

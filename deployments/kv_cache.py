@@ -1,8 +1,9 @@
 """The batched engine's key/value cache: one preallocated tensor pair per layer, one row
 ("slot") per running request, written in place at each token's position (gpt-fast style).
 
-Owns: the storage, its growth, and its single write contract, `update`. Does not own which
-request holds which slot (the engine does) or the attention masks (see `llama_forward`).
+Owns: the storage, its growth, and its two writes: `update` (a step's new keys/values) and
+`copy_positions` (prefix caching). Does not own which request holds which slot or which tokens
+a row holds (the engine does), or the attention masks (see `llama_forward`).
 """
 
 from __future__ import annotations

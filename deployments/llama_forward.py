@@ -154,6 +154,7 @@ class Int8Linear(nn.Module):
     the same order, so the choice never changes a result. Layers of SmolLM2, one pass here:
     `torch._int_mm` 5.4 ms at 1 row, 13.6 at 16; oneDNN's prepacked `qlinear` (x86) 7.6 / 9.6,
     and ahead from 4 rows on. (Torch's per-tensor dynamic int8, for scale: 7.3 / 13.1 with lm_head.)
+    The price: the weights are held twice, plain and prepacked (SmolLM2: 2 x 134 MB).
     """
 
     ONEDNN_MIN_ROWS = 4
