@@ -162,12 +162,27 @@ function renderConversationList() {
     }
     return item;
   });
-  ui.conversationList.replaceChildren(...items);
+  placeConversationItems(items);
   revealActiveConversation();
   ui.conversationEmpty.hidden = items.length > 0;
   const current = state.conversations.find((c) => c.id === state.currentId);
   ui.title.textContent = state.currentId ? titleOf(current || { id: state.currentId }) : "New conversation";
   document.title = state.currentId ? `${ui.title.textContent} · ray-chat` : "ray-chat";
+}
+
+/** Puts `items` in the sidebar. A row being renamed stays the very same element, in place:
+ * replacing it (an answer that finishes re-renders the list) would detach the input and throw
+ * away what the user is typing. */
+function placeConversationItems(items) {
+  const editing = ui.conversationList.querySelector(".renaming");
+  const index = editing ? items.findIndex((item) => item.dataset.id === editing.dataset.id) : -1;
+  if (index < 0) {
+    ui.conversationList.replaceChildren(...items);
+    return;
+  }
+  for (const child of [...ui.conversationList.children]) if (child !== editing) child.remove();
+  editing.before(...items.slice(0, index));
+  editing.after(...items.slice(index + 1));
 }
 
 /** Scrolls the sidebar (only the sidebar: scrollIntoView would also move the page while the
@@ -211,11 +226,13 @@ function startRename(item) {
     if (save && title && title !== conversation?.title) {
       try {
         const summary = await api.renameConversation(id, title);
-        Object.assign(conversation, summary);
+        // The list may have been reloaded while the user typed: update the entry it holds now.
+        Object.assign(state.conversations.find((c) => c.id === id) || {}, summary);
       } catch (error) {
         showError(messageOf(error));
       }
     }
+    item.classList.remove("renaming"); // the edit is over: the re-render may replace this row now
     renderConversationList();
     ui.conversationList.querySelector(`[data-id="${id}"] .conversation-link`)?.focus();
   };

@@ -255,6 +255,33 @@ def test_rename_export_and_delete_with_confirmation(page, serve_app):
     assert httpx.get(f"{serve_app.url}/conversations/{conversation_id}").status_code == 404
 
 
+def test_rename_typed_while_an_answer_streams_survives_its_end(page, serve_app):
+    """The answer's end re-renders the sidebar; the title being typed must stay, focused."""
+    new_conversation(page)
+    set_parameters(page, sample_len=4, temperature=0, seed=None)
+    send(page, "Hi")
+    wait_for_answer(page)
+    conversation_id = current_id(page)
+    item = page.locator(f'[data-testid="conversation-item"][data-id="{conversation_id}"]')
+
+    set_parameters(page, sample_len=96)
+    send(page, "Write a long story about a lighthouse keeper and a storm.")
+    expect(page.get_by_test_id("stop-button")).to_be_visible()
+    item.get_by_test_id("rename-conversation").click()
+    page.get_by_test_id("rename-input").fill("Typed while streaming")
+    # Still streaming, so the answer's end (and its re-render) comes after the typing.
+    expect(page.get_by_test_id("stop-button")).to_be_visible()
+    wait_for_answer(page)
+
+    rename_input = page.get_by_test_id("rename-input")
+    expect(rename_input).to_have_value("Typed while streaming")
+    expect(rename_input).to_be_focused()
+    rename_input.type(", then finished")
+    rename_input.press("Enter")
+    expect(item.get_by_test_id("conversation-title")).to_have_text("Typed while streaming, then finished")
+    assert stored(serve_app, conversation_id)["title"] == "Typed while streaming, then finished"
+
+
 def assert_nothing_ran(page: Page) -> None:
     assert page.evaluate("typeof window.__pwned") == "undefined"
     message_list = page.get_by_test_id("message-list")
