@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test test-fast bench loadtest system-deps clean
+.PHONY: install serve test test-fast test-gpu bench bench-gpu loadtest system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ test: install system-deps
 # Unit tests only (seconds): no Ray, no real model, no browser.
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
+
+# GPU tests: skipped where torch sees no CUDA GPU.
+test-gpu: install
+	$(BIN)/python -m pytest -m gpu
+
+# Engine benchmark on a CUDA GPU (~2 min): ours vs transformers at 1/16/64/256 streams.
+bench-gpu: install
+	$(BIN)/python bench/gpu_bench.py
 
 # Engine benchmark (~7 min): transformers generate vs our engine, fp32, int8 and int4, 1 and 16 streams.
 bench: install

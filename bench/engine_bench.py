@@ -28,13 +28,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from deployments.batched_engine import BatchedEngine  # noqa: E402
-from deployments.kv_cache import KVCache  # noqa: E402
-from deployments.llama_forward import Int4Linear, Int8Linear, PromptChunk, build_step, extract_weights, forward, rope_table  # noqa: E402
+from deployments.engine.batched import BatchedEngine  # noqa: E402
+from deployments.engine.kv_cache import KVCache  # noqa: E402
+from deployments.engine.forward import Int4Linear, Int8Linear, PromptChunk, build_step, extract_weights, forward, rope_table  # noqa: E402
 from deployments.model_loader import LoadedModel, load_model  # noqa: E402
 from deployments.model_registry import ModelConfig  # noqa: E402
-from deployments.sampling import SamplingParams  # noqa: E402
-from deployments.torch_threads import run_in_fresh_thread  # noqa: E402
+from deployments.engine.sampling import SamplingParams  # noqa: E402
+from deployments.engine.torch_threads import run_in_fresh_thread  # noqa: E402
 
 QUESTION = "What is the capital of France?"
 # A fixed text for the perplexity check: prose, a story, science, a recipe and code, ~475
@@ -78,6 +78,8 @@ class Run:
 
 
 def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
@@ -116,7 +118,7 @@ def with_our_linears(model: nn.Module, layer_linear: type[nn.Module]) -> nn.Modu
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear):
                 setattr(parent, name, layer_linear(child))
-    model.lm_head = Int8Linear(model.lm_head)  # as `llama_forward._quantize` does
+    model.lm_head = Int8Linear(model.lm_head)  # as `forward._quantize` does
     return model
 
 
@@ -139,8 +141,22 @@ def transformers_run(model: nn.Module, prompt_ids: list[int], batch: int, tokens
     return Run(label, batch, batch * tokens / elapsed, [], [])
 
 
-async def engine_run(engine: BatchedEngine, prompt_ids: list[int], batch: int, tokens: int, label: str) -> Run:
-    params = SamplingParams(max_tokens=tokens, min_tokens=tokens, ignore_eos=True, temperature=0, repeat_penalty=1.0)
+def fixed_length(tokens: int, sampling: dict | None = None) -> SamplingParams:
+    """Exactly `tokens` new tokens (EOS ignored); greedy without a repeat penalty unless
+    `sampling` says otherwise (e.g. ORIGINAL_DEFAULTS)."""
+    return SamplingParams(
+        max_tokens=tokens, min_tokens=tokens, ignore_eos=True, **(sampling or {"temperature": 0, "repeat_penalty": 1.0})
+    )
+
+
+# What the original's clients and the chat page send.
+ORIGINAL_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "repeat_penalty": 1.1, "repeat_last_n": 64}
+
+
+async def engine_run(
+    engine: BatchedEngine, prompt_ids: list[int], batch: int, tokens: int, label: str, sampling: dict | None = None
+) -> Run:
+    params = fixed_length(tokens, sampling)
     ttfts, itls = [], []
 
     async def one() -> None:
@@ -163,15 +179,16 @@ async def engine_run(engine: BatchedEngine, prompt_ids: list[int], batch: int, t
     return Run(label, batch, batch * tokens / elapsed, ttfts, itls)
 
 
-async def http_run(url: str, model: str, batch: int, tokens: int, label: str) -> Run:
+async def http_run(url: str, model: str, batch: int, tokens: int, label: str, sampling: dict | None = None) -> Run:
     """The same request through the running Serve app's streaming chat API (SSE), measured at
     the client: what a user of the service gets, proxy, ingress and handles included."""
     import httpx
 
+    params = fixed_length(tokens, sampling)
     body = {
         "model": model, "messages": [{"role": "user", "content": QUESTION}], "stream": True,
-        "max_tokens": tokens, "min_tokens": tokens, "ignore_eos": True, "temperature": 0,
-        "stream_options": {"include_usage": True},
+        "max_tokens": tokens, "min_tokens": tokens, "ignore_eos": True, "temperature": params.temperature,
+        "top_p": params.top_p, "repetition_penalty": params.repeat_penalty, "stream_options": {"include_usage": True},
     }
     ttfts, itls = [], []
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ray import serve
 
-from deployments.engine_protocol import EngineStats, GenerationOutput, GenerationRequest
+from deployments.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
 from deployments.logs import show_our_logs
 from deployments.model_registry import ModelConfig
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from deployments.batched_engine import BatchedEngine
-from deployments.engine import ReferenceEngine
-from deployments.engine_protocol import Engine, EngineStats, GenerationOutput, GenerationRequest, PromptTooLongError
+from deployments.engine.batched import BatchedEngine
+from deployments.engine.reference import ReferenceEngine
+from deployments.engine.protocol import Engine, EngineStats, GenerationOutput, GenerationRequest, PromptTooLongError
 from deployments.model_loader import LoadedModel, load_model
 from deployments.model_registry import ModelConfig
-from deployments.sampling import SamplingParams
-from deployments.torch_threads import run_in_fresh_thread
+from deployments.engine.sampling import SamplingParams
+from deployments.engine.torch_threads import run_in_fresh_thread
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,10 @@ class LLMServer:
         self.engine: Engine
         if config.engine == "batched":
             self.engine = BatchedEngine(
-                self.loaded, weights=config.weights, max_batch_size=config.max_batch_size,
-                max_chunks_per_s=config.replica_chunks_per_s, max_stream_chunks_per_s=config.stream_chunks_per_s,
+                self.loaded, weights=config.resolved_weights(self.loaded.device.type),
+                max_batch_size=config.max_batch_size, max_chunks_per_s=config.replica_chunks_per_s,
+                max_stream_chunks_per_s=config.stream_chunks_per_s, cuda_graphs=config.cuda_graphs,
+                gpu_memory_fraction=config.gpu_memory_fraction,
             )
             # The engine keeps its own copy of the weights; transformers' (SmolLM2 fp32: 0.5 GB) can go.
             self.loaded = dataclasses.replace(self.loaded, model=None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.metadata
+import itertools
 import importlib.util
 import logging
 import os
@@ -165,16 +166,40 @@ def _resolve_hub(model_name: str, source: HubSource) -> str | Path:
     return source.repo_id
 
 
-def build_tiny_random_model(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A 2-layer Llama with random weights and a byte-level tokenizer (every UTF-8 byte is a
-    token, so multi-byte characters span several tokens). Built in milliseconds, offline."""
+# LlamaConfig fields of the random models' shapes (see `TinyRandomSource`).
+RANDOM_MODEL_SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "smollm2": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        rope_theta=100000.0, rms_norm_eps=1e-5,
+    ),
+}
+SMOLLM2_VOCAB = 49152
+
+
+def build_tiny_random_model(seed: int = 0, shape: str = "tiny") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A Llama with random weights and a byte-level tokenizer (every UTF-8 byte is a token, so
+    multi-byte characters span several tokens). `tiny`: 2 layers, 259 tokens, built in
+    milliseconds; `smollm2`: SmolLM2-135M's layers and 49,152 tokens (ASCII pairs and triples
+    merged into tokens of their own). Offline either way."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    byte_chars = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
+    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(byte_chars)}
     specials = ["<|im_start|>", "<|im_end|>", "<pad>"]
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    merges = []
+    if shape == "smollm2":
+        # Tokens of two, then three printable ASCII characters, so what the model generates
+        # decodes to text (arbitrary byte pairs would often be invalid UTF-8).
+        ascii_chars = [chr(c) for c in range(0x21, 0x7F)]
+        pairs = [(a, b) for a in ascii_chars for b in ascii_chars]
+        candidates = itertools.chain(pairs, ((a, b + c) for a in ascii_chars for b, c in pairs))
+        while len(vocab) < SMOLLM2_VOCAB - len(specials):
+            a, b = next(candidates)
+            merges.append((a, b))
+            vocab[a + b] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<pad>")
@@ -183,22 +208,27 @@ def build_tiny_random_model(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedT
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    assert len(tokenizer) == len(byte_chars) + len(specials)
+    assert len(tokenizer) == len(vocab) + len(specials)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=512 if shape == "tiny" else 8192,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
         tie_word_embeddings=True,
+        **RANDOM_MODEL_SHAPES[shape],
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if shape == "smollm2":
+        # Random weights give nearly flat next-token distributions (logits' spread ~0.5): top-p
+        # 0.9 then keeps most of the vocabulary, unlike a trained model, whose distributions are
+        # peaked (the packaged SmolLM2 with the original's defaults: the sampler's 64 candidates
+        # held the top-p mass in 632 of 644 rows). Scaling the tied embedding scales the logits
+        # to a trained model's spread (RMSNorm takes the input's scale out), so sampling costs
+        # and behaves as it would with real weights.
+        with torch.no_grad():
+            model.model.embed_tokens.weight.mul_(10.0)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -212,7 +242,7 @@ def load_model(config: ModelConfig, cache_dir: Path | None = None) -> LoadedMode
     source = config.source
     started = time.monotonic()
     if isinstance(source, TinyRandomSource):
-        model, tokenizer = build_tiny_random_model(source.seed)
+        model, tokenizer = build_tiny_random_model(source.seed, source.shape)
         model = model.to(dtype)
     else:
         if isinstance(source, PackagedGGUFSource):

@@ -9,7 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+# The CPU's int8 and int4 kernels have no GPU counterpart here.
+CPU_ONLY_WEIGHTS = ("int8", "int4")
+GPU_WEIGHTS = ("bf16", "fp16", "fp32")
 
 
 class _Strict(BaseModel):
@@ -40,11 +45,14 @@ class LocalDirSource(_Strict):
 
 
 class TinyRandomSource(_Strict):
-    """A tiny Llama with random weights and a byte-level tokenizer, built in code in
-    milliseconds: for tests and demos that need the plumbing, not sensible text."""
+    """A Llama with random weights and a byte-level tokenizer, built in code: for tests and
+    demos that need the plumbing, not sensible text. `tiny` (2 layers) builds in milliseconds;
+    `smollm2` has SmolLM2-135M's shape and vocabulary size, for GPU tests and benchmarks where
+    the packaged weights cannot travel (speed does not depend on the values)."""
 
     kind: Literal["tiny_random"] = "tiny_random"
     seed: int = 0
+    shape: Literal["tiny", "smollm2"] = "tiny"
 
 
 ModelSource = Annotated[
@@ -64,16 +72,18 @@ class ModelConfig(_Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     # Tokens of prompt + answer; None means the model's own `max_position_embeddings`.
     context_length: int | None = Field(default=None, gt=0)
-    # "batched": continuous batching over a static KV cache (`batched_engine`); "reference":
+    # "batched": continuous batching over a static KV cache (`batched`); "reference":
     # transformers' generate, one request at a time (`engine.ReferenceEngine`).
     engine: Literal["batched", "reference"] = "batched"
-    # The batched engine's weight format, converted from the loaded `dtype`. int8 (the default):
-    # int8 weights and per-token int8 activations (`llama_forward.Int8Linear`), ~3x the tok/s of
-    # fp32 on a 2-core CPU at a perplexity of 8.31 vs 8.03 (+3.4%). int4 (`Int4Linear`, groups of 32
-    # like GGUF's Q4_1): another ~1.3x for one to eight streams, slower beyond and for long
-    # prompts; exact for a Q4_1 source (8.07), lossy for others. bf16 halves fp32's bytes (8.03);
-    # fp32 matches transformers token for token. `make bench` measures them.
-    weights: Literal["fp32", "bf16", "int8", "int4"] = "int8"
+    # The batched engine's weight format, converted from the loaded `dtype`. `auto` resolves on
+    # the device the replica lands on (the log says what it chose): bf16 on CUDA, fp16 on Apple
+    # mps, and on the CPU int4 for a packaged GGUF (its Q4_1 values, perplexity 8.07 vs fp32's
+    # 8.03, fastest for 1-8 streams) or int8 for other sources. On the CPU: int8 (int8 weights
+    # and per-token int8 activations, `forward.Int8Linear`) runs ~3x fp32's tok/s at a
+    # perplexity of 8.31; int4 (`Int4Linear`, groups of 32 like Q4_1) another ~1.3x for one to
+    # eight streams, slower beyond. int8 and int4 are CPU kernels: on a GPU, bf16 or fp16 (or
+    # fp32, which matches transformers token for token). `make bench` measures them.
+    weights: Literal["auto", "fp32", "bf16", "fp16", "int8", "int4"] = "auto"
     # Requests the batched engine advances together; more wait in its queue.
     max_batch_size: int = Field(default=16, gt=0)
     # Streamed chunks cost CPU in the replica, the ingress and the proxy: the batched engine
@@ -81,6 +91,11 @@ class ModelConfig(_Strict):
     # coalescing tokens beyond that (the first token always goes at once).
     stream_chunks_per_s: float = Field(default=40.0, gt=0)
     replica_chunks_per_s: float = Field(default=150.0, gt=0)
+    # GPU replicas: decode steps replayed from CUDA graphs (off: every step eager, for
+    # debugging), and the most of the GPU's free memory (at start) the KV cache may take; it
+    # takes max_batch_size x context, less if that does not fit (the log says so).
+    cuda_graphs: bool = True
+    gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
     # torch intra-op threads; None means the CPUs given to the replica (`num_cpus`).
     torch_threads: int | None = Field(default=None, gt=0)
     # Ray Serve deployment options, passed through as they are.
@@ -93,6 +108,31 @@ class ModelConfig(_Strict):
     # `max_queued_requests` wait in the ingress, and more are refused with 503 + Retry-After.
     max_ongoing_requests: int = Field(default=32, gt=0)
     max_queued_requests: int = Field(default=64, ge=-1)  # -1: unbounded
+
+    @model_validator(mode="after")
+    def _weights_fit_the_device(self) -> ModelConfig:
+        if self.device in ("cuda", "mps") and self.weights in CPU_ONLY_WEIGHTS:
+            raise ValueError(
+                f"model '{self.name}': weights '{self.weights}' run on the CPU only, not on device '{self.device}'; "
+                f"use one of {', '.join(GPU_WEIGHTS)} (or auto)"
+            )
+        return self
+
+    def resolved_weights(self, device_type: str) -> str:
+        """The weight format on `device_type` ("cpu", "cuda", "mps"): `auto` resolved, a CPU-only
+        format refused on a GPU (with device: auto that is only known once the replica starts)."""
+        if self.weights == "auto":
+            if device_type == "cuda":
+                return "bf16"
+            if device_type == "mps":
+                return "fp16"
+            return "int4" if isinstance(self.source, PackagedGGUFSource) else "int8"
+        if device_type != "cpu" and self.weights in CPU_ONLY_WEIGHTS:
+            raise ValueError(
+                f"model '{self.name}': weights '{self.weights}' run on the CPU only, but the replica is on {device_type}; "
+                f"use one of {', '.join(GPU_WEIGHTS)} (or auto)"
+            )
+        return self.weights
 
     @field_validator("aliases", mode="before")
     @classmethod

@@ -22,10 +22,10 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from deployments.engine_protocol import EngineStats, GenerationOutput, GenerationRequest
+from deployments.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
 from deployments.history_store import ConversationNotFoundError
 from deployments.model_registry import ModelConfig, ModelRegistry
-from deployments.sampling import SamplingParams
+from deployments.engine.sampling import SamplingParams
 from serve_app.metrics import ServiceMetrics
 from serve_app.protocol import Conversation, ConversationSummary, Message, MessageStatus, ModelState
 

@@ -19,7 +19,7 @@ from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.history_store import ConversationNotFoundError
-from deployments.engine_protocol import PromptTooLongError
+from deployments.engine.protocol import PromptTooLongError
 from deployments.logs import show_our_logs
 from deployments.model_registry import ModelRegistry, UnknownModelError
 from serve_app.conversations import (

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Header
 from fastapi.sse import format_sse_event
 from pydantic import BaseModel
 
-from deployments.engine_protocol import GenerationOutput
+from deployments.engine.protocol import GenerationOutput
 from serve_app.conversations import ConversationService, InvalidRequestError, Turn
 from serve_app.protocol import (
     ChatCompletion,

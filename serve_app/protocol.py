@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from deployments.sampling import SamplingParams
+from deployments.engine.sampling import SamplingParams
 
 # Defaults of the original API, shared by every route that samples.
 DEFAULT_SAMPLE_LEN = 256

@@ -5,6 +5,8 @@ free port, once per test session, and always shuts it down."""
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -13,6 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+
+# Without a GPU, Triton kernels (the GPU attention) run in Triton's interpreter on the CPU. Set
+# before anything imports torch: torch may import Triton, which reads this once.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_MODELS = [

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from deployments.sampling import SamplingParams
+from deployments.engine.sampling import SamplingParams
 from serve_app.protocol import GenerateRequest
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from deployments.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from deployments.model_loader import build_tiny_random_model, load_model
 from deployments.model_registry import ModelConfig
 

@@ -1,6 +1,6 @@
 """The reference engine: transformers' `generate` in one worker thread, one request at a time.
 
-Simple on purpose; it implements the same `engine_protocol.Engine` contract as the batched
+Simple on purpose; it implements the same `protocol.Engine` contract as the batched
 engine and serves as its baseline in tests and benchmarks.
 """
 
@@ -21,9 +21,9 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from deployments.engine_protocol import EngineStats, FinishReason, GenerationOutput
+from deployments.engine.protocol import EngineStats, FinishReason, GenerationOutput
 from deployments.model_loader import LoadedModel, eos_token_ids
-from deployments.sampling import SamplingParams
+from deployments.engine.sampling import SamplingParams
 
 class RecentRepetitionPenalty(LogitsProcessor):
     """The original's repeat penalty: only the last `last_n` tokens (prompt included) count.
@@ -43,7 +43,7 @@ class _StopWhenCancelled(StoppingCriteria):
         self._cancelled = cancelled
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self._cancelled.is_set(), dtype=torch.bool)
+        return torch.full((input_ids.shape[0],), self._cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class ReferenceEngine:

@@ -2,7 +2,7 @@ import threading
 
 import pytest
 
-from deployments.torch_threads import run_in_fresh_thread
+from deployments.engine.torch_threads import run_in_fresh_thread
 
 
 def test_runs_on_another_thread_that_has_exited_and_returns_the_result():

@@ -6,15 +6,14 @@ import math
 import pytest
 import torch
 
-from deployments.batched_engine import BatchedEngine
-from deployments.engine import ReferenceEngine
-from deployments.kv_cache import KVCache
-from deployments.llama_forward import Int4Linear, Int8Linear, PromptChunk, build_step, extract_weights, forward, rope_table
-from deployments.engine_protocol import PromptTooLongError
+from deployments.engine.batched import BatchedEngine
+from deployments.engine.reference import ReferenceEngine
+from deployments.engine.kv_cache import KVCache
+from deployments.engine.forward import Int4Linear, Int8Linear, PromptChunk, build_step, extract_weights, forward, rope_table
+from deployments.engine.protocol import PromptTooLongError
 from deployments.model_loader import LoadedModel, build_tiny_random_model, load_model
 from deployments.model_registry import ModelConfig
-from deployments.sampler import apply_repeat_penalty
-from deployments.sampling import SamplingParams
+from deployments.engine.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, min_tokens=24, temperature=0)
 
@@ -197,12 +196,6 @@ async def test_a_request_joining_mid_stream_gets_the_same_tokens_as_alone(tiny, 
     _, late_text = await asyncio.gather(first(), second())
     assert "".join(first_texts) == long_alone
     assert late_text == late_alone
-
-
-def test_repeat_penalty_divides_positive_and_multiplies_negative_logits_in_the_window():
-    logits = torch.tensor([2.0, -2.0, 3.0, -1.0, 0.5])
-    apply_repeat_penalty(logits, history=[4, 0, 0, 1, 3], penalty=2.0, last_n=4)  # window: 0, 0, 1, 3
-    assert logits.tolist() == [1.0, -4.0, 3.0, -2.0, 0.5]
 
 
 async def test_closing_the_stream_frees_the_slot(tiny):

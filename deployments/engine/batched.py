@@ -12,7 +12,7 @@ A newcomer's prompt starts from the longest prefix another cache row already hol
 caching, `_reuse_prefix`): the chat template's system prompt, or a conversation's earlier turns.
 
 Owns: admission, slots, stopping (EOS, stop strings, max_tokens, context), streaming. The
-forward pass is `llama_forward`, sampling `sampler`, text `detokenizer`.
+forward pass is `forward`, sampling `sampler`, text `detokenizer`.
 """
 
 from __future__ import annotations
@@ -29,20 +29,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deployments.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from deployments.engine_protocol import EngineStats, FinishReason, GenerationOutput, PromptTooLongError
-from deployments.kv_cache import KVCache
-from deployments.llama_forward import (
-    PromptChunk,
-    WeightFormat,
-    build_step,
-    extract_weights,
-    forward,
-    rope_table,
-)
+from deployments.engine.cuda_graphs import DecodeGraphs
+from deployments.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from deployments.engine.forward import PromptChunk, WeightFormat, build_step, extract_weights, forward, rope_table
+from deployments.engine.kv_cache import INITIAL_CAPACITY, KVCache
+from deployments.engine.protocol import EngineStats, FinishReason, GenerationOutput, PromptTooLongError
+from deployments.engine.sampler import SlotSampling, StepRows, sample
+from deployments.engine.sampling import SamplingParams
 from deployments.model_loader import LoadedModel, eos_token_ids
-from deployments.sampler import RowSampling, sample
-from deployments.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +56,7 @@ class Sequence:
     outputs: asyncio.Queue
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher
-    generator: torch.Generator
+    seed: int  # of the request's draws (see `sampler.uniform`)
     slot: int = -1
     n_prefilled: int = 0  # prompt tokens already in the cache
     generated: list[int] = field(default_factory=list)
@@ -107,11 +101,13 @@ class BatchedEngine:
         prefix_caching: bool = True,
         max_chunks_per_s: float = 150.0,
         max_stream_chunks_per_s: float = 40.0,
+        cuda_graphs: bool = True,
+        gpu_memory_fraction: float = 0.9,
     ):
-        if loaded.device.type != "cpu":
-            # Its step tensors (indices, masks, cache) are built on the CPU; nothing moves them.
-            raise ValueError(f"the batched engine runs on the CPU only, not {loaded.device}; use engine: reference")
         self._tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self.use_cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.gpu_memory_fraction = gpu_memory_fraction
         self.max_batch_size = max_batch_size
         self.max_context = max_context or loaded.context_length
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -142,17 +138,47 @@ class BatchedEngine:
             raise self._setup_error
 
     def _setup(self, loaded: LoadedModel, weights: WeightFormat) -> None:
-        self._weights = extract_weights(loaded.model, weights)
-        self._n_groups = self._weights.n_heads // self._weights.n_kv_heads
-        self._rope = rope_table(self._weights, self.max_context)
+        w = self._weights = extract_weights(loaded.model, weights)
+        self._n_groups = w.n_heads // w.n_kv_heads
+        if self.device.type == "cuda":
+            # Allocated whole (CUDA graphs hold its addresses), so sized to the memory there is.
+            self.max_context = self._gpu_context(KVCache.bytes_per_position(len(w.layers), w.n_kv_heads, w.head_dim, w.dtype))
+            initial_capacity = self.max_context
+        else:
+            initial_capacity = INITIAL_CAPACITY
+        self._rope = rope_table(w, self.max_context)
         self._cache = KVCache(
-            len(self._weights.layers), self.max_batch_size, self._weights.n_kv_heads, self.max_context,
-            self._weights.head_dim, self._weights.dtype,
+            len(w.layers), self.max_batch_size, w.n_kv_heads, self.max_context, w.head_dim, w.dtype,
+            self.device, initial_capacity,
         )
+        self._sampling = SlotSampling.empty(self.max_batch_size, self.device)
+        self._eos_tensor = torch.tensor(self._eos_ids, dtype=torch.long, device=self.device)
+        self._graphs = DecodeGraphs(w, self._cache, self._rope, self.max_batch_size) if self.use_cuda_graphs else None
         logger.info(
-            "Batched engine: %s weights, batch %d, context %d, KV cache %.0f MiB (grows with the longest request)",
-            weights, self.max_batch_size, self.max_context, self._cache.size_bytes / 2**20,
+            "Batched engine on %s: %s weights, batch %d, context %d, KV cache %.0f MiB%s, CUDA graphs %s",
+            self.device, weights, self.max_batch_size, self.max_context, self._cache.size_bytes / 2**20,
+            "" if self.device.type == "cuda" else " (grows with the longest request)",
+            "on" if self._graphs else "off",
         )
+
+    def _gpu_context(self, bytes_per_position: int) -> int:
+        """The context each of `max_batch_size` cache rows (and the scratch row) can have within
+        `gpu_memory_fraction` of the GPU's free memory: the configured context if it fits."""
+        free, _ = torch.cuda.mem_get_info(self.device)
+        budget = int(free * self.gpu_memory_fraction)
+        fits = budget // ((self.max_batch_size + 1) * bytes_per_position)
+        if fits < min(self.max_context, 256):
+            raise ValueError(
+                f"the KV cache for {self.max_batch_size} requests needs {bytes_per_position * 256 / 2**20:.1f} MiB per "
+                f"request for 256 tokens, but {self.gpu_memory_fraction} of the GPU's {free / 2**30:.1f} GiB free is "
+                f"{budget / 2**30:.1f} GiB; lower max_batch_size or raise gpu_memory_fraction"
+            )
+        if fits < self.max_context:
+            logger.warning(
+                "KV cache: %d requests x %d tokens do not fit %.1f GiB (%s of %.1f GiB free); context cut to %d tokens",
+                self.max_batch_size, self.max_context, budget / 2**30, self.gpu_memory_fraction, free / 2**30, fits,
+            )
+        return min(self.max_context, fits)
 
     # --- the asyncio side -------------------------------------------------------------------
 
@@ -172,7 +198,7 @@ class BatchedEngine:
             outputs=asyncio.Queue(),
             detokenizer=IncrementalDetokenizer(self._tokenizer),
             stop_matcher=StopStringMatcher(params.stop),
-            generator=torch.Generator().manual_seed(seed),
+            seed=seed,
         )
         with self._wakeup:
             if self._is_shut_down:
@@ -251,6 +277,7 @@ class BatchedEngine:
                 continue
             seq.slot = self._pick_slot(seq)
             self._slots[seq.slot] = seq
+            self._sampling.set(seq.slot, seq.params, seq.seed, len(seq.prompt_ids))
             if self.prefix_caching:
                 seq.n_prefilled = _shared_prefix(seq, self._left_in_slot[seq.slot])
                 self.reused_prompt_tokens += seq.n_prefilled
@@ -277,18 +304,20 @@ class BatchedEngine:
             self._frees += 1
             self._freed_at[seq.slot] = self._frees
 
-    def _cache_contents(self) -> list[list[int]]:
-        """Per cache row, the tokens whose K/V it holds now (before this step's forward)."""
-        return [seq.cached_ids() if seq is not None else left for seq, left in zip(self._slots, self._left_in_slot)]
+    def _cache_contents(self) -> list[tuple[int, list[int]]]:
+        """(slot, the tokens whose K/V it holds now, before this step's forward) of every cache
+        row that holds any."""
+        contents = [seq.cached_ids() if seq is not None else left for seq, left in zip(self._slots, self._left_in_slot)]
+        return [(slot, cached) for slot, cached in enumerate(contents) if cached]
 
-    def _reuse_prefix(self, seq: Sequence, contents: list[list[int]], prefilling: list[Sequence]) -> bool:
+    def _reuse_prefix(self, seq: Sequence, contents: list[tuple[int, list[int]]], prefilling: list[Sequence]) -> bool:
         """Prefix caching: copies the longest start of `seq`'s prompt that another cache row
         holds (`contents`: running or left by a finished request: the same system prompt, or
         the earlier turns of the same conversation) instead of computing it again. Returns
         False if `seq` should rather wait a step because a request prefilling in this step
         computes more of its prefix (16 identical new chats prefill once, not 16 times)."""
         best_slot, best = -1, seq.n_prefilled
-        for slot, cached in enumerate(contents):
+        for slot, cached in contents:
             shared = _shared_prefix(seq, cached) if slot != seq.slot else 0
             if shared > best:
                 best_slot, best = slot, shared
@@ -323,26 +352,24 @@ class BatchedEngine:
         if not decoding and not chunks:
             return
         decode = [(s.slot, s.length - 1, s.generated[-1]) for s in decoding]
-        self._cache.reserve(max([s.length for s in decoding] + [c.start + c.length for c, _ in chunks]))
-        batch = build_step(decode, chunks, self._n_groups)
-        logits = forward(self._weights, self._cache, self._rope, batch)
+        longest = max([s.length for s in decoding] + [c.start + c.length for c, _ in chunks])
+        self._cache.reserve(longest)
+        if self._graphs is not None and not chunks and self._graphs.bucket(len(decode)):
+            logits, batch = self._graphs.decode(decode)
+        else:
+            batch = build_step(decode, chunks, self._n_groups, with_masks=self.device.type != "cuda").to(self.device)
+            logits = forward(self._weights, self._cache, self._rope, batch)
         sampled = decoding + completing
-        rows = [
-            RowSampling(
-                params=s.params,
-                history=s.recent_tokens(s.params.repeat_last_n),
-                generator=s.generator,
-                suppressed_ids=self._eos_ids if len(s.generated) < s.params.min_tokens else (),
-            )
-            for s in sampled
-        ]
+        rows = StepRows(batch.slots[batch.logit_rows], batch.positions[batch.logit_rows], [s.params for s in sampled])
+        # The one transfer back per step: the chosen ids.
+        tokens = sample(logits, rows, self._sampling, self._cache.tokens[:, :longest], self._eos_tensor).tolist()
         # Every streamed chunk costs CPU in the replica, the ingress and the proxy (~1 ms in all
         # here), taken from the engine on a small machine. So the replica sends at most about
         # `max_chunks_per_s` in all and each stream at most `max_stream_chunks_per_s` (40 a
         # second reads as smooth as every token): many streams get their text every few steps;
         # a single stream gets every token when a step takes longer than 25 ms.
         interval = max(1 / self.max_stream_chunks_per_s, len(sampled) / self.max_chunks_per_s)
-        for seq, token in zip(sampled, sample(logits, rows)):
+        for seq, token in zip(sampled, tokens):
             self._advance(seq, token, interval)
 
     def _advance(self, seq: Sequence, token: int, interval: float) -> None:
@@ -379,7 +406,18 @@ def _shared_prefix(seq: Sequence, cached_ids: list[int]) -> int:
     """How many of `seq`'s prompt tokens, from the start, `cached_ids` holds; never the whole
     prompt, since its last token must run to give the first new token's logits."""
     limit = min(len(seq.prompt_ids) - 1, len(cached_ids))
-    n = 0
-    while n < limit and seq.prompt_ids[n] == cached_ids[n]:
-        n += 1
-    return n
+    prompt = seq.prompt_ids
+    if limit <= 0 or prompt[0] != cached_ids[0]:
+        return 0
+    if prompt[:limit] == cached_ids[:limit]:
+        return limit
+    # Binary search with slice comparisons (C loops): this runs for every cache row and
+    # newcomer, 256 x 256 times when a GPU's batch fills at once.
+    low, high = 1, limit  # prompt[:low] matches, prompt[:high] does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        if prompt[:middle] == cached_ids[:middle]:
+            low = middle
+        else:
+            high = middle
+    return low

@@ -3,17 +3,22 @@
 One call runs one engine step: the decode tokens of every running request plus chunks of
 newcomers' prompts, flattened into one [N, hidden] activation so each weight matrix is read once
 per step (on CPU a step costs about one pass over the weights, whatever N is, until N gets large).
-Only attention is per request: decode rows attend to their cache rows in one batched call,
-each prompt chunk attends causally to its own row.
+Only attention is per request. On the CPU, decode rows attend to their cache rows in one
+batched call and each prompt chunk attends causally to its own row, through masks; on a GPU one
+Triton kernel serves every token of the step, each reading its own row up to its own position
+(`cached_attention`), so a step's shapes depend only on its token count (CUDA graphs, see
+`cuda_graphs`).
 
-Owns: turning a transformers `LlamaForCausalLM` into `LlamaWeights` (fp32, bf16, or int8 with
-per-token int8 activations, see `Int8Linear`), RoPE, RMSNorm, attention over the cache, logits.
-Does not own scheduling or sampling (see `batched_engine`, `sampler`).
+Owns: turning a transformers `LlamaForCausalLM` into `LlamaWeights` (fp32, bf16, fp16, or on the
+CPU int8 with per-token int8 activations, see `Int8Linear`, or int4), RoPE, RMSNorm, attention
+over the cache, logits.
+Does not own scheduling or sampling (see `batched`, `sampler`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -21,9 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from deployments.kv_cache import KVCache
+from deployments.engine.kv_cache import KVCache
 
-WeightFormat = Literal["fp32", "bf16", "int8", "int4"]
+WeightFormat = Literal["fp32", "bf16", "fp16", "int8", "int4"]
+# The int8 and int4 kernels are CPU kernels (oneDNN, torch's CPU int4 pack).
+CPU_ONLY_FORMATS = ("int8", "int4")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -96,7 +104,9 @@ def extract_weights(model: PreTrainedModel, weight_format: WeightFormat = "fp32"
     """Copies a `LlamaForCausalLM`'s weights into `LlamaWeights` in `weight_format`; the model
     itself is left untouched (the reference engine and benchmarks still use it)."""
     config = model.config
-    dtype = torch.bfloat16 if weight_format == "bf16" else torch.float32
+    if weight_format in CPU_ONLY_FORMATS and model.device.type != "cpu":
+        raise ValueError(f"{weight_format} weights run on the CPU only, not {model.device}")
+    dtype = _DTYPES.get(weight_format, torch.float32)
     inner = model.model
 
     def tensor(t: torch.Tensor) -> torch.Tensor:
@@ -126,7 +136,7 @@ def extract_weights(model: PreTrainedModel, weight_format: WeightFormat = "fp32"
         n_kv_heads=config.num_key_value_heads,
         head_dim=head_dim,
         rms_norm_eps=config.rms_norm_eps,
-        inv_freq=inner.rotary_emb.inv_freq.detach().float().cpu(),
+        inv_freq=inner.rotary_emb.inv_freq.detach().float(),
         rope_scaling=float(inner.rotary_emb.attention_scaling),
         dtype=dtype,
     )
@@ -170,17 +180,18 @@ class Int8Linear(nn.Module):
         # The weight's transposed view, not a transposed copy: measured 6.8 vs 9.3 ms a pass.
         self._weight_t = self.weight.t()
         self._packed: torch.Tensor | None = None
-        try:
+        self._zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        if _onednn_int8_is_exact():
             # oneDNN's blocked layout; it wants unsigned activations (signed ones take a
             # reference kernel, ~100x slower), hence the zero point of 128 in `forward`.
             self._packed = torch.ops.onednn.qlinear_prepack(self.weight, [1, self.in_features])
-            self._zero_points = torch.zeros(self.out_features, dtype=torch.long)
-        except (RuntimeError, AttributeError, NotImplementedError):  # no oneDNN int8 here (e.g. ARM)
-            pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] fp32 -> [..., out_features] fp32."""
         rows = x.reshape(-1, self.in_features)
+        return self._matmul(rows).view(*x.shape[:-1], self.out_features)
+
+    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
         scale = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-8).div_(127)
         q = torch.round(rows / scale)  # integers in [-127, 127]
         if self._packed is not None and len(rows) >= self.ONEDNN_MIN_ROWS:
@@ -193,7 +204,25 @@ class Int8Linear(nn.Module):
         out.mul_(scale)
         if self.bias is not None:
             out.add_(self.bias)
-        return out.view(*x.shape[:-1], self.out_features)
+        return out
+
+
+@functools.cache
+def _onednn_int8_is_exact() -> bool:
+    """Whether oneDNN's u8 x s8 kernel sums in int32 here. CPUs without VNNI (AVX2 only, e.g.
+    this project's CI machine) add pairs of products in saturating int16 first: 255 * 127 * 2
+    overflows, and results then depend on the kernel, so `Int8Linear` stays on `torch._int_mm`."""
+    try:
+        weight = torch.full((16, 64), 127, dtype=torch.int8)
+        packed = torch.ops.onednn.qlinear_prepack(weight, [1, 64])
+        activations = torch.full((4, 64), 255, dtype=torch.uint8)  # 127 with the zero point of 128
+        out = torch.ops.onednn.qlinear_pointwise(
+            activations, 1.0, 128, packed, torch.ones(16), torch.zeros(16, dtype=torch.long),
+            None, 1.0, 0, torch.float32, "none", [], "",
+        )
+    except (RuntimeError, AttributeError, NotImplementedError):  # no oneDNN int8 here (e.g. ARM)
+        return False
+    return bool((out == 64 * 127 * 127).all())
 
 
 class Int4Linear(nn.Module):
@@ -247,7 +276,7 @@ def _quantize(weights: LlamaWeights, layer_linear: type[nn.Module]) -> None:
 
 def rope_table(weights: LlamaWeights, max_context: int) -> torch.Tensor:
     """The rotation of each position: complex64 [max_context, head_dim // 2]."""
-    angles = torch.outer(torch.arange(max_context, dtype=torch.float32), weights.inv_freq)
+    angles = torch.outer(torch.arange(max_context, dtype=torch.float32, device=weights.inv_freq.device), weights.inv_freq)
     return torch.polar(torch.full_like(angles, weights.rope_scaling), angles)
 
 
@@ -270,24 +299,36 @@ class StepBatch:
     token_ids: torch.Tensor  # [N]
     slots: torch.Tensor  # [N] cache row of each token
     positions: torch.Tensor  # [N]
-    decode_slots: torch.Tensor  # [n_decode]
-    decode_mask: torch.Tensor | None  # [rows, 1, 1, keys] bool, rows = max(decode_slots) + 1
-    chunks: list[PromptChunk]
-    chunk_masks: list[torch.Tensor]  # per chunk [n_groups * length, start + length] bool
     logit_rows: torch.Tensor  # which of the N tokens need next-token logits
+    # For the CPU's masked attention only (`attend`); a GPU step's kernel reads slots/positions.
+    decode_slots: torch.Tensor | None = None  # [n_decode]
+    decode_mask: torch.Tensor | None = None  # [rows, 1, 1, keys] bool, rows = max(decode_slots) + 1
+    chunks: list[PromptChunk] = field(default_factory=list)
+    chunk_masks: list[torch.Tensor] = field(default_factory=list)  # per chunk [n_groups * length, start + length] bool
+
+    def to(self, device: torch.device) -> StepBatch:
+        def moved(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return StepBatch(
+            moved(self.token_ids), moved(self.slots), moved(self.positions), moved(self.logit_rows),
+            moved(self.decode_slots), moved(self.decode_mask), self.chunks, [moved(m) for m in self.chunk_masks],
+        )
 
 
 def build_step(
-    decode: list[tuple[int, int, int]], chunks: list[tuple[PromptChunk, list[int]]], n_groups: int
+    decode: list[tuple[int, int, int]], chunks: list[tuple[PromptChunk, list[int]]], n_groups: int,
+    with_masks: bool = True,
 ) -> StepBatch:
     """`decode`: (slot, position, token id) per running request, slots ascending; `chunks`:
-    prompt chunks with their token ids. `n_groups` = query heads per KV head."""
+    prompt chunks with their token ids. `n_groups` = query heads per KV head. `with_masks`:
+    build the masks the CPU's attention needs (a GPU step needs none)."""
     token_ids = [t for _, _, t in decode]
     slots = [s for s, _, _ in decode]
     positions = [p for _, p, _ in decode]
     logit_rows = list(range(len(decode)))
     decode_mask = None
-    if decode:
+    if decode and with_masks:
         rows, keys = slots[-1] + 1, max(positions) + 1
         # Rows between running requests (free or still prefilling) attend to key 0 only, so
         # their (discarded) softmax is not over an empty set.
@@ -300,19 +341,20 @@ def build_step(
         slots += [chunk.slot] * chunk.length
         positions += range(chunk.start, chunk.start + chunk.length)
         end = chunk.start + chunk.length
-        causal = torch.arange(end)[None, :] <= torch.arange(chunk.start, end)[:, None]
-        chunk_masks.append(causal.repeat(n_groups, 1))
+        if with_masks:
+            causal = torch.arange(end)[None, :] <= torch.arange(chunk.start, end)[:, None]
+            chunk_masks.append(causal.repeat(n_groups, 1))
         if chunk.is_last:
             logit_rows.append(len(token_ids) - 1)
     return StepBatch(
         token_ids=torch.tensor(token_ids),
         slots=torch.tensor(slots),
         positions=torch.tensor(positions),
+        logit_rows=torch.tensor(logit_rows, dtype=torch.long),
         decode_slots=torch.tensor(slots[: len(decode)], dtype=torch.long),
         decode_mask=decode_mask,
         chunks=[c for c, _ in chunks],
         chunk_masks=chunk_masks,
-        logit_rows=torch.tensor(logit_rows, dtype=torch.long),
     )
 
 
@@ -342,7 +384,7 @@ def attention_biases(batch: StepBatch, dtype: torch.dtype) -> tuple[torch.Tensor
     """The step's boolean masks as additive biases, built once and shared by all layers."""
 
     def bias(mask: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
     decode = bias(batch.decode_mask) if batch.decode_mask is not None else None
     return decode, [bias(m)[None, None] for m in batch.chunk_masks]
@@ -354,6 +396,11 @@ def attend(
 ) -> torch.Tensor:
     """q [N, n_heads, head_dim] -> [N, n_heads * head_dim]. Grouped-query attention without
     copying K/V: each KV head's query group is folded into the query-length dimension."""
+    if q.is_cuda:
+        # Imported here: Triton comes with torch's CUDA builds, and the CPU path never needs it.
+        from deployments.engine.cached_attention import cached_attention
+
+        return cached_attention(q, layer_k, layer_v, batch.slots, batch.positions).reshape(len(q), -1)
     n_kv, groups, head_dim = w.n_kv_heads, w.n_heads // w.n_kv_heads, w.head_dim
     decode_bias, chunk_biases = biases
     outputs = []
@@ -389,6 +436,7 @@ def forward(
     q_size, kv_size = w.n_heads * w.head_dim, w.n_kv_heads * w.head_dim
     biases = attention_biases(batch, w.dtype)
     write_index = cache.write_index(batch.slots, batch.positions, w.n_kv_heads)
+    cache.record_tokens(batch.slots, batch.positions, batch.token_ids)
     x = w.embed[batch.token_ids]  # [N, hidden]
     for i, layer in enumerate(w.layers):
         h = rms_norm(x, layer.input_norm, w.rms_norm_eps)

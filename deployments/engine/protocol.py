@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from deployments.sampling import SamplingParams
+from deployments.engine.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled"]
 

@@ -1,0 +1,138 @@
+"""The batched engine on a CUDA GPU against transformers' `generate` on the same GPU, greedy and
+with the original's default sampling (temperature 0.7, top_p 0.9, repeat_penalty 1.1), at 1 / 16
+/ 64 / 256 streams; and against its own decode step replayed alone (the CUDA-graph step: no
+sampling, no streaming), measured in the same run.
+
+    python bench/gpu_bench.py [--streams 1,16,64,256] [--tokens 128] [--http http://127.0.0.1:8080 --model NAME]
+
+The model is SmolLM2-135M's shape with random weights, in bf16 (throughput does not depend on
+the values; the packaged weights do not travel to a GPU machine without network). Every request
+generates exactly --tokens new tokens (EOS ignored). Without a GPU it says so and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine_bench import ORIGINAL_DEFAULTS, QUESTION, Run, describe, engine_run, http_run, percentile  # noqa: E402
+
+from deployments.engine.batched import BatchedEngine  # noqa: E402
+from deployments.model_loader import LoadedModel, build_tiny_random_model  # noqa: E402
+from deployments.model_registry import ModelConfig  # noqa: E402
+
+SAMPLINGS = {"greedy": None, "original defaults": ORIGINAL_DEFAULTS}
+
+
+def transformers_run(loaded: LoadedModel, prompt_ids: list[int], batch: int, tokens: int, sampling: dict | None) -> Run:
+    input_ids = torch.tensor([prompt_ids] * batch, device=loaded.device)
+    options = {"do_sample": False}
+    if sampling:
+        options = {
+            "do_sample": True, "temperature": sampling["temperature"], "top_p": sampling["top_p"],
+            "repetition_penalty": sampling["repeat_penalty"],
+        }
+    with torch.inference_mode():
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        out = loaded.model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens, min_new_tokens=tokens,
+            pad_token_id=loaded.tokenizer.pad_token_id, **options,
+        )
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+    assert out.shape[1] - len(prompt_ids) == tokens
+    return Run("transformers generate", batch, batch * tokens / elapsed, [], [])
+
+
+@torch.inference_mode()
+def graph_step_tps(engine: BatchedEngine, batch: int, repeats: int = 50) -> float:
+    """Tokens/s of the decode step alone: `batch` rows replayed from their CUDA graph."""
+    decode = [(slot, 40, 1) for slot in range(batch)]
+    engine._graphs.decode(decode)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        engine._graphs.decode(decode)
+    torch.cuda.synchronize()
+    return batch * repeats / (time.perf_counter() - started)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", default="1,16,64,256")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--http", metavar="URL", help="also measure through a running Serve app")
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="the served model for --http")
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA GPU: this benchmark measures the GPU path (bench/engine_bench.py is the CPU's)")
+    streams = [int(s) for s in args.streams.split(",")]
+    model, tokenizer = build_tiny_random_model(0, "smollm2")
+    device = torch.device("cuda")
+    loaded = LoadedModel(
+        ModelConfig(name="smollm2-random", source={"kind": "tiny_random", "shape": "smollm2"}, device="cuda"),
+        model.to(device, torch.bfloat16).eval(), tokenizer, device, 2048,
+    )
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
+    if not isinstance(prompt_ids, list):
+        prompt_ids = prompt_ids["input_ids"]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; SmolLM2-135M shape, random weights, bf16; "
+          f"prompt {len(prompt_ids)} tokens, {args.tokens} new tokens per request\n")
+
+    theirs: dict[tuple[str, int], Run] = {}
+    if not args.skip_transformers:
+        transformers_run(loaded, prompt_ids, 1, 4, None)  # warm-up: CUDA context, cuBLAS handles
+        for name, sampling in SAMPLINGS.items():
+            for batch in streams:
+                theirs[name, batch] = transformers_run(loaded, prompt_ids, batch, args.tokens, sampling)
+
+    started = time.perf_counter()
+    engine = BatchedEngine(loaded, weights="bf16", max_batch_size=max(streams), max_context=2048)
+    print(f"engine ready in {time.perf_counter() - started:.1f} s (KV cache {engine._cache.size_bytes / 2**30:.2f} GiB, "
+          f"graphs {engine._graphs.sizes})")
+    step_tps = {batch: graph_step_tps(engine, batch) for batch in streams}
+    await engine_run(engine, prompt_ids, 1, 4, "warm-up")
+    rows = []
+    for name, sampling in SAMPLINGS.items():
+        print(f"\n== {name}")
+        for batch in streams:
+            ours = await engine_run(engine, prompt_ids, batch, args.tokens, f"engine, {batch} stream(s)", sampling)
+            base = theirs.get((name, batch))
+            line = describe(ours, step_tps[batch], base.tokens_per_s if base else None)
+            if base:
+                line += f"  (transformers {base.tokens_per_s:.0f} tok/s)"
+            print(line.replace("of floor", "of graph step"))
+            rows.append((name, batch, ours, base))
+            if args.http:
+                served = await http_run(args.http, args.model, batch, args.tokens, f"HTTP, {batch} stream(s)", sampling)
+                elapsed = batch * args.tokens / served.tokens_per_s
+                chunks_per_s = (len(served.ttft_s) + len(served.itl_s)) / elapsed
+                print(describe(served, step_tps[batch], None).replace("of floor", "of graph step")
+                      + f"  {served.tokens_per_s / ours.tokens_per_s:4.2f}x engine alone, {chunks_per_s:.0f} chunks/s")
+    engine.shutdown()
+
+    print("\nsummary (tok/s)       " + "".join(f"{b:>10}" for b in streams))
+    print("graph step alone      " + "".join(f"{step_tps[b]:10.0f}" for b in streams))
+    for name in SAMPLINGS:
+        ours = {b: r for n, b, r, _ in rows if n == name}
+        print(f"ours, {name:<16}" + "".join(f"{ours[b].tokens_per_s:10.0f}" for b in streams))
+        if theirs:
+            print(f"transformers, {name:<8}" + "".join(f"{theirs[name, b].tokens_per_s:10.0f}" for b in streams))
+            print(f"  ratio                " + "".join(f"{ours[b].tokens_per_s / theirs[name, b].tokens_per_s:9.1f}x" for b in streams))
+        print(f"  TTFT p95 ms          " + "".join(f"{percentile(ours[b].ttft_s, 95) * 1e3:10.1f}" for b in streams))
+    greedy = {b: r for n, b, r, _ in rows if n == "greedy"}
+    sampled = {b: r for n, b, r, _ in rows if n != "greedy"}
+    print("sampling / greedy     " + "".join(f"{sampled[b].tokens_per_s / greedy[b].tokens_per_s:10.2f}" for b in streams))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,193 @@
+"""Picks each running request's next token from a batch of logits, every row under its own
+`SamplingParams`, in a few batched tensor ops on the logits' device (CPU or GPU): repeat penalty,
+EOS suppressed before `min_tokens`, then greedy, or temperature / top-k / top-p sampling.
+
+The per-request settings live in `SlotSampling`, a table with one entry per KV-cache row written
+once when a request is admitted, so a step sends the device nothing but the rows' slots and
+positions (which the forward pass needs anyway) and reads back one id per row.
+
+Sampling draws one uniform number per row and step from a counter-based hash of (seed, step),
+not from a stateful generator: a request's draw depends only on its own logits, seed and token
+index, never on which requests share the step, so a seeded request repeats exactly, and a whole
+batch of rows samples in one op. Top-k and top-p work on the `CANDIDATES` most likely tokens
+(one `topk` instead of sorting the vocabulary); a row whose candidates do not hold its top-p
+mass falls back to the whole vocabulary, so the result is exact either way.
+
+Does not own stopping or text (see `batched`, `detokenizer`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from deployments.engine.sampling import SamplingParams
+
+# Candidates for top-k / top-p. With SmolLM2 at temperature 0.7 and top_p 0.9, 64 tokens hold the
+# mass in nearly every step; a row needing more takes the whole-vocabulary path.
+CANDIDATES = 64
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (int64 tensors holding values < 2**32, no overflow): consecutive
+    inputs give unrelated outputs."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def uniform(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """One number in (0, 1) per row, a pure function of (seed [B] int64 >= 0, step [B] int64)."""
+    key = _hash32(_hash32(seeds & _MASK32) ^ (seeds >> 32))
+    bits = _hash32(key ^ _hash32(steps & _MASK32))
+    return ((bits >> 8).float() + 0.5) / 2**24  # 24 bits: exact in float32, never 0 or 1
+
+
+@dataclass
+class SlotSampling:
+    """Every cache row's sampling settings, as tensors [rows] on the engine's device."""
+
+    temperature: torch.Tensor  # float32, 0 = greedy
+    top_p: torch.Tensor  # float32
+    top_k: torch.Tensor  # int64, 0 = off
+    repeat_penalty: torch.Tensor  # float32, 1 = off
+    repeat_last_n: torch.Tensor  # int64
+    seed: torch.Tensor  # int64
+    first_position: torch.Tensor  # int64: the position of the request's first generated token
+    min_tokens: torch.Tensor  # int64
+
+    @classmethod
+    def empty(cls, rows: int, device: torch.device) -> SlotSampling:
+        def zeros(dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(rows, dtype=dtype, device=device)
+
+        f, i = torch.float32, torch.int64
+        return cls(zeros(f), zeros(f), zeros(i), zeros(f), zeros(i), zeros(i), zeros(i), zeros(i))
+
+    def set(self, slot: int, params: SamplingParams, seed: int, prompt_tokens: int) -> None:
+        """At admission: the request in cache row `slot` samples under `params`."""
+        p = params
+        for tensor, value in (
+            (self.temperature, p.temperature), (self.top_p, p.top_p), (self.top_k, p.top_k),
+            (self.repeat_penalty, p.repeat_penalty), (self.repeat_last_n, p.repeat_last_n), (self.seed, seed),
+            (self.first_position, prompt_tokens), (self.min_tokens, p.min_tokens),
+        ):
+            tensor[slot] = value
+
+
+@dataclass
+class StepRows:
+    """Which rows a step samples: their cache rows and the position of their last input token
+    (device tensors), plus what the host knows about them, so the step skips work no row needs."""
+
+    slots: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [B] int64
+    params: list[SamplingParams]
+
+    @property
+    def any_sampled(self) -> bool:
+        return any(not p.is_greedy for p in self.params)
+
+    @property
+    def any_penalty(self) -> bool:
+        return any(p.repeat_penalty != 1.0 and p.repeat_last_n > 0 for p in self.params)
+
+    @property
+    def any_min_tokens(self) -> bool:
+        return any(p.min_tokens > 0 for p in self.params)
+
+
+def apply_repeat_penalty(
+    logits: torch.Tensor, history: torch.Tensor, positions: torch.Tensor, penalty: torch.Tensor, last_n: torch.Tensor
+) -> None:
+    """In place on logits [B, vocab]: each token among a row's last `last_n` tokens (positions
+    (position - last_n, position] of `history` [B, >position], the row's prompt and generated
+    ids) has its logit divided by the penalty when positive and multiplied by it when negative,
+    once however often it was seen (the original's rule)."""
+    columns = torch.arange(history.shape[1], device=history.device)[None, :]
+    in_window = (columns <= positions[:, None]) & (columns > positions[:, None] - last_n[:, None])
+    seen = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device)
+    seen.scatter_add_(1, history.long(), in_window.int())
+    factor = torch.where(logits > 0, penalty[:, None].reciprocal(), penalty[:, None])
+    logits.copy_(torch.where(seen > 0, logits * factor, logits))
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF: per row, the index where the cumulative probs [B, n] pass u [B] of their total."""
+    cdf = probs.cumsum(dim=-1)
+    index = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1))
+    return index.squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def _filtered_draw(
+    values: torch.Tensor, ids: torch.Tensor, log_total: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+    u: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k then top-p over logits sorted most likely first (`values` [B, n], their token `ids`),
+    with `log_total` [B, 1] the log of the softmax's denominator. Returns the drawn ids [B] and
+    the kept set's probability mass before top-p [B]."""
+    ranks = torch.arange(values.shape[-1], device=values.device)[None, :]
+    in_top_k = (top_k[:, None] == 0) | (ranks < top_k[:, None])
+    probs = (values - log_total).exp() * in_top_k
+    mass_before = probs.cumsum(dim=-1) - probs
+    keep = (mass_before < top_p[:, None]) | (ranks == 0)  # rank 0 always survives
+    return ids.gather(1, _draw(probs * keep, u)[:, None]).squeeze(1), probs.sum(dim=-1)
+
+
+def _sample_rows(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """scaled logits [B, vocab] (already divided by temperature) -> token ids [B]. Top-k first,
+    then top-p over the top-k survivors' renormalized mass, as transformers' warpers do."""
+    vocab = scaled.shape[-1]
+    k = min(CANDIDATES, vocab)
+    values, ids = scaled.topk(k, dim=-1)  # sorted, most likely first
+    ranks = torch.arange(k, device=scaled.device)[None, :]
+    is_filtered = (top_k > 0) | (top_p < 1.0)
+    top_k_fits = (top_k > 0) & (top_k <= k)
+    # The softmax's denominator: over the top-k set when the candidates hold it, else the vocabulary.
+    log_total = torch.where(
+        top_k_fits[:, None],
+        values.masked_fill(ranks >= top_k[:, None], -torch.inf).logsumexp(dim=-1, keepdim=True),
+        scaled.logsumexp(dim=-1, keepdim=True),
+    )
+    tokens, mass = _filtered_draw(values, ids, log_total, top_k, top_p, u)
+    # Exact when the kept set ends inside the candidates: the top-k set fits, or (no top-k)
+    # the candidates hold the top-p mass.
+    is_exact = top_k_fits | (is_filtered & (top_k == 0) & (mass >= top_p))
+    if bool(is_exact.all()):
+        return tokens
+    # Rows with no filter draw from the whole vocabulary as it is: no sort needed.
+    tokens = torch.where(is_exact, tokens, _draw(scaled.softmax(dim=-1), u))
+    needs_sort = is_filtered & ~is_exact
+    if bool(needs_sort.any()):  # rare: a flat distribution, or top_k above the candidates
+        values, ids = scaled.sort(dim=-1, descending=True)
+        in_top_k = (top_k[:, None] == 0) | (torch.arange(vocab, device=scaled.device)[None, :] < top_k[:, None])
+        log_total = values.masked_fill(~in_top_k, -torch.inf).logsumexp(dim=-1, keepdim=True)
+        tokens = torch.where(needs_sort, _filtered_draw(values, ids, log_total, top_k, top_p, u)[0], tokens)
+    return tokens
+
+
+def sample(
+    logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: torch.Tensor, eos_ids: torch.Tensor
+) -> torch.Tensor:
+    """logits [B, vocab] fp32 (modified in place) -> token ids [B] on the same device.
+    `history` [rows of the cache, >= max position + 1]: every row's token ids by position."""
+    slots, positions = rows.slots, rows.positions
+    if rows.any_penalty:
+        apply_repeat_penalty(
+            logits, history[slots], positions, table.repeat_penalty[slots], table.repeat_last_n[slots]
+        )
+    if rows.any_min_tokens and len(eos_ids):
+        generated = positions + 1 - table.first_position[slots]  # tokens generated before this one
+        suppress = (generated < table.min_tokens[slots])[:, None]
+        logits[:, eos_ids] = torch.where(suppress, -torch.inf, logits[:, eos_ids])
+    greedy = logits.argmax(dim=-1)
+    if not rows.any_sampled:
+        return greedy
+    temperature = table.temperature[slots]
+    is_greedy = temperature == 0
+    scaled = logits / torch.where(is_greedy, 1.0, temperature)[:, None]
+    steps = positions + 1 - table.first_position[slots]
+    sampled = _sample_rows(scaled, table.top_k[slots], table.top_p[slots], uniform(table.seed[slots], steps))
+    return torch.where(is_greedy, greedy, sampled)

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+from deployments.engine import sampler
+from deployments.engine.sampler import SlotSampling, StepRows, apply_repeat_penalty, sample, uniform
+from deployments.engine.sampling import SamplingParams
+
+NO_EOS = torch.tensor([], dtype=torch.long)
+
+
+def sample_rows(
+    logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], *, history: torch.Tensor | None = None,
+    positions: list[int] | None = None, prompt_tokens: int = 1, eos_ids: torch.Tensor = NO_EOS,
+) -> list[int]:
+    """One step over rows 0..B-1 of a fresh table: row i samples logits[i] under params[i]."""
+    rows = len(params)
+    table = SlotSampling.empty(rows, logits.device)
+    for slot, (p, seed) in enumerate(zip(params, seeds)):
+        table.set(slot, p, seed, prompt_tokens)
+    positions = positions or [prompt_tokens - 1] * rows
+    history = history if history is not None else torch.zeros(rows, max(positions) + 1, dtype=torch.long)
+    step = StepRows(torch.arange(rows), torch.tensor(positions), params)
+    return sample(logits.clone(), step, table, history, eos_ids).tolist()
+
+
+def draws(logits: torch.Tensor, params: SamplingParams, n: int = 400) -> list[int]:
+    """n draws of one logits row, each under its own seed, all in one batch."""
+    return sample_rows(logits.expand(n, -1), [params] * n, list(range(n)))
+
+
+def allowed_by_transformers(logits: torch.Tensor, params: SamplingParams) -> set[int]:
+    scores = logits[None] / params.temperature
+    if params.top_k:
+        scores = TopKLogitsWarper(params.top_k)(None, scores)
+    scores = TopPLogitsWarper(params.top_p)(None, scores)
+    return set(torch.isfinite(scores[0]).nonzero().flatten().tolist())
+
+
+def test_top_k_then_top_p_keep_the_same_tokens_as_transformers():
+    logits = torch.tensor([3.0, 2.9, 2.5, 1.0, 0.5, 0.0, -1.0, 2.0])
+    for params in (
+        SamplingParams(temperature=1.0, top_k=3, top_p=1.0, repeat_penalty=1.0),
+        SamplingParams(temperature=1.0, top_k=0, top_p=0.6, repeat_penalty=1.0),
+        SamplingParams(temperature=0.7, top_k=4, top_p=0.8, repeat_penalty=1.0),
+    ):
+        assert set(draws(logits, params)) == allowed_by_transformers(logits, params)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_draws_follow_the_softmax(top_p):
+    torch.manual_seed(0)
+    logits = torch.randn(200) * 2
+    params = SamplingParams(temperature=0.8, top_p=top_p, repeat_penalty=1.0)
+    n = 20_000
+    counts = torch.bincount(torch.tensor(draws(logits, params, n)), minlength=200).float()
+    probs = (logits / 0.8).softmax(-1)
+    if top_p < 1.0:
+        ordered, order = probs.sort(descending=True)
+        keep = torch.zeros_like(probs, dtype=torch.bool)
+        keep[order] = (ordered.cumsum(0) - ordered) < top_p
+        probs = torch.where(keep, probs, 0.0) / probs[keep].sum()
+    # Each token's count within 5 standard deviations of its expectation, and nothing outside the set.
+    expected = probs * n
+    assert ((counts - expected).abs() <= 5 * expected.clamp(min=1).sqrt() + 1).all()
+    assert counts[probs == 0].sum() == 0
+
+
+def test_the_candidate_shortcut_draws_exactly_what_a_full_sort_draws(monkeypatch):
+    torch.manual_seed(1)
+    logits = torch.randn(64, 1000) * torch.linspace(0.2, 4, 64)[:, None]  # flat to peaked rows
+    params = [SamplingParams(temperature=0.7, top_p=0.9, top_k=k, repeat_penalty=1.0) for k in [0, 5, 40] * 21 + [0]]
+    seeds = list(range(64))
+    with_candidates = sample_rows(logits, params, seeds)
+    monkeypatch.setattr(sampler, "CANDIDATES", 1000)  # every row exact on the first path: a full sort
+    assert sample_rows(logits, params, seeds) == with_candidates
+    monkeypatch.setattr(sampler, "CANDIDATES", 2)  # nearly every row takes the fallback sort
+    assert sample_rows(logits, params, seeds) == with_candidates
+
+
+def test_a_seeded_row_draws_the_same_alone_and_among_others():
+    torch.manual_seed(2)
+    logits = torch.randn(4, 300)
+    params = [
+        SamplingParams(temperature=0.7, top_p=0.9),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.3, top_k=20),
+        SamplingParams(temperature=0.7, top_p=1.0),
+    ]
+    together = sample_rows(logits, params, [7, 8, 9, 10])
+    alone = [sample_rows(logits[i : i + 1], [params[i]], [seed])[0] for i, seed in enumerate([7, 8, 9, 10])]
+    assert together == alone
+    assert together[1] == int(logits[1].argmax())
+
+
+def test_uniform_is_a_pure_function_of_seed_and_step():
+    seeds = torch.tensor([0, 1, 2**63 - 1, 0])
+    steps = torch.tensor([0, 0, 5, 1])
+    u = uniform(seeds, steps)
+    assert torch.equal(u, uniform(seeds, steps))
+    assert ((u > 0) & (u < 1)).all()
+    assert len(set(u.tolist())) == 4
+    many = uniform(torch.arange(100_000), torch.zeros(100_000, dtype=torch.long))
+    assert abs(float(many.mean()) - 0.5) < 0.01 and abs(float(many.var()) - 1 / 12) < 0.003
+
+
+def test_greedy_rows_take_the_argmax_and_eos_is_suppressed_before_min_tokens():
+    logits = torch.tensor([[0.0, 5.0, 1.0]] * 3)
+    eos = torch.tensor([1])
+    params = [
+        SamplingParams(temperature=0, repeat_penalty=1.0),
+        SamplingParams(temperature=0, repeat_penalty=1.0, min_tokens=3),
+        SamplingParams(temperature=0, repeat_penalty=1.0, min_tokens=3),
+    ]
+    # Prompt of 2 tokens: position 3 means 2 tokens generated so far, position 4 means 3.
+    assert sample_rows(logits, params, [0, 0, 0], positions=[3, 3, 4], prompt_tokens=2, eos_ids=eos) == [1, 2, 1]
+
+
+def test_repeat_penalty_divides_positive_and_multiplies_negative_logits_in_the_window():
+    logits = torch.tensor([[2.0, -2.0, 2.0, -2.0, 1.0]])
+    history = torch.tensor([[2, 0, 1, 1, 3]])  # positions 0..4; the window of 3 at position 3 is 0, 1, 1
+    apply_repeat_penalty(logits, history, torch.tensor([3]), torch.tensor([2.0]), torch.tensor([3]))
+    assert logits.tolist() == [[1.0, -4.0, 2.0, -2.0, 1.0]]
