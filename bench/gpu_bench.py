@@ -54,7 +54,8 @@ def transformers_run(loaded: LoadedModel, prompt_ids: list[int], batch: int, tok
 
 @torch.inference_mode()
 def graph_step_tps(engine: BatchedEngine, batch: int, repeats: int = 50) -> float:
-    """Tokens/s of the decode step alone: `batch` rows replayed from their CUDA graph."""
+    """Tokens/s of the decode step alone (forward pass and sampling): `batch` rows replayed
+    from their CUDA graph, nothing else."""
     decode = [(slot, 40, 1) for slot in range(batch)]
     engine._graphs.decode(decode)
     torch.cuda.synchronize()

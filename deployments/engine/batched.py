@@ -34,7 +34,7 @@ from deployments.engine.detokenizer import IncrementalDetokenizer, StopStringMat
 from deployments.engine.forward import PromptChunk, WeightFormat, build_step, extract_weights, forward, rope_table
 from deployments.engine.kv_cache import INITIAL_CAPACITY, KVCache
 from deployments.engine.protocol import EngineStats, FinishReason, GenerationOutput, PromptTooLongError
-from deployments.engine.sampler import SlotSampling, StepRows, sample
+from deployments.engine.sampler import SlotSampling, StepRows, draw, finish
 from deployments.engine.sampling import SamplingParams
 from deployments.model_loader import LoadedModel, eos_token_ids
 
@@ -151,9 +151,12 @@ class BatchedEngine:
             len(w.layers), self.max_batch_size, w.n_kv_heads, self.max_context, w.head_dim, w.dtype,
             self.device, initial_capacity,
         )
-        self._sampling = SlotSampling.empty(self.max_batch_size, self.device)
+        self._sampling = SlotSampling.empty(self.max_batch_size + 1, self.device)  # + the scratch row
         self._eos_tensor = torch.tensor(self._eos_ids, dtype=torch.long, device=self.device)
-        self._graphs = DecodeGraphs(w, self._cache, self._rope, self.max_batch_size) if self.use_cuda_graphs else None
+        self._graphs = (
+            DecodeGraphs(w, self._cache, self._rope, self._sampling, self._eos_tensor, self.max_batch_size)
+            if self.use_cuda_graphs else None
+        )
         logger.info(
             "Batched engine on %s: %s weights, batch %d, context %d, KV cache %.0f MiB%s, CUDA graphs %s",
             self.device, weights, self.max_batch_size, self.max_context, self._cache.size_bytes / 2**20,
@@ -354,15 +357,15 @@ class BatchedEngine:
         decode = [(s.slot, s.length - 1, s.generated[-1]) for s in decoding]
         longest = max([s.length for s in decoding] + [c.start + c.length for c, _ in chunks])
         self._cache.reserve(longest)
+        sampled = decoding + completing
         if self._graphs is not None and not chunks and self._graphs.bucket(len(decode)):
-            logits, batch = self._graphs.decode(decode)
+            draft = self._graphs.decode(decode)  # forward pass and sampling, replayed
         else:
             batch = build_step(decode, chunks, self._n_groups, with_masks=self.device.type != "cuda").to(self.device)
             logits = forward(self._weights, self._cache, self._rope, batch)
-        sampled = decoding + completing
-        rows = StepRows(batch.slots[batch.logit_rows], batch.positions[batch.logit_rows], [s.params for s in sampled])
-        # The one transfer back per step: the chosen ids.
-        tokens = sample(logits, rows, self._sampling, self._cache.tokens[:, :longest], self._eos_tensor).tolist()
+            rows = StepRows(batch.slots[batch.logit_rows], batch.positions[batch.logit_rows], [s.params for s in sampled])
+            draft = draw(logits, rows, self._sampling, self._cache.tokens[:, :longest], self._eos_tensor)
+        tokens = finish(draft)  # the one transfer back per step: the chosen ids
         # Every streamed chunk costs CPU in the replica, the ingress and the proxy (~1 ms in all
         # here), taken from the engine on a small machine. So the replica sends at most about
         # `max_chunks_per_s` in all and each stream at most `max_stream_chunks_per_s` (40 a

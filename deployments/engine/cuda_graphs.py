@@ -1,6 +1,6 @@
 """Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
 
-A decode step of a small model is a few hundred small kernels; launched one by one from Python
+A decode step of a small model is a few hundred small kernels (and sampling a few dozen more); launched one by one from Python
 the GPU waits on the launches (transformers' `generate` on an H100: ~77 ms a step at any batch),
 while a replayed graph launches them all at once (3.3 ms at batch 1, 11.3 ms at 256, measured on
 an H100). A graph fixes its shapes and addresses, so:
@@ -9,7 +9,8 @@ an H100). A graph fixes its shapes and addresses, so:
 - a step of n rows replays the smallest bucket >= n; its padding rows decode token 0 at
   position 0 of the cache's scratch row, and their logits are ignored;
 - attention reads each row's length from the positions buffer (`cached_attention`), so one
-  graph serves any mix of lengths.
+  graph serves any mix of lengths; sampling reads each row's settings from the per-slot table
+  (`sampler.SlotSampling`), so one graph serves any mix of settings.
 
 Prefill steps (and decode steps beyond the largest bucket) run eagerly: their shapes vary, and
 they are few. Capturing takes well under a second per bucket for SmolLM2 and needs no disk
@@ -26,6 +27,7 @@ import torch
 
 from deployments.engine.forward import LlamaWeights, StepBatch, forward
 from deployments.engine.kv_cache import KVCache
+from deployments.engine.sampler import Draft, SlotSampling, StepRows, draw
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +44,12 @@ def bucket_sizes(max_rows: int) -> list[int]:
 
 class DecodeGraphs:
     @torch.inference_mode()
-    def __init__(self, weights: LlamaWeights, cache: KVCache, rope: torch.Tensor, max_rows: int):
+    def __init__(
+        self, weights: LlamaWeights, cache: KVCache, rope: torch.Tensor, sampling: SlotSampling, eos_ids: torch.Tensor,
+        max_rows: int,
+    ):
         started = time.monotonic()
-        self._weights, self._cache, self._rope = weights, cache, rope
+        self._cache = cache
         self.sizes = bucket_sizes(max_rows)
         device = cache.device
         # token ids, slots, positions: one buffer, so a step's inputs go over in one copy.
@@ -52,39 +57,42 @@ class DecodeGraphs:
         self._inputs[1] = cache.scratch_slot
         self._host = torch.zeros(3, max_rows, dtype=torch.long).pin_memory()
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._batches: dict[int, StepBatch] = {}
-        self._logits: dict[int, torch.Tensor] = {}
+        self._drafts: dict[int, Draft] = {}
+
+        def step(size: int) -> Draft:
+            token_ids, slots, positions = self._inputs[:, :size]
+            batch = StepBatch(token_ids, slots, positions, logit_rows=torch.arange(size, device=device))
+            logits = forward(weights, cache, rope, batch)
+            # Sampling too (the host knows nothing of the rows here, so every part of it runs):
+            # its ~40 small kernels would otherwise be launched one by one after the pass.
+            return draw(logits, StepRows(slots, positions), sampling, cache.tokens, eos_ids)
+
         pool = None
         # Largest first: the smaller graphs then fit in the memory the largest one took.
         for size in reversed(self.sizes):
-            batch = self._batch(size)
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):  # warm-up off the capture stream (cuBLAS, Triton's compile)
-                forward(weights, cache, rope, batch)
+                step(size)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._logits[size] = forward(weights, cache, rope, batch)
+                self._drafts[size] = step(size)
             pool = graph.pool()
-            self._graphs[size], self._batches[size] = graph, batch
+            self._graphs[size] = graph
         torch.cuda.synchronize(device)
         logger.info(
             "Captured %d CUDA graphs (decode batches %s) in %.1f s",
             len(self.sizes), ", ".join(map(str, self.sizes)), time.monotonic() - started,
         )
 
-    def _batch(self, size: int) -> StepBatch:
-        token_ids, slots, positions = self._inputs[:, :size]
-        return StepBatch(token_ids, slots, positions, logit_rows=torch.arange(size, device=self._inputs.device))
-
     def bucket(self, rows: int) -> int | None:
         """The graph that fits `rows` decode tokens, or None if there are too many."""
         return next((size for size in self.sizes if size >= rows), None)
 
-    def decode(self, decode: list[tuple[int, int, int]]) -> tuple[torch.Tensor, StepBatch]:
-        """`decode`: (slot, position, token id) per row (at most the largest bucket) -> logits
-        [rows, vocab] and the replayed batch (its slots/positions: the rows' device tensors)."""
+    def decode(self, decode: list[tuple[int, int, int]]) -> Draft:
+        """`decode`: (slot, position, token id) per row (at most the largest bucket) -> the
+        rows' sampled `Draft` (see `sampler.finish`)."""
         rows = len(decode)
         size = self.bucket(rows)
         assert size is not None, f"{rows} rows exceed the largest CUDA graph ({self.sizes[-1]})"
@@ -93,7 +101,4 @@ class DecodeGraphs:
         host[:, rows:] = torch.tensor([[0], [self._cache.scratch_slot], [0]])
         self._inputs[:, :size].copy_(host, non_blocking=True)
         self._graphs[size].replay()
-        batch = self._batches[size]
-        return self._logits[size][:rows], StepBatch(
-            batch.token_ids[:rows], batch.slots[:rows], batch.positions[:rows], batch.logit_rows[:rows]
-        )
+        return self._drafts[size][:rows]

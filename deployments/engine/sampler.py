@@ -80,23 +80,48 @@ class SlotSampling:
 @dataclass
 class StepRows:
     """Which rows a step samples: their cache rows and the position of their last input token
-    (device tensors), plus what the host knows about them, so the step skips work no row needs."""
+    (device tensors), plus, outside a CUDA graph, their parameters, so an eager step skips the
+    work no row needs. Inside a graph the host knows nothing of the rows: every part runs."""
 
     slots: torch.Tensor  # [B] int64
     positions: torch.Tensor  # [B] int64
-    params: list[SamplingParams]
+    params: list[SamplingParams] | None = None
+
+    def _any(self, predicate) -> bool:
+        return self.params is None or any(predicate(p) for p in self.params)
 
     @property
     def any_sampled(self) -> bool:
-        return any(not p.is_greedy for p in self.params)
+        return self._any(lambda p: not p.is_greedy)
+
+    @property
+    def any_unfiltered(self) -> bool:
+        """Rows sampling from the whole vocabulary (no top-k, no top-p)."""
+        return self._any(lambda p: not p.is_greedy and p.top_k == 0 and p.top_p >= 1.0)
 
     @property
     def any_penalty(self) -> bool:
-        return any(p.repeat_penalty != 1.0 and p.repeat_last_n > 0 for p in self.params)
+        return self._any(lambda p: p.repeat_penalty != 1.0 and p.repeat_last_n > 0)
 
     @property
     def any_min_tokens(self) -> bool:
-        return any(p.min_tokens > 0 for p in self.params)
+        return self._any(lambda p: p.min_tokens > 0)
+
+
+@dataclass
+class Draft:
+    """`draw`'s result: the chosen ids, except for rows whose top-p mass lies beyond the
+    candidates (`needs_sort`), which `finish` draws again over the sorted vocabulary."""
+
+    tokens: torch.Tensor  # [B] int64
+    needs_sort: torch.Tensor  # [B] bool
+    scaled: torch.Tensor  # [B, vocab]: the logits after penalty and temperature
+    top_k: torch.Tensor  # [B]
+    top_p: torch.Tensor  # [B]
+    u: torch.Tensor  # [B]
+
+    def __getitem__(self, rows: slice) -> Draft:
+        return Draft(*(t[rows] for t in (self.tokens, self.needs_sort, self.scaled, self.top_k, self.top_p, self.u)))
 
 
 def apply_repeat_penalty(
@@ -136,12 +161,29 @@ def _filtered_draw(
     return ids.gather(1, _draw(probs * keep, u)[:, None]).squeeze(1), probs.sum(dim=-1)
 
 
-def _sample_rows(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """scaled logits [B, vocab] (already divided by temperature) -> token ids [B]. Top-k first,
-    then top-p over the top-k survivors' renormalized mass, as transformers' warpers do."""
-    vocab = scaled.shape[-1]
-    k = min(CANDIDATES, vocab)
-    values, ids = scaled.topk(k, dim=-1)  # sorted, most likely first
+def draw(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: torch.Tensor, eos_ids: torch.Tensor) -> Draft:
+    """logits [B, vocab] fp32 (modified in place) -> a `Draft`. `history` [rows of the cache,
+    > max position]: every row's token ids by position. No host synchronisation and fixed
+    shapes, so a CUDA graph can hold it (see `cuda_graphs`)."""
+    slots, positions = rows.slots, rows.positions
+    if rows.any_penalty:
+        apply_repeat_penalty(logits, history[slots], positions, table.repeat_penalty[slots], table.repeat_last_n[slots])
+    steps = positions + 1 - table.first_position[slots]  # tokens generated before this one
+    if rows.any_min_tokens and len(eos_ids):
+        suppress = (steps < table.min_tokens[slots])[:, None]
+        logits[:, eos_ids] = torch.where(suppress, -torch.inf, logits[:, eos_ids])
+    greedy = logits.argmax(dim=-1)
+    top_k, top_p = table.top_k[slots], table.top_p[slots]
+    u = uniform(table.seed[slots], steps)
+    if not rows.any_sampled:
+        return Draft(greedy, torch.zeros_like(greedy, dtype=torch.bool), logits, top_k, top_p, u)
+    temperature = table.temperature[slots]
+    is_greedy = temperature == 0
+    scaled = logits / torch.where(is_greedy, 1.0, temperature)[:, None]
+    # Top-k first, then top-p over the top-k survivors' renormalized mass, as transformers'
+    # warpers do; on the most likely CANDIDATES tokens, sorted.
+    k = min(CANDIDATES, scaled.shape[-1])
+    values, ids = scaled.topk(k, dim=-1)
     ranks = torch.arange(k, device=scaled.device)[None, :]
     is_filtered = (top_k > 0) | (top_p < 1.0)
     top_k_fits = (top_k > 0) & (top_k <= k)
@@ -152,42 +194,31 @@ def _sample_rows(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
         scaled.logsumexp(dim=-1, keepdim=True),
     )
     tokens, mass = _filtered_draw(values, ids, log_total, top_k, top_p, u)
+    if rows.any_unfiltered:  # no filter: the whole vocabulary as it is, no sort needed
+        tokens = torch.where(is_filtered, tokens, _draw(scaled.softmax(dim=-1), u))
     # Exact when the kept set ends inside the candidates: the top-k set fits, or (no top-k)
     # the candidates hold the top-p mass.
-    is_exact = top_k_fits | (is_filtered & (top_k == 0) & (mass >= top_p))
-    if bool(is_exact.all()):
+    is_exact = ~is_filtered | top_k_fits | ((top_k == 0) & (mass >= top_p))
+    return Draft(torch.where(is_greedy, greedy, tokens), ~is_greedy & ~is_exact, scaled, top_k, top_p, u)
+
+
+def finish(draft: Draft) -> list[int]:
+    """The step's token ids on the host: one transfer, plus a sort over the vocabulary for the
+    rare rows whose candidates did not hold their top-p mass (a flat distribution, or top_k
+    above the candidates)."""
+    tokens, needs_sort = torch.stack([draft.tokens, draft.needs_sort.long()]).tolist()
+    if not any(needs_sort):
         return tokens
-    # Rows with no filter draw from the whole vocabulary as it is: no sort needed.
-    tokens = torch.where(is_exact, tokens, _draw(scaled.softmax(dim=-1), u))
-    needs_sort = is_filtered & ~is_exact
-    if bool(needs_sort.any()):  # rare: a flat distribution, or top_k above the candidates
-        values, ids = scaled.sort(dim=-1, descending=True)
-        in_top_k = (top_k[:, None] == 0) | (torch.arange(vocab, device=scaled.device)[None, :] < top_k[:, None])
-        log_total = values.masked_fill(~in_top_k, -torch.inf).logsumexp(dim=-1, keepdim=True)
-        tokens = torch.where(needs_sort, _filtered_draw(values, ids, log_total, top_k, top_p, u)[0], tokens)
-    return tokens
+    values, ids = draft.scaled.sort(dim=-1, descending=True)
+    vocab = torch.arange(values.shape[-1], device=values.device)[None, :]
+    in_top_k = (draft.top_k[:, None] == 0) | (vocab < draft.top_k[:, None])
+    log_total = values.masked_fill(~in_top_k, -torch.inf).logsumexp(dim=-1, keepdim=True)
+    resampled = _filtered_draw(values, ids, log_total, draft.top_k, draft.top_p, draft.u)[0]
+    return torch.where(draft.needs_sort, resampled, draft.tokens).tolist()
 
 
 def sample(
     logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: torch.Tensor, eos_ids: torch.Tensor
-) -> torch.Tensor:
-    """logits [B, vocab] fp32 (modified in place) -> token ids [B] on the same device.
-    `history` [rows of the cache, >= max position + 1]: every row's token ids by position."""
-    slots, positions = rows.slots, rows.positions
-    if rows.any_penalty:
-        apply_repeat_penalty(
-            logits, history[slots], positions, table.repeat_penalty[slots], table.repeat_last_n[slots]
-        )
-    if rows.any_min_tokens and len(eos_ids):
-        generated = positions + 1 - table.first_position[slots]  # tokens generated before this one
-        suppress = (generated < table.min_tokens[slots])[:, None]
-        logits[:, eos_ids] = torch.where(suppress, -torch.inf, logits[:, eos_ids])
-    greedy = logits.argmax(dim=-1)
-    if not rows.any_sampled:
-        return greedy
-    temperature = table.temperature[slots]
-    is_greedy = temperature == 0
-    scaled = logits / torch.where(is_greedy, 1.0, temperature)[:, None]
-    steps = positions + 1 - table.first_position[slots]
-    sampled = _sample_rows(scaled, table.top_k[slots], table.top_p[slots], uniform(table.seed[slots], steps))
-    return torch.where(is_greedy, greedy, sampled)
+) -> list[int]:
+    """logits [B, vocab] fp32 (modified in place) -> one token id per row, on the host."""
+    return finish(draw(logits, rows, table, history, eos_ids))

@@ -23,7 +23,7 @@ def sample_rows(
     positions = positions or [prompt_tokens - 1] * rows
     history = history if history is not None else torch.zeros(rows, max(positions) + 1, dtype=torch.long)
     step = StepRows(torch.arange(rows), torch.tensor(positions), params)
-    return sample(logits.clone(), step, table, history, eos_ids).tolist()
+    return sample(logits.clone(), step, table, history, eos_ids)
 
 
 def draws(logits: torch.Tensor, params: SamplingParams, n: int = 400) -> list[int]:
