@@ -179,6 +179,8 @@ export async function stopGeneration(conversationId) {
   }
 }
 
+const STREAM_ERROR_MARKER = "\n[error] ";
+
 async function streamText(path, body, { signal, onText }) {
   const response = await request(path, { method: "POST", body, signal });
   const reader = response.body.getReader();
@@ -198,6 +200,14 @@ async function streamText(path, body, { signal, onText }) {
     throw partial;
   }
   text += decoder.decode();
+  // An answer that failed after it started ends with the server's error line (see README).
+  const cut = text.lastIndexOf(STREAM_ERROR_MARKER);
+  if (cut >= 0 && text.endsWith("\n")) {
+    const failure = new ApiError(text.slice(cut + STREAM_ERROR_MARKER.length).trim());
+    failure.partialText = text.slice(0, cut);
+    onText(failure.partialText);
+    throw failure;
+  }
   onText(text);
   return text;
 }

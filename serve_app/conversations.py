@@ -19,15 +19,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from deployments.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
+from deployments.engine.protocol import EngineStats, GenerationOutput, GenerationRequest, InvalidRequestError
+from deployments.engine.sampling import SamplingParams
 from deployments.history_store import ConversationNotFoundError
 from deployments.model_registry import ModelConfig, ModelRegistry
-from deployments.engine.sampling import SamplingParams
 from serve_app.metrics import ServiceMetrics
-from serve_app.protocol import Conversation, ConversationSummary, Message, MessageStatus, ModelState
+from serve_app.protocol import (
+    STREAM_ERROR_MARKER,
+    Conversation,
+    ConversationSummary,
+    Message,
+    MessageStatus,
+    ModelState,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +47,24 @@ MODEL_STATE = {
 }
 
 
-class InvalidRequestError(ValueError):
-    """A request that validates field by field but makes no sense as a whole (400)."""
+class ConversationBusyError(RuntimeError):
+    """A new answer was asked for while the conversation's previous one is still streaming
+    (409): two answers would race into one history."""
+
+    def __init__(self, conversation_id: int):
+        super().__init__(
+            f"conversation '{conversation_id}' is already answering; wait for the answer to finish or stop it "
+            f"(POST /conversations/{conversation_id}/stop), then send again"
+        )
+
+
+def describe_failure(exc: BaseException) -> str:
+    """What to tell a user (and store with the answer) when a stream fails after it started:
+    words, not Ray's internals."""
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(exc, RayActorError) or isinstance(cause, RayActorError):  # ActorDiedError among them
+        return "the model's replica stopped while answering (Serve is restarting it); send the prompt again shortly"
+    return f"the answer failed: {cause}"
 
 
 class ModelOverloadedError(RuntimeError):
@@ -123,6 +147,8 @@ class ConversationService:
         self.history = history
         self.metrics = ServiceMetrics()
         self._pending_writes: set[asyncio.Task] = set()
+        # Conversations answering through this ingress replica (one answer at a time each).
+        self._answering: set[int] = set()
 
     async def model_states(self) -> dict[str, ModelState]:
         """Each model's state from Serve's view of its deployment."""
@@ -217,15 +243,24 @@ class ConversationService:
         request (prompt too long, model down) is raised here, before any byte is sent."""
         request_id = turn_request_id(record.conversation_id) if record else None
         request = GenerationRequest(messages=messages, prompt=prompt, params=params, request_id=request_id)
+        if record is not None:
+            if record.conversation_id in self._answering:
+                raise ConversationBusyError(record.conversation_id)
+            self._answering.add(record.conversation_id)  # released when `outputs` ends
         started = time.monotonic()
         stream: DeploymentResponseGenerator = self.models[model.name].options(stream=True).generate.remote(request)
         try:
-            first: GenerationOutput = await stream.__anext__()
-        except BackPressureError as exc:
-            # Serve's own handler would answer in plain text; ours names the model.
-            raise ModelOverloadedError(model) from exc
+            try:
+                first: GenerationOutput = await stream.__anext__()
+            except BackPressureError as exc:
+                # Serve's own handler would answer in plain text; ours names the model.
+                raise ModelOverloadedError(model) from exc
+            except BaseException:
+                stream.cancel()
+                raise
         except BaseException:
-            stream.cancel()
+            if record is not None:
+                self._answering.discard(record.conversation_id)
             raise
         self.metrics.turn_started(model.name, time.monotonic() - started)
         if record is not None and record.replace_after is None:
@@ -252,7 +287,7 @@ class ConversationService:
             status = "stopped"
             raise
         except Exception as exc:  # noqa: BLE001 - headers are sent; record what we have
-            status, error = "failed", str(getattr(exc, "cause", None) or exc)
+            status, error = "failed", describe_failure(exc)
             logger.exception("generation with model %s failed", turn.model.name)
             raise
         finally:
@@ -262,6 +297,7 @@ class ConversationService:
             if status != "complete":
                 turn.stream.cancel()
             if turn.record is not None:
+                self._answering.discard(turn.record.conversation_id)
                 answer = dict(
                     model=turn.model.name, parameters=turn.record.parameters, status=status, error=error,
                     prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens,
@@ -270,11 +306,15 @@ class ConversationService:
                 await self._store_answer_surely(turn.record.conversation_id, "".join(pieces), answer)
 
     async def text_pieces(self, turn: Turn) -> AsyncIterator[str]:
-        """The turn as plain text pieces (the original API's stream)."""
-        async with aclosing(self.outputs(turn)) as outputs:
-            async for output in outputs:
-                if output.text:
-                    yield output.text
+        """The turn as plain text pieces (the original API's stream). A failure after the first
+        piece ends the stream cleanly with `STREAM_ERROR_MARKER` and the reason on a line of its own."""
+        try:
+            async with aclosing(self.outputs(turn)) as outputs:
+                async for output in outputs:
+                    if output.text:
+                        yield output.text
+        except Exception as exc:  # noqa: BLE001 - logged and stored by `outputs`
+            yield f"\n{STREAM_ERROR_MARKER}{describe_failure(exc)}\n"
 
     async def _store_answer_surely(self, conversation_id: int, content: str, answer: dict[str, Any]) -> None:
         """Stores the answer even when the client's disconnect cancelled this request. The write

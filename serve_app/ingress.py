@@ -18,13 +18,13 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.engine.protocol import InvalidRequestError
 from deployments.history_store import ConversationNotFoundError
-from deployments.engine.protocol import PromptTooLongError
 from deployments.logs import show_our_logs
 from deployments.model_registry import ModelRegistry, UnknownModelError
 from serve_app.conversations import (
+    ConversationBusyError,
     ConversationService,
-    InvalidRequestError,
     ModelOverloadedError,
     UnknownRevisionError,
     conversation_markdown,
@@ -52,11 +52,11 @@ ERROR_STATUS: dict[type[Exception], int] = {
     ConversationNotFoundError: status.HTTP_404_NOT_FOUND,
     UnknownModelError: status.HTTP_404_NOT_FOUND,
     UnknownRevisionError: status.HTTP_404_NOT_FOUND,
-    PromptTooLongError: status.HTTP_400_BAD_REQUEST,
-    InvalidRequestError: status.HTTP_400_BAD_REQUEST,
+    ConversationBusyError: status.HTTP_409_CONFLICT,
+    InvalidRequestError: status.HTTP_400_BAD_REQUEST,  # PromptTooLongError among them
 }
 
-_ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 404, 422, 503)}
+_ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 503)}
 
 
 def _error_body(request: Request, code: int, message: str, param: str | None = None) -> dict:

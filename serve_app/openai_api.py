@@ -4,6 +4,7 @@ turns of the shared `ConversationService` and engine outputs back into OpenAI's 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -14,8 +15,8 @@ from fastapi import APIRouter, Header
 from fastapi.sse import format_sse_event
 from pydantic import BaseModel
 
-from deployments.engine.protocol import GenerationOutput
-from serve_app.conversations import ConversationService, InvalidRequestError, Turn
+from deployments.engine.protocol import GenerationOutput, InvalidRequestError
+from serve_app.conversations import ConversationService, Turn, describe_failure
 from serve_app.protocol import (
     ChatCompletion,
     ChatCompletionChoice,
@@ -67,11 +68,18 @@ async def sse_events(
     usage_chunk: Callable[[Usage], BaseModel] | None,
 ) -> AsyncIterator[bytes]:
     """OpenAI's stream: `chunk(text, finish_reason)` per output, a closing chunk with the finish
-    reason, an optional usage chunk, then `data: [DONE]`."""
-    async with aclosing(service.outputs(turn)) as outputs:
-        async for output in outputs:
-            if output.text:
-                yield format_sse_event(data_str=chunk(output.text, None).model_dump_json())
+    reason, an optional usage chunk, then `data: [DONE]`. A failure after the stream started
+    ends it with an error event, then `data: [DONE]` (as vLLM does)."""
+    try:
+        async with aclosing(service.outputs(turn)) as outputs:
+            async for output in outputs:
+                if output.text:
+                    yield format_sse_event(data_str=chunk(output.text, None).model_dump_json())
+    except Exception as exc:  # noqa: BLE001 - logged and stored by `outputs`
+        error = {"message": describe_failure(exc), "type": "server_error", "param": None, "code": 503}
+        yield format_sse_event(data_str=json.dumps({"error": error}))
+        yield format_sse_event(data_str="[DONE]")
+        return
     yield format_sse_event(data_str=chunk(None, finish_reason_of(output)).model_dump_json())
     if usage_chunk is not None:
         yield format_sse_event(data_str=usage_chunk(usage_of(output)).model_dump_json())

@@ -23,6 +23,10 @@ DEFAULT_REPEAT_PENALTY = 1.1
 DEFAULT_REPEAT_LAST_N = 64
 MAX_SAMPLE_LEN = 8192
 MAX_SEED = 2**63 - 1
+MAX_TOP_K = 1_000_000  # more than any vocabulary
+# Ends the original API's text stream when the answer fails after it started (a replica died):
+# a line of its own, the reason after it. The answer stored in the history has status `failed`.
+STREAM_ERROR_MARKER = "[error] "
 
 MessageRole = Literal["system", "user", "assistant"]
 # complete: the answer ended normally; stopped: the client went away or pressed stop, the
@@ -197,7 +201,7 @@ class _OpenAISamplingRequest(BaseModel):
     frequency_penalty: float = Field(default=0.0, description="Not supported; only 0 is accepted.")
     user: str | None = None
     # vLLM-style extensions.
-    top_k: int | None = Field(default=None, ge=-1, description="-1 or 0 disables top-k.")
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K, description="-1 or 0 disables top-k.")
     repetition_penalty: float | None = Field(
         default=None, gt=0.0, le=10.0, description="The original's repeat penalty over every token seen; 1 disables it."
     )
@@ -301,6 +305,8 @@ class CompletionRequest(_OpenAISamplingRequest):
     def _one_prompt(cls, value):
         if isinstance(value, list) and len(value) != 1:
             raise ValueError("must be one string; batches of prompts are not supported")
+        if not (value if isinstance(value, str) else value[0]):
+            raise ValueError("must not be empty")
         return value
 
     @property

@@ -14,7 +14,6 @@ from fastapi.sse import EventSourceResponse
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-
 # asyncio keeps only weak references to tasks: hold the closing ones until they are done.
 _closing: set[asyncio.Task] = set()
 

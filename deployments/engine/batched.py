@@ -33,7 +33,13 @@ from deployments.engine.cuda_graphs import DecodeGraphs
 from deployments.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from deployments.engine.forward import PromptChunk, WeightFormat, build_step, extract_weights, forward, rope_table
 from deployments.engine.kv_cache import INITIAL_CAPACITY, KVCache
-from deployments.engine.protocol import EngineStats, FinishReason, GenerationOutput, PromptTooLongError
+from deployments.engine.protocol import (
+    EngineStats,
+    FinishReason,
+    GenerationOutput,
+    InvalidRequestError,
+    PromptTooLongError,
+)
 from deployments.engine.sampler import SlotSampling, StepRows, draw, finish
 from deployments.engine.sampling import SamplingParams
 from deployments.model_loader import LoadedModel, eos_token_ids
@@ -187,7 +193,7 @@ class BatchedEngine:
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:
         if not prompt_token_ids:
-            raise ValueError("the prompt has no tokens")
+            raise InvalidRequestError("the prompt is empty: it has no tokens")
         if len(prompt_token_ids) >= self.max_context:
             raise PromptTooLongError(
                 f"the prompt is {len(prompt_token_ids)} tokens but the engine's context is {self.max_context} "
@@ -279,8 +285,13 @@ class BatchedEngine:
             if seq.is_cancelled:
                 continue
             seq.slot = self._pick_slot(seq)
+            try:
+                self._sampling.set(seq.slot, seq.params, seq.seed, len(seq.prompt_ids))
+            except Exception as exc:  # noqa: BLE001 - e.g. a top_k beyond int64 (ValueError: overflow)
+                # This request alone fails: it never joins a step, so it cannot fail others'.
+                seq.send(InvalidRequestError(f"sampling parameters the engine cannot represent: {exc}"))
+                continue
             self._slots[seq.slot] = seq
-            self._sampling.set(seq.slot, seq.params, seq.seed, len(seq.prompt_ids))
             if self.prefix_caching:
                 seq.n_prefilled = _shared_prefix(seq, self._left_in_slot[seq.slot])
                 self.reused_prompt_tokens += seq.n_prefilled

@@ -54,5 +54,10 @@ class GenerationRequest:
     request_id: str | None = None
 
 
-class PromptTooLongError(ValueError):
+class InvalidRequestError(ValueError):
+    """A request that cannot run as asked (an empty prompt, a parameter the engine cannot
+    represent, a conversation with nothing to answer): the caller's fault, answered 400."""
+
+
+class PromptTooLongError(InvalidRequestError):
     """The prompt (plus room for the answer) does not fit the model's context."""

@@ -1,14 +1,26 @@
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import json
+from datetime import UTC, datetime
 
 import pytest
+from ray.exceptions import ActorDiedError
 
+from deployments.engine.protocol import GenerationOutput
+from deployments.engine.sampling import SamplingParams
 from deployments.history_store import ConversationNotFoundError
-from serve_app.conversations import context_messages, conversation_markdown, parse_conversation_id
-from serve_app.protocol import Conversation, Message
+from deployments.model_registry import ModelConfig, ModelRegistry
+from serve_app.conversations import (
+    ConversationBusyError,
+    ConversationService,
+    context_messages,
+    conversation_markdown,
+    parse_conversation_id,
+)
+from serve_app.openai_api import sse_events
+from serve_app.protocol import STREAM_ERROR_MARKER, Conversation, Message, Usage
 
-NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def message(i: int, role: str, content: str, **fields) -> Message:
@@ -51,3 +63,109 @@ def test_markdown_export_names_speakers_and_marks_unfinished_answers():
         "# Conversation 3\n\n## User\n\nHi\n\n## Assistant (smol) — stopped\n\nHel\n\n"
         "## Assistant (smol) — failed\n\n> error: out of memory\n"
     )
+
+
+# --- turns, driven without Ray: a model replica's stream and the history are stand-ins --------
+
+
+class FakeStream:
+    """What a model handle's streaming call returns: `outputs`, then `error` if given."""
+
+    def __init__(self, outputs: list[GenerationOutput], error: BaseException | None = None):
+        self._outputs, self._error = list(outputs), error
+        self.is_cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> GenerationOutput:
+        if self._outputs:
+            return self._outputs.pop(0)
+        if self._error is not None:
+            raise self._error
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        self.is_cancelled = True
+
+
+class Remote:
+    def __init__(self, fn):
+        self.remote = fn
+
+
+class FakeModel:
+    """A model deployment's handle whose `generate` calls return the given streams in turn."""
+
+    def __init__(self, *streams: FakeStream):
+        self._streams = list(streams)
+        self.generate = Remote(lambda request: self._streams.pop(0))
+
+    def options(self, stream: bool):
+        return self
+
+
+class FakeHistory:
+    """The history deployment: one conversation (id 1), appended messages kept in order."""
+
+    def __init__(self):
+        self.appended: list[dict] = []
+        self.get_conversation = Remote(self._get)
+        self.append_message = Remote(self._append)
+
+    async def _get(self, conversation_id: int) -> Conversation:
+        return Conversation(id=conversation_id, title=None, created_at=NOW, updated_at=NOW, messages=[])
+
+    async def _append(self, conversation_id: int, role: str, content: str, **fields) -> None:
+        self.appended.append({"role": role, "content": content, **fields})
+
+
+def service_with(*streams: FakeStream) -> tuple[ConversationService, FakeHistory]:
+    registry = ModelRegistry([ModelConfig(name="m", source={"kind": "tiny_random"})])
+    history = FakeHistory()
+    return ConversationService(registry, {"m": FakeModel(*streams)}, history), history
+
+
+def outputs(*texts: str, finish: str | None = None) -> list[GenerationOutput]:
+    return [GenerationOutput(text, 5, i + 1, finish if i == len(texts) - 1 else None) for i, text in enumerate(texts)]
+
+
+async def start(service: ConversationService):
+    model = service.registry.default
+    return await service.conversation_turn(1, [{"role": "user", "content": "hi"}], model, SamplingParams(), {})
+
+
+async def test_a_replica_dying_mid_answer_ends_the_text_stream_with_the_marker_and_stores_why():
+    service, history = service_with(FakeStream(outputs("Hel", "lo"), error=ActorDiedError()))
+    turn = await start(service)
+    pieces = [piece async for piece in service.text_pieces(turn)]
+    assert pieces[:2] == ["Hel", "lo"]
+    assert pieces[2].startswith(f"\n{STREAM_ERROR_MARKER}the model's replica stopped while answering")
+    assert pieces[2].endswith("\n")
+    user, answer = history.appended
+    assert (user["role"], user["content"]) == ("user", "hi")
+    assert (answer["content"], answer["status"]) == ("Hello", "failed")
+    assert answer["error"].startswith("the model's replica stopped while answering")
+
+
+async def test_an_openai_stream_that_fails_ends_with_an_error_event_then_done():
+    service, history = service_with(FakeStream(outputs("Hel"), error=RuntimeError("CUDA out of memory")))
+    turn = await start(service)
+    events = [event async for event in sse_events(service, turn, lambda text, finish: Usage(
+        prompt_tokens=0, completion_tokens=len(text or ""), total_tokens=0), None)]
+    assert [e.startswith(b"data: ") for e in events] == [True, True, True]
+    error = json.loads(events[1].decode().removeprefix("data: "))["error"]
+    assert error["message"] == "the answer failed: CUDA out of memory" and error["code"] == 503
+    assert events[2].strip() == b"data: [DONE]"
+    assert history.appended[-1]["status"] == "failed"
+
+
+async def test_a_second_answer_while_the_conversation_still_answers_is_refused():
+    service, history = service_with(FakeStream(outputs("a", "b", finish="stop")), FakeStream(outputs("c", finish="stop")))
+    first = await start(service)
+    with pytest.raises(ConversationBusyError, match="conversation '1' is already answering"):
+        await start(service)
+    assert [piece async for piece in service.text_pieces(first)] == ["a", "b"]
+    second = await start(service)  # the first answer has ended: the conversation is free again
+    assert [piece async for piece in service.text_pieces(second)] == ["c"]
+    assert [m["role"] for m in history.appended] == ["user", "assistant", "user", "assistant"]

@@ -3,6 +3,8 @@ are answered before any deployment is called."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -80,3 +82,21 @@ def test_unknown_model_is_404_before_any_deployment_is_called():
     assert response.json()["error"]["message"] == "model 'nope' is not served here; available models: SmolLM2-135M-Instruct"
     response = client.post("/conversations/1/generate", json={"prompt": "hi", "model": "nope"})
     assert response.status_code == 404 and "available models" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"prompt": "hi", "top_k": 92081372754769103375368022717890560}, "top_k"),  # beyond int64
+        ({"prompt": "hi", "top_k": 10**6 + 1}, "top_k"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": [""]}, "prompt"),
+        ({"prompt": "hi", "temperature": float("nan")}, "temperature"),
+    ],
+)
+def test_numbers_out_of_range_and_empty_prompts_are_refused_at_the_edge_naming_the_field(body, field):
+    response = client_for().post(
+        "/v1/completions", content=json.dumps({"model": "smollm2", **body}), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == field

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from deployments.engine.batched import BatchedEngine
-from deployments.engine.reference import ReferenceEngine
-from deployments.engine.kv_cache import KVCache
 from deployments.engine.forward import Int4Linear, Int8Linear, PromptChunk, build_step, extract_weights, forward, rope_table
-from deployments.engine.protocol import PromptTooLongError
+from deployments.engine.kv_cache import KVCache
+from deployments.engine.protocol import InvalidRequestError, PromptTooLongError
+from deployments.engine.reference import ReferenceEngine
+from deployments.engine.sampling import SamplingParams
 from deployments.model_loader import LoadedModel, build_tiny_random_model, load_model
 from deployments.model_registry import ModelConfig
-from deployments.engine.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, min_tokens=24, temperature=0)
 
@@ -159,6 +159,27 @@ async def greedy_alone_and_in_a_mixed_batch(tiny, engine):
         requests.append(run(engine, prompt(tiny, t * 2), SamplingParams(max_tokens=5 + 7 * i, temperature=1.0, top_p=0.9, top_k=20)))
     together = await asyncio.gather(*requests)
     assert [text for text, _ in together[::2]] == alone
+
+
+async def test_a_request_the_engine_cannot_run_fails_alone_and_others_stream_on(tiny, engine):
+    long = SamplingParams(max_tokens=60, min_tokens=60, temperature=0)
+    ids = prompt(tiny, "a long answer")
+    alone, _ = await run(engine, ids, long)
+
+    async def poison(params: SamplingParams):
+        await asyncio.sleep(0.05)  # while the long answer streams
+        with pytest.raises(InvalidRequestError):
+            await run(engine, prompt(tiny, "poison"), params)
+
+    (together, _), _, _ = await asyncio.gather(
+        run(engine, ids, long),
+        poison(SamplingParams(max_tokens=5, temperature=1.0, top_k=2**70)),  # beyond int64: the edge refuses it too
+        poison(SamplingParams(max_tokens=5, seed=2**64)),
+    )
+    with pytest.raises(InvalidRequestError, match="the prompt is empty"):
+        await run(engine, [], long)
+    assert together == alone
+    assert engine.stats().active_requests == 0
 
 
 async def test_seeded_sampling_repeats_alone_and_in_company(tiny, engine):
