@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test test-fast test-gpu bench bench-gpu loadtest system-deps clean
+.PHONY: install serve lint test test-fast test-gpu bench bench-gpu loadtest system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,13 @@ system-deps:
 serve: install
 	$(BIN)/serve run serve_config.yaml
 
-test: install system-deps
+# Lint first (seconds): pyproject.toml's [tool.ruff] rules over all Python code.
+LINTED := serve_app deployments tests bench loadtests
+
+lint: install
+	$(BIN)/ruff check $(LINTED)
+
+test: install system-deps lint
 	$(BIN)/python -m pytest
 
 # Unit tests only (seconds): no Ray, no real model, no browser.

@@ -29,12 +29,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deployments.engine.batched import BatchedEngine  # noqa: E402
-from deployments.engine.kv_cache import KVCache  # noqa: E402
 from deployments.engine.forward import Int4Linear, Int8Linear, PromptChunk, build_step, extract_weights, forward, rope_table  # noqa: E402
-from deployments.model_loader import LoadedModel, load_model  # noqa: E402
-from deployments.model_registry import ModelConfig  # noqa: E402
+from deployments.engine.kv_cache import KVCache  # noqa: E402
 from deployments.engine.sampling import SamplingParams  # noqa: E402
 from deployments.engine.torch_threads import run_in_fresh_thread  # noqa: E402
+from deployments.model_loader import LoadedModel, load_model  # noqa: E402
+from deployments.model_registry import ModelConfig  # noqa: E402
 
 QUESTION = "What is the capital of France?"
 # A fixed text for the perplexity check: prose, a story, science, a recipe and code, ~475

@@ -128,8 +128,8 @@ async def main() -> None:
         print(f"ours, {name:<16}" + "".join(f"{ours[b].tokens_per_s:10.0f}" for b in streams))
         if theirs:
             print(f"transformers, {name:<8}" + "".join(f"{theirs[name, b].tokens_per_s:10.0f}" for b in streams))
-            print(f"  ratio                " + "".join(f"{ours[b].tokens_per_s / theirs[name, b].tokens_per_s:9.1f}x" for b in streams))
-        print(f"  TTFT p95 ms          " + "".join(f"{percentile(ours[b].ttft_s, 95) * 1e3:10.1f}" for b in streams))
+            print("  ratio                " + "".join(f"{ours[b].tokens_per_s / theirs[name, b].tokens_per_s:9.1f}x" for b in streams))
+        print("  TTFT p95 ms          " + "".join(f"{percentile(ours[b].ttft_s, 95) * 1e3:10.1f}" for b in streams))
     greedy = {b: r for n, b, r, _ in rows if n == "greedy"}
     sampled = {b: r for n, b, r, _ in rows if n != "greedy"}
     print("sampling / greedy     " + "".join(f"{sampled[b].tokens_per_s / greedy[b].tokens_per_s:10.2f}" for b in streams))

@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 
 from deployments.engine.batched import BatchedEngine
-from deployments.engine.reference import ReferenceEngine
 from deployments.engine.protocol import Engine, EngineStats, GenerationOutput, GenerationRequest, PromptTooLongError
+from deployments.engine.reference import ReferenceEngine
+from deployments.engine.torch_threads import run_in_fresh_thread
 from deployments.model_loader import LoadedModel, load_model
 from deployments.model_registry import ModelConfig
-from deployments.engine.sampling import SamplingParams
-from deployments.engine.torch_threads import run_in_fresh_thread
 
 logger = logging.getLogger(__name__)
 

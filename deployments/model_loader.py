@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import fcntl
 import importlib.metadata
-import itertools
 import importlib.util
+import itertools
 import logging
 import os
 import shutil

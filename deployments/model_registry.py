@@ -7,10 +7,9 @@ This module says *which* models exist and how they are described; `model_loader`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
 
 # The CPU's int8 and int4 kernels have no GPU counterpart here.
 CPU_ONLY_WEIGHTS = ("int8", "int4")
@@ -56,7 +55,7 @@ class TinyRandomSource(_Strict):
 
 
 ModelSource = Annotated[
-    Union[PackagedGGUFSource, HubSource, LocalDirSource, TinyRandomSource],
+    PackagedGGUFSource | HubSource | LocalDirSource | TinyRandomSource,
     Field(discriminator="kind"),
 ]
 

@@ -22,8 +22,9 @@ from transformers import (
 )
 
 from deployments.engine.protocol import EngineStats, FinishReason, GenerationOutput
-from deployments.model_loader import LoadedModel, eos_token_ids
 from deployments.engine.sampling import SamplingParams
+from deployments.model_loader import LoadedModel, eos_token_ids
+
 
 class RecentRepetitionPenalty(LogitsProcessor):
     """The original's repeat penalty: only the last `last_n` tokens (prompt included) count.

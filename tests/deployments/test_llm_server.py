@@ -5,9 +5,9 @@ import asyncio
 import pytest
 
 from deployments.engine.protocol import GenerationRequest, PromptTooLongError
+from deployments.engine.sampling import SamplingParams
 from deployments.llm_server import LLMServer
 from deployments.model_registry import ModelConfig
-from deployments.engine.sampling import SamplingParams
 
 
 def tiny_server(context_length: int = 512) -> LLMServer:
