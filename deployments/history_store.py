@@ -16,7 +16,7 @@ from typing import Any
 
 import aiosqlite
 
-from serve_app.protocol import Conversation, ConversationSummary, Message, MessageRole, MessageStatus
+from deployments.history_records import Conversation, ConversationSummary, Message, MessageRole, MessageStatus
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (

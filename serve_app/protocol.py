@@ -8,12 +8,20 @@ returns; the history store produces them directly.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.engine.sampling import SamplingParams
+
+# The history's records are response bodies too, served as the history deployment returns them.
+from deployments.history_records import (  # noqa: F401 - part of this module's protocol
+    Conversation,
+    ConversationSummary,
+    Message,
+    MessageRole,
+    MessageStatus,
+)
 
 # Defaults of the original API, shared by every route that samples.
 DEFAULT_SAMPLE_LEN = 256
@@ -27,11 +35,6 @@ MAX_TOP_K = 1_000_000  # more than any vocabulary
 # Ends the original API's text stream when the answer fails after it started (a replica died):
 # a line of its own, the reason after it. The answer stored in the history has status `failed`.
 STREAM_ERROR_MARKER = "[error] "
-
-MessageRole = Literal["system", "user", "assistant"]
-# complete: the answer ended normally; stopped: the client went away or pressed stop, the
-# partial answer is kept; failed: generation raised, `error` says why.
-MessageStatus = Literal["complete", "stopped", "failed"]
 
 
 class GenerationParameters(BaseModel):
@@ -115,30 +118,6 @@ class RegenerateRequest(GenerationParameters):
 class StopResponse(BaseModel):
     id: int
     stopped: bool = Field(description="False when nothing was being generated in this conversation.")
-
-
-class Message(BaseModel):
-    id: int
-    role: MessageRole
-    content: str
-    model: str | None = None
-    parameters: dict[str, Any] | None = None
-    status: MessageStatus = "complete"
-    error: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    created_at: datetime
-
-
-class ConversationSummary(BaseModel):
-    id: int
-    title: str | None = None
-    created_at: datetime
-    updated_at: datetime
-
-
-class Conversation(ConversationSummary):
-    messages: list[Message] = []
 
 
 class RenameRequest(BaseModel):

@@ -1,0 +1,41 @@
+"""What the history deployment stores and returns: conversations and their messages.
+
+Defined here, beside the store that owns them, so the store imports nothing from the HTTP side;
+the wire protocol (`serve_app.protocol`) serves these models as they are.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+MessageRole = Literal["system", "user", "assistant"]
+# complete: the answer ended normally; stopped: the client went away or pressed stop, the
+# partial answer is kept; failed: generation raised, `error` says why.
+MessageStatus = Literal["complete", "stopped", "failed"]
+
+
+class Message(BaseModel):
+    id: int
+    role: MessageRole
+    content: str
+    model: str | None = None
+    parameters: dict[str, Any] | None = None
+    status: MessageStatus = "complete"
+    error: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    created_at: datetime
+
+
+class ConversationSummary(BaseModel):
+    id: int
+    title: str | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class Conversation(ConversationSummary):
+    messages: list[Message] = []
