@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 TINY = "tiny-random"
 SMOL = "SmolLM2-135M-Instruct"
-LONG_GREEDY = {"prompt": "Tell me everything.", "model": TINY, "sample_len": 480, "temperature": 0, "repeat_penalty": 1.0}
+# Nearly the tiny model's whole context (512 tokens, the prompt ~40 of them): the longest stream it gives.
+LONG_GREEDY = {"prompt": "Tell me everything.", "model": TINY, "sample_len": 440, "temperature": 0, "repeat_penalty": 1.0}
 JSON = {"content-type": "application/json"}
 
 # Each poison request, and the status it must get.
@@ -106,7 +107,7 @@ def test_a_replica_killed_mid_answer_ends_every_stream_cleanly_and_the_model_rec
     url = serve_app.url
     conversation_id = httpx.get(f"{url}/conversations/start").json()
     chat = {"model": TINY, "messages": [{"role": "user", "content": "Tell me everything."}], "stream": True,
-            "max_tokens": 480, "temperature": 0}
+            "max_tokens": 440, "temperature": 0}
     smol = {"prompt": "Count from one to twenty.", "model": SMOL, "sample_len": 48, "temperature": 0}
     progress = {"text": 0, "events": 0}
     with ThreadPoolExecutor(3) as pool:
