@@ -170,10 +170,13 @@ function renderConversationList() {
   document.title = state.currentId ? `${ui.title.textContent} · ray-chat` : "ray-chat";
 }
 
-/** Puts `items` in the sidebar. A row being renamed stays the very same element, in place:
- * replacing it (an answer that finishes re-renders the list) would detach the input and throw
- * away what the user is typing. */
+/** Puts `items` in the sidebar without undoing what the user is in the middle of (an answer
+ * that finishes re-renders the list): a row being renamed stays the very same element, in
+ * place, since replacing it would detach the input and throw away what is typed; an open export
+ * menu stays open. */
 function placeConversationItems(items) {
+  const openMenu = ui.conversationList.querySelector(".export-menu[open]")?.closest("[data-id]")?.dataset.id;
+  for (const item of items) if (item.dataset.id === openMenu) item.querySelector(".export-menu").open = true;
   const editing = ui.conversationList.querySelector(".renaming");
   const index = editing ? items.findIndex((item) => item.dataset.id === editing.dataset.id) : -1;
   if (index < 0) {

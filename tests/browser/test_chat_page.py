@@ -282,6 +282,20 @@ def test_rename_typed_while_an_answer_streams_survives_its_end(page, serve_app):
     assert stored(serve_app, conversation_id)["title"] == "Typed while streaming, then finished"
 
 
+def test_an_open_export_menu_stays_open_when_an_answer_ends(page, serve_app):
+    new_conversation(page)
+    set_parameters(page, sample_len=96, temperature=0, seed=None)
+    send(page, "Write a long story about a lighthouse keeper and a storm.")
+    item = page.locator('[data-testid="conversation-item"].active')
+    # The title arrives with the first text (one re-render); the answer's end re-renders again.
+    expect(item.get_by_test_id("conversation-title")).to_have_text("Write a long story about a lighthouse keeper and a storm.")
+    item.get_by_test_id("export-conversation").click()
+    expect(item.get_by_test_id("export-json")).to_be_visible()
+    expect(page.get_by_test_id("stop-button")).to_be_visible()  # the answer's end comes after
+    wait_for_answer(page)
+    expect(item.get_by_test_id("export-json")).to_be_visible()
+
+
 def assert_nothing_ran(page: Page) -> None:
     assert page.evaluate("typeof window.__pwned") == "undefined"
     message_list = page.get_by_test_id("message-list")
