@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from deployments.engine.batched import BatchedEngine
+from deployments.engine.forward import cpu_has_fast_int8
 from deployments.engine.protocol import Engine, EngineStats, GenerationOutput, GenerationRequest, PromptTooLongError
 from deployments.engine.reference import ReferenceEngine
 from deployments.engine.torch_threads import run_in_fresh_thread
@@ -33,7 +34,7 @@ class LLMServer:
         self.engine: Engine
         if config.engine == "batched":
             self.engine = BatchedEngine(
-                self.loaded, weights=config.resolved_weights(self.loaded.device.type),
+                self.loaded, weights=config.resolved_weights(self.loaded.device.type, cpu_has_fast_int8()),
                 max_batch_size=config.max_batch_size, max_chunks_per_s=config.replica_chunks_per_s,
                 max_stream_chunks_per_s=config.stream_chunks_per_s, cuda_graphs=config.cuda_graphs,
                 gpu_memory_fraction=config.gpu_memory_fraction,

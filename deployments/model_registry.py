@@ -72,16 +72,17 @@ class ModelConfig(_Strict):
     # Tokens of prompt + answer; None means the model's own `max_position_embeddings`.
     context_length: int | None = Field(default=None, gt=0)
     # "batched": continuous batching over a static KV cache (`batched`); "reference":
-    # transformers' generate, one request at a time (`engine.ReferenceEngine`).
+    # transformers' generate, one request at a time (`engine.reference.ReferenceEngine`).
     engine: Literal["batched", "reference"] = "batched"
     # The batched engine's weight format, converted from the loaded `dtype`. `auto` resolves on
     # the device the replica lands on (the log says what it chose): bf16 on CUDA, fp16 on Apple
-    # mps, and on the CPU int4 for a packaged GGUF (its Q4_1 values, perplexity 8.07 vs fp32's
-    # 8.03, fastest for 1-8 streams) or int8 for other sources. On the CPU: int8 (int8 weights
-    # and per-token int8 activations, `forward.Int8Linear`) runs ~3x fp32's tok/s at a
-    # perplexity of 8.31; int4 (`Int4Linear`, groups of 32 like Q4_1) another ~1.3x for one to
-    # eight streams, slower beyond. int8 and int4 are CPU kernels: on a GPU, bf16 or fp16 (or
-    # fp32, which matches transformers token for token). `make bench` measures them.
+    # mps; on the CPU int4 for a packaged GGUF (its Q4_1 values, perplexity 8.07 vs fp32's 8.03,
+    # fastest for 1-8 streams), else int8 where the CPU has VNNI and fp32 where it has not. On a
+    # CPU with VNNI, int8 (int8 weights and per-token int8 activations, `forward.Int8Linear`)
+    # ran ~3x fp32's tok/s at a perplexity of 8.31; int4 (`Int4Linear`, groups of 32 like Q4_1)
+    # another ~1.3x for one to eight streams, slower beyond. int8 and int4 are CPU kernels: on a
+    # GPU, bf16 or fp16 (or fp32, which matches transformers token for token). `make bench`
+    # measures them.
     weights: Literal["auto", "fp32", "bf16", "fp16", "int8", "int4"] = "auto"
     # Requests the batched engine advances together; more wait in its queue.
     max_batch_size: int = Field(default=16, gt=0)
@@ -117,15 +118,19 @@ class ModelConfig(_Strict):
             )
         return self
 
-    def resolved_weights(self, device_type: str) -> str:
+    def resolved_weights(self, device_type: str, has_fast_int8: bool = True) -> str:
         """The weight format on `device_type` ("cpu", "cuda", "mps"): `auto` resolved, a CPU-only
-        format refused on a GPU (with device: auto that is only known once the replica starts)."""
+        format refused on a GPU (with device: auto that is only known once the replica starts).
+        `has_fast_int8`: the CPU multiplies int8 in hardware (VNNI); without it torch's int8
+        matmul takes a reference kernel, ~8x slower than fp32 (measured on an AVX2-only EPYC)."""
         if self.weights == "auto":
             if device_type == "cuda":
                 return "bf16"
             if device_type == "mps":
                 return "fp16"
-            return "int4" if isinstance(self.source, PackagedGGUFSource) else "int8"
+            if isinstance(self.source, PackagedGGUFSource):
+                return "int4"
+            return "int8" if has_fast_int8 else "fp32"
         if device_type != "cpu" and self.weights in CPU_ONLY_WEIGHTS:
             raise ValueError(
                 f"model '{self.name}': weights '{self.weights}' run on the CPU only, but the replica is on {device_type}; "
