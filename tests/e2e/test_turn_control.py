@@ -23,7 +23,9 @@ def client(serve_app):
 
 def metric(client: httpx.Client, name: str, **labels) -> float:
     wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in client.get("/metrics").text.splitlines():
+    response = client.get("/metrics")
+    assert response.status_code == 200, response.text
+    for line in response.text.splitlines():
         match = re.fullmatch(rf"{name}\{{{re.escape(wanted)}\}} (\S+)", line)
         if match:
             return float(match.group(1))
@@ -59,7 +61,11 @@ def test_a_disconnect_frees_the_replica_within_a_second(client):
     stopped_before = metric(client, "chat_turns_total", model=SMOL, status="stopped")
     with client.stream("POST", f"/conversations/{conversation_id}/generate", json=LONG) as response:
         next(response.iter_raw())
-        assert metric(client, "chat_active_streams", model=SMOL) == 1
+        # The gauge is read from the replica at scrape time; give a busy machine a moment.
+        deadline = time.monotonic() + 5
+        while metric(client, "chat_active_streams", model=SMOL) != 1:
+            assert time.monotonic() < deadline, "the replica does not report the stream as active"
+            time.sleep(0.1)
     disconnected_at = time.monotonic()
     while metric(client, "chat_active_streams", model=SMOL) != 0:
         assert time.monotonic() - disconnected_at < 1.0, "the replica still decodes for a gone client"
