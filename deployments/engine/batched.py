@@ -74,14 +74,6 @@ class Sequence:
     def is_prefilled(self) -> bool:
         return self.n_prefilled == len(self.prompt_ids)
 
-    def recent_tokens(self, n: int) -> list[int]:
-        """The last `n` of prompt + generated ids, without copying the whole sequence."""
-        if n <= 0:
-            return []
-        if n <= len(self.generated):
-            return self.generated[-n:]
-        return self.prompt_ids[-(n - len(self.generated)) :] + self.generated
-
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.generated)
