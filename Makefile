@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve lint test test-fast test-gpu bench bench-gpu loadtest system-deps clean
+.PHONY: install serve deploy undeploy backup lint test test-fast test-gpu bench bench-deps bench-affinity bench-gpu loadtest fuzz system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,14 +24,45 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
 	  else echo "Chromium is missing: run 'sudo apt-get install chromium'" >&2; exit 1; fi; }
 
+# Serves on its own local Ray instance, even where `ray start` left a cluster address behind
+# (a dead one would be retried for ever); `make deploy` is the cluster workflow.
 serve: install
-	$(BIN)/serve run serve_config.yaml
+	$(BIN)/serve run --address local serve_config.yaml
 
-# Lint first (seconds): pyproject.toml's [tool.ruff] rules over all Python code.
+# The same serve_config.yaml onto a Ray cluster (docs/operations.md): starts a one-node cluster
+# here when none answers, runs `serve deploy`, waits for the first streamed answer and says how
+# long it took. Ray 2.60 clusters require a token: its CLIs send ~/.ray/auth_token only with
+# RAY_AUTH_MODE=token. `make undeploy` removes the application and stops Ray on this machine.
+URL := http://127.0.0.1:8080
+deploy: install
+	@$(BIN)/python -c "import socket; h, p = open('/tmp/ray/ray_current_cluster').read().strip().rsplit(':', 1); \
+	  socket.create_connection((h, int(p)), 2)" 2>/dev/null || RAY_AUTH_MODE=token $(BIN)/ray start --head --disable-usage-stats
+	@start=$$(date +%s); RAY_AUTH_MODE=token $(BIN)/serve deploy serve_config.yaml && \
+	  timeout 900 sh -c 'until curl -sf $(URL)/readyz >/dev/null; do sleep 1; done' && \
+	  id=$$(curl -sf $(URL)/conversations/start) && \
+	  curl -sfN -X POST $(URL)/conversations/$$id/generate -H 'content-type: application/json' -d '{"prompt": "Hello!", "sample_len": 16}' && \
+	  curl -sf -X DELETE $(URL)/conversations/$$id >/dev/null && \
+	  echo && echo "deployed: first answer streamed $$(( $$(date +%s) - start )) s after serve deploy"
+
+undeploy: install
+	-RAY_AUTH_MODE=token $(BIN)/serve shutdown --yes
+	$(BIN)/ray stop
+
+# A consistent copy of the history database while the service runs (SQLite's online backup).
+DATABASE ?= data/history.sqlite3
+backup: install
+	@test -f $(DATABASE) || { echo "no database at $(DATABASE)" >&2; exit 1; }
+	@mkdir -p backups && out=backups/history-$$(date +%Y%m%d-%H%M%S).sqlite3 && \
+	  $(BIN)/python -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" $(DATABASE) $$out && \
+	  echo "backed up $(DATABASE) to $$out"
+
+# Lint first: pyproject.toml's [tool.ruff] rules over all Python code (seconds), then mypy's
+# types over serve_app and deployments ([tool.mypy]; ~1.5 min cold, seconds from its cache).
 LINTED := serve_app deployments tests bench loadtests
 
 lint: install
 	$(BIN)/ruff check $(LINTED)
+	$(BIN)/mypy
 
 test: install system-deps lint
 	$(BIN)/python -m pytest
@@ -48,9 +79,31 @@ test-gpu: install
 bench-gpu: install
 	$(BIN)/python bench/gpu_bench.py
 
-# Engine benchmark (~7 min): transformers generate vs our engine, fp32, int8 and int4, 1 and 16 streams.
+# CPU benchmark (~10 min), what users get, greedy and with the original API's default sampling:
+# our engine vs transformers generate in fp32, int8 and int4 at 1 and 16 streams; then the served
+# model alone and through the real Serve app over HTTP (the original streaming API), against
+# transformers + torch dynamic int8 at batch 16 and llama.cpp on the same GGUF (if `make
+# bench-deps` installed it); ends with a summary of ratios.
 bench: install
 	$(BIN)/python bench/engine_bench.py
+
+# Conversation-affine routing vs Serve's default router (~5 min): the packaged model with two
+# replicas each, 8 concurrent conversations x 5 turns; turn 5's time to first token and the
+# prompt tokens reused from the replicas' prefix caches.
+bench-affinity: install
+	$(BIN)/python bench/affinity_bench.py
+
+# The benchmark's llama.cpp baseline (llama-cpp-python compiles llama.cpp: ~5 min). Not part of
+# `make test` or CI; `make bench` skips llama.cpp without it.
+bench-deps: install
+	$(BIN)/pip install --quiet llama-cpp-python==0.3.36
+
+# Schema-driven fuzzing, heavier than `make test` runs it (tests/e2e/test_fuzz.py): FUZZ_EXAMPLES
+# random cases per route instead of 25, against the real app on the tiny models (300: ~3,900
+# requests, ~4.5 min after the app's start on 2 CPU cores).
+FUZZ_EXAMPLES ?= 300
+fuzz: install
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/e2e/test_fuzz.py -k schemathesis
 
 # Load test against a running service (`make serve` in another terminal): TTFT and inter-token latency.
 USERS ?= 16
@@ -59,4 +112,4 @@ loadtest: install
 	$(BIN)/locust -f loadtests/locustfile.py --headless -u $(USERS) -r 4 -t $(DURATION) --host http://127.0.0.1:8080
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache test-artifacts
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache test-artifacts

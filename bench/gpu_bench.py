@@ -22,7 +22,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine_bench import ORIGINAL_DEFAULTS, QUESTION, Run, describe, engine_run, http_run, percentile  # noqa: E402
+from engine_bench import (  # noqa: E402
+    ORIGINAL_DEFAULTS,
+    QUESTION,
+    Run,
+    describe,
+    engine_run,
+    generate_options,
+    http_run,
+    percentile,
+)
 
 from deployments.engine.batched import BatchedEngine  # noqa: E402
 from deployments.model_loader import LoadedModel, build_tiny_random_model  # noqa: E402
@@ -33,18 +42,12 @@ SAMPLINGS = {"greedy": None, "original defaults": ORIGINAL_DEFAULTS}
 
 def transformers_run(loaded: LoadedModel, prompt_ids: list[int], batch: int, tokens: int, sampling: dict | None) -> Run:
     input_ids = torch.tensor([prompt_ids] * batch, device=loaded.device)
-    options = {"do_sample": False}
-    if sampling:
-        options = {
-            "do_sample": True, "temperature": sampling["temperature"], "top_p": sampling["top_p"],
-            "repetition_penalty": sampling["repeat_penalty"],
-        }
     with torch.inference_mode():
         torch.cuda.synchronize()
         started = time.perf_counter()
         out = loaded.model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens, min_new_tokens=tokens,
-            pad_token_id=loaded.tokenizer.pad_token_id, **options,
+            pad_token_id=loaded.tokenizer.pad_token_id, **generate_options(sampling),
         )
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - started

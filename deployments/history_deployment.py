@@ -14,7 +14,8 @@ from deployments.logs import show_our_logs
 
 @serve.deployment(num_replicas=1)
 class HistoryDeployment(HistoryStore):
-    async def __init__(self, database_path: Path):  # Serve awaits async constructors
+    # Serve awaits async constructors; mypy holds every `__init__` to returning None.
+    async def __init__(self, database_path: Path):  # type: ignore[misc]
         show_our_logs()
         super().__init__(database_path)
         # Opened here, on the replica's event loop, because aiosqlite binds to that loop.

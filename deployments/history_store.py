@@ -49,9 +49,26 @@ class ConversationNotFoundError(LookupError):
         self.conversation_id = conversation_id
         super().__init__(f"conversation '{conversation_id}' not found")
 
+    def __reduce__(self):
+        # Raised in the history replica and pickled to the caller: rebuild it from the id, not
+        # from the message (which would read "conversation 'conversation '5' not found' not found").
+        return type(self), (self.conversation_id,)
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _as_text(moment: datetime) -> str:
+    # Fixed-width ISO 8601 in UTC: the text sorts as the times do (`ORDER BY updated_at`).
+    return moment.isoformat(timespec="microseconds")
+
+
+def _inserted_id(cursor: aiosqlite.Cursor) -> int:
+    # sqlite3 sets lastrowid on every successful INSERT; None would mean no row was inserted.
+    if cursor.lastrowid is None:
+        raise RuntimeError("the INSERT returned no row id")
+    return cursor.lastrowid
 
 
 def title_from_prompt(prompt: str) -> str:
@@ -88,10 +105,10 @@ class HistoryStore:
     async def create_conversation(self, title: str | None = None) -> ConversationSummary:
         now = _now()
         cursor = await self.db.execute(
-            "INSERT INTO conversations (title, created_at, updated_at) VALUES (?, ?, ?)", (title, now, now)
+            "INSERT INTO conversations (title, created_at, updated_at) VALUES (?, ?, ?)", (title, _as_text(now), _as_text(now))
         )
         await self.db.commit()
-        return ConversationSummary(id=cursor.lastrowid, title=title, created_at=now, updated_at=now)
+        return ConversationSummary(id=_inserted_id(cursor), title=title, created_at=now, updated_at=now)
 
     async def list_conversation_ids(self) -> list[int]:
         async with self.db.execute("SELECT id FROM conversations ORDER BY id") as cursor:
@@ -121,7 +138,7 @@ class HistoryStore:
 
     async def rename_conversation(self, conversation_id: int, title: str) -> ConversationSummary:
         cursor = await self.db.execute(
-            "UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?", (title, _now(), conversation_id)
+            "UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?", (title, _as_text(_now()), conversation_id)
         )
         await self.db.commit()
         if cursor.rowcount == 0:
@@ -161,7 +178,7 @@ class HistoryStore:
                 "INSERT INTO messages (conversation_id, role, content, model, parameters, status, error,"
                 " prompt_tokens, completion_tokens, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (conversation_id, role, content, model, json.dumps(parameters) if parameters else None,
-                 status, error, prompt_tokens, completion_tokens, now),
+                 status, error, prompt_tokens, completion_tokens, _as_text(now)),
             )
         except aiosqlite.IntegrityError:  # the foreign key: no such conversation (or deleted meanwhile)
             await self.db.rollback()
@@ -169,11 +186,11 @@ class HistoryStore:
         title = title_from_prompt(content) if role == "user" else None
         await self.db.execute(
             "UPDATE conversations SET updated_at = ?, title = COALESCE(title, ?) WHERE id = ?",
-            (now, title, conversation_id),
+            (_as_text(now), title, conversation_id),
         )
         await self.db.commit()
         return Message(
-            id=cursor.lastrowid, role=role, content=content, model=model, parameters=parameters,
+            id=_inserted_id(cursor), role=role, content=content, model=model, parameters=parameters,
             status=status, error=error, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
             created_at=now,
         )

@@ -6,9 +6,10 @@ and stream the engine's output.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from pathlib import Path
 
@@ -52,18 +53,29 @@ class LLMServer:
         tokenizer, budget = self.loaded.tokenizer, self.loaded.context_length - max_tokens
         system = messages[:1] if messages and messages[0]["role"] == "system" else []
         turns = messages[len(system):]
-        while True:
-            text = tokenizer.apply_chat_template(system + turns, add_generation_prompt=True, tokenize=False)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        def encode(start: int) -> list[int]:
+            text = tokenizer.apply_chat_template(system + turns[start:], add_generation_prompt=True, tokenize=False)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        # Where the kept turns may start: the first message or a later user message (a turn is a
+        # user message and the answers that follow it).
+        starts = [0] + [i for i, m in enumerate(turns) if i and m["role"] == "user"]
+        # A template gives every message a token at least, so starts that keep more messages than
+        # the budget cannot fit and are never rendered; among the others the prompt shrinks as the
+        # start moves on, so a binary search finds the earliest that fits. Dropping one turn per
+        # render took minutes for a body of 100,000 one-word messages, with the replica's loop blocked.
+        low, high, fitting = bisect.bisect_left(starts, len(turns) - budget), len(starts) - 1, None
+        while low <= high:
+            middle = (low + high) // 2
+            ids = encode(starts[middle])
             if len(ids) <= budget:
-                return ids
-            if len(turns) <= 1:
-                raise PromptTooLongError(self._too_long(len(ids), max_tokens))
-            # Drop the oldest turn: a user message and the answers that follow it.
-            cut = 1
-            while cut < len(turns) and turns[cut]["role"] != "user":
-                cut += 1
-            turns = turns[cut:]
+                fitting, high = ids, middle - 1
+            else:
+                low = middle + 1
+        if fitting is None:
+            raise PromptTooLongError(self._too_long(len(encode(starts[-1])), max_tokens))
+        return fitting
 
     def encode_prompt(self, prompt: str, max_tokens: int) -> list[int]:
         ids = self.loaded.tokenizer(prompt)["input_ids"]
@@ -78,7 +90,7 @@ class LLMServer:
             "(sample_len / max_tokens); shorten the prompt or ask for fewer tokens"
         )
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationOutput, None]:
         """The engine's outputs; a `cancel(request_id)` ends the stream after the current decode
         step with a last output whose finish reason is "cancelled"."""
         if request.messages is not None:

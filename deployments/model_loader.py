@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 from urllib.parse import urlparse
 
 import torch
@@ -51,12 +52,18 @@ class LoadedModel:
     device: torch.device
     context_length: int
 
+    def require_model(self) -> PreTrainedModel:
+        """The transformers model, which engines read when they start."""
+        if self.model is None:
+            raise ValueError(f"model '{self.config.name}': its transformers model was released after an engine took it")
+        return self.model
+
 
 def eos_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
     """The tokens that end an answer: the tokenizer's EOS plus the generation config's (which
     may list several)."""
     ids = {loaded.tokenizer.eos_token_id}
-    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
+    configured = getattr(loaded.require_model().generation_config, "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
     return tuple(sorted(i for i in ids if i is not None))
 
@@ -125,7 +132,8 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
     # The weights are plain fp32 tensors now; drop the GGUF quantizer marker so transformers
     # agrees to save them and a reload does not look for the GGUF file.
-    model.hf_quantizer = None
+    # (transformers sets `hf_quantizer` undeclared, so its type is nn.Module.__getattr__'s Tensor | Module.)
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     logger.info("[3/3] writing safetensors")
@@ -166,12 +174,22 @@ def _resolve_hub(model_name: str, source: HubSource) -> str | Path:
     return source.repo_id
 
 
+class _LlamaShape(TypedDict, total=False):
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rope_parameters: dict[str, str | float]
+    rms_norm_eps: float
+
+
 # LlamaConfig fields of the random models' shapes (see `TinyRandomSource`).
-RANDOM_MODEL_SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "smollm2": dict(
+RANDOM_MODEL_SHAPES: dict[str, _LlamaShape] = {
+    "tiny": _LlamaShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "smollm2": _LlamaShape(
         hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        rope_theta=100000.0, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, rms_norm_eps=1e-5,
     ),
 }
 SMOLLM2_VOCAB = 49152
@@ -240,6 +258,7 @@ def load_model(config: ModelConfig, cache_dir: Path | None = None) -> LoadedMode
     device = pick_device(config.device)
     dtype = getattr(torch, config.dtype)
     source = config.source
+    location: str | Path
     started = time.monotonic()
     if isinstance(source, TinyRandomSource):
         model, tokenizer = build_tiny_random_model(source.seed, source.shape)
@@ -260,7 +279,8 @@ def load_model(config: ModelConfig, cache_dir: Path | None = None) -> LoadedMode
             model = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=dtype)
         except OSError as exc:
             raise ModelLoadError(f"model '{config.name}': cannot load from {location}: {exc}") from exc
-    model = model.to(device).eval()
+    # transformers wraps `to` in functools.wraps(nn.Module.to), whose type takes the model for `self`.
+    model = model.to(device).eval()  # type: ignore[arg-type]
     if tokenizer.chat_template is None:
         raise ModelLoadError(f"model '{config.name}' has no chat template; only chat models are supported")
     context_length = config.context_length or model.config.max_position_embeddings

@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# The batched engine's weight formats (see `ModelConfig.weights`).
+WeightFormat = Literal["fp32", "bf16", "fp16", "int8", "int4"]
 # The CPU's int8 and int4 kernels have no GPU counterpart here.
 CPU_ONLY_WEIGHTS = ("int8", "int4")
 GPU_WEIGHTS = ("bf16", "fp16", "fp32")
@@ -83,7 +85,7 @@ class ModelConfig(_Strict):
     # another ~1.3x for one to eight streams, slower beyond. int8 and int4 are CPU kernels: on a
     # GPU, bf16 or fp16 (or fp32, which matches transformers token for token). `make bench`
     # measures them.
-    weights: Literal["auto", "fp32", "bf16", "fp16", "int8", "int4"] = "auto"
+    weights: Literal["auto", WeightFormat] = "auto"
     # Requests the batched engine advances together; more wait in its queue.
     max_batch_size: int = Field(default=16, gt=0)
     # Streamed chunks cost CPU in the replica, the ingress and the proxy: the batched engine
@@ -98,11 +100,18 @@ class ModelConfig(_Strict):
     gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
     # torch intra-op threads; None means the CPUs given to the replica (`num_cpus`).
     torch_threads: int | None = Field(default=None, gt=0)
-    # Ray Serve deployment options, passed through as they are.
+    # Ray Serve deployment options, passed through as they are. `autoscaling_config` (Serve's:
+    # min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s, ...) replaces
+    # `num_replicas`. `resources`: custom Ray resources each replica needs, to pin replicas to
+    # the nodes that offer them (`ray start --resources '{"model_node": 1}'`).
     num_replicas: int | Literal["auto"] = 1
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
+    resources: dict[str, float] = {}
     autoscaling_config: dict | None = None
+    # With several replicas, a conversation's turns go to the replica that holds its earlier
+    # turns in its prefix cache (`deployments.affinity_router`); off: Serve's default router.
+    conversation_affinity: bool = True
     # Backpressure: each replica takes at most `max_ongoing_requests` at once (keep it above
     # `max_batch_size`: stats and cancel calls use slots too); beyond that up to
     # `max_queued_requests` wait in the ingress, and more are refused with 503 + Retry-After.
@@ -118,7 +127,7 @@ class ModelConfig(_Strict):
             )
         return self
 
-    def resolved_weights(self, device_type: str, has_fast_int8: bool = True) -> str:
+    def resolved_weights(self, device_type: str, has_fast_int8: bool = True) -> WeightFormat:
         """The weight format on `device_type` ("cpu", "cuda", "mps"): `auto` resolved, a CPU-only
         format refused on a GPU (with device: auto that is only known once the replica starts).
         `has_fast_int8`: the CPU multiplies int8 in hardware (VNNI); without it torch's int8

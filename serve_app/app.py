@@ -10,13 +10,23 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
+from ray.serve.config import RequestRouterConfig
 
+from deployments.affinity_router import ConversationAffinityRouter
 from deployments.history_deployment import HistoryDeployment
 from deployments.llm_deployment import LLMDeployment
 from deployments.model_registry import ModelConfig
 from serve_app.ingress import Ingress
 from serve_app.settings import AppSettings
+
+
+def _deployment(decorated: object) -> Deployment:
+    """`@serve.deployment` has turned the class into a `Deployment`; mypy keeps seeing the class
+    (it does not apply a class decorator's return type, python/mypy#3135), so check it here."""
+    if not isinstance(decorated, Deployment):
+        raise TypeError(f"{decorated!r} is not decorated with @serve.deployment")
+    return decorated
 
 
 def deployment_name(model: ModelConfig) -> str:
@@ -26,24 +36,35 @@ def deployment_name(model: ModelConfig) -> str:
 def _model_deployment(model: ModelConfig, settings: AppSettings) -> Application:
     options: dict[str, Any] = {
         "name": deployment_name(model),
-        "ray_actor_options": {"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
+        "ray_actor_options": {"num_cpus": model.num_cpus, "num_gpus": model.num_gpus, "resources": model.resources},
         "max_ongoing_requests": model.max_ongoing_requests,
         "max_queued_requests": model.max_queued_requests,
+        "graceful_shutdown_timeout_s": settings.graceful_shutdown_timeout_s,
     }
+    if model.conversation_affinity:
+        # A replica batches up to max_batch_size requests at about the cost of one: only a
+        # difference beyond that is worth a prefix-cache miss.
+        options["request_router_config"] = RequestRouterConfig(
+            # Ray annotates this constructor's `**kwargs: dict[str, Any]`, typing every keyword as a dict.
+            request_router_class=ConversationAffinityRouter,  # type: ignore[arg-type]
+            request_router_kwargs={"imbalance_threshold": model.max_batch_size},
+        )
     if model.autoscaling_config is not None:
         options["autoscaling_config"] = model.autoscaling_config
     else:
         options["num_replicas"] = model.num_replicas
-    return LLMDeployment.options(**options).bind(model, settings.model_cache_dir)
+    return _deployment(LLMDeployment).options(**options).bind(model, settings.model_cache_dir)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     settings = AppSettings.model_validate(args or {}).resolved()
-    history = HistoryDeployment.options(ray_actor_options={"num_cpus": settings.history_num_cpus}).bind(
-        settings.database_path
-    )
+    history = _deployment(HistoryDeployment).options(
+        ray_actor_options={"num_cpus": settings.history_num_cpus, "resources": settings.history_resources},
+        graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
+    ).bind(settings.database_path)
     models = {model.name: _model_deployment(model, settings) for model in settings.models}
-    return Ingress.options(
+    return _deployment(Ingress).options(
         ray_actor_options={"num_cpus": settings.ingress_num_cpus},
         max_ongoing_requests=settings.ingress_max_ongoing_requests,
+        graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
     ).bind(settings, models, history)

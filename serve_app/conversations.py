@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from deployments.history_store import ConversationNotFoundError
 from deployments.model_registry import ModelConfig, ModelRegistry
 from serve_app.metrics import ServiceMetrics
 from serve_app.protocol import (
+    MAX_CONVERSATION_ID,
     STREAM_ERROR_MARKER,
     Conversation,
     ConversationSummary,
@@ -40,7 +42,7 @@ from serve_app.protocol import (
 logger = logging.getLogger(__name__)
 
 # Serve's deployment status -> what a user of the model cares about.
-MODEL_STATE = {
+MODEL_STATE: dict[str, ModelState] = {
     "HEALTHY": "ready", "UPSCALING": "ready", "DOWNSCALING": "ready",
     "UPDATING": "loading",
     "UNHEALTHY": "failed", "DEPLOY_FAILED": "failed",
@@ -83,12 +85,18 @@ class UnknownRevisionError(LookupError):
 
 
 def parse_conversation_id(raw: str | int) -> int:
-    """Ids are positive integers; anything else names no conversation (404, not 422)."""
+    """Ids are positive integers that fit SQLite's INTEGER; anything else names no conversation
+    (404, not 422, and never an overflow deeper down)."""
     if isinstance(raw, int):
-        return raw
-    if not raw.isascii() or not raw.isdigit():
+        conversation_id = raw
+    # Digits counted before int(), which refuses more than 4,300 of them.
+    elif raw.isascii() and raw.isdigit() and len(raw) <= len(str(MAX_CONVERSATION_ID)):
+        conversation_id = int(raw)
+    else:
         raise ConversationNotFoundError(raw)
-    return int(raw)
+    if not 0 <= conversation_id <= MAX_CONVERSATION_ID:
+        raise ConversationNotFoundError(raw)
+    return conversation_id
 
 
 def context_messages(history: list[Message]) -> list[dict[str, str]]:
@@ -138,6 +146,22 @@ class Turn:
 
 def turn_request_id(conversation_id: int) -> str:
     return f"conversation-{conversation_id}"
+
+
+# A stateless completion's key: its opening, which a follow-up that extends the prompt keeps.
+PROMPT_AFFINITY_CHARS = 256
+
+
+def affinity_key(record: TurnRecord | None, messages: list[dict[str, str]] | None, prompt: str | None) -> str:
+    """What the model deployment's router keeps on one replica (where its prefix cache holds the
+    earlier turns): a stored conversation by its id; a stateless chat by its messages up to the
+    first user message, which every later turn repeats; a completion by its opening."""
+    if record is not None:
+        return turn_request_id(record.conversation_id)
+    if messages:
+        first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages) - 1)
+        return "chat:" + json.dumps(messages[: first_user + 1], sort_keys=True)
+    return "prompt:" + (prompt or "")[:PROMPT_AFFINITY_CHARS]
 
 
 class ConversationService:
@@ -242,13 +266,18 @@ class ConversationService:
         """Starts generating and waits for the first output, so every error that can reject the
         request (prompt too long, model down) is raised here, before any byte is sent."""
         request_id = turn_request_id(record.conversation_id) if record else None
-        request = GenerationRequest(messages=messages, prompt=prompt, params=params, request_id=request_id)
+        request = GenerationRequest(
+            messages=messages, prompt=prompt, params=params, request_id=request_id,
+            affinity_key=affinity_key(record, messages, prompt),
+        )
         if record is not None:
             if record.conversation_id in self._answering:
                 raise ConversationBusyError(record.conversation_id)
             self._answering.add(record.conversation_id)  # released when `outputs` ends
         started = time.monotonic()
-        stream: DeploymentResponseGenerator = self.models[model.name].options(stream=True).generate.remote(request)
+        handle = self.models[model.name].options(stream=True)
+        # Ray types `remote()` as returning either kind of response; `stream=True` makes it the generator.
+        stream: DeploymentResponseGenerator = handle.generate.remote(request)  # type: ignore[assignment]
         try:
             try:
                 first: GenerationOutput = await stream.__anext__()
@@ -269,7 +298,7 @@ class ConversationService:
             )
         return Turn(model, first, stream, record)
 
-    async def outputs(self, turn: Turn) -> AsyncIterator[GenerationOutput]:
+    async def outputs(self, turn: Turn) -> AsyncGenerator[GenerationOutput, None]:
         """The turn's outputs, first one included, ending with the one that has a finish
         reason; the answer is stored however the stream ends (complete, cancelled, failed)."""
         pieces: list[str] = []
@@ -305,7 +334,7 @@ class ConversationService:
                 )
                 await self._store_answer_surely(turn.record.conversation_id, "".join(pieces), answer)
 
-    async def text_pieces(self, turn: Turn) -> AsyncIterator[str]:
+    async def text_pieces(self, turn: Turn) -> AsyncGenerator[str, None]:
         """The turn as plain text pieces (the original API's stream). A failure after the first
         piece ends the stream cleanly with `STREAM_ERROR_MARKER` and the reason on a line of its own."""
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hmac
 import json
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
@@ -17,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.engine.protocol import InvalidRequestError
 from deployments.history_store import ConversationNotFoundError
@@ -46,6 +48,9 @@ from serve_app.settings import AppSettings
 from serve_app.streaming import TextStreamResponse
 
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
+# Larger bodies get 413 before they are read whole (nginx's default limit too); the longest valid
+# prompt, 100,000 characters, fits even with every character escaped (`\u00e9`, 6 bytes).
+MAX_BODY_BYTES = 1 << 20
 
 # Domain errors -> HTTP status, wherever they were raised (here or in a replica).
 ERROR_STATUS: dict[type[Exception], int] = {
@@ -56,7 +61,7 @@ ERROR_STATUS: dict[type[Exception], int] = {
     InvalidRequestError: status.HTTP_400_BAD_REQUEST,  # PromptTooLongError among them
 }
 
-_ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 503)}
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 503)}
 
 
 def _error_body(request: Request, code: int, message: str, param: str | None = None) -> dict:
@@ -83,7 +88,7 @@ def _error_response(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(_error_body(request, 503, message), status_code=503, headers={"Retry-After": "5"})
 
 
-async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _invalid_request(request: Request, exc: RequestValidationError) -> Response:
     errors = json.loads(json.dumps(exc.errors(), default=str))
     if any(error.get("type") == "json_invalid" for error in errors):
         return JSONResponse(_error_body(request, 400, "the request body is not valid JSON"), status_code=400)
@@ -92,7 +97,32 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
         fields = [".".join(str(part) for part in error["loc"][1:]) or "body" for error in errors]
         message = "; ".join(f"{field}: {error['msg']}" for field, error in zip(fields, errors))
         return JSONResponse(_error_body(request, 400, message, fields[0]), status_code=400)
-    return JSONResponse({"detail": errors}, status_code=422)
+    # ASCII JSON: an echoed input may hold a lone surrogate ("\ud800"), which UTF-8 cannot encode (a 500).
+    return Response(json.dumps({"detail": errors}), status_code=422, media_type="application/json")
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own errors (an unknown route or method, a body it cannot parse) in the route
+    family's shape; for a body it cannot parse, why: not UTF-8, nested too deep, ..."""
+    message = str(exc.detail)
+    if exc.status_code == 400 and exc.__cause__ is not None:
+        message = f"the request body is not valid JSON ({exc.__cause__})"
+    return JSONResponse(_error_body(request, exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
+
+
+def _conversation_links(conversation_id: str) -> dict[str, Any]:
+    """OpenAPI links from a route that creates or answers in a conversation to the routes that take
+    its id (`conversation_id`: where the id is), so client generators and schema-driven tests
+    (tests/e2e/test_fuzz.py) chain the calls."""
+    targets = {
+        "get": "/get", "rename": "/patch", "delete": "/delete", "export": "~1export/get",
+        "generate": "~1generate/post", "regenerate": "~1regenerate/post", "stop": "~1stop/post",
+    }
+    path_item = "#/paths/~1conversations~1{conversation_id}"
+    return {
+        name: {"operationRef": path_item + target, "parameters": {"conversation_id": conversation_id}}
+        for name, target in targets.items()
+    }
 
 
 OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json")
@@ -121,6 +151,7 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         title="ray-chat",
         summary="Multi-model streaming chat on Ray Serve",
         responses=_ERROR_RESPONSES,
+        max_body_size=MAX_BODY_BYTES,
     )
     if settings.api_key:
         _require_api_key(app, settings.api_key)
@@ -134,15 +165,17 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
     )
     for error_type in (*ERROR_STATUS, RayError, ModelOverloadedError):
         app.add_exception_handler(error_type, _error_response)
-    app.add_exception_handler(RequestValidationError, _invalid_request)
+    # Starlette types every handler as taking any Exception; it calls this one with RequestValidationError only.
+    app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     registry = service.registry
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], responses={503: {"model": ErrorResponse}})
-    async def readyz() -> dict[str, str]:
+    @app.get("/readyz", tags=["health"], response_model=dict[str, str], responses={503: {"model": ErrorResponse}})
+    async def readyz() -> dict[str, str] | JSONResponse:
         """200 once every model has a replica that answers; 503 (with the laggards) before."""
         states = await service.model_states()
         if any(state != "ready" for state in states.values()):
@@ -162,12 +195,18 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         each conversation's id, title and timestamps, most recently active first."""
         return await service.list_summaries() if detail else await service.list_ids()
 
-    @app.get("/conversations/start", tags=["conversations"])
+    @app.get(
+        "/conversations/start", tags=["conversations"],
+        responses={200: {"links": _conversation_links("$response.body")}},
+    )
     async def start_conversation() -> int:
         """Creates a conversation and returns its id (a bare JSON number)."""
         return (await service.create()).id
 
-    @app.post("/conversations", status_code=201, tags=["conversations"])
+    @app.post(
+        "/conversations", status_code=201, tags=["conversations"],
+        responses={201: {"links": _conversation_links("$response.body#/id")}},
+    )
     async def create_conversation() -> ConversationSummary:
         return await service.create()
 
@@ -202,7 +241,10 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         "/conversations/{conversation_id}/generate",
         tags=["conversations"],
         response_class=TextStreamResponse,
-        responses={200: {"content": {"text/plain": {}}, "description": "The answer, streamed as it is generated."}},
+        responses={200: {
+            "content": {"text/plain": {}}, "description": "The answer, streamed as it is generated.",
+            "links": _conversation_links("$request.path.conversation_id"),
+        }},
     )
     async def generate(conversation_id: str, body: GenerateRequest) -> TextStreamResponse:
         """Appends `prompt` to the conversation and streams the model's answer as plain text."""
@@ -220,7 +262,10 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         "/conversations/{conversation_id}/regenerate",
         tags=["conversations"],
         response_class=TextStreamResponse,
-        responses={200: {"content": {"text/plain": {}}, "description": "The new answer, streamed."}},
+        responses={200: {
+            "content": {"text/plain": {}}, "description": "The new answer, streamed.",
+            "links": _conversation_links("$request.path.conversation_id"),
+        }},
     )
     async def regenerate(conversation_id: str, body: RegenerateRequest | None = None) -> TextStreamResponse:
         """Answers the last prompt again (optionally with other parameters or another model);

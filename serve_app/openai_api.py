@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header
 from fastapi.sse import format_sse_event
@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from deployments.engine.protocol import GenerationOutput, InvalidRequestError
 from serve_app.conversations import ConversationService, Turn, describe_failure
 from serve_app.protocol import (
+    MAX_CONVERSATION_ID,
     ChatCompletion,
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -28,6 +29,7 @@ from serve_app.protocol import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    FinishReasonOut,
     ModelList,
     ModelObject,
     OpenAIErrorResponse,
@@ -36,10 +38,12 @@ from serve_app.protocol import (
 from serve_app.streaming import ServerSentEventsResponse
 
 STARTED_AT = int(time.time())
-SSE_RESPONSE = {200: {"content": {"text/event-stream": {}}, "description": "With `stream: true`: chunks as server-sent events."}}
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "With `stream: true`: chunks as server-sent events."}
+}
 
 
-def finish_reason_of(output: GenerationOutput) -> str:
+def finish_reason_of(output: GenerationOutput) -> FinishReasonOut | None:
     # A stop request ends the answer early, which OpenAI's clients know as "stop".
     return "stop" if output.finish_reason == "cancelled" else output.finish_reason
 
@@ -64,9 +68,9 @@ async def collect(service: ConversationService, turn: Turn) -> tuple[str, Genera
 async def sse_events(
     service: ConversationService,
     turn: Turn,
-    chunk: Callable[[str | None, str | None], BaseModel],
+    chunk: Callable[[str | None, FinishReasonOut | None], BaseModel],
     usage_chunk: Callable[[Usage], BaseModel] | None,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """OpenAI's stream: `chunk(text, finish_reason)` per output, a closing chunk with the finish
     reason, an optional usage chunk, then `data: [DONE]`. A failure after the stream started
     ends it with an error event, then `data: [DONE]` (as vLLM does)."""
@@ -103,7 +107,9 @@ def create_openai_router(service: ConversationService) -> APIRouter:
     @router.post("/chat/completions", response_model=ChatCompletion, responses=SSE_RESPONSE)
     async def chat_completions(
         body: ChatCompletionRequest,
-        x_conversation_id: Annotated[int | None, Header(description="Same as the body's `conversation_id`.")] = None,
+        x_conversation_id: Annotated[
+            int | None, Header(ge=1, le=MAX_CONVERSATION_ID, description="Same as the body's `conversation_id`.")
+        ] = None,
     ):
         model = service.resolve_model(body.model)
         conversation_id = body.conversation_id if body.conversation_id is not None else x_conversation_id
@@ -127,7 +133,7 @@ def create_openai_router(service: ConversationService) -> APIRouter:
                 choices=[ChatCompletionChoice(message=ChatCompletionMessage(content=text), finish_reason=finish_reason_of(last))],
             )
 
-        def chunk(text: str | None, finish_reason: str | None) -> ChatCompletionChunk:
+        def chunk(text: str | None, finish_reason: FinishReasonOut | None) -> ChatCompletionChunk:
             delta = ChatDelta(content=text) if text is not None else ChatDelta()
             return ChatCompletionChunk(
                 id=request_id, created=created, model=model.name,
@@ -137,7 +143,7 @@ def create_openai_router(service: ConversationService) -> APIRouter:
         def usage_chunk(usage: Usage) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=request_id, created=created, model=model.name, choices=[], usage=usage)
 
-        async def events() -> AsyncIterator[bytes]:
+        async def events() -> AsyncGenerator[bytes, None]:
             # OpenAI's first chunk carries the role only.
             first = ChatCompletionChunk(
                 id=request_id, created=created, model=model.name,
@@ -156,7 +162,7 @@ def create_openai_router(service: ConversationService) -> APIRouter:
         turn = await service.start_turn(model, body.to_sampling_params(), prompt=body.prompt_text)
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(text: str | None, finish_reason: str | None) -> Completion:
+        def chunk(text: str | None, finish_reason: FinishReasonOut | None) -> Completion:
             choice = CompletionChoice(text=text or "", finish_reason=finish_reason)
             return Completion(id=request_id, created=created, model=model.name, choices=[choice])
 

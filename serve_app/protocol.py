@@ -31,13 +31,31 @@ DEFAULT_REPEAT_PENALTY = 1.1
 DEFAULT_REPEAT_LAST_N = 64
 MAX_SAMPLE_LEN = 8192
 MAX_SEED = 2**63 - 1
+MAX_CONVERSATION_ID = 2**63 - 1  # SQLite's INTEGER; a larger id names no conversation
 MAX_TOP_K = 1_000_000  # more than any vocabulary
 # Ends the original API's text stream when the answer fails after it started (a replica died):
 # a line of its own, the reason after it. The answer stored in the history has status `failed`.
 STREAM_ERROR_MARKER = "[error] "
 
 
-class GenerationParameters(BaseModel):
+class RequestModel(BaseModel):
+    """Base of every request model: no string in it may hold a lone UTF-16 surrogate. JSON can
+    escape one (`"\\ud800"`) but no UTF-8 encoder downstream (the tokenizer, SQLite, the response)
+    takes it, so it is refused here naming the field, instead of failing there with a 5xx."""
+
+    @field_validator("*")
+    @classmethod
+    def _is_unicode_text(cls, value: Any) -> Any:
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("is not Unicode text: it holds a lone surrogate such as \\ud800") from None
+        return value
+
+
+class GenerationParameters(RequestModel):
     """The original API's sampling fields. Every one may be omitted or null and then takes its
     default. Unknown fields are ignored so that old clients keep working."""
 
@@ -120,7 +138,7 @@ class StopResponse(BaseModel):
     stopped: bool = Field(description="False when nothing was being generated in this conversation.")
 
 
-class RenameRequest(BaseModel):
+class RenameRequest(RequestModel):
     """Body of `PATCH /conversations/{id}`."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"title": "Trip to Paris"}]})
@@ -162,7 +180,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _OpenAISamplingRequest(BaseModel):
+class _OpenAISamplingRequest(RequestModel):
     """What chat and text completions share: the model, sampling and streaming options."""
 
     model_config = ConfigDict(extra="ignore")
@@ -227,12 +245,12 @@ class _OpenAISamplingRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatContentPart(BaseModel):
+class ChatContentPart(RequestModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(RequestModel):
     role: MessageRole
     content: str | list[ChatContentPart]
 
@@ -261,6 +279,8 @@ class ChatCompletionRequest(_OpenAISamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_SAMPLE_LEN)
     conversation_id: int | None = Field(
         default=None,
+        ge=1,
+        le=MAX_CONVERSATION_ID,
         description="Ours: prepend this conversation's history and store the last user message and the answer in it.",
     )
 

@@ -36,6 +36,12 @@ class AppSettings(BaseModel):
     # chat in the proxy); model replicas bound the real work.
     ingress_max_ongoing_requests: int = Field(default=256, gt=0)
     history_num_cpus: float = Field(default=0.1, ge=0)
+    # Custom Ray resources the history replica needs: pins it to the node that holds the
+    # database file (e.g. {"history_node": 1} with `ray start --head --resources ...`).
+    history_resources: dict[str, float] = {}
+    # On an upgrade (`serve deploy` of a changed config) or a scale-down, a replica being
+    # replaced finishes its streams for up to this long before it is stopped.
+    graceful_shutdown_timeout_s: float = Field(default=300.0, ge=0)
 
     @model_validator(mode="after")
     def _model_names_are_unique(self):

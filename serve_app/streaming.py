@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 _closing: set[asyncio.Task] = set()
 
 
-class _ClosesBody:
+class _ClosesBody(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
@@ -33,7 +33,7 @@ class _ClosesBody:
                 await asyncio.shield(closing)
 
 
-class TextStreamResponse(_ClosesBody, StreamingResponse):
+class TextStreamResponse(_ClosesBody):
     media_type = "text/plain; charset=utf-8"
 
 

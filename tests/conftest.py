@@ -88,8 +88,9 @@ def serve_app(tmp_path_factory) -> ServeApp:
     args = config_app_args()
     args["database_path"] = str(database_path)
     args["models"] += TEST_MODELS
-    # No dashboard: nothing to look at in tests, and it would clash with a developer's cluster.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # A Ray instance of its own ("local"), even where `ray start` left a cluster (live or dead)
+    # that ray.init() would otherwise join. No dashboard: it would clash with that cluster's.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = ServeApp(url=f"http://127.0.0.1:{port}", database_path=database_path, args=args)
     try:

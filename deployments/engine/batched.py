@@ -24,14 +24,14 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 import torch
 
 from deployments.engine.cuda_graphs import DecodeGraphs
 from deployments.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from deployments.engine.forward import PromptChunk, WeightFormat, build_step, extract_weights, forward, rope_table
+from deployments.engine.forward import PromptChunk, build_step, extract_weights, forward, rope_table
 from deployments.engine.kv_cache import INITIAL_CAPACITY, KVCache
 from deployments.engine.protocol import (
     EngineStats,
@@ -43,6 +43,7 @@ from deployments.engine.protocol import (
 from deployments.engine.sampler import SlotSampling, StepRows, draw, finish
 from deployments.engine.sampling import SamplingParams
 from deployments.model_loader import LoadedModel, eos_token_ids
+from deployments.model_registry import WeightFormat
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class BatchedEngine:
             raise self._setup_error
 
     def _setup(self, loaded: LoadedModel, weights: WeightFormat) -> None:
-        w = self._weights = extract_weights(loaded.model, weights)
+        w = self._weights = extract_weights(loaded.require_model(), weights)
         self._n_groups = w.n_heads // w.n_kv_heads
         if self.device.type == "cuda":
             # Allocated whole (CUDA graphs hold its addresses), so sized to the memory there is.
@@ -183,7 +184,7 @@ class BatchedEngine:
 
     # --- the asyncio side -------------------------------------------------------------------
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncGenerator[GenerationOutput, None]:
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty: it has no tokens")
         if len(prompt_token_ids) >= self.max_context:
@@ -339,7 +340,8 @@ class BatchedEngine:
                 self._free(seq)
         decoding = [s for s in self._running() if s.is_prefilled]
         # Prompt chunks go to newcomers in arrival-slot order, up to the step's token budget.
-        chunks, completing, prefilling, budget = [], [], [], self.prefill_chunk_tokens
+        chunks, completing, budget = [], [], self.prefill_chunk_tokens
+        prefilling: list[Sequence] = []
         contents = self._cache_contents() if self.prefix_caching and len(decoding) < len(self._running()) else []
         for seq in self._running():
             if seq.is_prefilled or budget <= 0:

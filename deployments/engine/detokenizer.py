@@ -30,7 +30,8 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         if self._backend is not None:
             return self._backend.decode(ids, skip_special_tokens=True)
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        # transformers types `decode` as str | list[str]: a list only for a batch of sequences, never for flat ids.
+        return self._tokenizer.decode(ids, skip_special_tokens=True)  # type: ignore[return-value]
 
     def add(self, token_id: int) -> str:
         """The new complete text that `token_id` adds ("" while a character is incomplete)."""

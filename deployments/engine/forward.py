@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +26,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from deployments.engine.kv_cache import KVCache
+from deployments.model_registry import WeightFormat
 
-WeightFormat = Literal["fp32", "bf16", "fp16", "int8", "int4"]
 # The int8 and int4 kernels are CPU kernels (oneDNN, torch's CPU int4 pack).
 CPU_ONLY_FORMATS = ("int8", "int4")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -168,6 +167,10 @@ class Int8Linear(nn.Module):
     """
 
     ONEDNN_MIN_ROWS = 4
+    # Buffers, set by `register_buffer`.
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -239,6 +242,10 @@ class Int4Linear(nn.Module):
     """
 
     GROUP = 32
+    # Buffers, set by `register_buffer`.
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -265,13 +272,15 @@ class Int4Linear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def _quantize(weights: LlamaWeights, layer_linear: type[nn.Module]) -> None:
+def _quantize(weights: LlamaWeights, layer_linear: type[Int8Linear] | type[Int4Linear]) -> None:
     """The layers' Linears become `layer_linear` (`Int8Linear` or `Int4Linear`): a quarter or an
     eighth of the bytes a CPU decode step is bound by reading. lm_head is always `Int8Linear`
     (the packaged GGUF keeps the tied embedding in 8 bits, Q8_0); embedding and norms stay fp32."""
     for layer in weights.layers:
         for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
             setattr(layer, name, layer_linear(getattr(layer, name)))
+    if not isinstance(weights.lm_head, nn.Linear):
+        raise ValueError(f"lm_head is quantized already ({type(weights.lm_head).__name__})")
     weights.lm_head = Int8Linear(weights.lm_head)
 
 
@@ -308,12 +317,15 @@ class StepBatch:
     chunk_masks: list[torch.Tensor] = field(default_factory=list)  # per chunk [n_groups * length, start + length] bool
 
     def to(self, device: torch.device) -> StepBatch:
-        def moved(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=True)
+        def moved(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        def maybe_moved(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else moved(t)
 
         return StepBatch(
             moved(self.token_ids), moved(self.slots), moved(self.positions), moved(self.logit_rows),
-            moved(self.decode_slots), moved(self.decode_mask), self.chunks, [moved(m) for m in self.chunk_masks],
+            maybe_moved(self.decode_slots), maybe_moved(self.decode_mask), self.chunks, [moved(m) for m in self.chunk_masks],
         )
 
 
@@ -404,9 +416,13 @@ def attend(
         return cached_attention(q, layer_k, layer_v, batch.slots, batch.positions).reshape(len(q), -1)
     n_kv, groups, head_dim = w.n_kv_heads, w.n_heads // w.n_kv_heads, w.head_dim
     decode_bias, chunk_biases = biases
+    # A CPU step is built with its masks (`build_step(with_masks=True)`): decode slots always, and
+    # a decode bias whenever there are decode tokens.
+    assert batch.decode_slots is not None
     outputs = []
     n_decode = len(batch.decode_slots)
     if n_decode:
+        assert decode_bias is not None
         rows, keys = decode_bias.shape[0], decode_bias.shape[-1]
         q_decode = q[:n_decode].reshape(n_decode, n_kv, groups, head_dim)
         if rows == n_decode:  # slots 0..n-1, the usual case: no scatter/gather needed

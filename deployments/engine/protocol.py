@@ -4,12 +4,12 @@ application builder import this module and never load torch.
 
 An engine takes prompt token ids and `SamplingParams` and yields `GenerationOutput`s: the new
 text since the previous output, at most one per decode step, the last with a finish reason.
-Closing the async iterator (client gone, stop button) cancels the request at the next step.
+Closing the async generator (`aclose()`: client gone, stop button) cancels the request at the next step.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -35,7 +35,7 @@ class EngineStats:
 
 
 class Engine(Protocol):
-    def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]: ...
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncGenerator[GenerationOutput, None]: ...
 
     def stats(self) -> EngineStats: ...
 
@@ -52,6 +52,9 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     # Lets `cancel(request_id)` stop it from anywhere (e.g. a stop button on another connection).
     request_id: str | None = None
+    # Requests with the same key go to the same replica while it has room, where the prefix
+    # cache holds what they share (`deployments.affinity_router`); None: any replica.
+    affinity_key: str | None = None
 
 
 class InvalidRequestError(ValueError):

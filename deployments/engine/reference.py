@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers import (
     AsyncTextIteratorStreamer,
+    GenerationMixin,
     LogitsProcessor,
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -44,7 +45,9 @@ class _StopWhenCancelled(StoppingCriteria):
         self._cancelled = cancelled
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self._cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+        # transformers types the result as torch.BoolTensor, a legacy class no torch function is typed to return.
+        cancelled = torch.full((input_ids.shape[0],), self._cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+        return cancelled  # type: ignore[return-value]
 
 
 class ReferenceEngine:
@@ -53,6 +56,10 @@ class ReferenceEngine:
 
     def __init__(self, loaded: LoadedModel):
         self._loaded = loaded
+        model = loaded.require_model()
+        if not isinstance(model, GenerationMixin):
+            raise TypeError(f"{type(model).__name__} cannot generate: the reference engine needs a causal LM")
+        self._model = model
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference-engine")
         self._eos_ids = eos_token_ids(loaded)
         self._active = 0
@@ -66,7 +73,7 @@ class ReferenceEngine:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _generate_blocking(self, prompt_ids: list[int], params: SamplingParams, streamer, cancelled) -> torch.Tensor:
-        model, tokenizer = self._loaded.model, self._loaded.tokenizer
+        model, tokenizer = self._model, self._loaded.tokenizer
         if params.seed is not None:
             torch.manual_seed(params.seed)
         processors = LogitsProcessorList()
@@ -91,7 +98,7 @@ class ReferenceEngine:
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
             )
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncGenerator[GenerationOutput, None]:
         tokenizer = self._loaded.tokenizer
         streamer = AsyncTextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancelled = threading.Event()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pickle
 import sqlite3
 
 import pytest
@@ -74,6 +75,13 @@ async def test_unknown_conversations_raise_not_found(store):
         with pytest.raises(ConversationNotFoundError, match="conversation '42' not found"):
             await call
     assert await store.list_conversation_ids() == []
+
+
+def test_not_found_keeps_its_message_when_pickled_across_ray():
+    # The history replica's exceptions reach the ingress pickled; rebuilt from their message,
+    # this one read "conversation 'conversation '42' not found' not found".
+    error = pickle.loads(pickle.dumps(ConversationNotFoundError(42)))
+    assert (str(error), error.conversation_id) == ("conversation '42' not found", 42)
 
 
 async def test_history_survives_reopening_and_ids_are_never_reused(tmp_path):

@@ -45,6 +45,28 @@ def test_oldest_turns_are_dropped_first_and_the_system_message_is_kept():
     assert "c" * 10 in text and "d" * 10 in text and "latest" in text
 
 
+def test_thousands_of_turns_are_cut_to_the_latest_that_fit_in_a_few_renders(monkeypatch):
+    # Dropping one turn per render rendered this body 50,000 times (minutes, the replica's loop blocked).
+    server = tiny_server(context_length=512)
+    tokenizer = server.loaded.tokenizer
+    render, renders = tokenizer.apply_chat_template, []
+
+    def counted_render(messages, **kwargs):
+        renders.append(len(messages))
+        assert len(renders) <= 12, "rendered once per dropped turn"
+        return render(messages, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "apply_chat_template", counted_render)
+    messages = [{"role": "user", "content": str(i % 10)} for i in range(50_000)]
+    ids = server.encode_chat(messages, max_tokens=16)
+    assert max(renders) <= 512 - 16
+    text = decoded(server, ids)
+    assert text.endswith("<|im_start|>user\n9<|im_end|>\n<|im_start|>assistant\n")
+    # The latest turns that fit, all of them: one more would not.
+    one_more = render(messages[-text.count("<|im_start|>user") - 1 :], add_generation_prompt=True, tokenize=False)
+    assert len(ids) <= 512 - 16 < len(tokenizer(one_more)["input_ids"])
+
+
 def test_a_prompt_that_cannot_fit_is_rejected_with_the_numbers():
     server = tiny_server(context_length=64)
     with pytest.raises(PromptTooLongError, match="has a context of 64 tokens and 16 are reserved"):

@@ -6,6 +6,8 @@ the middle of answers ends every stream cleanly, with the reason, and the model 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -96,46 +98,57 @@ def openai_stream_events(url: str, body: dict, on_event) -> list[str]:
 
 
 def kill_replica_of(deployment: str) -> None:
-    """Kills the deployment's replica process, as a crash would (Serve then starts another)."""
+    """SIGKILL for the deployment's replica process, as a crash or the OOM killer would do it
+    (Serve then starts another)."""
     import ray
 
     (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]]
-    ray.kill(ray.get_actor(name, namespace="serve"))
+    replica = ray.get_actor(name, namespace="serve")
+    os.kill(ray.get(replica.__ray_call__.remote(lambda _: os.getpid())), signal.SIGKILL)
 
 
 def test_a_replica_killed_mid_answer_ends_every_stream_cleanly_and_the_model_recovers(serve_app):
+    """Four streams on the replica (two per API) and one on another model when it is killed."""
     url = serve_app.url
-    conversation_id = httpx.get(f"{url}/conversations/start").json()
+    conversation_ids = [httpx.get(f"{url}/conversations/start").json() for _ in range(2)]
     chat = {"model": TINY, "messages": [{"role": "user", "content": "Tell me everything."}], "stream": True,
             "max_tokens": 440, "temperature": 0}
     smol = {"prompt": "Count from one to twenty.", "model": SMOL, "sample_len": 48, "temperature": 0}
-    progress = {"text": 0, "events": 0}
-    with ThreadPoolExecutor(3) as pool:
-        text = pool.submit(stream_text, url, conversation_id, LONG_GREEDY, lambda r: progress.update(text=len(r)))
-        events = pool.submit(openai_stream_events, url, chat, lambda e: progress.update(events=len(e)))
+    progress: dict[str, int] = {}
+    with ThreadPoolExecutor(5) as pool:
+        texts = [
+            pool.submit(stream_text, url, conversation_id, LONG_GREEDY, lambda r, i=i: progress.update({f"text{i}": len(r)}))
+            for i, conversation_id in enumerate(conversation_ids)
+        ]
+        events = [
+            pool.submit(openai_stream_events, url, chat, lambda e, i=i: progress.update({f"events{i}": len(e)}))
+            for i in range(2)
+        ]
         other_model = pool.submit(stream_text, url, httpx.get(f"{url}/conversations/start").json(), smol)
         deadline = time.monotonic() + 60
-        while progress["text"] < 100 or progress["events"] < 10:
+        while len(progress) < 4 or min(progress.values()) < 10:
             assert time.monotonic() < deadline, f"the streams did not start: {progress}"
             time.sleep(0.05)
         kill_replica_of(f"LLM-{TINY}")
         killed_at = time.monotonic()
-        text, events, other_model = text.result(), events.result(), other_model.result()
+        texts, events, other_model = [t.result() for t in texts], [e.result() for e in events], other_model.result()
 
     # The original API's stream ends with the error line; the OpenAI stream with an error event, then [DONE].
-    answer, _, error_line = text.rpartition("\n[error] ")
-    assert error_line.startswith("the model's replica stopped while answering") and error_line.endswith("\n")
-    assert json.loads(events[-2])["error"]["message"].startswith("the model's replica stopped while answering")
-    assert events[-1] == "[DONE]"
+    for stream in events:
+        assert json.loads(stream[-2])["error"]["message"].startswith("the model's replica stopped while answering")
+        assert stream[-1] == "[DONE]"
     # Another model's stream did not notice.
     assert "[error]" not in other_model and other_model.strip()
-    # History: the interrupted answer, as far as it got, marked failed with the reason in words.
-    deadline = time.monotonic() + 10
-    while len(stored := httpx.get(f"{url}/conversations/{conversation_id}").json()["messages"]) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    assert (stored[1]["status"], stored[1]["content"]) == ("failed", answer)
-    assert stored[1]["error"].startswith("the model's replica stopped while answering")
+    for conversation_id, text in zip(conversation_ids, texts):
+        answer, _, error_line = text.rpartition("\n[error] ")
+        assert error_line.startswith("the model's replica stopped while answering") and error_line.endswith("\n")
+        # History: the interrupted answer, as far as it got, marked failed with the reason in words.
+        deadline = time.monotonic() + 10
+        while len(stored := httpx.get(f"{url}/conversations/{conversation_id}").json()["messages"]) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert (stored[1]["status"], stored[1]["content"]) == ("failed", answer)
+        assert stored[1]["error"].startswith("the model's replica stopped while answering")
     # Serve starts a new replica; the model answers again.
     while httpx.post(f"{url}/v1/completions", json={"model": TINY, "prompt": "hi", "max_tokens": 4}, timeout=60).status_code != 200:
         assert time.monotonic() - killed_at < 120, "the model did not recover within 2 minutes"

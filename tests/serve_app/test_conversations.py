@@ -13,6 +13,8 @@ from deployments.model_registry import ModelConfig, ModelRegistry
 from serve_app.conversations import (
     ConversationBusyError,
     ConversationService,
+    TurnRecord,
+    affinity_key,
     context_messages,
     conversation_markdown,
     parse_conversation_id,
@@ -33,8 +35,31 @@ def test_ids_that_are_not_plain_integers_name_no_conversation(raw):
         parse_conversation_id(raw)
 
 
+def test_the_turns_of_a_conversation_share_an_affinity_key_and_other_conversations_do_not():
+    system = {"role": "system", "content": "Be brief."}
+    first = [system, {"role": "user", "content": "Hi"}]
+    later = [*first, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Go on"}]
+    assert affinity_key(None, first, None) == affinity_key(None, later, None)
+    assert affinity_key(None, first, None) != affinity_key(None, [system, {"role": "user", "content": "Bye"}], None)
+    stored = TurnRecord(conversation_id=7, prompt="Hi", parameters={})
+    assert affinity_key(stored, first, None) == affinity_key(stored, later, None) != affinity_key(None, first, None)
+    assert affinity_key(TurnRecord(conversation_id=8, prompt="Hi", parameters={}), first, None) != affinity_key(stored, first, None)
+    # A completion that extends an earlier prompt keeps its key.
+    opening = "Once upon a time " * 20
+    assert affinity_key(None, None, opening) == affinity_key(None, None, opening + "there was a dragon.")
+
+
 def test_ids_parse():
     assert parse_conversation_id("42") == 42
+    assert parse_conversation_id(str(2**63 - 1)) == 2**63 - 1
+
+
+# Beyond SQLite's INTEGER the history store would raise OverflowError (a 503 once it crossed Ray);
+# beyond 4,300 digits int() itself raises ValueError (a 500).
+@pytest.mark.parametrize("raw", [str(2**63), "9" * 20, "9" * 5000, 2**63, -1])
+def test_ids_beyond_what_sqlite_stores_name_no_conversation(raw):
+    with pytest.raises(ConversationNotFoundError, match=f"conversation '{raw}' not found"):
+        parse_conversation_id(raw)
 
 
 def test_context_keeps_answered_turns_and_skips_unanswered_or_failed_ones():

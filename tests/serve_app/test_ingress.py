@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from deployments.model_registry import ModelRegistry
 from serve_app.conversations import ConversationService
-from serve_app.ingress import create_app
+from serve_app.ingress import MAX_BODY_BYTES, create_app
 from serve_app.settings import AppSettings
 
 KEY = "s3cret-key-123"
@@ -100,3 +100,56 @@ def test_numbers_out_of_range_and_empty_prompts_are_refused_at_the_edge_naming_t
     )
     assert response.status_code == 400
     assert response.json()["error"]["param"] == field
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_bodies_beyond_the_limit_are_refused_with_413_before_they_are_read(chunked):
+    body = json.dumps({"model": "smollm2", "prompt": "a" * MAX_BODY_BYTES}).encode()
+    content = (body[i : i + 65536] for i in range(0, len(body), 65536)) if chunked else body
+    response = client_for().post("/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    # Just under the limit, the body is read and the field named.
+    body = json.dumps({"prompt": "a" * (MAX_BODY_BYTES - 100)})
+    response = client_for().post("/conversations/1/generate", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "prompt"]
+
+
+@pytest.mark.parametrize(
+    "headers, body, field",
+    [
+        ({}, {"conversation_id": 2**63}, "conversation_id"),  # beyond SQLite's INTEGER: was a 503
+        ({}, {"conversation_id": 0}, "conversation_id"),
+        ({"X-Conversation-Id": str(2**63)}, {}, "x-conversation-id"),
+        ({"X-Conversation-Id": "9" * 5000}, {}, "x-conversation-id"),
+    ],
+)
+def test_conversation_ids_out_of_range_are_refused_naming_the_field(headers, body, field):
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], **body}
+    response = client_for().post("/v1/chat/completions", json=body, headers=headers)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == field
+
+
+JSON = {"content-type": "application/json"}
+
+
+def test_a_body_that_is_not_utf8_is_a_400_that_says_why():
+    client = client_for()
+    response = client.post("/v1/completions", content=b'{"model": "smollm2", "prompt": "caf\xe9"}', headers=JSON)
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert message.startswith("the request body is not valid JSON ('utf-8' codec can't decode byte 0xe9")
+    response = client.post("/conversations/1/generate", content=b"[" * 100_000, headers=JSON)
+    assert response.status_code == 400 and "maximum recursion depth" in response.json()["detail"]
+
+
+def test_a_422_that_echoes_a_lone_surrogate_is_still_sent():
+    # The 422 echoes the bad input; UTF-8 cannot encode "\ud800", so it was a 500.
+    response = client_for().patch("/conversations/1", content=b'{"title": "a\\ud800"}', headers=JSON)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "title"]
+
+
+def test_unknown_routes_under_v1_answer_in_openai_shape():
+    response = client_for().get("/v1/nothing")
+    assert response.status_code == 404 and response.json()["error"]["message"] == "Not Found"

@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.engine.sampling import SamplingParams
-from serve_app.protocol import GenerateRequest
+from serve_app.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, RegenerateRequest
 
 
 def test_only_prompt_is_required_and_defaults_fill_the_rest():
@@ -51,3 +51,25 @@ def test_stored_parameters_record_what_was_used():
 def test_out_of_range_values_are_rejected(fields):
     with pytest.raises(ValidationError):
         GenerateRequest(**fields)
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "loc"),
+    [
+        (GenerateRequest, {"prompt": "hi", "model": "a\ud800"}, ("model",)),
+        (RegenerateRequest, {"revision": "\udfff"}, ("revision",)),
+        (CompletionRequest, {"model": "m", "prompt": ["a\ud800"]}, ("prompt",)),
+        (CompletionRequest, {"model": "m", "prompt": "a", "stop": ["x", "\ud800"]}, ("stop",)),
+        (ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "\ud800"}]}, ("messages", 0, "content")),
+    ],
+)
+def test_strings_holding_a_lone_surrogate_are_refused_naming_the_field(model, body, loc):
+    # JSON may escape one ("\ud800"); the tokenizer and SQLite cannot encode it (a 503, a 500).
+    with pytest.raises(ValidationError) as caught:
+        model.model_validate(body)
+    assert caught.value.errors()[0]["loc"] == loc
+    assert "lone surrogate" in caught.value.errors()[0]["msg"]
+
+
+def test_text_beyond_ascii_is_kept():
+    assert GenerateRequest(prompt="café 😀", model="модель").prompt == "café 😀"

@@ -1,0 +1,268 @@
+"""Schema-driven fuzzing of the running app: the schemathesis CLI reads its `/openapi.json` and
+sends every route generated requests, valid and invalid (the schema's examples; the boundary
+values, wrong types, content types and methods of its coverage phase; random ones), then follows
+the schema's links from a new conversation to every route that takes its id, so those routes get
+real ids. The explicit cases below cover what a generator rarely draws: ids beyond int64, empty
+and 1 MiB bodies, wrong content types, bytes that are not UTF-8.
+
+Every request must get an answer that is not a 5xx within `REQUEST_TIMEOUT_S`, and a stream must
+end as its protocol says (`fuzz_hooks.streams_end_cleanly`). Generated answers run on the tiny
+random model with a few tokens (`fuzz_hooks.keep_generation_cheap`). `make fuzz` runs more
+examples (`FUZZ_EXAMPLES`); the default keeps this file at about two minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serve_app.ingress import MAX_BODY_BYTES
+from tests.e2e.fuzz_hooks import CHEAP_MODEL, CHEAP_TOKENS
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REQUEST_TIMEOUT_S = 30  # as in schemathesis.toml: a tiny-model answer takes well under a second
+MIN_REQUESTS = 1000
+# Routes that answer 200 only for an existing conversation: given ids from the links.
+ROUTES_NEEDING_AN_ID = {
+    "POST /conversations/{conversation_id}/generate",
+    "POST /conversations/{conversation_id}/regenerate",
+    "PATCH /conversations/{conversation_id}",
+    "GET /conversations/{conversation_id}/export",
+    "DELETE /conversations/{conversation_id}",
+}
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_app) -> str:
+    return serve_app.url
+
+
+@pytest.fixture(scope="module")
+def http(base_url):
+    with httpx.Client(base_url=base_url, timeout=REQUEST_TIMEOUT_S) as client:
+        yield client
+
+
+def test_schemathesis_finds_no_server_error_on_any_route(base_url, http, tmp_path):
+    ledger = tmp_path / "requests.tsv"
+    command = [
+        sys.executable, "-m", "schemathesis.cli", "--config-file", str(Path(__file__).with_name("schemathesis.toml")),
+        "run", f"{base_url}/openapi.json", "--no-color",
+    ] + (["--max-examples", os.environ["FUZZ_EXAMPLES"]] if "FUZZ_EXAMPLES" in os.environ else [])
+    # Hypothesis keeps caches of its own in ./.hypothesis unless told otherwise.
+    env = os.environ | {"FUZZ_LEDGER": str(ledger), "HYPOTHESIS_STORAGE_DIRECTORY": str(tmp_path / "hypothesis")}
+    run = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stdout[-30_000:] + run.stderr[-5_000:]
+
+    answers = Counter(tuple(line.split("\t")) for line in ledger.read_text().splitlines())
+    routes = {label for label, _, _ in answers}
+    paths = http.get("/openapi.json").json()["paths"]
+    operations = {f"{method.upper()} {path}" for path, item in paths.items() for method in item}
+    assert routes >= operations, f"routes never fuzzed: {operations - routes}"
+    assert sum(answers.values()) >= MIN_REQUESTS, answers
+    # The links carried real ids into every route that needs one, and answers were generated.
+    assert ROUTES_NEEDING_AN_ID <= {label for label, _, linked in answers if linked}, answers
+    assert answers["POST /conversations/{conversation_id}/generate", "200", "linked"] > 0, answers
+
+
+# ---------------------------------------------------------------------------------------------
+# What a generator rarely draws.
+# ---------------------------------------------------------------------------------------------
+
+CONVERSATION_ROUTES = [
+    ("GET", "", None),
+    ("PATCH", "", {"title": "x"}),
+    ("DELETE", "", None),
+    ("GET", "/export", None),
+    ("POST", "/generate", {"prompt": "hi", "model": CHEAP_MODEL, "sample_len": CHEAP_TOKENS}),
+    ("POST", "/regenerate", {"model": CHEAP_MODEL, "sample_len": CHEAP_TOKENS}),
+    ("POST", "/stop", None),
+]
+CHAT = {"model": CHEAP_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": CHEAP_TOKENS}
+COMPLETION = {"model": CHEAP_MODEL, "prompt": "hi", "max_tokens": CHEAP_TOKENS}
+# (method, path, a valid body): every route that reads a body; `{id}` is a fresh conversation.
+BODY_ROUTES = [
+    ("POST", "/conversations/{id}/generate", {"prompt": "hi", "model": CHEAP_MODEL, "sample_len": CHEAP_TOKENS}),
+    ("POST", "/conversations/{id}/regenerate", {"model": CHEAP_MODEL, "sample_len": CHEAP_TOKENS}),
+    ("PATCH", "/conversations/{id}", {"title": "x"}),
+    ("POST", "/v1/chat/completions", CHAT),
+    ("POST", "/v1/completions", COMPLETION),
+]
+# A string field of each, for the tests that spoil its encoding.
+TEXT_FIELD = {
+    "/conversations/{id}/generate": "prompt", "/conversations/{id}/regenerate": "model", "/conversations/{id}": "title",
+    "/v1/chat/completions": "model", "/v1/completions": "prompt",
+}
+JSON = {"content-type": "application/json"}
+
+
+def send(http: httpx.Client, method: str, path: str, content: bytes | None = None, headers: dict | None = None) -> httpx.Response:
+    if "{id}" in path:
+        path = path.replace("{id}", str(http.get("/conversations/start").json()))
+    return http.request(method, path, content=content, headers=headers)
+
+
+def field_named(response: httpx.Response) -> str:
+    """The field a 4xx names: OpenAI's `param` on /v1, the first error's location elsewhere."""
+    body = response.json()
+    if "error" in body:
+        return body["error"]["param"]
+    return ".".join(str(part) for part in body["detail"][0]["loc"][1:]) or "body"
+
+
+@pytest.mark.parametrize("raw_id", [str(2**63), "9" * 30, "9" * 5000, "0"])
+@pytest.mark.parametrize(("method", "suffix", "body"), CONVERSATION_ROUTES, ids=[f"{m}{s}" for m, s, _ in CONVERSATION_ROUTES])
+def test_ids_beyond_int64_name_no_conversation(http, raw_id, method, suffix, body):
+    # 2**63 reached SQLite and came back as a 503; 5,000 digits made int() raise; "0" checks that
+    # the not-found error keeps its message across Ray.
+    response = http.request(method, f"/conversations/{raw_id}{suffix}", json=body)
+    assert response.status_code == 404
+    assert response.json() == {"detail": f"conversation '{raw_id}' not found"}
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "field"),
+    [
+        ({"conversation_id": 2**63}, {}, "conversation_id"),
+        ({"conversation_id": -(2**64)}, {}, "conversation_id"),
+        ({}, {"X-Conversation-Id": str(2**63)}, "x-conversation-id"),
+        ({}, {"X-Conversation-Id": "9" * 5000}, "x-conversation-id"),
+    ],
+)
+def test_conversation_ids_beyond_int64_in_chat_are_refused_naming_the_field(http, body, headers, field):
+    response = http.post("/v1/chat/completions", json=CHAT | body, headers=headers)
+    assert response.status_code == 400
+    assert field_named(response) == field
+
+
+@pytest.mark.parametrize("value", [2**64, -(2**64), 10**400, 1e300])
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/conversations/{id}/generate", BODY_ROUTES[0][2], field)
+        for field in ("sample_len", "temperature", "top_p", "repeat_penalty", "repeat_last_n", "seed")
+    ]
+    + [("/v1/completions", COMPLETION, field) for field in ("max_tokens", "temperature", "top_p", "seed", "top_k", "min_tokens")]
+    + [("/v1/chat/completions", CHAT, field) for field in ("max_completion_tokens", "repetition_penalty", "conversation_id")],
+)
+def test_numbers_beyond_int64_are_refused_naming_the_field(http, path, body, field, value):
+    response = send(http, "POST", path, json.dumps(body | {field: value}).encode(), JSON)
+    assert response.status_code in (400, 422), response.text
+    assert field_named(response) == field
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "field"),
+    [
+        ("/conversations/{id}/generate", {"prompt": ""}, 422, "prompt"),
+        ("/conversations/{id}", {"title": ""}, 422, "title"),
+        ("/v1/completions", COMPLETION | {"prompt": ""}, 400, "prompt"),
+        ("/v1/completions", COMPLETION | {"prompt": [""]}, 400, "prompt"),
+        ("/v1/chat/completions", CHAT | {"messages": []}, 400, "messages"),
+    ],
+)
+def test_empty_prompts_are_refused_naming_the_field(http, path, body, status, field):
+    response = send(http, "PATCH" if path.endswith("{id}") else "POST", path, json.dumps(body).encode(), JSON)
+    assert response.status_code == status
+    assert field_named(response) == field
+
+
+@pytest.mark.parametrize(("method", "path", "body"), BODY_ROUTES)
+def test_empty_bodies_are_refused_naming_the_body(http, method, path, body):
+    response = send(http, method, path, b"", JSON)
+    if path.endswith("/regenerate"):  # the body is optional there; a new conversation has nothing to answer
+        assert response.status_code == 400 and "has no prompt to answer again" in response.json()["detail"]
+    else:
+        assert response.status_code in (400, 422)
+        assert field_named(response) == "body"
+
+
+@pytest.mark.parametrize(("method", "path", "body"), BODY_ROUTES)
+def test_a_body_over_one_mib_is_refused_with_413(http, method, path, body):
+    response = send(http, method, path, json.dumps(body | {"prompt": "a" * MAX_BODY_BYTES}).encode(), JSON)
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("/conversations/{id}/generate", {"prompt": "a" * (MAX_BODY_BYTES - 100)}, 422, "at most 100000 characters"),
+        ("/v1/completions", COMPLETION | {"prompt": "a" * (MAX_BODY_BYTES - 100)}, 400, "has a context of 512 tokens"),
+        ("/v1/chat/completions", CHAT | {"messages": [{"role": "user", "content": "a" * (MAX_BODY_BYTES - 200)}]}, 400,
+         "has a context of 512 tokens"),
+    ],
+)
+def test_a_prompt_of_almost_one_mib_is_refused_as_too_long(http, path, body, status, message):
+    response = send(http, "POST", path, json.dumps(body).encode(), JSON)
+    assert response.status_code == status
+    assert message in response.text
+
+
+def test_thirty_thousand_messages_are_cut_to_the_latest_that_fit_and_answered(http):
+    # Under 1 MiB. The chat template was rendered once per dropped turn, here 30,000 times, with the
+    # model's replica (and every request on it) held meanwhile.
+    messages = [{"role": "user", "content": str(i % 10)} for i in range(30_000)]
+    response = http.post("/v1/chat/completions", json=CHAT | {"messages": messages})
+    assert response.status_code == 200
+    assert 0 < response.json()["usage"]["prompt_tokens"] <= 512 - CHEAP_TOKENS
+    assert http.post("/v1/completions", json=COMPLETION).status_code == 200
+
+
+@pytest.mark.parametrize(("method", "path", "body"), BODY_ROUTES)
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "text/xml", None]
+)
+def test_wrong_content_types_are_refused_naming_the_body(http, method, path, body, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    response = send(http, method, path, json.dumps(body).encode(), headers)
+    assert response.status_code in (400, 422), response.text
+    assert field_named(response) == "body"
+
+
+@pytest.mark.parametrize(("method", "path", "body"), BODY_ROUTES)
+@pytest.mark.parametrize("bad_bytes", [b"\xff\xfe", b"caf\xe9", b"\xc0\xaf", b"\xed\xa0\x80"])
+def test_bodies_that_are_not_utf8_are_refused(http, method, path, body, bad_bytes):
+    field = TEXT_FIELD[path]
+    content = json.dumps(body | {field: "@"}).encode().replace(b"@", bad_bytes)
+    response = send(http, method, path, content, JSON)
+    if bad_bytes == b"\xed\xa0\x80":  # a surrogate in UTF-8's form: Python's JSON reads it as one, the field refuses it
+        assert response.status_code in (400, 422) and field_named(response) == field
+    else:
+        assert response.status_code == 400
+        assert "the request body is not valid JSON ('utf-8' codec can't decode" in response.text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "field"),
+    [
+        ("POST", "/conversations/{id}/generate", {"prompt": "a\ud800"}, "prompt"),
+        ("POST", "/conversations/{id}/generate", {"prompt": "hi", "model": "\udfff"}, "model"),
+        ("POST", "/conversations/{id}/regenerate", {"revision": "\ud800"}, "revision"),
+        ("PATCH", "/conversations/{id}", {"title": "a\ud800"}, "title"),
+        ("POST", "/v1/completions", COMPLETION | {"prompt": "a\ud800"}, "prompt"),
+        ("POST", "/v1/completions", COMPLETION | {"stop": ["\ud800"]}, "stop"),
+        ("POST", "/v1/chat/completions", CHAT | {"messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content"),
+    ],
+)
+def test_lone_surrogates_escaped_in_json_are_refused_naming_the_field(http, method, path, body, field):
+    # Valid JSON, not valid text: it reached the tokenizer (503) or SQLite and the 422 that
+    # echoed it (500).
+    response = send(http, method, path, json.dumps(body).encode(), JSON)
+    assert response.status_code in (400, 422), response.text
+    assert field_named(response) == field
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"prompt": ' + b"9" * 5000 + b"}"])
+def test_json_nested_too_deep_or_numbers_too_long_to_parse_are_refused(http, body):
+    response = send(http, "POST", "/conversations/{id}/generate", body, JSON)
+    assert response.status_code == 400
+    assert "the request body is not valid JSON" in response.json()["detail"]
