@@ -30,11 +30,13 @@ import dataclasses
 import importlib.util
 import json
 import math
+import multiprocessing
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -359,6 +361,19 @@ async def llama_cpp_run(
     return await concurrent_streams(1, label, lambda _, clock: asyncio.to_thread(stream, clock, tokens), "chunk gap")
 
 
+def llama_cpp_runs(gguf: Path, threads: int, prompt_ids: list[int], eos_ids: tuple[int, ...], tokens: int) -> dict[str, Run]:
+    """llama.cpp's runs by sampling name ({} without llama-cpp-python), for a process of its own:
+    ggml runs on OpenMP, and in our process it would share torch's libgomp (the same soname,
+    loaded first) and its thread pools with our engine (see torch_threads)."""
+    llm = llama_cpp_model(gguf, threads, len(prompt_ids) + tokens + 8)
+    if llm is None:
+        return {}
+    return {
+        name: asyncio.run(llama_cpp_run(llm, prompt_ids, eos_ids, tokens, f"{LLAMA_CPP}, {name}", sampling))
+        for name, sampling in SAMPLINGS.items()
+    }
+
+
 def perplexity(weights, loaded: LoadedModel) -> float:
     """Of PERPLEXITY_TEXT under our forward pass with these weights (one prompt chunk)."""
     ids = loaded.tokenizer(PERPLEXITY_TEXT, add_special_tokens=False)["input_ids"]
@@ -524,6 +539,7 @@ def decode_step_times(
 
 
 SAMPLINGS = {"greedy": None, "original defaults": ORIGINAL_DEFAULTS}
+LLAMA_CPP = "llama.cpp (llama-cpp-python), 1 stream"
 
 
 async def measure_what_users_get(
@@ -532,9 +548,9 @@ async def measure_what_users_get(
     """The served model, greedy and with the original's defaults: the baselines, the engine
     alone, the share of a step spent sampling, then through HTTP. Returns the runs by (what,
     sampling) and the sampling shares by sampling. Each part runs alone: no engine is alive
-    while the baselines or the Serve app run."""
+    while the baselines or the Serve app run, and llama.cpp runs in a process of its own."""
     served = served_model()
-    fmt = served.resolved_weights("cpu", cpu_has_fast_int8())
+    fmt = served.resolved_weights("cpu", run_in_fresh_thread(cpu_has_fast_int8))
     print(f"== what users get: {served.name} as serve_config.yaml serves it ({fmt} weights), "
           f"greedy and the original API's defaults {ORIGINAL_DEFAULTS}")
     runs: dict[tuple[str, str], Run] = {}
@@ -549,14 +565,13 @@ async def measure_what_users_get(
         record(what, name, run_in_fresh_thread(transformers_run, int8_model, prompt_ids, streams, tokens, f"{what}, {name}", sampling))
     del int8_model
 
-    llm = llama_cpp_model(packaged_gguf(served), threads, len(prompt_ids) + tokens + 8)
-    if llm is None:
+    gguf, eos_ids = packaged_gguf(served), eos_token_ids(loaded)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as process:
+        llama_cpp = await asyncio.wrap_future(process.submit(llama_cpp_runs, gguf, threads, prompt_ids, eos_ids, tokens))
+    if not llama_cpp:
         print("llama.cpp: skipped, llama-cpp-python is not installed (`make bench-deps` installs it)")
-    else:
-        for name, sampling in SAMPLINGS.items():
-            what = "llama.cpp (llama-cpp-python), 1 stream"
-            record(what, name, await llama_cpp_run(llm, prompt_ids, eos_token_ids(loaded), tokens, f"{what}, {name}", sampling))
-        llm.close()
+    for name, run in llama_cpp.items():
+        record(LLAMA_CPP, name, run)
 
     engine = BatchedEngine(loaded, weights=fmt, max_batch_size=streams, max_context=len(prompt_ids) + tokens + 8)
     await engine_run(engine, prompt_ids, 1, 4, "warm-up")
@@ -591,7 +606,7 @@ def print_summary(runs: dict[tuple[str, str], Run], shares: dict[str, float], st
     """tok/s of the served model's runs and the ratios between them, a column per sampling."""
     http_1, http_n = "through HTTP, 1 stream(s)", f"through HTTP, {streams} stream(s)"
     engine_1, engine_n = "engine alone, 1 stream(s)", f"engine alone, {streams} stream(s)"
-    llama_cpp, transformers = "llama.cpp (llama-cpp-python), 1 stream", f"transformers + torch dynamic int8, batch {streams}"
+    llama_cpp, transformers = LLAMA_CPP, f"transformers + torch dynamic int8, batch {streams}"
     ratios = [
         ("HTTP 1 stream / llama.cpp 1 stream", http_1, llama_cpp),
         (f"HTTP {streams} streams / transformers int8 batch {streams}", http_n, transformers),
