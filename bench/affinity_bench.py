@@ -37,7 +37,9 @@ TOPICS = ["the sea", "volcanoes", "bread", "bicycles", "the moon", "chess", "riv
 def served_models(replicas: int) -> list[dict]:
     (packaged,) = config_app_args()["models"]
     return [
-        {**packaged, "name": f"smollm2-{router}", "aliases": [], "num_replicas": replicas, "num_cpus": 2 / (2 * replicas),
+        {**packaged, "name": f"smollm2-{router}", "aliases": [], "num_replicas": replicas,
+         # The 2 CPUs less the ingress's and the history's 0.1 each, shared by every replica.
+         "num_cpus": 1.8 / (len(ROUTERS) * replicas),
          "torch_threads": 1, "conversation_affinity": affine}
         for router, affine in ROUTERS.items()
     ]

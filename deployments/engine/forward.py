@@ -160,10 +160,16 @@ class Int8Linear(nn.Module):
     strength, and at one setting the greedy capital-of-France answer went wrong.
 
     Two integer kernels, the faster for the row count; both give the same int32 sums, scaled in
-    the same order, so the choice never changes a result. Layers of SmolLM2, one pass here:
-    `torch._int_mm` 5.4 ms at 1 row, 13.6 at 16; oneDNN's prepacked `qlinear` (x86) 7.6 / 9.6,
-    and ahead from 4 rows on. (Torch's per-tensor dynamic int8, for scale: 7.3 / 13.1 with lm_head.)
-    The price: the weights are held twice, plain and prepacked (SmolLM2: 2 x 134 MB).
+    the same order, so the choice never changes a result. Layers of SmolLM2, one pass on a CPU
+    with VNNI: `torch._int_mm` 5.4 ms at 1 row, 13.6 at 16; oneDNN's prepacked `qlinear` (x86)
+    7.6 / 9.6, and ahead from 4 rows on. (Torch's per-tensor dynamic int8, for scale: 7.3 / 13.1
+    with lm_head.) The price: the weights are held twice, plain and prepacked (SmolLM2: 2 x 134 MB).
+
+    On an x86 CPU without VNNI (AVX2 only) oneDNN's kernel adds pairs of u8 x s8 products in
+    saturating int16 first, and `_int_mm` takes a slow reference kernel (16 rows over one layer
+    and lm_head: 354 ms vs fp32's 52). There activations get 7 bits (|q| <= 63, as fbgemm's
+    `reduce_range`): a pair of products then stays within int16, so oneDNN's sums are exact again,
+    and it takes every step (one layer and lm_head here: 9.8 ms at 1 row, 20 at 16).
     """
 
     ONEDNN_MIN_ROWS = 4
@@ -184,9 +190,12 @@ class Int8Linear(nn.Module):
         self._weight_t = self.weight.t()
         self._packed: torch.Tensor | None = None
         self._zero_points = torch.zeros(self.out_features, dtype=torch.long)
-        if cpu_has_fast_int8():
-            # oneDNN's blocked layout; it wants unsigned activations (signed ones take a
-            # reference kernel, ~100x slower), hence the zero point of 128 in `forward`.
+        bits = cpu_int8_activation_bits()
+        # The largest activation integer; oneDNN wants unsigned activations (signed ones take a
+        # reference kernel, ~100x slower), hence the zero point of 128 (64 with 7 bits) in `forward`.
+        self._q_max = 127 if bits in (0, 8) else 63
+        self._onednn_min_rows = self.ONEDNN_MIN_ROWS if bits == 8 else 1
+        if bits:
             self._packed = torch.ops.onednn.qlinear_prepack(self.weight, [1, self.in_features])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,11 +204,12 @@ class Int8Linear(nn.Module):
         return self._matmul(rows).view(*x.shape[:-1], self.out_features)
 
     def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        scale = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-8).div_(127)
-        q = torch.round(rows / scale)  # integers in [-127, 127]
-        if self._packed is not None and len(rows) >= self.ONEDNN_MIN_ROWS:
+        scale = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-8).div_(self._q_max)
+        q = torch.round(rows / scale)  # integers in [-q_max, q_max]
+        if self._packed is not None and len(rows) >= self._onednn_min_rows:
+            zero_point = self._q_max + 1
             out = torch.ops.onednn.qlinear_pointwise(
-                q.add_(128).to(torch.uint8), 1.0, 128, self._packed, self.weight_scale, self._zero_points,
+                q.add_(zero_point).to(torch.uint8), 1.0, zero_point, self._packed, self.weight_scale, self._zero_points,
                 None, 1.0, 0, torch.float32, "none", [], "",
             )
         else:
@@ -210,23 +220,35 @@ class Int8Linear(nn.Module):
         return out
 
 
+def _onednn_sums_exactly(activation: int) -> bool:
+    """Whether oneDNN's u8 x s8 kernel sums 64 products of `activation` (after the zero point)
+    and 127 exactly: pairs of them overflow int16 when the CPU has no VNNI and activation > 64."""
+    weight = torch.full((16, 64), 127, dtype=torch.int8)
+    packed = torch.ops.onednn.qlinear_prepack(weight, [1, 64])
+    zero_point = 128 if activation > 63 else 64
+    activations = torch.full((4, 64), activation + zero_point, dtype=torch.uint8)
+    out = torch.ops.onednn.qlinear_pointwise(
+        activations, 1.0, zero_point, packed, torch.ones(16), torch.zeros(16, dtype=torch.long),
+        None, 1.0, 0, torch.float32, "none", [], "",
+    )
+    return bool((out == 64 * activation * 127).all())
+
+
 @functools.cache
-def cpu_has_fast_int8() -> bool:
-    """Whether oneDNN's u8 x s8 kernel sums in int32 here, i.e. the CPU has VNNI. CPUs without
-    it (AVX2 only, e.g. this project's CI machine) add pairs of products in saturating int16
-    first: 255 * 127 * 2 overflows, and results then depend on the kernel, so `Int8Linear` stays
-    on `torch._int_mm`, which is slow there too (one SmolLM2 row: 1.2 ms vs fp32's 0.15 ms)."""
+def cpu_int8_activation_bits() -> int:
+    """The activation width `Int8Linear` can give oneDNN's int8 kernel here and still get exact
+    sums: 8 where the CPU has VNNI, 7 where it adds pairs of products in int16 first (AVX2
+    only, e.g. this project's CI machine), 0 where there is no oneDNN int8 kernel (e.g. ARM)."""
     try:
-        weight = torch.full((16, 64), 127, dtype=torch.int8)
-        packed = torch.ops.onednn.qlinear_prepack(weight, [1, 64])
-        activations = torch.full((4, 64), 255, dtype=torch.uint8)  # 127 with the zero point of 128
-        out = torch.ops.onednn.qlinear_pointwise(
-            activations, 1.0, 128, packed, torch.ones(16), torch.zeros(16, dtype=torch.long),
-            None, 1.0, 0, torch.float32, "none", [], "",
-        )
-    except (RuntimeError, AttributeError, NotImplementedError):  # no oneDNN int8 here (e.g. ARM)
-        return False
-    return bool((out == 64 * 127 * 127).all())
+        return 8 if _onednn_sums_exactly(127) else 7 if _onednn_sums_exactly(63) else 0
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return 0
+
+
+def cpu_has_fast_int8() -> bool:
+    """Whether `Int8Linear` runs at full precision and speed here (VNNI, 8-bit activations). With
+    7 bits SmolLM2's perplexity is 9.10 (8 bits: 8.37, fp32: 8.03), too much for a default."""
+    return cpu_int8_activation_bits() == 8
 
 
 class Int4Linear(nn.Module):

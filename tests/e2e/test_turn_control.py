@@ -108,16 +108,21 @@ def test_a_full_queue_is_refused_with_503_and_retry_after(serve_app):
     body = {"model": "tiny-narrow", "prompt": "go", "max_tokens": 450, "min_tokens": 450, "ignore_eos": True}
 
     def send(_):
+        sent = time.monotonic()
         response = httpx.post(f"{serve_app.url}/v1/completions", json=body, timeout=120)
-        return response.status_code, response.headers.get("retry-after"), response.json()
+        return response.status_code, response.headers.get("retry-after"), response.json(), time.monotonic() - sent
 
     with ThreadPoolExecutor(10) as pool:
         results = list(pool.map(send, range(10)))
-    statuses = [status for status, _, _ in results]
+    statuses = [status for status, _, _, _ in results]
     assert set(statuses) == {200, 503}, statuses
-    for status, retry_after, answer in results:
+    for status, retry_after, answer, seconds in results:
         if status == 503:
             assert retry_after == "2"
             assert answer["error"]["message"] == "model 'tiny-narrow' is overloaded (all replicas busy, queue full); retry shortly"
+            assert seconds < 1.0, f"refused after {seconds:.2f} s"
         else:
             assert answer["usage"]["completion_tokens"] == 450
+    refused = [seconds for status, _, _, seconds in results if status == 503]
+    print(f"overload: {len(results) - len(refused)} of {len(results)} served, {len(refused)} refused with 503 "
+          f"in at most {max(refused):.2f} s")

@@ -93,6 +93,18 @@ def test_int8_linear_quantizes_each_row_on_its_own():
     assert relative_error.max() < 0.02
 
 
+def test_int8_linear_sums_exactly_at_the_extremes():
+    """Every activation and weight at its largest integer: where the CPU adds pairs of products
+    in int16 (no VNNI), 8-bit activations would saturate there; the width `Int8Linear` picks
+    for this CPU keeps the sums exact, for one row and for many."""
+    linear = torch.nn.Linear(64, 16, bias=False)
+    torch.nn.init.ones_(linear.weight)
+    quantized = Int8Linear(linear)
+    with torch.inference_mode():
+        for rows in (1, 8):
+            assert torch.equal(quantized(torch.ones(rows, 64)), torch.full((rows, 16), 64.0))
+
+
 @pytest.mark.parametrize("weight_format", ["bf16", "int8", "int4"])
 async def test_bf16_int8_and_int4_weights_stay_close_to_fp32_and_generate(tiny, weight_format):
     ids = torch.randint(0, 259, (12,)).tolist()
