@@ -296,14 +296,18 @@ class Int4Linear(nn.Module):
 
 def _quantize(weights: LlamaWeights, layer_linear: type[Int8Linear] | type[Int4Linear]) -> None:
     """The layers' Linears become `layer_linear` (`Int8Linear` or `Int4Linear`): a quarter or an
-    eighth of the bytes a CPU decode step is bound by reading. lm_head is always `Int8Linear`
-    (the packaged GGUF keeps the tied embedding in 8 bits, Q8_0); embedding and norms stay fp32."""
+    eighth of the bytes a CPU decode step is bound by reading. lm_head is `Int8Linear`
+    (the packaged GGUF keeps the tied embedding in 8 bits, Q8_0) where the CPU has VNNI, else
+    fp32; embedding and norms stay fp32."""
     for layer in weights.layers:
         for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
             setattr(layer, name, layer_linear(getattr(layer, name)))
     if not isinstance(weights.lm_head, nn.Linear):
         raise ValueError(f"lm_head is quantized already ({type(weights.lm_head).__name__})")
-    weights.lm_head = Int8Linear(weights.lm_head)
+    # Without VNNI, int8 activations get 7 bits, too coarse for the logits: the packaged model's
+    # greedy answer to the capital of France went wrong. lm_head stays fp32 there.
+    if cpu_has_fast_int8():
+        weights.lm_head = Int8Linear(weights.lm_head)
 
 
 def rope_table(weights: LlamaWeights, max_context: int) -> torch.Tensor:
