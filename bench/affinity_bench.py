@@ -21,7 +21,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine_bench import ORIGINAL_DEFAULTS, percentile  # noqa: E402
-from tests.conftest import config_app_args, free_port  # noqa: E402
+from tests.support import config_app_args, free_port, prompt_tokens_reused  # noqa: E402
 
 ROUTERS = {"affinity": True, "default": False}
 QUESTIONS = [
@@ -61,20 +61,14 @@ async def conversation(http: httpx.AsyncClient, model: str, topic: str, sample_l
     return ttft
 
 
-def reused_tokens(http: httpx.Client, model: str) -> float:
-    for line in http.get("/metrics").text.splitlines():
-        if line.startswith(f'chat_prompt_tokens_reused{{model="{model}"}}'):
-            return float(line.split()[-1])
-    return 0.0
-
 
 async def measure(url: str, model: str, sample_len: int) -> tuple[list[float], float]:
     with httpx.Client(base_url=url, timeout=60) as http:
-        before = reused_tokens(http, model)
+        before = prompt_tokens_reused(http, model)
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
         ttfts = await asyncio.gather(*(conversation(http, model, topic, sample_len) for topic in TOPICS))
     with httpx.Client(base_url=url, timeout=60) as http:
-        return list(ttfts), reused_tokens(http, model) - before
+        return list(ttfts), prompt_tokens_reused(http, model) - before
 
 
 def main() -> None:

@@ -54,6 +54,7 @@ from deployments.engine.forward import (  # noqa: E402
     cpu_has_fast_int8,
     extract_weights,
     forward,
+    quantized_lm_head,
     rope_table,
 )
 from deployments.engine.kv_cache import KVCache  # noqa: E402
@@ -62,7 +63,7 @@ from deployments.engine.sampling import SamplingParams  # noqa: E402
 from deployments.engine.torch_threads import run_in_fresh_thread  # noqa: E402
 from deployments.model_loader import LoadedModel, eos_token_ids, load_model  # noqa: E402
 from deployments.model_registry import ModelConfig  # noqa: E402
-from tests.conftest import ServeApp, config_app_args, free_port  # noqa: E402
+from tests.support import ServeApp, config_app_args, free_port  # noqa: E402
 
 QUESTION = "What is the capital of France?"
 # The prompt of every timed request. SmolLM2 answers it at length (int4, seeds 0-15, greedy or
@@ -184,7 +185,7 @@ def with_our_linears(model: nn.Module, layer_linear: type[nn.Module]) -> nn.Modu
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear):
                 setattr(parent, name, layer_linear(child))
-    model.lm_head = Int8Linear(model.lm_head)  # as `forward._quantize` does
+    model.lm_head = quantized_lm_head(model.lm_head, layer_linear)  # as `forward._quantize` does
     return model
 
 

@@ -19,6 +19,8 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.engine.protocol import InvalidRequestError
 from deployments.history_store import ConversationNotFoundError
@@ -61,7 +63,7 @@ ERROR_STATUS: dict[type[Exception], int] = {
     InvalidRequestError: status.HTTP_400_BAD_REQUEST,  # PromptTooLongError among them
 }
 
-_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 409, 422, 503)}
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 503)}
 
 
 def _error_body(request: Request, code: int, message: str, param: str | None = None) -> dict:
@@ -110,6 +112,32 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse(_error_body(request, exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
 
 
+class _BodyLimit:
+    """Starlette's request body limit (413 as soon as a body, chunked or not, passes the limit,
+    before it is read whole), answering in the route family's error shape instead of its own
+    plain-text "Content Too Large"."""
+
+    def __init__(self, app: ASGIApp, max_body_size: int) -> None:
+        self.app = RequestBodyLimitMiddleware(app, max_body_size)
+        self.message = f"the request body is larger than {max_body_size} bytes"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        replaced = False
+
+        async def send_in_our_shape(message: Message) -> None:
+            # Only the limit answers 413 here; its plain-text body's messages are dropped.
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] == 413:
+                replaced = True
+                await JSONResponse(_error_body(Request(scope), 413, self.message), status_code=413)(scope, receive, send)
+            elif not replaced:
+                await send(message)
+
+        await self.app(scope, receive, send_in_our_shape)
+
+
 def _conversation_links(conversation_id: str) -> dict[str, Any]:
     """OpenAPI links from a route that creates or answers in a conversation to the routes that take
     its id (`conversation_id`: where the id is), so client generators and schema-driven tests
@@ -151,8 +179,8 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         title="ray-chat",
         summary="Multi-model streaming chat on Ray Serve",
         responses=_ERROR_RESPONSES,
-        max_body_size=MAX_BODY_BYTES,
     )
+    app.add_middleware(_BodyLimit, max_body_size=MAX_BODY_BYTES)
     if settings.api_key:
         _require_api_key(app, settings.api_key)
     # Added last, so outermost: even a 401 carries the CORS headers the browser needs to read it.

@@ -8,6 +8,8 @@ import time
 import httpx
 import pytest
 
+from tests.support import prompt_tokens_reused
+
 pytestmark = pytest.mark.slow
 
 CAPITAL_PROMPT = {"prompt": "What is the capital of France?", "temperature": 0, "sample_len": 48}
@@ -132,22 +134,16 @@ def served_requests(client: httpx.Client) -> dict[str, float]:
     return {line.split('"')[1]: float(line.split()[-1]) for line in lines}
 
 
-def reused_prompt_tokens(client: httpx.Client, model: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(f'chat_prompt_tokens_reused{{model="{model}"}}'):
-            return float(line.split()[-1])
-    return 0.0
-
 
 def test_the_next_turn_of_a_conversation_reuses_the_cached_prompt(client, serve_app):
     conversation_id = start(client)
     first = {"prompt": "Tell me about the sea, " + "waves " * 20, "model": "tiny-random", "sample_len": 8}
     b"".join(stream_answer(client, conversation_id, first))
-    before = reused_prompt_tokens(client, "tiny-random")
+    before = prompt_tokens_reused(client, "tiny-random")
     b"".join(stream_answer(client, conversation_id, {**first, "prompt": "and the sky?"}))
     # The second prompt starts with the whole first turn (byte-level tokenizer: ~170 tokens),
     # which the replica copies from its cache instead of computing again.
-    assert reused_prompt_tokens(client, "tiny-random") - before >= 150
+    assert prompt_tokens_reused(client, "tiny-random") - before >= 150
 
 
 def test_second_model_is_routed_by_name(client, serve_app):

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.support import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -29,7 +29,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.support import free_port, prompt_tokens_reused
 
 pytestmark = pytest.mark.slow
 
@@ -179,15 +179,9 @@ def test_serve_deploy_serves_from_the_nodes_the_resources_choose(cluster, client
     assert "model_node" in placed["LLM-tiny-random"] and "model_node" in placed["LLM-tiny-autoscaled"]
 
 
-def reused_prompt_tokens(client: httpx.Client, model: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(f'chat_prompt_tokens_reused{{model="{model}"}}'):
-            return float(line.split()[-1])
-    return 0.0
-
 
 def test_each_turn_of_a_conversation_finds_its_earlier_turns_on_one_of_two_replicas(cluster, client):
-    before = reused_prompt_tokens(client, "tiny-random")
+    before = prompt_tokens_reused(client, "tiny-random")
 
     async def conversation(index: int, http: httpx.AsyncClient) -> list[int]:
         conversation_id = (await http.get("/conversations/start")).json()
@@ -209,7 +203,7 @@ def test_each_turn_of_a_conversation_finds_its_earlier_turns_on_one_of_two_repli
     # history gives the same tokens), which the replica that served turn n-1 still holds. With
     # Serve's default router about half the turns land on the other replica and miss.
     at_least = sum(sum(tokens[:-1]) for tokens in prompt_tokens)
-    reused = reused_prompt_tokens(client, "tiny-random") - before
+    reused = prompt_tokens_reused(client, "tiny-random") - before
     print(f"affinity: {reused:.0f} prompt tokens reused over 8 conversations x 5 turns (all earlier turns: {at_least})")
     assert reused >= at_least
 

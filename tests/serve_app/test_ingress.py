@@ -108,6 +108,9 @@ def test_bodies_beyond_the_limit_are_refused_with_413_before_they_are_read(chunk
     content = (body[i : i + 65536] for i in range(0, len(body), 65536)) if chunked else body
     response = client_for().post("/v1/completions", content=content, headers={"content-type": "application/json"})
     assert response.status_code == 413
+    assert response.json()["error"]["message"] == f"the request body is larger than {MAX_BODY_BYTES} bytes"
+    response = client_for().post("/conversations/1/generate", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "larger than" in response.json()["detail"]
     # Just under the limit, the body is read and the field named.
     body = json.dumps({"prompt": "a" * (MAX_BODY_BYTES - 100)})
     response = client_for().post("/conversations/1/generate", content=body, headers={"content-type": "application/json"})

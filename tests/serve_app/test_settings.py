@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from serve_app.app import build_app, deployment_name
 from serve_app.settings import AppSettings
-from tests.conftest import config_app_args
+from tests.support import config_app_args
 
 
 def test_serve_config_args_validate_and_paths_become_absolute():

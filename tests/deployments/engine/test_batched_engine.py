@@ -7,10 +7,20 @@ import pytest
 import torch
 
 from deployments.engine.batched import BatchedEngine
-from deployments.engine.forward import Int4Linear, Int8Linear, PromptChunk, build_step, extract_weights, forward, rope_table
+from deployments.engine.forward import (
+    Int4Linear,
+    Int8Linear,
+    PromptChunk,
+    RescoredHead,
+    build_step,
+    extract_weights,
+    forward,
+    rope_table,
+)
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.protocol import InvalidRequestError, PromptTooLongError
 from deployments.engine.reference import ReferenceEngine
+from deployments.engine.sampler import CANDIDATES
 from deployments.engine.sampling import SamplingParams
 from deployments.model_loader import LoadedModel, build_tiny_random_model, load_model
 from deployments.model_registry import ModelConfig
@@ -103,6 +113,29 @@ def test_int8_linear_sums_exactly_at_the_extremes():
     with torch.inference_mode():
         for rows in (1, 8):
             assert torch.equal(quantized(torch.ones(rows, 64)), torch.full((rows, 16), 64.0))
+
+
+@pytest.mark.parametrize("approximate", [Int8Linear, Int4Linear])
+def test_rescored_head_is_exact_at_each_rows_best_logits(approximate):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 4096)
+    rescored = RescoredHead(head, approximate(head))
+    rows = torch.randn(6, 64)
+    rows[1] *= 100
+    with torch.inference_mode():
+        together = rescored(rows)
+        alone = torch.cat([rescored(rows[i : i + 1]) for i in range(6)])
+        expected = head(rows)
+        best = rescored.approximate(rows).topk(CANDIDATES, dim=-1).indices
+    assert torch.equal(together, alone)
+    exact = together.gather(-1, best)
+    torch.testing.assert_close(exact, expected.gather(-1, best), atol=1e-5, rtol=1e-5)
+    # No other logit outranks them; the best of all is fp32's.
+    others = together.scatter(-1, best, -math.inf)
+    assert (others.amax(dim=-1) <= exact.amin(dim=-1)).all()
+    assert torch.equal(together.argmax(-1), expected.argmax(-1))
+    # The rest of each row is the quantized approximation.
+    assert ((together - expected).norm(dim=1) / expected.norm(dim=1)).max() < 0.1
 
 
 @pytest.mark.parametrize("weight_format", ["bf16", "int8", "int4"])

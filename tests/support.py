@@ -1,0 +1,68 @@
+"""Helpers shared by the test suite and the benchmarks: the application as serve_config.yaml
+configures it, started in-process by `ServeApp`, free ports, and reading the app's metrics."""
+
+from __future__ import annotations
+
+import copy
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+APP_NAME = "chat"
+STARTUP_TIMEOUT_S = 600  # the first run converts the packaged GGUF (~20-40 s) on a busy 2-core box
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def config_app_args() -> dict:
+    """The `args` of the application in serve_config.yaml, exactly as users run it."""
+    config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+    (app,) = [a for a in config["applications"] if a["name"] == APP_NAME]
+    return copy.deepcopy(app["args"])
+
+
+@dataclass
+class ServeApp:
+    url: str
+    database_path: Path
+    args: dict
+
+    def deploy(self) -> None:
+        from ray import serve
+
+        from serve_app.app import build_app
+
+        serve.run(build_app(self.args), name=APP_NAME, route_prefix="/")
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=10).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"the Serve app did not become ready within {STARTUP_TIMEOUT_S} s")
+
+    def restart(self) -> None:
+        """Deletes the application (every replica, the history owner included) and deploys it
+        again on the same database file."""
+        from ray import serve
+
+        serve.delete(APP_NAME)
+        self.deploy()
+
+
+def prompt_tokens_reused(client: httpx.Client, model: str) -> float:
+    """Prompt tokens `model`'s replicas took from their prefix caches so far (`/metrics`)."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(f'chat_prompt_tokens_reused{{model="{model}"}}'):
+            return float(line.split()[-1])
+    return 0.0
