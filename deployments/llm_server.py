@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import dataclasses
+import functools
 import logging
 from collections.abc import AsyncGenerator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from pathlib import Path
 
@@ -45,6 +47,11 @@ class LLMServer:
         else:
             self.engine = ReferenceEngine(self.loaded)
         self._stop_requested: dict[str, asyncio.Event] = {}
+        # Prompts are tokenized off the replica's event loop, which forwards every other
+        # stream's tokens: a long prompt takes up to ~0.6 s to template and tokenize (SmolLM2, two
+        # messages of 90,000 "é" each), and those streams would stall meanwhile. One worker: a
+        # fast tokenizer must not be entered from two threads at once.
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-prompt")
 
     def encode_chat(self, messages: list[dict[str, str]], max_tokens: int) -> list[int]:
         """Token ids of `messages` under the chat template, leaving `max_tokens` of room for the
@@ -94,9 +101,10 @@ class LLMServer:
         """The engine's outputs; a `cancel(request_id)` ends the stream after the current decode
         step with a last output whose finish reason is "cancelled"."""
         if request.messages is not None:
-            prompt_ids = self.encode_chat(request.messages, request.params.max_tokens)
+            encode = functools.partial(self.encode_chat, request.messages, request.params.max_tokens)
         else:
-            prompt_ids = self.encode_prompt(request.prompt or "", request.params.max_tokens)
+            encode = functools.partial(self.encode_prompt, request.prompt or "", request.params.max_tokens)
+        prompt_ids = await asyncio.get_running_loop().run_in_executor(self._encoder, encode)
         stop = asyncio.Event()
         if request.request_id is not None:
             self._stop_requested[request.request_id] = stop

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -133,3 +134,24 @@ async def test_chunk_rates_from_the_config_reach_the_engine():
     params = SamplingParams(max_tokens=12, min_tokens=12, temperature=0)
     outputs = await collect(server, GenerationRequest(prompt="hi", params=params))
     assert [o.completion_tokens for o in outputs] == list(range(1, 13))  # no coalescing: a chunk per token
+
+
+async def test_the_event_loop_keeps_running_while_a_prompt_is_encoded(monkeypatch):
+    # The encoding waits for a coroutine on the replica's loop: on the loop's own thread it would
+    # wait in vain (the loop, and every other stream on it, blocked) until its timeout.
+    server = tiny_server()
+    loop_ran = threading.Event()
+    encode_prompt = server.encode_prompt
+
+    def slow_encode_prompt(prompt: str, max_tokens: int) -> list[int]:
+        assert loop_ran.wait(timeout=5), "the event loop was blocked while the prompt was encoded"
+        return encode_prompt(prompt, max_tokens)
+
+    async def meanwhile_on_the_loop() -> None:
+        await asyncio.sleep(0.05)
+        loop_ran.set()
+
+    monkeypatch.setattr(server, "encode_prompt", slow_encode_prompt)
+    request = GenerationRequest(params=SamplingParams(max_tokens=3, min_tokens=3, temperature=0), prompt="hello")
+    outputs, _ = await asyncio.gather(collect(server, request), meanwhile_on_the_loop())
+    assert outputs[-1].completion_tokens == 3
