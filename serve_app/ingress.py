@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.engine.protocol import InvalidRequestError
@@ -106,10 +108,45 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> Res
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """FastAPI's own errors (an unknown route or method, a body it cannot parse) in the route
     family's shape; for a body it cannot parse, why: not UTF-8, nested too deep, ..."""
-    message = str(exc.detail)
+    message, headers = str(exc.detail), exc.headers
     if exc.status_code == 400 and exc.__cause__ is not None:
         message = f"the request body is not valid JSON ({exc.__cause__})"
-    return JSONResponse(_error_body(request, exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
+    if exc.status_code == 405:
+        # Starlette's `Allow` names the methods of the first route on the path only (GET of
+        # `/conversations`, not POST): list those of every route with that path.
+        routes = [r for r in request.app.router.routes if isinstance(r, Route) and r.matches(request.scope)[0] != Match.NONE]
+        methods = {method for route in routes if route.path == routes[0].path for method in route.methods or ()}
+        headers = {"Allow": ", ".join(sorted(methods))}
+        message = f"{request.method} is not allowed here; allowed: {headers['Allow']}"
+    return JSONResponse(_error_body(request, exc.status_code, message), status_code=exc.status_code, headers=headers)
+
+
+def _corrected_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """`app.openapi` with two corrections to what FastAPI writes, so the schema says what the
+    app does (schema-driven clients and tests/e2e/test_fuzz.py trust it):
+    - errors are JSON on every route, also where success is streamed text (FastAPI documents a
+      route's errors in its success media type);
+    - an optional header is absent or an integer/string, never null (FastAPI writes
+      `anyOf: [..., null]` for `int | None`)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        for operation in (op for item in schema["paths"].values() for op in item.values()):
+            for code, response in operation.get("responses", {}).items():
+                content = response.get("content", {})
+                if code[0] in "45" and TextStreamResponse.media_type in content:
+                    content["application/json"] = content.pop(TextStreamResponse.media_type)
+            for parameter in operation.get("parameters", []):
+                branches = parameter["schema"].pop("anyOf", None) if parameter["in"] == "header" else None
+                if branches:
+                    (kept,) = [branch for branch in branches if branch != {"type": "null"}]
+                    parameter["schema"].update(kept)
+        return schema
+
+    return openapi
 
 
 class _BodyLimit:
@@ -180,6 +217,7 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         summary="Multi-model streaming chat on Ray Serve",
         responses=_ERROR_RESPONSES,
     )
+    app.openapi = _corrected_openapi(app)  # type: ignore[method-assign]
     app.add_middleware(_BodyLimit, max_body_size=MAX_BODY_BYTES)
     if settings.api_key:
         _require_api_key(app, settings.api_key)
@@ -270,7 +308,7 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         tags=["conversations"],
         response_class=TextStreamResponse,
         responses={200: {
-            "content": {"text/plain": {}}, "description": "The answer, streamed as it is generated.",
+            "description": "The answer, streamed as it is generated.",
             "links": _conversation_links("$request.path.conversation_id"),
         }},
     )
@@ -291,7 +329,7 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         tags=["conversations"],
         response_class=TextStreamResponse,
         responses={200: {
-            "content": {"text/plain": {}}, "description": "The new answer, streamed.",
+            "description": "The new answer, streamed.",
             "links": _conversation_links("$request.path.conversation_id"),
         }},
     )

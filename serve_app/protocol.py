@@ -8,9 +8,9 @@ returns; the history store produces them directly.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from deployments.engine.sampling import SamplingParams
 
@@ -190,7 +190,14 @@ class _OpenAISamplingRequest(RequestModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    stop: str | list[str] | None = Field(default=None, description=f"Up to {MAX_STOP_STRINGS} stop strings.")
+    stop: Annotated[
+        str | list[str] | None,
+        WithJsonSchema({"anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_STRINGS},
+            {"type": "null"},
+        ]}),
+    ] = Field(default=None, description=f"Up to {MAX_STOP_STRINGS} stop strings.")
     n: Literal[1] = Field(default=1, description="Only one choice per request is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -297,7 +304,14 @@ class CompletionRequest(_OpenAISamplingRequest):
         json_schema_extra={"examples": [{"model": "SmolLM2-135M-Instruct", "prompt": "Paris is", "max_tokens": 16}]},
     )
 
-    prompt: str | list[str] = Field(description="One prompt (a list of exactly one string is accepted too).")
+    # The schema states what `_one_prompt` accepts (the type alone would allow "" and batches).
+    prompt: Annotated[
+        str | list[str],
+        WithJsonSchema({"anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+        ]}),
+    ] = Field(description="One prompt (a list of exactly one string is accepted too).")
 
     @field_validator("prompt")
     @classmethod

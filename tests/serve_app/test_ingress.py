@@ -156,3 +156,26 @@ def test_a_422_that_echoes_a_lone_surrogate_is_still_sent():
 def test_unknown_routes_under_v1_answer_in_openai_shape():
     response = client_for().get("/v1/nothing")
     assert response.status_code == 404 and response.json()["error"]["message"] == "Not Found"
+
+
+def test_a_wrong_method_gets_405_with_every_method_the_path_allows():
+    client = client_for()
+    response = client.put("/conversations")  # GET lists, POST creates: two routes, one path
+    assert response.status_code == 405
+    assert set(response.headers["allow"].split(", ")) >= {"GET", "POST"}
+    assert "allowed: " in response.json()["detail"]
+    # /conversations/start is its own path, although /conversations/{conversation_id} matches it too.
+    assert client.put("/conversations/start").headers["allow"] == "GET"
+
+
+def test_the_openapi_schema_says_what_the_routes_do():
+    paths = client_for().get("/openapi.json").json()["paths"]
+    generate = paths["/conversations/{conversation_id}/generate"]["post"]["responses"]
+    assert list(generate["200"]["content"]) == ["text/plain; charset=utf-8"]
+    # Errors are JSON even where the answer is streamed text.
+    assert all(list(generate[code]["content"]) == ["application/json"] for code in ("400", "404", "409", "413", "422"))
+    (header,) = paths["/v1/chat/completions"]["post"]["parameters"]
+    assert header["schema"]["type"] == "integer" and "anyOf" not in header["schema"]  # never null
+    schemas = client_for().get("/openapi.json").json()["components"]["schemas"]
+    prompt = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+    assert prompt[0]["minLength"] == 1 and prompt[1]["maxItems"] == 1
