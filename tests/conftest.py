@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 
 import pytest
 
@@ -47,3 +48,17 @@ def serve_app(tmp_path_factory) -> ServeApp:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture
+def report(request) -> Callable[[str], None]:
+    """Writes a test's measured counts (recovery time, turns kept, requests refused) into the
+    run's output past pytest's capture, so every CI log carries them."""
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+
+    def write(line: str) -> None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"[{request.node.name}] {line}")
+
+    return write

@@ -107,7 +107,7 @@ def kill_replica_of(deployment: str) -> None:
     os.kill(ray.get(replica.__ray_call__.remote(lambda _: os.getpid())), signal.SIGKILL)
 
 
-def test_a_replica_killed_mid_answer_ends_every_stream_cleanly_and_the_model_recovers(serve_app):
+def test_a_replica_killed_mid_answer_ends_every_stream_cleanly_and_the_model_recovers(serve_app, report):
     """Four streams on the replica (two per API) and one on another model when it is killed."""
     url = serve_app.url
     conversation_ids = [httpx.get(f"{url}/conversations/start").json() for _ in range(2)]
@@ -153,4 +153,4 @@ def test_a_replica_killed_mid_answer_ends_every_stream_cleanly_and_the_model_rec
     while httpx.post(f"{url}/v1/completions", json={"model": TINY, "prompt": "hi", "max_tokens": 4}, timeout=60).status_code != 200:
         assert time.monotonic() - killed_at < 120, "the model did not recover within 2 minutes"
         time.sleep(0.5)
-    print(f"recovered {time.monotonic() - killed_at:.1f} s after the kill")
+    report(f"recovered {time.monotonic() - killed_at:.1f} s after the kill")

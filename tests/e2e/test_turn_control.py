@@ -100,7 +100,7 @@ def test_regenerate_needs_a_prompt(client):
     assert response.json()["detail"] == f"conversation '{conversation_id}' has no prompt to answer again"
 
 
-def test_a_full_queue_is_refused_with_503_and_retry_after(serve_app):
+def test_a_full_queue_is_refused_with_503_and_retry_after(serve_app, report):
     """tiny-narrow takes one request at a time and queues one more: of ten sent at once, the
     overflow is refused at once with 503 + Retry-After, the rest are served; none hangs or 500s."""
     from concurrent.futures import ThreadPoolExecutor
@@ -124,5 +124,5 @@ def test_a_full_queue_is_refused_with_503_and_retry_after(serve_app):
         else:
             assert answer["usage"]["completion_tokens"] == 450
     refused = [seconds for status, _, _, seconds in results if status == 503]
-    print(f"overload: {len(results) - len(refused)} of {len(results)} served, {len(refused)} refused with 503 "
+    report(f"overload: {len(results) - len(refused)} of {len(results)} served, {len(refused)} refused with 503 "
           f"in at most {max(refused):.2f} s")

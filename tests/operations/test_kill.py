@@ -92,7 +92,7 @@ async def write_until_killed(url: str, service: subprocess.Popen, acknowledged: 
     return cut
 
 
-def test_every_acknowledged_turn_survives_a_kill_9_of_the_whole_service():
+def test_every_acknowledged_turn_survives_a_kill_9_of_the_whole_service(report):
     directory = Path(tempfile.mkdtemp(prefix="kill-", dir="/tmp"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -114,7 +114,7 @@ def test_every_acknowledged_turn_survives_a_kill_9_of_the_whole_service():
                 for messages in [stored[conversation_id]] for i, m in enumerate(messages)
             )
         ]
-        print(f"kill -9 of the whole service: {len(acknowledged)} acknowledged turns, {len(acknowledged) - len(lost)} "
+        report(f"kill -9 of the whole service: {len(acknowledged)} acknowledged turns, {len(acknowledged) - len(lost)} "
               f"stored after the restart, {cut} turns cut by the kill")
         assert len(acknowledged) >= 30 and lost == []
         # The restarted service answers and appends after what survived.

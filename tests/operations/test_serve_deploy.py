@@ -180,7 +180,7 @@ def test_serve_deploy_serves_from_the_nodes_the_resources_choose(cluster, client
 
 
 
-def test_each_turn_of_a_conversation_finds_its_earlier_turns_on_one_of_two_replicas(cluster, client):
+def test_each_turn_of_a_conversation_finds_its_earlier_turns_on_one_of_two_replicas(cluster, client, report):
     before = prompt_tokens_reused(client, "tiny-random")
 
     async def conversation(index: int, http: httpx.AsyncClient) -> list[int]:
@@ -204,7 +204,7 @@ def test_each_turn_of_a_conversation_finds_its_earlier_turns_on_one_of_two_repli
     # Serve's default router about half the turns land on the other replica and miss.
     at_least = sum(sum(tokens[:-1]) for tokens in prompt_tokens)
     reused = prompt_tokens_reused(client, "tiny-random") - before
-    print(f"affinity: {reused:.0f} prompt tokens reused over 8 conversations x 5 turns (all earlier turns: {at_least})")
+    report(f"affinity: {reused:.0f} prompt tokens reused over 8 conversations x 5 turns (all earlier turns: {at_least})")
     assert reused >= at_least
 
 
@@ -241,7 +241,7 @@ def test_a_model_scales_up_under_load_and_back_down_after(cluster, client):
                      "scale back down to 1 replica", 120)
 
 
-def test_serve_deploy_of_a_changed_config_under_load_fails_no_request_and_breaks_no_stream(cluster, client):
+def test_serve_deploy_of_a_changed_config_under_load_fails_no_request_and_breaks_no_stream(cluster, client, report):
     """Fewer replicas of one model with other limits, and a new model, while four users stream."""
     counts = {"complete": 0, "refused": 0, "broken": 0}
     upgrading = True
@@ -276,7 +276,7 @@ def test_serve_deploy_of_a_changed_config_under_load_fails_no_request_and_breaks
             await asyncio.gather(*users)
 
     asyncio.run(upgrade_under_load())
-    print(f"upgrade under load: {counts}")
+    report(f"upgrade under load: {counts}")
     assert counts["refused"] == 0 and counts["broken"] == 0, counts
     assert counts["complete"] >= 8, counts
     conversation_id = client.get("/conversations/start").json()
