@@ -112,13 +112,19 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     if exc.status_code == 400 and exc.__cause__ is not None:
         message = f"the request body is not valid JSON ({exc.__cause__})"
     if exc.status_code == 405:
-        # Starlette's `Allow` names the methods of the first route on the path only (GET of
-        # `/conversations`, not POST): list those of every route with that path.
-        routes = [r for r in request.app.router.routes if isinstance(r, Route) and r.matches(request.scope)[0] != Match.NONE]
-        methods = {method for route in routes if route.path == routes[0].path for method in route.methods or ()}
-        headers = {"Allow": ", ".join(sorted(methods))}
-        message = f"{request.method} is not allowed here; allowed: {headers['Allow']}"
+        headers, message = _allowed_methods(request) or (headers, message)
     return JSONResponse(_error_body(request, exc.status_code, message), status_code=exc.status_code, headers=headers)
+
+
+def _allowed_methods(request: Request) -> tuple[dict[str, str], str] | None:
+    """The `Allow` header and message of a 405: Starlette's names the methods of the first route
+    on the path only (GET of `/conversations`, not POST), so list those of every route with that
+    path. None for a 405 from a mount (the static files), which has no route here."""
+    routes = [r for r in request.app.router.routes if isinstance(r, Route) and r.matches(request.scope)[0] != Match.NONE]
+    if not routes:
+        return None
+    allowed = ", ".join(sorted({method for route in routes if route.path == routes[0].path for method in route.methods or ()}))
+    return {"Allow": allowed}, f"{request.method} is not allowed here; allowed: {allowed}"
 
 
 def _corrected_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:

@@ -16,6 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "chat"
 STARTUP_TIMEOUT_S = 600  # the first run converts the packaged GGUF (~20-40 s) on a busy 2-core box
 
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

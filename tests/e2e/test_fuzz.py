@@ -25,10 +25,10 @@ import pytest
 
 from serve_app.ingress import MAX_BODY_BYTES
 from tests.e2e.fuzz_hooks import CHEAP_MODEL, CHEAP_TOKENS
+from tests.support import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 REQUEST_TIMEOUT_S = 30  # as in schemathesis.toml: a tiny-model answer takes well under a second
 MIN_REQUESTS = 1000
 # Routes that answer 200 only for an existing conversation: given ids from the links.

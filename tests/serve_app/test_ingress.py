@@ -166,6 +166,9 @@ def test_a_wrong_method_gets_405_with_every_method_the_path_allows():
     assert "allowed: " in response.json()["detail"]
     # /conversations/start is its own path, although /conversations/{conversation_id} matches it too.
     assert client.put("/conversations/start").headers["allow"] == "GET"
+    # The static files answer their own 405 with their own `Allow`.
+    static = client.post("/static/app.js")
+    assert static.status_code == 405 and static.headers["allow"] == "GET, HEAD"
 
 
 def test_the_openapi_schema_says_what_the_routes_do():
