@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from deployments.engine import cpu_int4
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.sampler import CANDIDATES
 from deployments.model_registry import CPU_ONLY_WEIGHTS, WeightFormat
@@ -253,17 +254,21 @@ def cpu_has_fast_int8() -> bool:
 class Int4Linear(nn.Module):
     """Weight-only 4-bit: groups of 32 inputs, each with a scale and a minimum, the layout of
     GGUF's Q4_1. The packaged SmolLM2's linear layers are Q4_1, so this holds their values again
-    (up to bf16 scales) in an eighth of fp32's bytes: perplexity 8.07 vs fp32 8.03 on
-    bench/engine_bench.py's text. Activations go in as bf16: torch's CPU int4
-    kernel runs at full speed only with them (fp32 was 25x slower).
+    in an eighth of fp32's bytes: perplexity 8.07 vs fp32 8.03 on bench/engine_bench.py's text.
 
-    The kernel unpacks the weights for every activation row, so it is the fastest there is for
-    one to four rows and slower than `Int8Linear` beyond. One pass over SmolLM2's layers here
-    (lm_head aside): 1 row 3.7 ms (int8 6.0), 4 rows 6.1 (8.1), 16 rows 21 (13), 256 rows 322 (71).
+    Two kernels, chosen once per process (`cpu_int4.load`): on x86 with AVX2 our own
+    (`int4_avx2.c`: int16 activations per group of 32, integer dot products, fp16 scales), else
+    torch's (bf16 activations: torch's CPU int4 kernel runs at full speed only with them, fp32
+    was 25x slower). Either way a row's result never depends on the other rows. Ours is 1.2-1.4x
+    torch's at 1-4 rows and ahead up to 64 (`cpu_int4`). Both unpack the weights per step, so
+    past a few rows `Int8Linear` is faster where the CPU has VNNI.
     """
 
     GROUP = 32
-    # Buffers, set by `register_buffer`.
+    # Buffers, set by `register_buffer`: our kernel's (codes, scales, minimums) or torch's.
+    codes: torch.Tensor
+    scales: torch.Tensor
+    minimums: torch.Tensor
     packed: torch.Tensor
     scales_and_zeros: torch.Tensor
     bias: torch.Tensor | None
@@ -275,6 +280,14 @@ class Int4Linear(nn.Module):
         if not self.fits(linear):
             raise ValueError(f"int4 weights need in_features divisible by {self.GROUP} and out_features by 16, "
                              f"not {self.in_features} and {self.out_features}")
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self._kernel = cpu_int4.load()
+        if self._kernel is not None:
+            codes, scales, minimums = cpu_int4.pack(weight)
+            self.register_buffer("codes", codes)
+            self.register_buffer("scales", scales)
+            self.register_buffer("minimums", minimums)
+            return
         groups = weight.view(self.out_features, -1, self.GROUP)
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
         scale = ((high - low) / 15).clamp(min=1e-8)
@@ -283,19 +296,23 @@ class Int4Linear(nn.Module):
         # The kernel computes (q - 8) * scale + zero per group: zero = low + 8 * scale.
         scales_and_zeros = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous()
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
     @classmethod
     def fits(cls, linear: nn.Linear) -> bool:
-        """Whether torch's int4 packing takes `linear`'s shape."""
+        """Whether both int4 kernels take `linear`'s shape."""
         return linear.in_features % cls.GROUP == 0 and linear.out_features % 16 == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] fp32 -> [..., out_features] fp32."""
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.GROUP, self.scales_and_zeros).float()
-        if self.bias is not None:
-            out.add_(self.bias)
+        rows = x.reshape(-1, self.in_features)
+        if self._kernel is not None:
+            out = cpu_int4.matmul(self._kernel, rows, self.codes, self.scales, self.minimums, self.bias)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                rows.to(torch.bfloat16), self.packed, self.GROUP, self.scales_and_zeros
+            ).float()
+            if self.bias is not None:
+                out.add_(self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
 
