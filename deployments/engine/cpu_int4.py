@@ -37,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int4_avx2.c")
 # -ffp-contract=off: no fused multiply-adds but the written ones, so the activations round as
-# the tests' torch reference rounds them.
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+# the tests' torch reference rounds them. -fno-math-errno: sqrtf is one instruction, no libm.
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 GROUP = 32
 
 
@@ -82,7 +82,7 @@ def load() -> ctypes.CDLL | None:
         logger.warning("int4 on the CPU: torch's kernel, slower here: building ours failed: %s", detail)
         return None
     library.int4_matmul.restype = ctypes.c_int
-    library.int4_matmul.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4
+    library.int4_matmul.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 4
     logger.info("int4 on the CPU: our AVX2 kernel (%s)", target)
     return library
 
@@ -111,15 +111,18 @@ def unpack(codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor) ->
 
 def matmul(
     library: ctypes.CDLL, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor,
-    bias: torch.Tensor | None,
+    bias: torch.Tensor | None, norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
-    """x fp32 [rows, in] -> fp32 [rows, out] through the kernel, on torch's intra-op threads."""
+    """x fp32 [rows, in] -> fp32 [rows, out] through the kernel, on torch's intra-op threads.
+    `norm` (weight, eps): multiply RMSNorm(x) instead, normalized inside the kernel."""
     x = x.float().contiguous()
     rows, in_features = x.shape
     out = torch.empty(rows, codes.shape[0])
+    norm_weight, eps = (None, 0.0) if norm is None else (norm[0].float().contiguous(), norm[1])
     if rows:
         status = library.int4_matmul(
             codes.data_ptr(), scales.data_ptr(), minimums.data_ptr(), None if bias is None else bias.data_ptr(),
+            None if norm_weight is None else norm_weight.data_ptr(), eps,
             x.data_ptr(), out.data_ptr(), rows, in_features, codes.shape[0], torch.get_num_threads(),
         )
         if status:

@@ -96,6 +96,12 @@ def test_int4_linear_holds_q4_1_weights_exactly(kernel, monkeypatch):
         else:
             expected = linear(rows.bfloat16().float())
     torch.testing.assert_close(ours, expected, atol=0.005, rtol=0)  # half a grid step off: 0.04
+    # The RMSNorm before a layer's matmul, fused into it, is that norm.
+    norm_weight = torch.rand(in_features) + 0.5
+    with torch.inference_mode():
+        fused = int4(rows, norm=(norm_weight, 1e-5))
+        unfused = int4(torch.nn.functional.rms_norm(rows, (in_features,), norm_weight, 1e-5))
+    torch.testing.assert_close(fused, unfused, atol=1e-4, rtol=1e-4)
 
 
 def test_int8_linear_quantizes_each_row_on_its_own():

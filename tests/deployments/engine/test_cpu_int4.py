@@ -85,3 +85,16 @@ def test_the_sums_are_exact_at_the_extremes():
     x[1] = -1.0
     out = cpu_int4.matmul(cpu_int4.load(), x, *cpu_int4.pack(weight), None)
     assert torch.equal(out, torch.tensor([[62 * 15.0] * 16, [-62 * 15.0] * 16]))
+
+
+@needs_kernel
+def test_the_kernel_can_normalize_its_input_first():
+    # RMSNorm fused into the matmul: the same as normalizing with torch, then multiplying.
+    torch.manual_seed(2)
+    weight = q4_1_weight(64, 576)
+    norm_weight = torch.rand(576) + 0.5
+    x = torch.randn(5, 576)
+    x[3] *= 50
+    out = cpu_int4.matmul(cpu_int4.load(), x, *cpu_int4.pack(weight), None, norm=(norm_weight, 1e-5))
+    normed = torch.nn.functional.rms_norm(x, (576,), norm_weight, 1e-5)
+    torch.testing.assert_close(out, reference_matmul(normed, weight), rtol=1e-4, atol=1e-4)
