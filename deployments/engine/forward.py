@@ -28,6 +28,7 @@ from transformers import PreTrainedModel
 from deployments.engine import cpu_int4
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.sampler import CANDIDATES
+from deployments.engine.torch_threads import run_in_fresh_thread
 from deployments.model_registry import CPU_ONLY_WEIGHTS, WeightFormat
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -238,11 +239,20 @@ def _onednn_sums_exactly(activation: int) -> bool:
 def cpu_int8_activation_bits() -> int:
     """The activation width `Int8Linear` can give oneDNN's int8 kernel here and still get exact
     sums: 8 where the CPU has VNNI, 7 where it adds pairs of products in int16 first (AVX2
-    only, e.g. this project's CI machine), 0 where there is no oneDNN int8 kernel (e.g. ARM)."""
-    try:
-        return 8 if _onednn_sums_exactly(127) else 7 if _onednn_sums_exactly(63) else 0
-    except (RuntimeError, AttributeError, NotImplementedError):
-        return 0
+    only, e.g. this project's CI machine), 0 where there is no oneDNN int8 kernel (e.g. ARM).
+
+    Probed on a thread of its own, whoever asks: the probe runs parallel oneDNN ops, and the
+    caller's thread would keep their OpenMP pool. `LLMServer` asks on the replica's thread, and
+    that second pool made libgomp stop spin-waiting in the engine's (see `torch_threads`): every
+    parallel op of every step then woke a sleeping thread."""
+
+    def probe() -> int:
+        try:
+            return 8 if _onednn_sums_exactly(127) else 7 if _onednn_sums_exactly(63) else 0
+        except (RuntimeError, AttributeError, NotImplementedError):
+            return 0
+
+    return run_in_fresh_thread(probe)
 
 
 def cpu_has_fast_int8() -> bool:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ from deployments.engine.sampler import CANDIDATES
 from deployments.engine.sampling import SamplingParams
 from deployments.model_loader import LoadedModel, build_tiny_random_model, load_model
 from deployments.model_registry import ModelConfig
+from tests.support import REPO_ROOT
 
 GREEDY = SamplingParams(max_tokens=24, min_tokens=24, temperature=0)
 
@@ -118,6 +121,26 @@ def test_int8_linear_quantizes_each_row_on_its_own():
     assert torch.equal(together, alone)
     relative_error = (together - expected).norm(dim=1) / expected.norm(dim=1)
     assert relative_error.max() < 0.02
+
+
+def test_probing_the_cpus_int8_kernel_leaves_the_callers_thread_without_an_openmp_pool():
+    # A thread that runs a parallel torch op keeps an OpenMP pool (here: one more thread for
+    # good); a second pool in a replica slowed every step of the engine's (see torch_threads).
+    script = (
+        "import os, torch\n"
+        "from deployments.engine.forward import cpu_int8_activation_bits\n"
+        "torch.set_num_threads(2)\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "cpu_int8_activation_bits()\n"
+        "probed = len(os.listdir('/proc/self/task'))\n"
+        "torch.ones(64, 64) @ torch.ones(64, 64)  # the check can fail: a parallel op here adds a thread\n"
+        "torch.ones(512, 512).exp()\n"
+        "print(before, probed, len(os.listdir('/proc/self/task')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    before, probed, after_parallel_op = map(int, result.stdout.split())
+    assert probed == before
+    assert after_parallel_op > before
 
 
 def test_int8_linear_sums_exactly_at_the_extremes():
