@@ -532,6 +532,10 @@ def attention_biases(batch: StepBatch, dtype: torch.dtype) -> tuple[torch.Tensor
     return decode, [bias(m)[None, None] for m in batch.chunk_masks]
 
 
+# Chunk attention's query rows come in blocks of this many (see `attend`).
+CHUNK_QUERY_BLOCK = 128
+
+
 def attend(
     q: torch.Tensor, layer_k: torch.Tensor, layer_v: torch.Tensor, batch: StepBatch,
     biases: tuple[torch.Tensor | None, list[torch.Tensor]], w: LlamaWeights,
@@ -566,8 +570,14 @@ def attend(
         t, end = chunk.length, chunk.start + chunk.length
         q_chunk = q[offset : offset + t].reshape(t, n_kv, groups, head_dim).permute(1, 2, 0, 3).reshape(1, n_kv, groups * t, head_dim)
         row = slice(chunk.slot, chunk.slot + 1)
-        out = attention(q_chunk, layer_k[row, :, :end], layer_v[row, :, :end], bias)
-        outputs.append(out.view(n_kv, groups, t, head_dim).permute(2, 0, 1, 3).reshape(t, -1))
+        # Padded to whole blocks of query rows: the batched matmul otherwise rounds a row
+        # differently with the chunk's length, and a prefix-cache hit, which computes only the
+        # prompt's tail, must give the logits of the whole prompt to the bit (else a seeded
+        # request's second answer drifted from its first with the int4 kernel's int16 codes).
+        m = groups * t
+        pad = (0, 0, 0, -m % CHUNK_QUERY_BLOCK)
+        out = attention(F.pad(q_chunk, pad), layer_k[row, :, :end], layer_v[row, :, :end], F.pad(bias, pad))[:, :, :m]
+        outputs.append(out.reshape(n_kv, groups, t, head_dim).permute(2, 0, 1, 3).reshape(t, -1))
         offset += t
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 

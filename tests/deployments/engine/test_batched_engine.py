@@ -73,6 +73,32 @@ def test_forward_matches_transformers_with_chunked_prefill_and_batched_decode(ti
     torch.testing.assert_close(second, torch.stack([expected_a[20], expected_b[13]]), atol=1e-5, rtol=1e-5)
 
 
+# Not fp32: MKL's fp32 GEMM rounds a row differently with the row count (1 row vs 60: 9e-8), so
+# there a tail's logits may differ in their last bits; the integer formats' sums are exact.
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_prompts_logits_do_not_depend_on_where_its_prefill_was_split(tiny, fmt):
+    """A prefix-cache hit computes only the prompt's tail: its logits must be those of the whole
+    prompt in one chunk, to the bit, or a seeded request's second answer differs from its first
+    (with the served int4 model it did: a last-bit difference in attention flipped an activation
+    code, and the answer drifted within 5 tokens)."""
+    torch.manual_seed(0)
+    w = extract_weights(tiny.model, fmt)
+    rope, groups = rope_table(w, 128), w.n_heads // w.n_kv_heads
+    prompt = torch.randint(0, 259, (60,)).tolist()
+
+    def logits(split: int) -> torch.Tensor:
+        cache = KVCache(len(w.layers), 2, w.n_kv_heads, 128, w.head_dim, torch.float32)
+        if split:
+            forward(w, cache, rope, build_step([], [(PromptChunk(0, 0, split, False), prompt[:split])], groups))
+        tail = prompt[split:]
+        return forward(w, cache, rope, build_step([], [(PromptChunk(0, split, len(tail), True), tail)], groups))
+
+    with torch.inference_mode():
+        whole = logits(0)
+        for split in (1, 30, 59):
+            assert torch.equal(logits(split), whole), split
+
+
 @pytest.mark.parametrize("kernel", ["ours", "torch"])
 def test_int4_linear_holds_q4_1_weights_exactly(kernel, monkeypatch):
     # Weights on GGUF Q4_1's grid (min + q * scale, q in 0..15, per group of 32) come back as
