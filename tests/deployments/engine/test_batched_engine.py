@@ -152,16 +152,23 @@ def test_int8_linear_quantizes_each_row_on_its_own():
 def test_probing_the_cpus_int8_kernel_leaves_the_callers_thread_without_an_openmp_pool():
     # A thread that runs a parallel torch op keeps an OpenMP pool (here: one more thread for
     # good); a second pool in a replica slowed every step of the engine's (see torch_threads).
+    # The probe's thread and its pool's workers exit just after it returns: wait (2 s at most)
+    # for the count to settle, as long after the parallel op on the caller's thread.
     script = (
-        "import os, torch\n"
+        "import os, time, torch\n"
         "from deployments.engine.forward import cpu_int8_activation_bits\n"
+        "def settled(limit):\n"
+        "    deadline = time.monotonic() + 2\n"
+        "    while len(os.listdir('/proc/self/task')) > limit and time.monotonic() < deadline:\n"
+        "        time.sleep(0.02)\n"
+        "    return len(os.listdir('/proc/self/task'))\n"
         "torch.set_num_threads(2)\n"
         "before = len(os.listdir('/proc/self/task'))\n"
         "cpu_int8_activation_bits()\n"
-        "probed = len(os.listdir('/proc/self/task'))\n"
+        "probed = settled(before)\n"
         "torch.ones(64, 64) @ torch.ones(64, 64)  # the check can fail: a parallel op here adds a thread\n"
         "torch.ones(512, 512).exp()\n"
-        "print(before, probed, len(os.listdir('/proc/self/task')))\n"
+        "print(before, probed, settled(before))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
     before, probed, after_parallel_op = map(int, result.stdout.split())
