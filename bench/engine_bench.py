@@ -59,7 +59,7 @@ from deployments.engine.forward import (  # noqa: E402
     rope_table,
 )
 from deployments.engine.kv_cache import KVCache  # noqa: E402
-from deployments.engine.sampler import SlotSampling, StepRows, draw, finish  # noqa: E402
+from deployments.engine.sampler import Needs, SlotSampling, StepRows, draw, finish  # noqa: E402
 from deployments.engine.sampling import SamplingParams  # noqa: E402
 from deployments.engine.torch_threads import run_in_fresh_thread  # noqa: E402
 from deployments.model_loader import LoadedModel, eos_token_ids, load_model  # noqa: E402
@@ -526,7 +526,7 @@ def decode_step_times(
         batch = build_step(decode, chunks, w.n_heads // w.n_kv_heads)
         logits = forward(w, cache, rope, batch)
         sampling_started = time.perf_counter()
-        step_rows = StepRows(batch.slots[batch.logit_rows], batch.positions[batch.logit_rows], [params] * rows)
+        step_rows = StepRows(batch.slots[batch.logit_rows], batch.positions[batch.logit_rows], Needs.of([params]))
         return finish(draw(logits, step_rows, table, cache.tokens, eos)), sampling_started
 
     tokens, _ = step([], [(PromptChunk(slot, 0, len(prompt_ids), True), prompt_ids) for slot in range(rows)])

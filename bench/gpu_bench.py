@@ -28,12 +28,14 @@ from engine_bench import (  # noqa: E402
     Run,
     describe,
     engine_run,
+    fixed_length,
     generate_options,
     http_run,
     percentile,
 )
 
 from deployments.engine.batched import BatchedEngine  # noqa: E402
+from deployments.engine.sampler import Needs  # noqa: E402
 from deployments.model_loader import LoadedModel, build_tiny_random_model  # noqa: E402
 from deployments.model_registry import ModelConfig  # noqa: E402
 
@@ -56,15 +58,18 @@ def transformers_run(loaded: LoadedModel, prompt_ids: list[int], batch: int, tok
 
 
 @torch.inference_mode()
-def graph_step_tps(engine: BatchedEngine, batch: int, repeats: int = 50) -> float:
+def graph_step_tps(engine: BatchedEngine, batch: int, sampling: dict | None, repeats: int = 50) -> float:
     """Tokens/s of the decode step alone (forward pass and sampling): `batch` rows replayed
-    from their CUDA graph, nothing else."""
-    decode = [(slot, 40, 1) for slot in range(batch)]
-    engine._graphs.decode(decode)
+    from their CUDA graph (the variant `sampling` takes), nothing else."""
+    graphs = engine._graphs
+    assert graphs is not None
+    decode = [(slot, 40, 1, -1) for slot in range(batch)]
+    needs = Needs.of([fixed_length(1, sampling)])
+    graphs.decode(decode, needs)
     torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(repeats):
-        engine._graphs.decode(decode)
+        graphs.decode(decode, needs)
     torch.cuda.synchronize()
     return batch * repeats / (time.perf_counter() - started)
 
@@ -74,7 +79,7 @@ async def main() -> None:
     parser.add_argument("--streams", default="1,16,64,256")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--http", metavar="URL", help="also measure through a running Serve app")
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="the served model for --http")
+    parser.add_argument("--models", default="SmolLM2-135M-Instruct", help="the served model(s) for --http, comma-separated")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -98,44 +103,61 @@ async def main() -> None:
         for name, sampling in SAMPLINGS.items():
             for batch in streams:
                 theirs[name, batch] = transformers_run(loaded, prompt_ids, batch, args.tokens, sampling)
+                print(f"transformers generate, {name}, {batch} stream(s): {theirs[name, batch].tokens_per_s:.0f} tok/s", flush=True)
 
     started = time.perf_counter()
     engine = BatchedEngine(loaded, weights="bf16", max_batch_size=max(streams), max_context=2048)
+    assert engine._graphs is not None
     print(f"engine ready in {time.perf_counter() - started:.1f} s (KV cache {engine._cache.size_bytes / 2**30:.2f} GiB, "
           f"graphs {engine._graphs.sizes})")
-    step_tps = {batch: graph_step_tps(engine, batch) for batch in streams}
+    step_tps = {(name, b): graph_step_tps(engine, b, sampling) for name, sampling in SAMPLINGS.items() for b in streams}
     await engine_run(engine, prompt_ids, 1, 4, "warm-up")
-    rows = []
+    ours: dict[tuple[str, str, int], Run] = {}  # (sampling, how, streams)
     for name, sampling in SAMPLINGS.items():
         print(f"\n== {name}")
         for batch in streams:
-            ours = await engine_run(engine, prompt_ids, batch, args.tokens, f"engine, {batch} stream(s)", sampling)
             base = theirs.get((name, batch))
-            line = describe(ours, step_tps[batch], base.tokens_per_s if base else None)
-            if base:
-                line += f"  (transformers {base.tokens_per_s:.0f} tok/s)"
-            print(line.replace("of floor", "of graph step"))
-            rows.append((name, batch, ours, base))
-            if args.http:
-                served = await http_run(args.http, args.model, batch, args.tokens, f"HTTP, {batch} stream(s)", sampling)
+            # Each decode step queued before the last one is read (the GPU default), then step by step.
+            for how, overlap in (("overlapped", True), ("step by step", False)):
+                engine.overlap_steps = overlap
+                run = ours[name, how, batch] = await engine_run(
+                    engine, prompt_ids, batch, args.tokens, f"engine {how}, {batch} stream(s)", sampling
+                )
+                line = describe(run, step_tps[name, batch], base.tokens_per_s if base else None)
+                print(line.replace("of floor", "of graph step"), flush=True)
+            engine.overlap_steps = True
+            for model_name in args.models.split(",") if args.http else []:
+                served = await http_run(args.http, model_name, batch, args.tokens, f"HTTP {model_name}, {batch} stream(s)", sampling)
                 elapsed = batch * args.tokens / served.tokens_per_s
                 chunks_per_s = (len(served.ttft_s) + len(served.itl_s)) / elapsed
-                print(describe(served, step_tps[batch], None).replace("of floor", "of graph step")
-                      + f"  {served.tokens_per_s / ours.tokens_per_s:4.2f}x engine alone, {chunks_per_s:.0f} chunks/s")
+                print(describe(served, step_tps[name, batch], None).replace("of floor", "of graph step")
+                      + f"  {served.tokens_per_s / ours[name, 'overlapped', batch].tokens_per_s:4.2f}x engine alone, "
+                      f"{chunks_per_s:.0f} chunks/s", flush=True)
     engine.shutdown()
 
-    print("\nsummary (tok/s)       " + "".join(f"{b:>10}" for b in streams))
-    print("graph step alone      " + "".join(f"{step_tps[b]:10.0f}" for b in streams))
+    def line(label: str, values) -> None:
+        print(f"{label:<34}" + "".join(f"{v:>12}" for v in values))
+
+    print()
+    line("summary, tok/s", streams)
     for name in SAMPLINGS:
-        ours = {b: r for n, b, r, _ in rows if n == name}
-        print(f"ours, {name:<16}" + "".join(f"{ours[b].tokens_per_s:10.0f}" for b in streams))
+        print(f"-- {name}")
+        line("  graph step alone", [f"{step_tps[name, b]:.0f}" for b in streams])
+        line("  ours (overlapped steps)", [f"{ours[name, 'overlapped', b].tokens_per_s:.0f}" for b in streams])
+        line("  ours, step by step", [f"{ours[name, 'step by step', b].tokens_per_s:.0f}" for b in streams])
+        line("  overlapped / graph step", [f"{ours[name, 'overlapped', b].tokens_per_s / step_tps[name, b]:.2f}" for b in streams])
         if theirs:
-            print(f"transformers, {name:<8}" + "".join(f"{theirs[name, b].tokens_per_s:10.0f}" for b in streams))
-            print("  ratio                " + "".join(f"{ours[b].tokens_per_s / theirs[name, b].tokens_per_s:9.1f}x" for b in streams))
-        print("  TTFT p95 ms          " + "".join(f"{percentile(ours[b].ttft_s, 95) * 1e3:10.1f}" for b in streams))
-    greedy = {b: r for n, b, r, _ in rows if n == "greedy"}
-    sampled = {b: r for n, b, r, _ in rows if n != "greedy"}
-    print("sampling / greedy     " + "".join(f"{sampled[b].tokens_per_s / greedy[b].tokens_per_s:10.2f}" for b in streams))
+            line("  transformers generate", [f"{theirs[name, b].tokens_per_s:.0f}" for b in streams])
+            line("  ours / transformers", [f"{ours[name, 'overlapped', b].tokens_per_s / theirs[name, b].tokens_per_s:.1f}x" for b in streams])
+        line("  TTFT p95 ms", [f"{percentile(ours[name, 'overlapped', b].ttft_s, 95) * 1e3:.1f}" for b in streams])
+        line("  ITL p50 / p95 ms", [
+            f"{percentile(ours[name, 'overlapped', b].itl_s, 50) * 1e3:.1f}/{percentile(ours[name, 'overlapped', b].itl_s, 95) * 1e3:.1f}"
+            for b in streams
+        ])
+    sampled, greedy = list(SAMPLINGS)[1], list(SAMPLINGS)[0]
+    line("sampling / greedy", [
+        f"{ours[sampled, 'overlapped', b].tokens_per_s / ours[greedy, 'overlapped', b].tokens_per_s:.2f}" for b in streams
+    ])
 
 
 if __name__ == "__main__":

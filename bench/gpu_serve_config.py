@@ -1,8 +1,10 @@
 """Writes a GPU variant of serve_config.yaml for benchmarks on a GPU machine without network:
 the packaged model's entry becomes SmolLM2's shape with random weights (the packaged weights
-do not travel there), on CUDA, reserving the GPU, with a batch of 256.
+do not travel there), on CUDA, with a batch of 256. With several `--chunks-per-s` values, one
+such model per value (named smollm2-random-VALUE), sharing the GPU, so one run of
+`gpu_bench.py --http` compares the replica's chunk rates side by side.
 
-    python bench/gpu_serve_config.py OUT.yaml [--database PATH]
+    python bench/gpu_serve_config.py OUT.yaml [--database PATH] [--chunks-per-s 150,1000]
 """
 
 from __future__ import annotations
@@ -19,15 +21,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
     parser.add_argument("--database", default="/tmp/ray-chat-gpu/history.sqlite3")
+    parser.add_argument("--chunks-per-s", default="150", help="replica_chunks_per_s: one model per value")
     args = parser.parse_args()
     config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
     app = config["applications"][0]
     app["args"]["database_path"] = args.database
-    model = app["args"]["models"][0]
-    model.update(
-        name="smollm2-random", aliases=[], source={"kind": "tiny_random", "shape": "smollm2"}, device="cuda",
-        num_gpus=1, max_batch_size=256, max_ongoing_requests=300, max_queued_requests=300,
-    )
+    packaged = app["args"]["models"][0]
+    rates = [float(r) for r in args.chunks_per_s.split(",")]
+    app["args"]["models"] = [
+        {
+            **packaged, "name": "smollm2-random" if len(rates) == 1 else f"smollm2-random-{rate:g}", "aliases": [],
+            "source": {"kind": "tiny_random", "shape": "smollm2"}, "device": "cuda", "num_gpus": 1 / len(rates),
+            # Of the GPU's free memory when the replica starts; the rest is left to a benchmark's own engine.
+            "gpu_memory_fraction": 0.7 / len(rates), "max_batch_size": 256, "max_ongoing_requests": 300,
+            "max_queued_requests": 300, "replica_chunks_per_s": rate,
+        }
+        for rate in rates
+    ]
     Path(args.out).write_text(yaml.safe_dump(config, sort_keys=False))
 
 

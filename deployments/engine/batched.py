@@ -6,7 +6,9 @@ cache slots, drops cancelled ones, then runs `forward` over one decode token per
 plus up to `prefill_chunk_tokens` of newcomers' prompts (chunked prefill: a long prompt costs
 running streams a few slower steps, not one long stall), samples, and hands each request its new
 text through `loop.call_soon_threadsafe` into the request's asyncio queue. The caller's event loop
-never runs torch.
+never runs torch. On a GPU, while every request is decoding, each step is queued before the last
+one's ids are read (`overlap_steps`): the device computes step t+1 while the host streams step
+t's text, and a row reads its input id from step t's draft on the device.
 
 A newcomer's prompt starts from the longest prefix another cache row already holds (prefix
 caching, `_reuse_prefix`): the chat template's system prompt, or a conversation's earlier turns.
@@ -29,9 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deployments.engine.cuda_graphs import DecodeGraphs
+from deployments.engine.cuda_graphs import DecodeGraphs, DecodeRow
 from deployments.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from deployments.engine.forward import PromptChunk, build_step, extract_weights, forward, rope_table
+from deployments.engine.forward import PromptChunk, build_step, extract_weights, fed_token_ids, forward, rope_table
 from deployments.engine.kv_cache import INITIAL_CAPACITY, KVCache
 from deployments.engine.protocol import (
     EngineStats,
@@ -40,7 +42,7 @@ from deployments.engine.protocol import (
     InvalidRequestError,
     PromptTooLongError,
 )
-from deployments.engine.sampler import SlotSampling, StepRows, draw, finish
+from deployments.engine.sampler import Draft, Fetch, Needs, SlotSampling, StepRows, draw, finish
 from deployments.engine.sampling import SamplingParams
 from deployments.model_loader import LoadedModel, eos_token_ids
 from deployments.model_registry import WeightFormat
@@ -88,6 +90,20 @@ class Sequence:
         self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
 
 
+@dataclass(eq=False)
+class _Launched:
+    """A decode step queued on the device whose ids the host has not read yet (see `_step`)."""
+
+    seqs: list[Sequence]  # by row
+    positions: list[int]
+    draft: Draft
+    fetch: Fetch
+    tokens: torch.Tensor  # the drafted ids by row, on the device: the next step's fed rows read them
+    # Rows fed a drafted id that `finish` then changed (the rare whole-vocabulary sort): their
+    # result is discarded and the row decoded again from the right id.
+    stale: set[Sequence] = field(default_factory=set)
+
+
 class BatchedEngine:
     def __init__(
         self,
@@ -102,10 +118,16 @@ class BatchedEngine:
         max_stream_chunks_per_s: float = 40.0,
         cuda_graphs: bool = True,
         gpu_memory_fraction: float = 0.9,
+        overlap_steps: bool | None = None,
     ):
         self._tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.use_cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        # Queue each decode step before reading the last one's ids (see `_step`). Default: on a
+        # GPU, where the device then computes while the host streams text; on the CPU the host
+        # is the device, so it would only deliver every token a step later.
+        self.overlap_steps = self.device.type == "cuda" if overlap_steps is None else overlap_steps
+        self._launched: _Launched | None = None
         self.gpu_memory_fraction = gpu_memory_fraction
         self.max_batch_size = max_batch_size
         self.max_context = max_context or loaded.context_length
@@ -259,6 +281,7 @@ class BatchedEngine:
                     self._step()
                 except Exception as exc:  # noqa: BLE001 - fail the requests in the step, keep serving
                     logger.exception("engine step failed")
+                    self._launched = None
                     for seq in self._running():
                         seq.send(exc)
                         self._free(seq, keep_cache=False)  # the failed step may have written part of it
@@ -270,7 +293,7 @@ class BatchedEngine:
         return [s for s in self._slots if s is not None]
 
     def _has_work(self) -> bool:
-        return bool(self._waiting) or any(s is not None for s in self._slots)
+        return bool(self._waiting) or any(s is not None for s in self._slots) or self._launched is not None
 
     def _admit(self) -> None:
         while self._waiting and None in self._slots:
@@ -338,6 +361,14 @@ class BatchedEngine:
         for seq in self._running():
             if seq.is_cancelled:
                 self._free(seq)
+        if self._launched is not None:
+            launched, self._launched = self._launched, None
+            if all(s.is_prefilled for s in self._running()):
+                # Steady decoding: the next step is queued before this one's ids are read, so
+                # the device computes it while the host streams this one's text.
+                self._launched = self._launch_decode(launched)
+            self._complete(launched)
+            return  # else newcomers are admitted and planned with every row's ids on the host
         decoding = [s for s in self._running() if s.is_prefilled]
         # Prompt chunks go to newcomers in arrival-slot order, up to the step's token budget.
         chunks, completing, budget = [], [], self.prefill_chunk_tokens
@@ -357,28 +388,95 @@ class BatchedEngine:
             prefilling.append(seq)
             if is_last:
                 completing.append(seq)
+        if not chunks and self.overlap_steps:
+            self._launched = self._launch_decode(None)
+            return
         if not decoding and not chunks:
             return
-        decode = [(s.slot, s.length - 1, s.generated[-1]) for s in decoding]
-        longest = max([s.length for s in decoding] + [c.start + c.length for c, _ in chunks])
-        self._cache.reserve(longest)
+        decode = [(s.slot, s.length - 1, s.generated[-1], -1) for s in decoding]
         sampled = decoding + completing
-        if self._graphs is not None and not chunks and self._graphs.bucket(len(decode)):
-            draft = self._graphs.decode(decode)  # forward pass and sampling, replayed
-        else:
-            batch = build_step(decode, chunks, self._n_groups, with_masks=self.device.type != "cuda").to(self.device)
-            logits = forward(self._weights, self._cache, self._rope, batch)
-            rows = StepRows(batch.slots[batch.logit_rows], batch.positions[batch.logit_rows], [s.params for s in sampled])
-            draft = draw(logits, rows, self._sampling, self._cache.tokens[:, :longest], self._eos_tensor)
+        draft, _ = self._launch(decode, chunks, Needs.of(s.params for s in sampled), None)
         tokens = finish(draft)  # the one transfer back per step: the chosen ids
-        # Every streamed chunk costs CPU in the replica, the ingress and the proxy (~1 ms in all
-        # here), taken from the engine on a small machine. So the replica sends at most about
-        # `max_chunks_per_s` in all and each stream at most `max_stream_chunks_per_s` (40 a
-        # second reads as smooth as every token): many streams get their text every few steps;
-        # a single stream gets every token when a step takes longer than 25 ms.
-        interval = max(1 / self.max_stream_chunks_per_s, len(sampled) / self.max_chunks_per_s)
+        interval = self._chunk_interval(len(sampled))
         for seq, token in zip(sampled, tokens):
             self._advance(seq, token, interval)
+
+    def _launch(
+        self, decode: list[DecodeRow], chunks: list[tuple[PromptChunk, list[int]]], needs: Needs,
+        previous: torch.Tensor | None,
+    ) -> tuple[Draft, torch.Tensor]:
+        """Queues one step (`decode` rows, then `chunks`; `previous`: the ids the rows' previous
+        rows read, see `DecodeRow`) -> its draft of one id per decode row and completed prompt
+        (sampled as `needs` says), and those ids by row on the device."""
+        if self._graphs is not None and not chunks and self._graphs.bucket(len(decode)):
+            if previous is not None and previous is not self._graphs.previous:
+                self._graphs.previous[: len(previous)].copy_(previous)  # an eager step's ids
+            return self._graphs.decode(decode, needs), self._graphs.previous  # forward pass and sampling, replayed
+        longest = max([p + 1 for _, p, _, _ in decode] + [c.start + c.length for c, _ in chunks])
+        self._cache.reserve(longest)
+        batch = build_step([row[:3] for row in decode], chunks, self._n_groups, with_masks=self.device.type != "cuda")
+        batch = batch.to(self.device)
+        if previous is not None:
+            previous_rows = [row[3] for row in decode] + [-1] * (len(batch.token_ids) - len(decode))
+            batch.token_ids = fed_token_ids(batch.token_ids, torch.tensor(previous_rows, device=self.device), previous)
+        logits = forward(self._weights, self._cache, self._rope, batch)
+        rows = StepRows(batch.slots[batch.logit_rows], batch.positions[batch.logit_rows], needs)
+        draft = draw(logits, rows, self._sampling, self._cache.tokens[:, :longest], self._eos_tensor)
+        return draft, draft.tokens
+
+    def _launch_decode(self, previous: _Launched | None) -> _Launched | None:
+        """Queues a decode step for every running request without waiting for `previous` (the
+        step queued before it, if any): a request with a row there continues from the id that
+        row drafts, read on the device. Requests whose drafted id is predictably their last
+        (max_tokens, the context) sit this step out."""
+        previous_row = {} if previous is None else {seq: row for row, seq in enumerate(previous.seqs) if seq not in previous.stale}
+        decode: list[DecodeRow] = []
+        seqs = []
+        for seq in self._running():
+            if not seq.is_prefilled:
+                continue
+            row = previous_row.get(seq, -1)
+            if row >= 0:
+                if len(seq.generated) + 1 >= seq.params.max_tokens or seq.length + 1 >= self.max_context:
+                    continue
+                decode.append((seq.slot, seq.length, 0, row))
+            else:
+                decode.append((seq.slot, seq.length - 1, seq.generated[-1], -1))
+            seqs.append(seq)
+        if not seqs:
+            return None
+        needs = Needs.of(s.params for s in seqs)
+        draft, tokens = self._launch(decode, [], needs, None if previous is None else previous.tokens)
+        if self._graphs is not None and tokens is self._graphs.previous and needs.sampled:
+            draft = draft.clone()  # the next replay overwrites the graph's output, and `finish` may sort it
+        return _Launched(seqs, [p for _, p, _, _ in decode], draft, Fetch.start(draft), tokens)
+
+    def _complete(self, launched: _Launched) -> None:
+        """Reads `launched`'s ids and advances its requests; rows whose request was freed
+        meanwhile (finished, cancelled) or which were fed a wrong id are dropped."""
+        drafted, _ = launched.fetch.wait()
+        tokens = finish(launched.draft, launched.fetch)
+        valid = [
+            (seq, token) for seq, position, token in zip(launched.seqs, launched.positions, tokens)
+            if self._slots[seq.slot] is seq and seq not in launched.stale and position == seq.length - 1
+        ]
+        if drafted != tokens and self._launched is not None:
+            fed = {seq for seq, position in zip(self._launched.seqs, self._launched.positions) if position == seq.length}
+            for seq, drafted_id, token in zip(launched.seqs, drafted, tokens):
+                if drafted_id != token and seq in fed:
+                    self._launched.stale.add(seq)
+        interval = self._chunk_interval(len(valid))
+        for seq, token in valid:
+            self._advance(seq, token, interval)
+
+    def _chunk_interval(self, rows: int) -> float:
+        """The least time between two streamed chunks of one request. Every streamed chunk costs
+        CPU in the replica, the ingress and the proxy (~1 ms in all here), taken from the engine
+        on a small machine. So the replica sends at most about `max_chunks_per_s` in all and each
+        stream at most `max_stream_chunks_per_s` (40 a second reads as smooth as every token):
+        many streams get their text every few steps; a single stream gets every token when a
+        step takes longer than 25 ms."""
+        return max(1 / self.max_stream_chunks_per_s, rows / self.max_chunks_per_s)
 
     def _advance(self, seq: Sequence, token: int, interval: float) -> None:
         """Appends one token; sends the request its new text if `interval` seconds passed since

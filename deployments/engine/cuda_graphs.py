@@ -10,10 +10,14 @@ an H100). A graph fixes its shapes and addresses, so:
   position 0 of the cache's scratch row, and their logits are ignored;
 - attention reads each row's length from the positions buffer (`cached_attention`), so one
   graph serves any mix of lengths; sampling reads each row's settings from the per-slot table
-  (`sampler.SlotSampling`), so one graph serves any mix of settings.
+  (`sampler.SlotSampling`), so one graph serves any mix of settings;
+- each bucket has two variants, greedy and sampling (`VARIANTS`): greedy steps skip the
+  sampler's kernels;
+- a row may take its token id from the previous replay's draft on the device (`DecodeRow`),
+  so the engine can queue a step before it has read the one before (`BatchedEngine._step`).
 
 Prefill steps (and decode steps beyond the largest bucket) run eagerly: their shapes vary, and
-they are few. Capturing takes well under a second per bucket for SmolLM2 and needs no disk
+they are few. Capturing the 34 graphs of a batch of 256 takes ~2 s for SmolLM2 and needs no disk
 cache; what takes the time at start is Triton compiling its kernel, which Triton caches on disk
 (~/.triton/cache) by itself.
 """
@@ -25,11 +29,21 @@ import time
 
 import torch
 
-from deployments.engine.forward import LlamaWeights, StepBatch, forward
+from deployments.engine.forward import LlamaWeights, StepBatch, fed_token_ids, forward
 from deployments.engine.kv_cache import KVCache
-from deployments.engine.sampler import Draft, SlotSampling, StepRows, draw
+from deployments.engine.sampler import Draft, Needs, SlotSampling, StepRows, draw
 
 logger = logging.getLogger(__name__)
+
+# The sampling variants captured per bucket, cheapest first; a step replays the first that covers
+# its rows' needs. Greedy rows skip the sampler's ~40 kernels (0.3 ms a step at batch 1 on an
+# H100, 1.2 ms at 256), EOS suppression before min_tokens kept (two small kernels).
+VARIANTS = (Needs(sampled=False, unfiltered=False, penalty=False), Needs())
+
+# One decode row: (slot, position, token id, previous row). previous row >= 0: the token is the
+# one the step before drafted in that row, read on the device (the host has not seen it yet,
+# see `BatchedEngine._step`); -1: the token id given.
+DecodeRow = tuple[int, int, int, int]
 
 
 def bucket_sizes(max_rows: int) -> list[int]:
@@ -52,53 +66,59 @@ class DecodeGraphs:
         self._cache = cache
         self.sizes = bucket_sizes(max_rows)
         device = cache.device
-        # token ids, slots, positions: one buffer, so a step's inputs go over in one copy.
-        self._inputs = torch.zeros(3, max_rows, dtype=torch.long, device=device)
-        self._inputs[1] = cache.scratch_slot
-        self._host = torch.zeros(3, max_rows, dtype=torch.long).pin_memory()
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._drafts: dict[int, Draft] = {}
+        # slots, positions, token ids, previous rows: one buffer, so a step's inputs go over in one copy.
+        # Padding rows decode token 0 at position 0 of the cache's scratch row.
+        self._padding: DecodeRow = (cache.scratch_slot, 0, 0, -1)
+        self._inputs = torch.tensor([self._padding] * max_rows, device=device).T.contiguous()
+        # The ids the last replayed step drafted, by row: the next step's previous rows read them.
+        self.previous = torch.zeros(max_rows, dtype=torch.long, device=device)
+        self._graphs: dict[tuple[Needs, int], torch.cuda.CUDAGraph] = {}
+        self._drafts: dict[tuple[Needs, int], Draft] = {}
 
-        def step(size: int) -> Draft:
-            token_ids, slots, positions = self._inputs[:, :size]
+        def step(needs: Needs, size: int) -> Draft:
+            slots, positions, host_ids, previous_rows = self._inputs[:, :size]
+            token_ids = fed_token_ids(host_ids, previous_rows, self.previous)
             batch = StepBatch(token_ids, slots, positions, logit_rows=torch.arange(size, device=device))
             logits = forward(weights, cache, rope, batch)
-            # Sampling too (the host knows nothing of the rows here, so every part of it runs):
-            # its ~40 small kernels would otherwise be launched one by one after the pass.
-            return draw(logits, StepRows(slots, positions), sampling, cache.tokens, eos_ids)
+            # Sampling too: its small kernels would otherwise be launched one by one after the pass.
+            draft = draw(logits, StepRows(slots, positions, needs), sampling, cache.tokens, eos_ids)
+            self.previous[:size].copy_(draft.tokens)
+            return draft
 
         pool = None
         # Largest first: the smaller graphs then fit in the memory the largest one took.
         for size in reversed(self.sizes):
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # warm-up off the capture stream (cuBLAS, Triton's compile)
-                step(size)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._drafts[size] = step(size)
-            pool = graph.pool()
-            self._graphs[size] = graph
+            for needs in VARIANTS:
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):  # warm-up off the capture stream (cuBLAS, Triton's compile)
+                    step(needs, size)
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._drafts[needs, size] = step(needs, size)
+                pool = graph.pool()
+                self._graphs[needs, size] = graph
         torch.cuda.synchronize(device)
         logger.info(
-            "Captured %d CUDA graphs (decode batches %s) in %.1f s",
-            len(self.sizes), ", ".join(map(str, self.sizes)), time.monotonic() - started,
+            "Captured %d CUDA graphs (decode batches %s; greedy and sampling variants) in %.1f s",
+            len(self._graphs), ", ".join(map(str, self.sizes)), time.monotonic() - started,
         )
 
     def bucket(self, rows: int) -> int | None:
         """The graph that fits `rows` decode tokens, or None if there are too many."""
         return next((size for size in self.sizes if size >= rows), None)
 
-    def decode(self, decode: list[tuple[int, int, int]]) -> Draft:
-        """`decode`: (slot, position, token id) per row (at most the largest bucket) -> the
-        rows' sampled `Draft` (see `sampler.finish`)."""
-        rows = len(decode)
-        size = self.bucket(rows)
-        assert size is not None, f"{rows} rows exceed the largest CUDA graph ({self.sizes[-1]})"
-        host = self._host[:, :size]
-        host[:, :rows] = torch.tensor(decode).T[[2, 0, 1]]
-        host[:, rows:] = torch.tensor([[0], [self._cache.scratch_slot], [0]])
+    def decode(self, rows: list[DecodeRow], needs: Needs) -> Draft:
+        """The rows' sampled `Draft` (see `sampler.finish`); at most the largest bucket of rows.
+        The draft lives in the graph's output, which the next replay overwrites."""
+        size = self.bucket(len(rows))
+        assert size is not None, f"{len(rows)} rows exceed the largest CUDA graph ({self.sizes[-1]})"
+        variant = next(v for v in VARIANTS if v.covers(needs))
+        # A new pinned buffer each step: the previous step's copy may not have run yet (the
+        # engine queues a step before the one before it has finished), and torch's pinned
+        # allocator reuses a buffer only once the copies that read it are done.
+        host = torch.tensor(rows + [self._padding] * (size - len(rows))).T.contiguous().pin_memory()
         self._inputs[:, :size].copy_(host, non_blocking=True)
-        self._graphs[size].replay()
-        return self._drafts[size][:rows]
+        self._graphs[variant, size].replay()
+        return self._drafts[variant, size][: len(rows)]

@@ -450,6 +450,13 @@ class StepBatch:
         )
 
 
+def fed_token_ids(host_ids: torch.Tensor, previous_rows: torch.Tensor, previous_tokens: torch.Tensor) -> torch.Tensor:
+    """A decode step's input ids when the step before it has not reached the host yet: row i
+    takes `previous_tokens[previous_rows[i]]` (the id that step drafted, on the device) where
+    previous_rows[i] >= 0, else `host_ids[i]`."""
+    return torch.where(previous_rows >= 0, previous_tokens[previous_rows.clamp(min=0)], host_ids)
+
+
 def build_step(
     decode: list[tuple[int, int, int]], chunks: list[tuple[PromptChunk, list[int]]], n_groups: int,
     with_masks: bool = True,

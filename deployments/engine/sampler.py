@@ -18,7 +18,8 @@ Does not own stopping or text (see `batched`, `detokenizer`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import astuple, dataclass
 
 import torch
 
@@ -77,35 +78,40 @@ class SlotSampling:
             tensor[slot] = value
 
 
+@dataclass(frozen=True)
+class Needs:
+    """Which parts of `draw` a step's rows use: an eager step skips the work no row needs, and
+    a CUDA graph is captured per `Needs` variant (see `cuda_graphs`), since inside a graph the
+    host cannot skip anything. `Needs()` is everything."""
+
+    sampled: bool = True  # some row samples (temperature > 0)
+    unfiltered: bool = True  # some row samples from the whole vocabulary (no top-k, no top-p)
+    penalty: bool = True  # some row has a repeat penalty
+    min_tokens: bool = True  # some row suppresses EOS before min_tokens
+
+    @classmethod
+    def of(cls, params: Iterable[SamplingParams]) -> Needs:
+        params = list(params)
+        return cls(
+            sampled=any(not p.is_greedy for p in params),
+            unfiltered=any(not p.is_greedy and p.top_k == 0 and p.top_p >= 1.0 for p in params),
+            penalty=any(p.repeat_penalty != 1.0 and p.repeat_last_n > 0 for p in params),
+            min_tokens=any(p.min_tokens > 0 for p in params),
+        )
+
+    def covers(self, other: Needs) -> bool:
+        """Whether a step built for `self` does all that rows needing `other` need."""
+        return all(mine or not theirs for mine, theirs in zip(astuple(self), astuple(other)))
+
+
 @dataclass
 class StepRows:
     """Which rows a step samples: their cache rows and the position of their last input token
-    (device tensors), plus, outside a CUDA graph, their parameters, so an eager step skips the
-    work no row needs. Inside a graph the host knows nothing of the rows: every part runs."""
+    (device tensors), and which parts of sampling they need."""
 
     slots: torch.Tensor  # [B] int64
     positions: torch.Tensor  # [B] int64
-    params: list[SamplingParams] | None = None
-
-    def _any(self, predicate) -> bool:
-        return self.params is None or any(predicate(p) for p in self.params)
-
-    @property
-    def any_sampled(self) -> bool:
-        return self._any(lambda p: not p.is_greedy)
-
-    @property
-    def any_unfiltered(self) -> bool:
-        """Rows sampling from the whole vocabulary (no top-k, no top-p)."""
-        return self._any(lambda p: not p.is_greedy and p.top_k == 0 and p.top_p >= 1.0)
-
-    @property
-    def any_penalty(self) -> bool:
-        return self._any(lambda p: p.repeat_penalty != 1.0 and p.repeat_last_n > 0)
-
-    @property
-    def any_min_tokens(self) -> bool:
-        return self._any(lambda p: p.min_tokens > 0)
+    needs: Needs = Needs()
 
 
 @dataclass
@@ -120,8 +126,16 @@ class Draft:
     top_p: torch.Tensor  # [B]
     u: torch.Tensor  # [B]
 
+    def _map(self, f) -> Draft:
+        return Draft(*(f(t) for t in (self.tokens, self.needs_sort, self.scaled, self.top_k, self.top_p, self.u)))
+
     def __getitem__(self, rows: slice) -> Draft:
-        return Draft(*(t[rows] for t in (self.tokens, self.needs_sort, self.scaled, self.top_k, self.top_p, self.u)))
+        return self._map(lambda t: t[rows])
+
+    def clone(self) -> Draft:
+        """A copy that outlives the CUDA graph output it was drafted into (the next replay
+        overwrites that)."""
+        return self._map(torch.clone)
 
 
 def apply_repeat_penalty(
@@ -166,16 +180,16 @@ def draw(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: tor
     > max position]: every row's token ids by position. No host synchronisation and fixed
     shapes, so a CUDA graph can hold it (see `cuda_graphs`)."""
     slots, positions = rows.slots, rows.positions
-    if rows.any_penalty:
+    if rows.needs.penalty:
         apply_repeat_penalty(logits, history[slots], positions, table.repeat_penalty[slots], table.repeat_last_n[slots])
     steps = positions + 1 - table.first_position[slots]  # tokens generated before this one
-    if rows.any_min_tokens and len(eos_ids):
+    if rows.needs.min_tokens and len(eos_ids):
         suppress = (steps < table.min_tokens[slots])[:, None]
         logits[:, eos_ids] = torch.where(suppress, -torch.inf, logits[:, eos_ids])
     greedy = logits.argmax(dim=-1)
     top_k, top_p = table.top_k[slots], table.top_p[slots]
     u = uniform(table.seed[slots], steps)
-    if not rows.any_sampled:
+    if not rows.needs.sampled:
         return Draft(greedy, torch.zeros_like(greedy, dtype=torch.bool), logits, top_k, top_p, u)
     temperature = table.temperature[slots]
     is_greedy = temperature == 0
@@ -194,7 +208,7 @@ def draw(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: tor
         scaled.logsumexp(dim=-1, keepdim=True),
     )
     tokens, mass = _filtered_draw(values, ids, log_total, top_k, top_p, u)
-    if rows.any_unfiltered:  # no filter: the whole vocabulary as it is, no sort needed
+    if rows.needs.unfiltered:  # no filter: the whole vocabulary as it is, no sort needed
         tokens = torch.where(is_filtered, tokens, _draw(scaled.softmax(dim=-1), u))
     # Exact when the kept set ends inside the candidates: the top-k set fits, or (no top-k)
     # the candidates hold the top-p mass.
@@ -202,11 +216,41 @@ def draw(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: tor
     return Draft(torch.where(is_greedy, greedy, tokens), ~is_greedy & ~is_exact, scaled, top_k, top_p, u)
 
 
-def finish(draft: Draft) -> list[int]:
-    """The step's token ids on the host: one transfer, plus a sort over the vocabulary for the
-    rare rows whose candidates did not hold their top-p mass (a flat distribution, or top_k
-    above the candidates)."""
-    tokens, needs_sort = torch.stack([draft.tokens, draft.needs_sort.long()]).tolist()
+@dataclass
+class Fetch:
+    """A draft's ids and sort flags on their way to the host: on a GPU an asynchronous copy into
+    pinned memory, so the host can queue the next step before waiting for this one."""
+
+    host: torch.Tensor  # [2, B] int64: ids, needs_sort
+    done: torch.cuda.Event | None = None
+    _read: tuple[list[int], list[int]] | None = None
+
+    @classmethod
+    def start(cls, draft: Draft) -> Fetch:
+        both = torch.stack([draft.tokens, draft.needs_sort.long()])
+        if not both.is_cuda:
+            return cls(both)
+        host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+        host.copy_(both, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return cls(host, done)
+
+    def wait(self) -> tuple[list[int], list[int]]:
+        """The drafted ids and which rows need the sort, once the copy is done."""
+        if self._read is None:
+            if self.done is not None:
+                self.done.synchronize()
+            tokens, needs_sort = self.host.tolist()
+            self._read = tokens, needs_sort
+        return self._read
+
+
+def finish(draft: Draft, fetch: Fetch | None = None) -> list[int]:
+    """The step's token ids on the host: one transfer (`fetch`, if already started), plus a
+    sort over the vocabulary for the rare rows whose candidates did not hold their top-p mass
+    (a flat distribution, or top_k above the candidates)."""
+    tokens, needs_sort = (fetch or Fetch.start(draft)).wait()
     if not any(needs_sort):
         return tokens
     values, ids = draft.scaled.sort(dim=-1, descending=True)

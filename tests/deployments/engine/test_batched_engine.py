@@ -39,11 +39,17 @@ def tiny() -> LoadedModel:
     return LoadedModel(ModelConfig(name="tiny", source={"kind": "tiny_random"}), model.eval(), tokenizer, torch.device("cpu"), 512)
 
 
-@pytest.fixture
-def engine(tiny):
+# Each decode step run and read before the next (the CPU's default), or queued before the last
+# one is read (`overlap_steps`, a GPU's default): every engine test runs both ways on the CPU.
+OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["step-by-step", "overlapped"])
+
+
+@pytest.fixture(params=[False, True], ids=["step-by-step", "overlapped"])
+def engine(tiny, request):
     # Every token its own output (no coalescing), so tests can act between tokens.
     engine = BatchedEngine(
-        tiny, max_batch_size=8, max_context=256, prefill_chunk_tokens=16, max_chunks_per_s=math.inf, max_stream_chunks_per_s=math.inf
+        tiny, max_batch_size=8, max_context=256, prefill_chunk_tokens=16, max_chunks_per_s=math.inf, max_stream_chunks_per_s=math.inf,
+        overlap_steps=request.param,
     )
     yield engine
     engine.shutdown()
@@ -337,8 +343,9 @@ async def test_a_request_joining_mid_stream_gets_the_same_tokens_as_alone(tiny, 
     assert late_text == late_alone
 
 
-async def test_closing_the_stream_frees_the_slot(tiny):
-    engine = BatchedEngine(tiny, max_batch_size=1, max_context=256)
+@OVERLAP
+async def test_closing_the_stream_frees_the_slot(tiny, overlap):
+    engine = BatchedEngine(tiny, max_batch_size=1, max_context=256, overlap_steps=overlap)
     try:
         stream = engine.generate(prompt(tiny, "hello"), SamplingParams(max_tokens=200, min_tokens=200, temperature=0))
         await stream.__anext__()
@@ -351,8 +358,9 @@ async def test_closing_the_stream_frees_the_slot(tiny):
         engine.shutdown()
 
 
-async def test_requests_beyond_the_batch_size_wait_their_turn(tiny):
-    engine = BatchedEngine(tiny, max_batch_size=2, max_context=256)
+@OVERLAP
+async def test_requests_beyond_the_batch_size_wait_their_turn(tiny, overlap):
+    engine = BatchedEngine(tiny, max_batch_size=2, max_context=256, overlap_steps=overlap)
     try:
         results = await asyncio.gather(*(run(engine, prompt(tiny, f"q{i}"), GREEDY) for i in range(5)))
         assert all(outputs[-1].completion_tokens == 24 for _, outputs in results)
@@ -365,8 +373,9 @@ async def test_a_prompt_longer_than_the_context_is_rejected_before_generating(ti
         await run(engine, [5] * 300, GREEDY)
 
 
-async def test_generation_stops_at_the_context_end(tiny):
-    engine = BatchedEngine(tiny, max_batch_size=2, max_context=32)
+@OVERLAP
+async def test_generation_stops_at_the_context_end(tiny, overlap):
+    engine = BatchedEngine(tiny, max_batch_size=2, max_context=32, overlap_steps=overlap)
     try:
         _, outputs = await run(engine, [5] * 30, SamplingParams(max_tokens=10, temperature=0))
         assert outputs[-1].finish_reason == "length" and outputs[-1].completion_tokens == 2
@@ -469,3 +478,44 @@ async def test_many_streams_get_coalesced_chunks_with_the_same_text(tiny, engine
     for _, outputs in results:
         assert outputs[0].completion_tokens == 1  # the first token is never held back
         assert len(outputs) < 24 // 2 and outputs[-1].completion_tokens == 24
+
+
+async def test_overlapped_steps_stream_exactly_what_step_by_step_streams(tiny, monkeypatch):
+    """Queuing each decode step before reading the last one changes no output: not the finish
+    of requests whose end the host learns a step late (EOS, stop strings), not requests joining
+    and leaving, and not rows whose drafted id the whole-vocabulary sort then changes (top_k
+    beyond the candidates): the step queued meanwhile read the drafted id on the device, so
+    that row's result is dropped and the row decoded again from the right id."""
+    workload = [
+        ("hi", SamplingParams(max_tokens=30, temperature=0)),
+        ("a longer prompt, over one chunk of sixteen tokens", SamplingParams(max_tokens=17, temperature=0.8, top_p=0.9, seed=1)),
+        ("sorted", SamplingParams(max_tokens=40, temperature=1.5, top_k=CANDIDATES + 36, seed=2)),
+        ("stops", SamplingParams(max_tokens=40, temperature=0.9, seed=3, stop=("e",))),
+        ("penalty", SamplingParams(max_tokens=25, temperature=0.7, top_p=0.9, repeat_penalty=1.3, seed=4)),
+        ("late", SamplingParams(max_tokens=12, temperature=0)),
+    ]
+    redone = []
+    complete = BatchedEngine._complete
+
+    def counting_complete(self, launched):
+        complete(self, launched)
+        if self._launched is not None:
+            redone.append(len(self._launched.stale))
+
+    monkeypatch.setattr(BatchedEngine, "_complete", counting_complete)
+
+    async def staggered(engine, index, text, params):
+        await asyncio.sleep(0.03 * index)  # later requests join running ones
+        text, outputs = await run(engine, prompt(tiny, text), params)
+        return text, outputs[-1].finish_reason, outputs[-1].completion_tokens
+
+    results = {}
+    for overlap in (False, True):
+        engine = BatchedEngine(tiny, max_batch_size=4, max_context=256, prefill_chunk_tokens=16, overlap_steps=overlap)
+        try:
+            results[overlap] = await asyncio.gather(*(staggered(engine, i, *w) for i, w in enumerate(workload)))
+        finally:
+            engine.shutdown()
+    assert results[True] == results[False]
+    assert sum(redone) > 0  # the sort did change drafted ids that a queued step had read
+    assert {finish for _, finish, _ in results[True]} == {"stop", "length"}

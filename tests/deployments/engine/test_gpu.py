@@ -17,6 +17,7 @@ from deployments.engine.batched import BatchedEngine
 from deployments.engine.forward import PromptChunk, build_step, extract_weights, forward, rope_table
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.reference import ReferenceEngine
+from deployments.engine.sampler import CANDIDATES
 from deployments.engine.sampling import SamplingParams
 from deployments.model_loader import LoadedModel, build_tiny_random_model
 from deployments.model_registry import ModelConfig
@@ -89,6 +90,40 @@ async def test_cuda_graphs_change_no_token_and_a_request_alone_equals_it_in_comp
         assert together == alone
         results[graphs] = together
     assert results[True] == results[False]
+
+
+async def test_overlapped_steps_change_no_token_on_the_gpu(loaded, monkeypatch):
+    # Each graph step queued before the last one is read (the GPU default) vs step by step,
+    # with requests that end a step before the host knows (stop strings), a greedy and a
+    # sampled graph variant, and a row whose every draw sorts the vocabulary (top_k beyond the
+    # candidates), so a queued step read a drafted id that `finish` changed and is redone.
+    workload = [
+        (PROMPTS[0], GREEDY),
+        (PROMPTS[1], SamplingParams(max_tokens=20, temperature=0, stop=("e",))),
+        # Hot enough that the SmolLM2-shaped model's drafts (over the candidates) and the sort's
+        # draws (over the top 100) differ too.
+        (PROMPTS[2], SamplingParams(max_tokens=28, temperature=5.0, top_k=CANDIDATES + 36, seed=5)),
+        (PROMPTS[3], SamplingParams(max_tokens=24, temperature=0.7, top_p=0.9, repeat_penalty=1.1, seed=6)),
+    ]
+    redone = []
+    complete = BatchedEngine._complete
+
+    def counting_complete(self, launched):
+        complete(self, launched)
+        if self._launched is not None:
+            redone.append(len(self._launched.stale))
+
+    monkeypatch.setattr(BatchedEngine, "_complete", counting_complete)
+    results = {}
+    for overlap in (True, False):
+        engine = engine_for(loaded, overlap_steps=overlap)
+        try:
+            assert engine._graphs is not None
+            results[overlap] = await asyncio.gather(*(answer(engine, ids(loaded, p), params) for p, params in workload))
+        finally:
+            engine.shutdown()
+    assert results[True] == results[False]
+    assert sum(redone) > 0
 
 
 async def test_bf16_logits_stay_close_to_transformers_bf16():

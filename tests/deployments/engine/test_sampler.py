@@ -5,7 +5,7 @@ import torch
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from deployments.engine import sampler
-from deployments.engine.sampler import SlotSampling, StepRows, apply_repeat_penalty, sample, uniform
+from deployments.engine.sampler import Needs, SlotSampling, StepRows, apply_repeat_penalty, sample, uniform
 from deployments.engine.sampling import SamplingParams
 
 NO_EOS = torch.tensor([], dtype=torch.long)
@@ -22,7 +22,7 @@ def sample_rows(
         table.set(slot, p, seed, prompt_tokens)
     positions = positions or [prompt_tokens - 1] * rows
     history = history if history is not None else torch.zeros(rows, max(positions) + 1, dtype=torch.long)
-    step = StepRows(torch.arange(rows), torch.tensor(positions), params)
+    step = StepRows(torch.arange(rows), torch.tensor(positions), Needs.of(params))
     return sample(logits.clone(), step, table, history, eos_ids)
 
 
