@@ -5,6 +5,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
+# The environment Ray and Serve start in (serve.env: Serve's throughput-optimized mode), exported
+# to every recipe: `serve run`, `ray start` and the tests' own Ray all start in it.
+include serve.env
+export $(shell sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=.*/\1/p' serve.env)
+
 .PHONY: install serve deploy undeploy backup lint test test-fast test-gpu bench bench-deps bench-affinity bench-gpu loadtest fuzz system-deps clean
 
 $(STAMP): pyproject.toml

@@ -64,7 +64,9 @@ from deployments.engine.sampling import SamplingParams  # noqa: E402
 from deployments.engine.torch_threads import run_in_fresh_thread  # noqa: E402
 from deployments.model_loader import LoadedModel, eos_token_ids, load_model  # noqa: E402
 from deployments.model_registry import ModelConfig  # noqa: E402
-from tests.support import ServeApp, config_app_args, free_port  # noqa: E402
+from tests.support import ServeApp, config_app_args, free_port, use_serve_environment  # noqa: E402
+
+use_serve_environment()  # the Serve app it starts runs as `make serve` runs it
 
 QUESTION = "What is the capital of France?"
 # The prompt of every timed request. SmolLM2 answers it at length (int4, seeds 0-15, greedy or

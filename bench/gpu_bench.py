@@ -74,6 +74,24 @@ def graph_step_tps(engine: BatchedEngine, batch: int, sampling: dict | None, rep
     return batch * repeats / (time.perf_counter() - started)
 
 
+async def http_line(args: argparse.Namespace, model: str, batch: int, sampling_name: str, engine_tps: float | None) -> None:
+    """One run through the Serve app at `args.http`, with its ratio to the engine alone (when
+    measured) and the streamed chunks a second the client received."""
+    served = await http_run(args.http, model, batch, args.tokens, f"HTTP {model}, {batch} stream(s)", SAMPLINGS[sampling_name])
+    elapsed = batch * args.tokens / served.tokens_per_s
+    chunks_per_s = (len(served.ttft_s) + len(served.itl_s)) / elapsed
+    ratio = f"  {served.tokens_per_s / engine_tps:4.2f}x engine alone" if engine_tps else ""
+    print(f"{describe(served)}{ratio}  {chunks_per_s:.0f} chunks/s", flush=True)
+
+
+async def http_only(args: argparse.Namespace) -> None:
+    for name in SAMPLINGS:
+        print(f"\n== {name}")
+        for batch in [int(s) for s in args.streams.split(",")]:
+            for model in args.models.split(","):
+                await http_line(args, model, batch, name, None)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", default="1,16,64,256")
@@ -81,7 +99,11 @@ async def main() -> None:
     parser.add_argument("--http", metavar="URL", help="also measure through a running Serve app")
     parser.add_argument("--models", default="SmolLM2-135M-Instruct", help="the served model(s) for --http, comma-separated")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--http-only", action="store_true", help="only the runs through --http (another Serve setup)")
     args = parser.parse_args()
+    if args.http_only:
+        await http_only(args)
+        return
     if not torch.cuda.is_available():
         sys.exit("no CUDA GPU: this benchmark measures the GPU path (bench/engine_bench.py is the CPU's)")
     streams = [int(s) for s in args.streams.split(",")]
@@ -99,9 +121,11 @@ async def main() -> None:
 
     theirs: dict[tuple[str, int], Run] = {}
     if not args.skip_transformers:
-        transformers_run(loaded, prompt_ids, 1, 4, None)  # warm-up: CUDA context, cuBLAS handles
-        for name, sampling in SAMPLINGS.items():
-            for batch in streams:
+        for sampling in SAMPLINGS.values():  # warm-up: CUDA context, cuBLAS handles, both decoding paths
+            transformers_run(loaded, prompt_ids, 1, 16, sampling)
+        # Greedy and sampled alternate, so neither gets all the early (or late) runs.
+        for batch in streams:
+            for name, sampling in SAMPLINGS.items():
                 theirs[name, batch] = transformers_run(loaded, prompt_ids, batch, args.tokens, sampling)
                 print(f"transformers generate, {name}, {batch} stream(s): {theirs[name, batch].tokens_per_s:.0f} tok/s", flush=True)
 
@@ -127,12 +151,7 @@ async def main() -> None:
                 print(line.replace("of floor", "of graph step"), flush=True)
             engine.overlap_steps = True
             for model_name in args.models.split(",") if args.http else []:
-                served = await http_run(args.http, model_name, batch, args.tokens, f"HTTP {model_name}, {batch} stream(s)", sampling)
-                elapsed = batch * args.tokens / served.tokens_per_s
-                chunks_per_s = (len(served.ttft_s) + len(served.itl_s)) / elapsed
-                print(describe(served, step_tps[name, batch], None).replace("of floor", "of graph step")
-                      + f"  {served.tokens_per_s / ours[name, 'overlapped', batch].tokens_per_s:4.2f}x engine alone, "
-                      f"{chunks_per_s:.0f} chunks/s", flush=True)
+                await http_line(args, model_name, batch, name, ours[name, "overlapped", batch].tokens_per_s)
     engine.shutdown()
 
     def line(label: str, values) -> None:

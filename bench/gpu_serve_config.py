@@ -1,8 +1,8 @@
 """Writes a GPU variant of serve_config.yaml for benchmarks on a GPU machine without network:
 the packaged model's entry becomes SmolLM2's shape with random weights (the packaged weights
-do not travel there), on CUDA, with a batch of 256. With several `--chunks-per-s` values, one
-such model per value (named smollm2-random-VALUE), sharing the GPU, so one run of
-`gpu_bench.py --http` compares the replica's chunk rates side by side.
+do not travel there), on CUDA, with a batch of 256. With `--chunks-per-s` values, one such
+model per value (named smollm2-random-VALUE), sharing the GPU, so one run of `gpu_bench.py
+--http` compares the replica's chunk rates side by side; without, one model at the default rate.
 
     python bench/gpu_serve_config.py OUT.yaml [--database PATH] [--chunks-per-s 150,1000]
 """
@@ -21,16 +21,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
     parser.add_argument("--database", default="/tmp/ray-chat-gpu/history.sqlite3")
-    parser.add_argument("--chunks-per-s", default="150", help="replica_chunks_per_s: one model per value")
+    parser.add_argument("--chunks-per-s", default="", help="replica_chunks_per_s: one model per value")
     args = parser.parse_args()
     config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
     app = config["applications"][0]
     app["args"]["database_path"] = args.database
     packaged = app["args"]["models"][0]
-    rates = [float(r) for r in args.chunks_per_s.split(",")]
+    rates: list[float | None] = [float(r) for r in args.chunks_per_s.split(",")] if args.chunks_per_s else [None]
     app["args"]["models"] = [
         {
-            **packaged, "name": "smollm2-random" if len(rates) == 1 else f"smollm2-random-{rate:g}", "aliases": [],
+            **packaged, "name": "smollm2-random" if rate is None else f"smollm2-random-{rate:g}", "aliases": [],
             "source": {"kind": "tiny_random", "shape": "smollm2"}, "device": "cuda", "num_gpus": 1 / len(rates),
             # Of the GPU's free memory when the replica starts; the rest is left to a benchmark's own engine.
             "gpu_memory_fraction": 0.7 / len(rates), "max_batch_size": 256, "max_ongoing_requests": 300,

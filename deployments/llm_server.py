@@ -38,7 +38,8 @@ class LLMServer:
         if config.engine == "batched":
             self.engine = BatchedEngine(
                 self.loaded, weights=config.resolved_weights(self.loaded.device.type, cpu_has_fast_int8()),
-                max_batch_size=config.max_batch_size, max_chunks_per_s=config.replica_chunks_per_s,
+                max_batch_size=config.max_batch_size,
+                max_chunks_per_s=config.resolved_replica_chunks_per_s(self.loaded.device.type),
                 max_stream_chunks_per_s=config.stream_chunks_per_s, cuda_graphs=config.cuda_graphs,
                 gpu_memory_fraction=config.gpu_memory_fraction,
             )

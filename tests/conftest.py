@@ -10,7 +10,10 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.support import ServeApp, config_app_args, free_port
+from tests.support import ServeApp, config_app_args, free_port, use_serve_environment
+
+# Before anything starts Ray: Serve then runs as `make serve` runs it.
+use_serve_environment()
 
 # Without a GPU, Triton kernels (the GPU attention) run in Triton's interpreter on the CPU. Set
 # before anything imports torch: torch may import Triton, which reads this once.

@@ -4,6 +4,7 @@ configures it, started in-process by `ServeApp`, free ports, and reading the app
 from __future__ import annotations
 
 import copy
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -15,6 +16,15 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "chat"
 STARTUP_TIMEOUT_S = 600  # the first run converts the packaged GGUF (~20-40 s) on a busy 2-core box
+
+
+def use_serve_environment() -> None:
+    """Puts `serve.env` (the environment `make serve` starts Ray in) into this process's
+    environment, where not set already, so a Ray started here runs Serve as users get it."""
+    for line in (REPO_ROOT / "serve.env").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, value = line.split("=", 1)
+            os.environ.setdefault(name.strip(), value.strip())
 
 
 def free_port() -> int:

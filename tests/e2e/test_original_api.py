@@ -211,3 +211,23 @@ def test_page_health_and_cors(client):
     assert preflight.headers["access-control-allow-origin"] == "null"
     other = client.get("/conversations", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_a_conversation_of_over_4_mb_loads_whole(client, serve_app):
+    # Calls between deployments go over gRPC in Serve's throughput-optimized mode (serve.env),
+    # whose replicas refuse messages over 4 MB unless told otherwise: a long conversation's
+    # history, the history deployment's answer to the ingress, passes that. (Written straight
+    # into SQLite: through the API each turn would tokenize the whole history.)
+    conversation_id = start(client)
+    answer = "é" * 450_000  # 900 KB of UTF-8
+    with sqlite3.connect(serve_app.database_path) as db:
+        for turn in range(5):
+            for role, content in (("user", f"turn {turn}: go on"), ("assistant", answer)):
+                db.execute(
+                    "INSERT INTO messages (conversation_id, role, content, created_at) VALUES (?, ?, ?, datetime('now'))",
+                    (conversation_id, role, content),
+                )
+    response = client.get(f"/conversations/{conversation_id}")
+    assert response.status_code == 200, response.text[:500]
+    assert [m["content"] for m in response.json()["messages"][1::2]] == [answer] * 5
+    assert len(response.content) > 4 * 2**20
