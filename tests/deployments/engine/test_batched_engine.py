@@ -480,7 +480,7 @@ async def test_many_streams_get_coalesced_chunks_with_the_same_text(tiny, engine
         assert len(outputs) < 24 // 2 and outputs[-1].completion_tokens == 24
 
 
-async def test_overlapped_steps_stream_exactly_what_step_by_step_streams(tiny, monkeypatch):
+async def test_overlapped_steps_stream_exactly_what_step_by_step_streams(tiny, redone_rows):
     """Queuing each decode step before reading the last one changes no output: not the finish
     of requests whose end the host learns a step late (EOS, stop strings), not requests joining
     and leaving, and not rows whose drafted id the whole-vocabulary sort then changes (top_k
@@ -494,15 +494,6 @@ async def test_overlapped_steps_stream_exactly_what_step_by_step_streams(tiny, m
         ("penalty", SamplingParams(max_tokens=25, temperature=0.7, top_p=0.9, repeat_penalty=1.3, seed=4)),
         ("late", SamplingParams(max_tokens=12, temperature=0)),
     ]
-    redone = []
-    complete = BatchedEngine._complete
-
-    def counting_complete(self, launched):
-        complete(self, launched)
-        if self._launched is not None:
-            redone.append(len(self._launched.stale))
-
-    monkeypatch.setattr(BatchedEngine, "_complete", counting_complete)
 
     async def staggered(engine, index, text, params):
         await asyncio.sleep(0.03 * index)  # later requests join running ones
@@ -517,5 +508,5 @@ async def test_overlapped_steps_stream_exactly_what_step_by_step_streams(tiny, m
         finally:
             engine.shutdown()
     assert results[True] == results[False]
-    assert sum(redone) > 0  # the sort did change drafted ids that a queued step had read
+    assert sum(redone_rows) > 0  # the sort did change drafted ids that a queued step had read
     assert {finish for _, finish, _ in results[True]} == {"stop", "length"}
