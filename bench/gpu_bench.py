@@ -160,24 +160,23 @@ async def main() -> None:
     print()
     line("summary, tok/s", streams)
     for name in SAMPLINGS:
+        overlapped = {b: ours[name, "overlapped", b] for b in streams}
         print(f"-- {name}")
         line("  graph step alone", [f"{step_tps[name, b]:.0f}" for b in streams])
-        line("  ours (overlapped steps)", [f"{ours[name, 'overlapped', b].tokens_per_s:.0f}" for b in streams])
+        line("  ours (overlapped steps)", [f"{overlapped[b].tokens_per_s:.0f}" for b in streams])
         line("  ours, step by step", [f"{ours[name, 'step by step', b].tokens_per_s:.0f}" for b in streams])
-        line("  overlapped / graph step", [f"{ours[name, 'overlapped', b].tokens_per_s / step_tps[name, b]:.2f}" for b in streams])
+        line("  overlapped / graph step", [f"{overlapped[b].tokens_per_s / step_tps[name, b]:.2f}" for b in streams])
         if theirs:
             line("  transformers generate", [f"{theirs[name, b].tokens_per_s:.0f}" for b in streams])
-            line("  ours / transformers", [f"{ours[name, 'overlapped', b].tokens_per_s / theirs[name, b].tokens_per_s:.1f}x" for b in streams])
-        line("  TTFT p95 ms", [f"{percentile(ours[name, 'overlapped', b].ttft_s, 95) * 1e3:.1f}" for b in streams])
+            line("  ours / transformers", [f"{overlapped[b].tokens_per_s / theirs[name, b].tokens_per_s:.1f}x" for b in streams])
+        line("  TTFT p95 ms", [f"{percentile(overlapped[b].ttft_s, 95) * 1e3:.1f}" for b in streams])
         line("  ITL p50 / p95 ms", [
-            f"{percentile(ours[name, 'overlapped', b].itl_s, 50) * 1e3:.1f}/{percentile(ours[name, 'overlapped', b].itl_s, 95) * 1e3:.1f}"
-            for b in streams
+            f"{percentile(overlapped[b].itl_s, 50) * 1e3:.1f}/{percentile(overlapped[b].itl_s, 95) * 1e3:.1f}" for b in streams
         ])
-    sampled, greedy = list(SAMPLINGS)[1], list(SAMPLINGS)[0]
+    greedy, sampled = SAMPLINGS
     line("sampling / greedy", [
         f"{ours[sampled, 'overlapped', b].tokens_per_s / ours[greedy, 'overlapped', b].tokens_per_s:.2f}" for b in streams
     ])
-
 
 if __name__ == "__main__":
     asyncio.run(main())

@@ -437,7 +437,7 @@ class BatchedEngine:
                 continue
             row = previous_row.get(seq, -1)
             if row >= 0:
-                if len(seq.generated) + 1 >= seq.params.max_tokens or seq.length + 1 >= self.max_context:
+                if self._at_length_limit(seq, pending=1):
                     continue
                 decode.append((seq.slot, seq.length, 0, row))
             else:
@@ -478,6 +478,10 @@ class BatchedEngine:
         step takes longer than 25 ms."""
         return max(1 / self.max_stream_chunks_per_s, rows / self.max_chunks_per_s)
 
+    def _at_length_limit(self, seq: Sequence, pending: int = 0) -> bool:
+        """Whether `seq`, with `pending` more tokens than it has, is at max_tokens or the context."""
+        return len(seq.generated) + pending >= seq.params.max_tokens or seq.length + pending >= self.max_context
+
     def _advance(self, seq: Sequence, token: int, interval: float) -> None:
         """Appends one token; sends the request its new text if `interval` seconds passed since
         the last send (or this is its first), and the finish if it is done."""
@@ -491,7 +495,7 @@ class BatchedEngine:
         elif token in self._eos_ids and not seq.params.ignore_eos:
             finish = "stop"
             completion_tokens -= 1
-        elif len(seq.generated) >= seq.params.max_tokens or seq.length >= self.max_context:
+        elif self._at_length_limit(seq):
             finish = "length"
         if finish is not None and not seq.stop_matcher.is_stopped:
             text += seq.stop_matcher.feed(seq.detokenizer.flush())
