@@ -519,7 +519,7 @@ def decode_step_times(
     length = len(prompt_ids) + steps + 1
     cache = KVCache(len(w.layers), rows, w.n_kv_heads, length, w.head_dim, w.dtype)
     rope = rope_table(w, length)
-    table = SlotSampling.empty(rows + 1, torch.device("cpu"))  # + the scratch row, as in the engine
+    table = SlotSampling.empty(rows + 1, length, torch.device("cpu"))  # + the scratch row, as in the engine
     for slot in range(rows):
         table.set(slot, params, seed=slot, prompt_tokens=len(prompt_ids))
     eos = torch.tensor(eos_token_ids(loaded))

@@ -172,7 +172,7 @@ class BatchedEngine:
             len(w.layers), self.max_batch_size, w.n_kv_heads, self.max_context, w.head_dim, w.dtype,
             self.device, initial_capacity,
         )
-        self._sampling = SlotSampling.empty(self.max_batch_size + 1, self.device)  # + the scratch row
+        self._sampling = SlotSampling.empty(self.max_batch_size + 1, self.max_context, self.device)  # + the scratch row
         self._eos_tensor = torch.tensor(self._eos_ids, dtype=torch.long, device=self.device)
         self._graphs = (
             DecodeGraphs(w, self._cache, self._rope, self._sampling, self._eos_tensor, self.max_batch_size)

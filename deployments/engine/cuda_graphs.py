@@ -11,13 +11,13 @@ an H100). A graph fixes its shapes and addresses, so:
 - attention reads each row's length from the positions buffer (`cached_attention`), so one
   graph serves any mix of lengths; sampling reads each row's settings from the per-slot table
   (`sampler.SlotSampling`), so one graph serves any mix of settings;
-- each bucket has two variants, greedy and sampling (`VARIANTS`): greedy steps skip the
-  sampler's kernels;
+- each bucket has a few variants of the sampler (`VARIANTS`): a step skips the sampler's kernels
+  its rows do not need;
 - a row may take its token id from the previous replay's draft on the device (`DecodeRow`),
   so the engine can queue a step before it has read the one before (`BatchedEngine._step`).
 
 Prefill steps (and decode steps beyond the largest bucket) run eagerly: their shapes vary, and
-they are few. Capturing the 34 graphs of a batch of 256 takes ~2 s for SmolLM2 and needs no disk
+they are few. Capturing the 68 graphs of a batch of 256 takes a few seconds for SmolLM2 and needs no disk
 cache; what takes the time at start is Triton compiling its kernel, which Triton caches on disk
 (~/.triton/cache) by itself.
 """
@@ -36,9 +36,17 @@ from deployments.engine.sampler import Draft, Needs, SlotSampling, StepRows, dra
 logger = logging.getLogger(__name__)
 
 # The sampling variants captured per bucket, cheapest first; a step replays the first that covers
-# its rows' needs. Greedy rows skip the sampler's ~40 kernels (0.3 ms a step at batch 1 on an
-# H100, 1.2 ms at 256), EOS suppression before min_tokens kept (two small kernels).
-VARIANTS = (Needs(sampled=False, unfiltered=False, penalty=False), Needs())
+# its rows' needs (H200, us per step at 1 / 256 rows, measured by bench/sampler_bench.py: greedy
+# 24 / 45, the original's defaults ~200 / ~600). Greedy rows skip the sampler but the repeat
+# penalty (which the original's clients send with temperature 0 too) and EOS suppression before
+# min_tokens; rows that all filter (top-p or top-k: the original's defaults) skip the draw over
+# the whole vocabulary in id order and EOS suppression.
+VARIANTS = (
+    Needs(sampled=False, unfiltered=False, penalty=False),
+    Needs(sampled=False, unfiltered=False),
+    Needs(unfiltered=False, min_tokens=False),
+    Needs(),
+)
 
 # One decode row: (slot, position, token id, previous row). previous row >= 0: the token is the
 # one the step before drafted in that row, read on the device (the host has not seen it yet,
@@ -101,8 +109,8 @@ class DecodeGraphs:
                 self._graphs[needs, size] = graph
         torch.cuda.synchronize(device)
         logger.info(
-            "Captured %d CUDA graphs (decode batches %s; greedy and sampling variants) in %.1f s",
-            len(self._graphs), ", ".join(map(str, self.sizes)), time.monotonic() - started,
+            "Captured %d CUDA graphs (decode batches %s, %d sampler variants each) in %.1f s",
+            len(self._graphs), ", ".join(map(str, self.sizes)), len(VARIANTS), time.monotonic() - started,
         )
 
     def bucket(self, rows: int) -> int | None:

@@ -4,7 +4,9 @@ EOS suppressed before `min_tokens`, then greedy, or temperature / top-k / top-p 
 
 The per-request settings live in `SlotSampling`, a table with one entry per KV-cache row written
 once when a request is admitted, so a step sends the device nothing but the rows' slots and
-positions (which the forward pass needs anyway) and reads back one id per row.
+positions (which the forward pass needs anyway) and reads back one id per row. On a GPU at small
+batches the sampler's cost is its number of kernel launches, not its arithmetic; at 256 rows it is
+its passes over the [rows, vocabulary] logits: the code counts both.
 
 Sampling draws one uniform number per row and step from a counter-based hash of (seed, step),
 not from a stateful generator: a request's draw depends only on its own logits, seed and token
@@ -31,51 +33,93 @@ CANDIDATES = 64
 _MASK32 = 0xFFFFFFFF
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mix (int64 tensors holding values < 2**32, no overflow): consecutive
+def _hash32(x):
+    """A 32-bit integer mix of an int or an int64 tensor (values < 2**32, no overflow): consecutive
     inputs give unrelated outputs."""
     x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
     x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
     return (x >> 16) ^ x
 
 
-def uniform(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """One number in (0, 1) per row, a pure function of (seed [B] int64 >= 0, step [B] int64)."""
-    key = _hash32(_hash32(seeds & _MASK32) ^ (seeds >> 32))
-    bits = _hash32(key ^ _hash32(steps & _MASK32))
+def seed_key(seed: int) -> int:
+    """A request's seed (0 <= seed < 2**64) folded into the 32-bit key its draws hash (`uniform`):
+    computed once at admission, so a step hashes only the step."""
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed {seed} is outside [0, 2**64)")
+    return _hash32(_hash32(seed & _MASK32) ^ (seed >> 32))
+
+
+def uniform(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """One number in (0, 1) per row, a pure function of (key [B] int64 from `seed_key`, step [B]
+    int64, 0 <= step < 2**31). One hash of the key and a Weyl sequence of the step: 17 elementwise
+    ops, each a kernel launch on a GPU."""
+    bits = _hash32(keys ^ (steps * 0x9E3779B1 & _MASK32))
     return ((bits >> 8).float() + 0.5) / 2**24  # 24 bits: exact in float32, never 0 or 1
 
 
 @dataclass
 class SlotSampling:
-    """Every cache row's sampling settings, as tensors [rows] on the engine's device."""
+    """Every cache row's sampling settings on the engine's device, in the forms a step uses them
+    (derived once at admission rather than in every step: on a GPU each op of a step is a kernel
+    launch, and at batch 1 the sampler's cost is its number of kernels). A step gathers its rows'
+    settings in three ops."""
 
-    temperature: torch.Tensor  # float32, 0 = greedy
-    top_p: torch.Tensor  # float32
-    top_k: torch.Tensor  # int64, 0 = off
-    repeat_penalty: torch.Tensor  # float32, 1 = off
-    repeat_last_n: torch.Tensor  # int64
-    seed: torch.Tensor  # int64
-    first_position: torch.Tensor  # int64: the position of the request's first generated token
-    min_tokens: torch.Tensor  # int64
+    floats: torch.Tensor  # [rows, 5] float32: see `_RowSettings`
+    ints: torch.Tensor  # [rows, 7] int64
+    u: torch.Tensor  # [rows, context] float32: the row's `uniform` draw for the token after each position
 
     @classmethod
-    def empty(cls, rows: int, device: torch.device) -> SlotSampling:
-        def zeros(dtype: torch.dtype) -> torch.Tensor:
-            return torch.zeros(rows, dtype=dtype, device=device)
-
-        f, i = torch.float32, torch.int64
-        return cls(zeros(f), zeros(f), zeros(i), zeros(f), zeros(i), zeros(i), zeros(i), zeros(i))
+    def empty(cls, rows: int, context: int, device: torch.device) -> SlotSampling:
+        return cls(
+            torch.zeros(rows, 5, device=device), torch.zeros(rows, 7, dtype=torch.int64, device=device),
+            torch.zeros(rows, context, device=device),
+        )
 
     def set(self, slot: int, params: SamplingParams, seed: int, prompt_tokens: int) -> None:
         """At admission: the request in cache row `slot` samples under `params`."""
-        p = params
-        for tensor, value in (
-            (self.temperature, p.temperature), (self.top_p, p.top_p), (self.top_k, p.top_k),
-            (self.repeat_penalty, p.repeat_penalty), (self.repeat_last_n, p.repeat_last_n), (self.seed, seed),
-            (self.first_position, prompt_tokens), (self.min_tokens, p.min_tokens),
-        ):
-            tensor[slot] = value
+        p, k = params, CANDIDATES
+        fits = 0 < p.top_k <= k  # the top-k set lies among the candidates
+        filtered = p.top_k > 0 or p.top_p < 1.0
+        if p.is_greedy or not filtered or fits:
+            sort_below = -1.0  # never sorts
+        elif p.top_k > k:
+            sort_below = 2.0  # always sorts
+        else:
+            sort_below = p.top_p  # sorts when the candidates hold less than the top-p mass
+        penalty = p.repeat_penalty if p.repeat_last_n > 0 else 1.0
+        self.floats[slot] = torch.tensor([p.temperature, p.temperature or 1.0, max(p.top_p, 1e-9), penalty, sort_below])
+        self.ints[slot] = torch.tensor(
+            [p.top_k, p.top_k if fits else k, fits, filtered, p.repeat_last_n, prompt_tokens - 1, p.min_tokens]
+        )
+        steps = (torch.arange(self.u.shape[1]) - (prompt_tokens - 1)).clamp(min=0)  # tokens generated before
+        self.u[slot] = uniform(torch.full_like(steps, seed_key(seed)), steps)
+
+    def rows(self, slots: torch.Tensor, positions: torch.Tensor) -> _RowSettings:
+        temperature, divisor, top_p, penalty, sort_below = self.floats[slots].unbind(1)
+        top_k, kept, fits, filtered, last_n, last_prompt_position, min_tokens = self.ints[slots].unbind(1)
+        return _RowSettings(
+            temperature, divisor, top_p, penalty, sort_below, top_k, kept, fits, filtered, last_n, last_prompt_position,
+            min_tokens, self.u[slots, positions],
+        )
+
+
+@dataclass
+class _RowSettings:
+    """A step's rows' settings (`SlotSampling.rows`), each [B]."""
+
+    temperature: torch.Tensor  # 0 = greedy
+    divisor: torch.Tensor  # of the logits: the temperature, 1 for greedy rows
+    top_p: torch.Tensor  # > 0
+    repeat_penalty: torch.Tensor  # 1 = off (also when repeat_last_n is 0)
+    sort_below: torch.Tensor  # the row needs the sort when its candidates hold less probability than this
+    top_k: torch.Tensor  # 0 = off
+    kept: torch.Tensor  # candidates in the top-k set: top_k when they hold it, else all
+    fits: torch.Tensor  # 1: the candidates hold the top-k set (0 < top_k <= CANDIDATES)
+    filtered: torch.Tensor  # 1: top-k or top-p
+    repeat_last_n: torch.Tensor
+    last_prompt_position: torch.Tensor
+    min_tokens: torch.Tensor
+    u: torch.Tensor  # the row's draw for this step
 
 
 @dataclass(frozen=True)
@@ -129,7 +173,7 @@ class Draft:
     def _map(self, f) -> Draft:
         return Draft(*(f(t) for t in (self.tokens, self.needs_sort, self.scaled, self.top_k, self.top_p, self.u)))
 
-    def __getitem__(self, rows: slice) -> Draft:
+    def __getitem__(self, rows: slice | list[int]) -> Draft:
         return self._map(lambda t: t[rows])
 
     def clone(self) -> Draft:
@@ -144,13 +188,18 @@ def apply_repeat_penalty(
     """In place on logits [B, vocab]: each token among a row's last `last_n` tokens (positions
     (position - last_n, position] of `history` [B, >position], the row's prompt and generated
     ids) has its logit divided by the penalty when positive and multiplied by it when negative,
-    once however often it was seen (the original's rule)."""
-    columns = torch.arange(history.shape[1], device=history.device)[None, :]
-    in_window = (columns <= positions[:, None]) & (columns > positions[:, None] - last_n[:, None])
-    seen = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device)
-    seen.scatter_add_(1, history.long(), in_window.int())
-    factor = torch.where(logits > 0, penalty[:, None].reciprocal(), penalty[:, None])
-    logits.copy_(torch.where(seen > 0, logits * factor, logits))
+    once however often it was seen (the original's rule).
+
+    Touches the history's columns only, never the whole vocabulary (at 256 rows that is 8
+    passes over 50 MB less): gathers the logits of the history's tokens and scatters them back
+    penalized. Columns outside the window point at the row's last token, which is always in it,
+    so every write to a logit carries the same value and the order of the writes does not matter."""
+    columns = torch.arange(history.shape[1], device=history.device)
+    in_window = (columns <= positions[:, None]) & (columns > (positions - last_n)[:, None])
+    ids = torch.where(in_window, history, history.gather(1, positions[:, None]))
+    seen = logits.gather(1, ids)
+    penalty = torch.where(last_n > 0, penalty, 1.0)[:, None]  # no window: the last token is not penalized either
+    logits.scatter_(1, ids, torch.where(seen > 0, seen / penalty, seen * penalty))
 
 
 def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -161,59 +210,44 @@ def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def _filtered_draw(
-    values: torch.Tensor, ids: torch.Tensor, log_total: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-    u: torch.Tensor,
+    e: torch.Tensor, ids: torch.Tensor, total: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k then top-p over logits sorted most likely first (`values` [B, n], their token `ids`),
-    with `log_total` [B, 1] the log of the softmax's denominator. Returns the drawn ids [B] and
-    the kept set's probability mass before top-p [B]."""
-    ranks = torch.arange(values.shape[-1], device=values.device)[None, :]
-    in_top_k = (top_k[:, None] == 0) | (ranks < top_k[:, None])
-    probs = (values - log_total).exp() * in_top_k
-    mass_before = probs.cumsum(dim=-1) - probs
-    keep = (mass_before < top_p[:, None]) | (ranks == 0)  # rank 0 always survives
-    return ids.gather(1, _draw(probs * keep, u)[:, None]).squeeze(1), probs.sum(dim=-1)
+    """Top-p over the top-k set, sorted most likely first: `e` [B, n] the set's exp(logit - the
+    row's largest logit), 0 beyond it, for the tokens `ids`; `total` [B, 1] the softmax's
+    denominator on the same scale. -> the drawn ids [B] and the set's probability [B]."""
+    probs = e / total
+    mass_before = probs.cumsum(dim=-1) - probs  # rank 0 always stays: 0 < top_p
+    return ids.gather(1, _draw(probs * (mass_before < top_p[:, None]), u)[:, None]).squeeze(1), probs.sum(dim=-1)
 
 
 def draw(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: torch.Tensor, eos_ids: torch.Tensor) -> Draft:
     """logits [B, vocab] fp32 (modified in place) -> a `Draft`. `history` [rows of the cache,
     > max position]: every row's token ids by position. No host synchronisation and fixed
     shapes, so a CUDA graph can hold it (see `cuda_graphs`)."""
-    slots, positions = rows.slots, rows.positions
-    if rows.needs.penalty:
-        apply_repeat_penalty(logits, history[slots], positions, table.repeat_penalty[slots], table.repeat_last_n[slots])
-    steps = positions + 1 - table.first_position[slots]  # tokens generated before this one
-    if rows.needs.min_tokens and len(eos_ids):
-        suppress = (steps < table.min_tokens[slots])[:, None]
+    needs, row = rows.needs, table.rows(rows.slots, rows.positions)
+    if needs.penalty:
+        apply_repeat_penalty(logits, history[rows.slots], rows.positions, row.repeat_penalty, row.repeat_last_n)
+    if needs.min_tokens and len(eos_ids):
+        suppress = (rows.positions - row.last_prompt_position < row.min_tokens)[:, None]
         logits[:, eos_ids] = torch.where(suppress, -torch.inf, logits[:, eos_ids])
     greedy = logits.argmax(dim=-1)
-    top_k, top_p = table.top_k[slots], table.top_p[slots]
-    u = uniform(table.seed[slots], steps)
-    if not rows.needs.sampled:
-        return Draft(greedy, torch.zeros_like(greedy, dtype=torch.bool), logits, top_k, top_p, u)
-    temperature = table.temperature[slots]
-    is_greedy = temperature == 0
-    scaled = logits / torch.where(is_greedy, 1.0, temperature)[:, None]
+    if not needs.sampled:  # no row samples, so none needs the sort
+        return Draft(greedy, torch.zeros_like(greedy, dtype=torch.bool), logits, row.top_k, row.top_p, row.u)
+    scaled = logits / row.divisor[:, None]
     # Top-k first, then top-p over the top-k survivors' renormalized mass, as transformers'
     # warpers do; on the most likely CANDIDATES tokens, sorted.
-    k = min(CANDIDATES, scaled.shape[-1])
-    values, ids = scaled.topk(k, dim=-1)
-    ranks = torch.arange(k, device=scaled.device)[None, :]
-    is_filtered = (top_k > 0) | (top_p < 1.0)
-    top_k_fits = (top_k > 0) & (top_k <= k)
+    values, ids = scaled.topk(min(CANDIDATES, scaled.shape[-1]), dim=-1)
+    largest = values[:, :1]
+    ranks = torch.arange(values.shape[-1], device=values.device)
+    e = (values - largest).exp() * (ranks < row.kept[:, None])
+    everything = (scaled - largest).exp()  # [B, vocab]
     # The softmax's denominator: over the top-k set when the candidates hold it, else the vocabulary.
-    log_total = torch.where(
-        top_k_fits[:, None],
-        values.masked_fill(ranks >= top_k[:, None], -torch.inf).logsumexp(dim=-1, keepdim=True),
-        scaled.logsumexp(dim=-1, keepdim=True),
-    )
-    tokens, mass = _filtered_draw(values, ids, log_total, top_k, top_p, u)
-    if rows.needs.unfiltered:  # no filter: the whole vocabulary as it is, no sort needed
-        tokens = torch.where(is_filtered, tokens, _draw(scaled.softmax(dim=-1), u))
-    # Exact when the kept set ends inside the candidates: the top-k set fits, or (no top-k)
-    # the candidates hold the top-p mass.
-    is_exact = ~is_filtered | top_k_fits | ((top_k == 0) & (mass >= top_p))
-    return Draft(torch.where(is_greedy, greedy, tokens), ~is_greedy & ~is_exact, scaled, top_k, top_p, u)
+    total = torch.where(row.fits[:, None] != 0, e.sum(dim=-1, keepdim=True), everything.sum(dim=-1, keepdim=True))
+    tokens, mass = _filtered_draw(e, ids, total, row.top_p, row.u)
+    if needs.unfiltered:  # no filter: the whole vocabulary in id order, no sort needed
+        tokens = torch.where(row.filtered != 0, tokens, _draw(everything, row.u))
+    # A row needs the sort when its kept set may reach beyond the candidates (see `SlotSampling.set`).
+    return Draft(torch.where(row.temperature == 0, greedy, tokens), mass < row.sort_below, scaled, row.top_k, row.top_p, row.u)
 
 
 @dataclass
@@ -251,14 +285,18 @@ def finish(draft: Draft, fetch: Fetch | None = None) -> list[int]:
     sort over the vocabulary for the rare rows whose candidates did not hold their top-p mass
     (a flat distribution, or top_k above the candidates)."""
     tokens, needs_sort = (fetch or Fetch.start(draft)).wait()
-    if not any(needs_sort):
+    rows = [row for row, flag in enumerate(needs_sort) if flag]
+    if not rows:
         return tokens
-    values, ids = draft.scaled.sort(dim=-1, descending=True)
-    vocab = torch.arange(values.shape[-1], device=values.device)[None, :]
-    in_top_k = (draft.top_k[:, None] == 0) | (vocab < draft.top_k[:, None])
-    log_total = values.masked_fill(~in_top_k, -torch.inf).logsumexp(dim=-1, keepdim=True)
-    resampled = _filtered_draw(values, ids, log_total, draft.top_k, draft.top_p, draft.u)[0]
-    return torch.where(draft.needs_sort, resampled, draft.tokens).tolist()
+    d = draft[rows]
+    values, ids = d.scaled.sort(dim=-1, descending=True)
+    ranks = torch.arange(values.shape[-1], device=values.device)
+    e = (values - values[:, :1]).exp() * ((d.top_k[:, None] == 0) | (ranks < d.top_k[:, None]))
+    resampled = _filtered_draw(e, ids, e.sum(dim=-1, keepdim=True), d.top_p, d.u)[0].tolist()
+    tokens = list(tokens)  # not the fetch's own list: the engine compares the two
+    for row, token in zip(rows, resampled):
+        tokens[row] = token
+    return tokens
 
 
 def sample(

@@ -490,7 +490,7 @@ async def test_overlapped_steps_stream_exactly_what_step_by_step_streams(tiny, r
         ("hi", SamplingParams(max_tokens=30, temperature=0)),
         ("a longer prompt, over one chunk of sixteen tokens", SamplingParams(max_tokens=17, temperature=0.8, top_p=0.9, seed=1)),
         ("sorted", SamplingParams(max_tokens=40, temperature=1.5, top_k=CANDIDATES + 36, seed=2)),
-        ("stops", SamplingParams(max_tokens=40, temperature=0.9, seed=3, stop=("e",))),
+        ("stops", SamplingParams(max_tokens=40, temperature=0.9, seed=3, stop=("e", "a", "o"))),
         ("penalty", SamplingParams(max_tokens=25, temperature=0.7, top_p=0.9, repeat_penalty=1.3, seed=4)),
         ("late", SamplingParams(max_tokens=12, temperature=0)),
     ]

@@ -79,12 +79,15 @@ async def test_greedy_matches_transformers_on_the_gpu_with_cuda_graphs(loaded):
 
 
 async def test_cuda_graphs_change_no_token_and_a_request_alone_equals_it_in_company(loaded):
+    # Greedy rows, some with the repeat penalty (the original's clients send it at temperature
+    # 0 too): the graphs' two greedy sampler variants.
+    params = [GREEDY, SamplingParams(**{**GREEDY.__dict__, "repeat_penalty": 1.3})] * (len(PROMPTS) // 2 + 1)
     results = {}
     for graphs in (True, False):
         engine = engine_for(loaded, cuda_graphs=graphs)
         try:
-            together = await asyncio.gather(*(answer(engine, ids(loaded, p)) for p in PROMPTS))
-            alone = [await answer(engine, ids(loaded, p)) for p in PROMPTS]
+            together = await asyncio.gather(*(answer(engine, ids(loaded, p), q) for p, q in zip(PROMPTS, params)))
+            alone = [await answer(engine, ids(loaded, p), q) for p, q in zip(PROMPTS, params)]
         finally:
             engine.shutdown()
         assert together == alone

@@ -5,7 +5,7 @@ import torch
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from deployments.engine import sampler
-from deployments.engine.sampler import Needs, SlotSampling, StepRows, apply_repeat_penalty, sample, uniform
+from deployments.engine.sampler import Needs, SlotSampling, StepRows, apply_repeat_penalty, sample, seed_key, uniform
 from deployments.engine.sampling import SamplingParams
 
 NO_EOS = torch.tensor([], dtype=torch.long)
@@ -17,10 +17,10 @@ def sample_rows(
 ) -> list[int]:
     """One step over rows 0..B-1 of a fresh table: row i samples logits[i] under params[i]."""
     rows = len(params)
-    table = SlotSampling.empty(rows, logits.device)
+    positions = positions or [prompt_tokens - 1] * rows
+    table = SlotSampling.empty(rows, max(positions) + 1, logits.device)
     for slot, (p, seed) in enumerate(zip(params, seeds)):
         table.set(slot, p, seed, prompt_tokens)
-    positions = positions or [prompt_tokens - 1] * rows
     history = history if history is not None else torch.zeros(rows, max(positions) + 1, dtype=torch.long)
     step = StepRows(torch.arange(rows), torch.tensor(positions), Needs.of(params))
     return sample(logits.clone(), step, table, history, eos_ids)
@@ -95,15 +95,42 @@ def test_a_seeded_row_draws_the_same_alone_and_among_others():
     assert together[1] == int(logits[1].argmax())
 
 
+def test_skipping_what_no_row_needs_changes_no_draw():
+    torch.manual_seed(4)
+    logits = torch.randn(5, 300) * 2
+    history = logits.topk(12).indices.flip(1)  # the likeliest tokens were the last ones: the penalty bites
+    params = [
+        SamplingParams(temperature=0, repeat_penalty=1.0),
+        SamplingParams(temperature=0, repeat_penalty=3.0, repeat_last_n=6),
+        SamplingParams(temperature=0.7, top_p=0.9, repeat_penalty=3.0),
+        SamplingParams(temperature=0.9, top_k=7, repeat_penalty=1.0),
+        SamplingParams(temperature=0.7, repeat_penalty=1.0),
+    ]
+    def tokens(rows: list[int], needs: Needs | None) -> list[int]:
+        chosen = [params[r] for r in rows]
+        table = SlotSampling.empty(len(rows), 12, logits.device)
+        for slot, p in enumerate(chosen):
+            table.set(slot, p, slot, 3)
+        step = StepRows(torch.arange(len(rows)), torch.full((len(rows),), 11), needs or Needs.of(chosen))
+        return sample(logits[rows].clone(), step, table, history[rows], NO_EOS)
+
+    for rows in ([0], [0, 1], [2, 3], [0, 2], [4], [1, 2, 3, 4]):
+        assert tokens(rows, None) == tokens(rows, Needs())
+
+
 def test_uniform_is_a_pure_function_of_seed_and_step():
-    seeds = torch.tensor([0, 1, 2**63 - 1, 0])
+    keys = torch.tensor([seed_key(seed) for seed in (0, 1, 2**63 - 1, 0)])
     steps = torch.tensor([0, 0, 5, 1])
-    u = uniform(seeds, steps)
-    assert torch.equal(u, uniform(seeds, steps))
+    u = uniform(keys, steps)
+    assert torch.equal(u, uniform(keys, steps))
     assert ((u > 0) & (u < 1)).all()
     assert len(set(u.tolist())) == 4
-    many = uniform(torch.arange(100_000), torch.zeros(100_000, dtype=torch.long))
-    assert abs(float(many.mean()) - 0.5) < 0.01 and abs(float(many.var()) - 1 / 12) < 0.003
+    across_seeds = uniform(torch.tensor([seed_key(seed) for seed in range(100_000)]), torch.zeros(100_000, dtype=torch.long))
+    along_steps = uniform(torch.full((100_000,), seed_key(7)), torch.arange(100_000))
+    for many in (across_seeds, along_steps):
+        assert abs(float(many.mean()) - 0.5) < 0.01 and abs(float(many.var()) - 1 / 12) < 0.003
+    # Consecutive draws of one request are unrelated.
+    assert abs(float(torch.corrcoef(torch.stack([along_steps[:-1], along_steps[1:]]))[0, 1])) < 0.02
 
 
 def test_greedy_rows_take_the_argmax_and_eos_is_suppressed_before_min_tokens():
@@ -123,3 +150,25 @@ def test_repeat_penalty_divides_positive_and_multiplies_negative_logits_in_the_w
     history = torch.tensor([[2, 0, 1, 1, 3]])  # positions 0..4; the window of 3 at position 3 is 0, 1, 1
     apply_repeat_penalty(logits, history, torch.tensor([3]), torch.tensor([2.0]), torch.tensor([3]))
     assert logits.tolist() == [[1.0, -4.0, 2.0, -2.0, 1.0]]
+
+
+def penalized_one_by_one(logits, history, positions, penalties, windows):
+    """The original's loop: each distinct token of the window, once."""
+    out = logits.clone()
+    for row, (position, penalty, last_n) in enumerate(zip(positions, penalties, windows)):
+        for token in set(history[row, max(position - last_n + 1, 0) : position + 1].tolist()) if last_n else ():
+            logit, factor = logits[row, token], torch.tensor(penalty)  # float32 arithmetic, as the engine's
+            out[row, token] = logit / factor if logit > 0 else logit * factor
+    return out
+
+
+def test_repeat_penalty_equals_the_originals_loop_for_any_window_and_penalty():
+    torch.manual_seed(3)
+    vocab, width = 50, 40
+    logits = torch.randn(6, vocab) * 3
+    history = torch.randint(0, 12, (6, width))  # few distinct ids: many repeats, inside and outside each window
+    positions, penalties, windows = [39, 10, 0, 25, 39, 5], [1.3, 0.5, 2.0, 1.1, 1.0, 3.0], [64, 4, 1, 0, 7, 6]
+    expected = penalized_one_by_one(logits, history, positions, penalties, windows)
+    got = logits.clone()
+    apply_repeat_penalty(got, history, torch.tensor(positions), torch.tensor(penalties), torch.tensor(windows))
+    assert torch.equal(got, expected)
