@@ -594,22 +594,36 @@ def forward(
 ) -> torch.Tensor:
     """Runs one step, writing every token's K/V into the cache; returns fp32 logits
     [len(batch.logit_rows), vocab]."""
-    rotation = rope[batch.positions]
     n = len(batch.token_ids)
     q_size, kv_size = w.n_heads * w.head_dim, w.n_kv_heads * w.head_dim
     biases = attention_biases(batch, w.dtype)
-    write_index = cache.write_index(batch.slots, batch.positions, w.n_kv_heads)
     cache.record_tokens(batch.slots, batch.positions, batch.token_ids)
     x = w.embed[batch.token_ids]  # [N, hidden]
+    if x.is_cuda:  # Triton kernels for the small ops (see `fused_layer_ops`)
+        from deployments.engine.fused_layer_ops import rope_and_cache_write, silu_and_mul
+
+        def queries(i: int, qkv: torch.Tensor) -> torch.Tensor:
+            return rope_and_cache_write(qkv, rope, batch.positions, batch.slots, cache.k[i], cache.v[i], w.n_heads, w.n_kv_heads)
+
+        gated = silu_and_mul
+    else:
+        rotation = rope[batch.positions]
+        write_index = cache.write_index(batch.slots, batch.positions, w.n_kv_heads)
+
+        def queries(i: int, qkv: torch.Tensor) -> torch.Tensor:
+            """RoPE on the queries and keys (side by side, one call); keys and values into the cache."""
+            qk = apply_rope(qkv[:, : q_size + kv_size].reshape(n, w.n_heads + w.n_kv_heads, w.head_dim), rotation)
+            cache.update(i, write_index, qk[:, w.n_heads :], qkv[:, q_size + kv_size :].reshape(n, w.n_kv_heads, w.head_dim))
+            return qk[:, : w.n_heads]
+
+        def gated(gate_up: torch.Tensor) -> torch.Tensor:
+            gate, up = gate_up.chunk(2, dim=-1)
+            return F.silu(gate) * up
+
     for i, layer in enumerate(w.layers):
-        qkv = normed_linear(layer.qkv_proj, x, layer.input_norm, w.rms_norm_eps)
-        # q and k heads side by side get RoPE in one call.
-        qk = apply_rope(qkv[:, : q_size + kv_size].reshape(n, w.n_heads + w.n_kv_heads, w.head_dim), rotation)
-        q, k = qk[:, : w.n_heads], qk[:, w.n_heads :]
-        cache.update(i, write_index, k, qkv[:, q_size + kv_size :].reshape(n, w.n_kv_heads, w.head_dim))
+        q = queries(i, normed_linear(layer.qkv_proj, x, layer.input_norm, w.rms_norm_eps))
         x = x + layer.o_proj(attend(q, cache.k[i], cache.v[i], batch, biases, w))
-        gate, up = normed_linear(layer.gate_up_proj, x, layer.post_attention_norm, w.rms_norm_eps).chunk(2, dim=-1)
-        x = x + layer.down_proj(F.silu(gate) * up)
+        x = x + layer.down_proj(gated(normed_linear(layer.gate_up_proj, x, layer.post_attention_norm, w.rms_norm_eps)))
     # Only the last token of each sequence needs logits; lm_head is the biggest matrix.
     x = rms_norm(x[batch.logit_rows], w.norm, w.rms_norm_eps)
     return w.lm_head(x).float()
