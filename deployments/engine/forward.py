@@ -594,36 +594,42 @@ def forward(
 ) -> torch.Tensor:
     """Runs one step, writing every token's K/V into the cache; returns fp32 logits
     [len(batch.logit_rows), vocab]."""
+    cache.record_tokens(batch.slots, batch.positions, batch.token_ids)
+    x = w.embed[batch.token_ids]  # [N, hidden]
+    # Only the last token of each sequence needs logits; lm_head is the biggest matrix.
+    return w.lm_head(_layers_on_gpu(w, cache, rope, batch, x) if x.is_cuda else _layers(w, cache, rope, batch, x)).float()
+
+
+def _layers(w: LlamaWeights, cache: KVCache, rope: torch.Tensor, batch: StepBatch, x: torch.Tensor) -> torch.Tensor:
+    """The decoder layers in torch ops, then the final norm of the logit rows: [N, hidden] ->
+    [len(logit_rows), hidden]."""
     n = len(batch.token_ids)
     q_size, kv_size = w.n_heads * w.head_dim, w.n_kv_heads * w.head_dim
     biases = attention_biases(batch, w.dtype)
-    cache.record_tokens(batch.slots, batch.positions, batch.token_ids)
-    x = w.embed[batch.token_ids]  # [N, hidden]
-    if x.is_cuda:  # Triton kernels for the small ops (see `fused_layer_ops`)
-        from deployments.engine.fused_layer_ops import rope_and_cache_write, silu_and_mul
-
-        def queries(i: int, qkv: torch.Tensor) -> torch.Tensor:
-            return rope_and_cache_write(qkv, rope, batch.positions, batch.slots, cache.k[i], cache.v[i], w.n_heads, w.n_kv_heads)
-
-        gated = silu_and_mul
-    else:
-        rotation = rope[batch.positions]
-        write_index = cache.write_index(batch.slots, batch.positions, w.n_kv_heads)
-
-        def queries(i: int, qkv: torch.Tensor) -> torch.Tensor:
-            """RoPE on the queries and keys (side by side, one call); keys and values into the cache."""
-            qk = apply_rope(qkv[:, : q_size + kv_size].reshape(n, w.n_heads + w.n_kv_heads, w.head_dim), rotation)
-            cache.update(i, write_index, qk[:, w.n_heads :], qkv[:, q_size + kv_size :].reshape(n, w.n_kv_heads, w.head_dim))
-            return qk[:, : w.n_heads]
-
-        def gated(gate_up: torch.Tensor) -> torch.Tensor:
-            gate, up = gate_up.chunk(2, dim=-1)
-            return F.silu(gate) * up
-
+    rotation = rope[batch.positions]
+    write_index = cache.write_index(batch.slots, batch.positions, w.n_kv_heads)
     for i, layer in enumerate(w.layers):
-        q = queries(i, normed_linear(layer.qkv_proj, x, layer.input_norm, w.rms_norm_eps))
-        x = x + layer.o_proj(attend(q, cache.k[i], cache.v[i], batch, biases, w))
-        x = x + layer.down_proj(gated(normed_linear(layer.gate_up_proj, x, layer.post_attention_norm, w.rms_norm_eps)))
-    # Only the last token of each sequence needs logits; lm_head is the biggest matrix.
-    x = rms_norm(x[batch.logit_rows], w.norm, w.rms_norm_eps)
-    return w.lm_head(x).float()
+        qkv = normed_linear(layer.qkv_proj, x, layer.input_norm, w.rms_norm_eps)
+        # q and k heads side by side get RoPE in one call.
+        qk = apply_rope(qkv[:, : q_size + kv_size].reshape(n, w.n_heads + w.n_kv_heads, w.head_dim), rotation)
+        cache.update(i, write_index, qk[:, w.n_heads :], qkv[:, q_size + kv_size :].reshape(n, w.n_kv_heads, w.head_dim))
+        x = x + layer.o_proj(attend(qk[:, : w.n_heads], cache.k[i], cache.v[i], batch, biases, w))
+        gate, up = normed_linear(layer.gate_up_proj, x, layer.post_attention_norm, w.rms_norm_eps).chunk(2, dim=-1)
+        x = x + layer.down_proj(F.silu(gate) * up)
+    return rms_norm(x[batch.logit_rows], w.norm, w.rms_norm_eps)
+
+
+def _layers_on_gpu(w: LlamaWeights, cache: KVCache, rope: torch.Tensor, batch: StepBatch, x: torch.Tensor) -> torch.Tensor:
+    """`_layers` with a layer's small ops fused into Triton kernels (see `fused_layer_ops`): `h`
+    is the normed residual stream each projection reads, computed with the residual update."""
+    # Imported here: Triton comes with torch's CUDA builds, and the CPU path never needs it.
+    from deployments.engine.fused_layer_ops import add_rms_norm, rope_and_cache_write, silu_and_mul
+
+    biases = attention_biases(batch, w.dtype)
+    h = rms_norm(x, w.layers[0].input_norm, w.rms_norm_eps)
+    norms_after = [layer.input_norm for layer in w.layers[1:]] + [w.norm]  # each layer's output feeds the next norm
+    for i, (layer, next_norm) in enumerate(zip(w.layers, norms_after)):
+        q = rope_and_cache_write(layer.qkv_proj(h), rope, batch.positions, batch.slots, cache.k[i], cache.v[i], w.n_heads, w.n_kv_heads)
+        x, h = add_rms_norm(x, layer.o_proj(attend(q, cache.k[i], cache.v[i], batch, biases, w)), layer.post_attention_norm, w.rms_norm_eps)
+        x, h = add_rms_norm(x, layer.down_proj(silu_and_mul(layer.gate_up_proj(h))), next_norm, w.rms_norm_eps)
+    return h[batch.logit_rows]

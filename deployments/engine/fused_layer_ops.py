@@ -4,7 +4,8 @@ A replayed decode step of a small model costs its kernel launches more than its 
 (SmolLM2 at one row: ~600 kernels, 1.5 ms on an H200). Between the QKV projection and attention,
 torch's ops took 8 kernels a layer (q/k to fp32, the complex multiply, back to bf16, copies of k,
 v and q into contiguous tensors, two `index_copy_` into the cache); `rope_and_cache_write` does it
-in one. `silu_and_mul` does the MLP's gate in one instead of two.
+in one. `silu_and_mul` does the MLP's gate in one instead of two, `add_rms_norm` a residual
+update and the norm after it in one instead of two.
 
 The CPU keeps torch's ops (`forward`): no Triton there. Tests run these kernels on the CPU through
 Triton's interpreter (TRITON_INTERPRET=1) against those ops.
@@ -97,3 +98,34 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = 1024
     _silu_and_mul_kernel[(n_tokens, triton.cdiv(width, block))](gate_up, out, gate_up.stride(0), WIDTH=width, BLOCK=block)
     return out
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    x_ptr, delta_ptr, weight_ptr, sum_ptr, normed_ptr, stride_x, stride_delta, eps,
+    WIDTH: tl.constexpr, BLOCK: tl.constexpr,
+):
+    token = tl.program_id(0)
+    i = tl.arange(0, BLOCK)
+    mask = i < WIDTH
+    x = tl.load(x_ptr + token * stride_x + i, mask=mask, other=0.0)
+    delta = tl.load(delta_ptr + token * stride_delta + i, mask=mask, other=0.0)
+    total = (x.to(tl.float32) + delta.to(tl.float32)).to(x.dtype)  # rounded as torch's x + delta is
+    tl.store(sum_ptr + token * WIDTH + i, total, mask=mask)
+    s = total.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / WIDTH + eps)
+    weight = tl.load(weight_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    tl.store(normed_ptr + token * WIDTH + i, (s * rstd * weight).to(x.dtype), mask=mask)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream's update and the next norm in one kernel: x, delta [N, width] ->
+    (x + delta, rms_norm(x + delta) * weight)."""
+    n_tokens, width = x.shape
+    assert x.stride(1) == 1 and delta.stride(1) == 1
+    total, normed = torch.empty_like(x), torch.empty_like(x)
+    _add_rms_norm_kernel[(n_tokens,)](
+        x, delta, weight, total, normed, x.stride(0), delta.stride(0), eps,
+        WIDTH=width, BLOCK=triton.next_power_of_2(width),
+    )
+    return total, normed
