@@ -227,8 +227,11 @@ def transformers_run(
 
 def fixed_length(tokens: int, sampling: dict | None = None) -> SamplingParams:
     """Exactly `tokens` new tokens (EOS ignored); greedy without a repeat penalty unless
-    `sampling` says otherwise (e.g. ORIGINAL_DEFAULTS)."""
-    return SamplingParams(max_tokens=tokens, min_tokens=tokens, ignore_eos=True, **(sampling or GREEDY))
+    `sampling` says otherwise (e.g. ORIGINAL_DEFAULTS). No min_tokens: ignore_eos alone keeps
+    the length, and min_tokens, which users seldom send, would make a GPU step replay the
+    sampler's every-feature graph (the whole vocabulary's draw and EOS suppression included)
+    instead of the variant their requests get."""
+    return SamplingParams(max_tokens=tokens, ignore_eos=True, **(sampling or GREEDY))
 
 
 GREEDY = {"temperature": 0, "repeat_penalty": 1.0}
@@ -261,12 +264,12 @@ async def http_run(url: str, model: str, batch: int, tokens: int, label: str, sa
     params = fixed_length(tokens, sampling)
     body = {
         "model": model, "messages": [{"role": "user", "content": QUESTION}], "stream": True,
-        "max_tokens": tokens, "min_tokens": tokens, "ignore_eos": True, "temperature": params.temperature,
+        "max_tokens": tokens, "ignore_eos": True, "temperature": params.temperature,
         "top_p": params.top_p, "repetition_penalty": params.repeat_penalty, "stream_options": {"include_usage": True},
     }
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         # Warm-up: the connection, and the replica's prefix cache as for the engine alone.
-        (await client.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2, "min_tokens": 0})).raise_for_status()
+        (await client.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})).raise_for_status()
 
         async def one(index: int, clock: StreamClock) -> int:
             usage = None
