@@ -87,12 +87,15 @@ class SlotSampling:
         else:
             sort_below = p.top_p  # sorts when the candidates hold less than the top-p mass
         penalty = p.repeat_penalty if p.repeat_last_n > 0 else 1.0
-        self.floats[slot] = torch.tensor([p.temperature, p.temperature or 1.0, max(p.top_p, 1e-9), penalty, sort_below])
-        self.ints[slot] = torch.tensor(
-            [p.top_k, p.top_k if fits else k, fits, filtered, p.repeat_last_n, prompt_tokens - 1, p.min_tokens]
-        )
         steps = (torch.arange(self.u.shape[1]) - (prompt_tokens - 1)).clamp(min=0)  # tokens generated before
-        self.u[slot] = uniform(torch.full_like(steps, seed_key(seed)), steps)
+        for table, row in (
+            (self.floats, torch.tensor([p.temperature, p.temperature or 1.0, max(p.top_p, 1e-9), penalty, sort_below])),
+            (self.ints, torch.tensor([p.top_k, p.top_k if fits else k, fits, filtered, p.repeat_last_n, prompt_tokens - 1, p.min_tokens])),
+            (self.u, uniform(torch.full_like(steps, seed_key(seed)), steps)),
+        ):
+            # From pinned memory, without waiting: a copy from pageable memory would wait for
+            # every step queued on the GPU (the engine queues steps ahead, see `batched`).
+            table[slot].copy_(row.pin_memory() if table.is_cuda else row, non_blocking=True)
 
     def rows(self, slots: torch.Tensor, positions: torch.Tensor) -> _RowSettings:
         temperature, divisor, top_p, penalty, sort_below = self.floats[slots].unbind(1)
