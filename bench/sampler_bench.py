@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deployments.engine import sampler  # noqa: E402
-from deployments.engine.cuda_graphs import VARIANTS  # noqa: E402
+from deployments.engine.cuda_graphs import variant_for  # noqa: E402
 from deployments.engine.sampling import SamplingParams  # noqa: E402
 
 SETTINGS = {
@@ -55,7 +55,7 @@ class Case:
             self.table.set(slot, params, slot, 100)
         needs = module.Needs.of([params])  # an eager step skips what its rows do not need
         if device.type == "cuda":  # a replayed step runs the first graph variant that covers them
-            needs = next(module.Needs(*astuple(v)) for v in VARIANTS if module.Needs(*astuple(v)).covers(needs))
+            needs = module.Needs(*astuple(variant_for(sampler.Needs(*astuple(needs)))))
         positions = torch.full((batch,), 100 + batch % 50, device=device)
         self.rows = module.StepRows(torch.arange(batch, device=device), positions, needs)
         self.eos = torch.tensor([2], device=device)

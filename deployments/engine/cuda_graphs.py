@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 # The sampling variants captured per bucket, cheapest first; a step replays the first that covers
 # its rows' needs (H200, us per step at 1 / 256 rows, measured by bench/sampler_bench.py: greedy
-# 24 / 45, the original's defaults ~200 / ~600). Greedy rows skip the sampler but the repeat
+# 26 / 47, greedy with the penalty 55 / 98, the original's defaults 139 / 500). Greedy rows skip the sampler but the repeat
 # penalty (which the original's clients send with temperature 0 too) and EOS suppression before
 # min_tokens; rows that all filter (top-p or top-k: the original's defaults) skip the draw over
 # the whole vocabulary in id order and EOS suppression.
@@ -47,6 +47,12 @@ VARIANTS = (
     Needs(unfiltered=False, min_tokens=False),
     Needs(),
 )
+
+
+def variant_for(needs: Needs) -> Needs:
+    """The cheapest captured variant that does all that rows needing `needs` need."""
+    return next(v for v in VARIANTS if v.covers(needs))
+
 
 # One decode row: (slot, position, token id, previous row). previous row >= 0: the token is the
 # one the step before drafted in that row, read on the device (the host has not seen it yet,
@@ -122,7 +128,7 @@ class DecodeGraphs:
         The draft lives in the graph's output, which the next replay overwrites."""
         size = self.bucket(len(rows))
         assert size is not None, f"{len(rows)} rows exceed the largest CUDA graph ({self.sizes[-1]})"
-        variant = next(v for v in VARIANTS if v.covers(needs))
+        variant = variant_for(needs)
         # A new pinned buffer each step: the previous step's copy may not have run yet (the
         # engine queues a step before the one before it has finished), and torch's pinned
         # allocator reuses a buffer only once the copies that read it are done.

@@ -79,18 +79,17 @@ class SlotSampling:
         """At admission: the request in cache row `slot` samples under `params`."""
         p, k = params, CANDIDATES
         fits = 0 < p.top_k <= k  # the top-k set lies among the candidates
-        filtered = p.top_k > 0 or p.top_p < 1.0
-        if p.is_greedy or not filtered or fits:
+        if p.is_greedy or not p.is_filtered or fits:
             sort_below = -1.0  # never sorts
         elif p.top_k > k:
             sort_below = 2.0  # always sorts
         else:
             sort_below = p.top_p  # sorts when the candidates hold less than the top-p mass
-        penalty = p.repeat_penalty if p.repeat_last_n > 0 else 1.0
+        penalty = p.repeat_penalty if p.penalizes else 1.0
         steps = (torch.arange(self.u.shape[1]) - (prompt_tokens - 1)).clamp(min=0)  # tokens generated before
         for table, row in (
             (self.floats, torch.tensor([p.temperature, p.temperature or 1.0, max(p.top_p, 1e-9), penalty, sort_below])),
-            (self.ints, torch.tensor([p.top_k, p.top_k if fits else k, fits, filtered, p.repeat_last_n, prompt_tokens - 1, p.min_tokens])),
+            (self.ints, torch.tensor([p.top_k, p.top_k if fits else k, fits, p.is_filtered, p.repeat_last_n, prompt_tokens - 1, p.min_tokens])),
             (self.u, uniform(torch.full_like(steps, seed_key(seed)), steps)),
         ):
             # From pinned memory, without waiting: a copy from pageable memory would wait for
@@ -141,8 +140,8 @@ class Needs:
         params = list(params)
         return cls(
             sampled=any(not p.is_greedy for p in params),
-            unfiltered=any(not p.is_greedy and p.top_k == 0 and p.top_p >= 1.0 for p in params),
-            penalty=any(p.repeat_penalty != 1.0 and p.repeat_last_n > 0 for p in params),
+            unfiltered=any(not p.is_greedy and not p.is_filtered for p in params),
+            penalty=any(p.penalizes for p in params),
             min_tokens=any(p.min_tokens > 0 for p in params),
         )
 

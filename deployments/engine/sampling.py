@@ -29,3 +29,13 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def is_filtered(self) -> bool:
+        """Top-k or top-p cut the vocabulary (when sampling)."""
+        return self.top_k > 0 or self.top_p < 1.0
+
+    @property
+    def penalizes(self) -> bool:
+        """The repeat penalty changes logits."""
+        return self.repeat_penalty != 1.0 and self.repeat_last_n > 0
