@@ -45,7 +45,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from deployments.engine import cpu_int4  # noqa: E402
+from deployments.engine import cpu_kernels  # noqa: E402
 from deployments.engine.batched import BatchedEngine  # noqa: E402
 from deployments.engine.forward import (  # noqa: E402
     Int4Linear,
@@ -655,7 +655,7 @@ async def main() -> None:
     # engine is alive, so each side gets the CPUs' OpenMP pools to itself (see torch_threads).
     loaded = run_in_fresh_thread(load_model, served_model())
     prompt_ids, question_ids = chat_prompt(loaded, STORY), chat_prompt(loaded, QUESTION)
-    int4_kernel = "ours (AVX2)" if run_in_fresh_thread(cpu_int4.load) else "torch's"
+    int4_kernel = "ours (AVX2)" if run_in_fresh_thread(cpu_kernels.load) else "torch's"
     print(f"SmolLM2-135M, {args.threads} threads, prompt {len(prompt_ids)} tokens, {tokens} new tokens per request, "
           f"int4 kernel: {int4_kernel}\n")
     for fmt in filter(None, args.formats.split(",")):

@@ -3,11 +3,14 @@
 One call runs one engine step: the decode tokens of every running request plus chunks of
 newcomers' prompts, flattened into one [N, hidden] activation so each weight matrix is read once
 per step (on CPU a step costs about one pass over the weights, whatever N is, until N gets large).
-Only attention is per request. On the CPU, decode rows attend to their cache rows in one
-batched call and each prompt chunk attends causally to its own row, through masks; on a GPU one
-Triton kernel serves every token of the step, each reading its own row up to its own position
-(`cached_attention`), so a step's shapes depend only on its token count (CUDA graphs, see
-`cuda_graphs`).
+Only attention is per request. On the CPU, decode rows attend to their own cache rows (our C
+kernel, `cpu_layer_ops.decode_attention`, or one masked batched call in torch) and each prompt
+chunk attends causally to its own row through a mask; on a GPU one Triton kernel serves every
+token of the step, each reading its own row up to its own position (`cached_attention`), so a
+step's shapes depend only on its token count (CUDA graphs, see `cuda_graphs`). A layer's small
+ops (RoPE and the cache write, the residual adds with the norms after them, the MLP's gate) come
+from one of three modules with one interface, per device: `fused_layer_ops` (GPU),
+`cpu_layer_ops` (x86 AVX2) or `torch_layer_ops` (see `layer_ops`).
 
 Owns: turning a transformers `LlamaForCausalLM` into `LlamaWeights` (fp32, bf16, fp16, or on the
 CPU int8 with per-token int8 activations, see `Int8Linear`, or int4), RoPE, RMSNorm, attention
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from deployments.engine import cpu_int4
+from deployments.engine import cpu_int4, cpu_kernels, cpu_layer_ops, torch_layer_ops
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.sampler import CANDIDATES
 from deployments.engine.torch_threads import run_in_fresh_thread
@@ -53,6 +56,7 @@ class LlamaWeights:
     n_heads: int
     n_kv_heads: int
     head_dim: int
+    intermediate_size: int  # the MLP's width
     rms_norm_eps: float
     # q/k rows are stored interleaved for RoPE and q is pre-scaled by 1/sqrt(head_dim), see
     # `_attention_layout`.
@@ -135,6 +139,7 @@ def extract_weights(model: PreTrainedModel, weight_format: WeightFormat = "fp32"
         n_heads=config.num_attention_heads,
         n_kv_heads=config.num_key_value_heads,
         head_dim=head_dim,
+        intermediate_size=config.intermediate_size,
         rms_norm_eps=config.rms_norm_eps,
         inv_freq=inner.rotary_emb.inv_freq.detach().float(),
         rope_scaling=float(inner.rotary_emb.attention_scaling),
@@ -266,12 +271,12 @@ class Int4Linear(nn.Module):
     GGUF's Q4_1. The packaged SmolLM2's linear layers are Q4_1, so this holds their values again
     in an eighth of fp32's bytes: perplexity 8.07 vs fp32 8.03 on bench/engine_bench.py's text.
 
-    Two kernels, chosen once per process (`cpu_int4.load`): on x86 with AVX2 our own
+    Two kernels, chosen once per process (`cpu_kernels.load`): on x86 with AVX2 our own
     (`int4_avx2.c`: int16 activations per group of 32, integer dot products, fp16 scales), else
     torch's (bf16 activations: torch's CPU int4 kernel runs at full speed only with them, fp32
-    was 25x slower). Either way a row's result never depends on the other rows. Ours is 1.2-1.4x
-    torch's at 1-4 rows and ahead up to 64 (`cpu_int4`). Both unpack the weights per step, so
-    past a few rows `Int8Linear` is faster where the CPU has VNNI.
+    was 25x slower). Either way a row's result never depends on the other rows. Ours is 1.6-2.2x
+    torch's from 1 to 64 rows (`cpu_int4`). Both unpack the weights per step, so past a few rows
+    `Int8Linear` may be faster where the CPU has VNNI.
     """
 
     GROUP = 32
@@ -291,7 +296,7 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 weights need in_features divisible by {self.GROUP} and out_features by 16, "
                              f"not {self.in_features} and {self.out_features}")
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
-        self._kernel = cpu_int4.load()
+        self._kernel = cpu_kernels.load()
         if self._kernel is not None:
             codes, scales, minimums = cpu_int4.pack(weight)
             self.register_buffer("codes", codes)
@@ -312,15 +317,12 @@ class Int4Linear(nn.Module):
         """Whether both int4 kernels take `linear`'s shape."""
         return linear.in_features % cls.GROUP == 0 and linear.out_features % 16 == 0
 
-    def forward(self, x: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
-        """x [..., in_features] fp32 -> [..., out_features] fp32; of RMSNorm(x) with `norm`'s
-        (weight, eps), fused into our kernel."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] fp32 -> [..., out_features] fp32."""
         rows = x.reshape(-1, self.in_features)
         if self._kernel is not None:
-            out = cpu_int4.matmul(self._kernel, rows, self.codes, self.scales, self.minimums, self.bias, norm)
+            out = cpu_int4.matmul(self._kernel, rows, self.codes, self.scales, self.minimums, self.bias)
         else:
-            if norm is not None:
-                rows = rms_norm(rows, *norm)
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 rows.to(torch.bfloat16), self.packed, self.GROUP, self.scales_and_zeros
             ).float()
@@ -503,20 +505,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
-def normed_linear(linear: nn.Module, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`linear(rms_norm(x, weight, eps))`. An `Int4Linear` normalizes inside its kernel: as
-    torch ops the norm took ~60 us a call at one row, 3.8 ms of a ~25 ms SmolLM2 step."""
-    if isinstance(linear, Int4Linear):
-        return linear(x, norm=(weight, eps))
-    return linear(rms_norm(x, weight, eps))
-
-
-def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """x [N, heads, head_dim] in the interleaved layout; rotation [N, head_dim // 2] complex."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * rotation[:, None, :]).flatten(2).to(x.dtype)
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """q [b, n_kv_heads, m, head_dim] over k/v [b, n_kv_heads, keys, head_dim] (strided views
     of the cache), bias broadcastable to [b, n_kv_heads, m, keys] (0 or -inf). Two bmm calls
@@ -543,9 +531,25 @@ def attention_biases(batch: StepBatch, dtype: torch.dtype) -> tuple[torch.Tensor
 CHUNK_QUERY_BLOCK = 128
 
 
+def layer_ops(w: LlamaWeights, x: torch.Tensor):
+    """The module with a layer's small ops for `w`'s residual stream x [N, hidden]: Triton
+    kernels on a GPU, our C kernels on an x86 AVX2 CPU in fp32 (widths in whole 8-float vectors),
+    else torch's ops. A function of the model, device and dtype only, so every step of a model
+    takes the same ops: a request's tokens never depend on which other requests share its step."""
+    if x.is_cuda:
+        # Imported here: Triton comes with torch's CUDA builds, and the CPU path never needs it.
+        from deployments.engine import fused_layer_ops
+
+        return fused_layer_ops
+    widths = (w.head_dim, x.shape[-1], w.intermediate_size)
+    if x.device.type == "cpu" and x.dtype == torch.float32 and all(n % 8 == 0 for n in widths) and cpu_kernels.load() is not None:
+        return cpu_layer_ops
+    return torch_layer_ops
+
+
 def attend(
     q: torch.Tensor, layer_k: torch.Tensor, layer_v: torch.Tensor, batch: StepBatch,
-    biases: tuple[torch.Tensor | None, list[torch.Tensor]], w: LlamaWeights,
+    biases: tuple[torch.Tensor | None, list[torch.Tensor]], w: LlamaWeights, ops,
 ) -> torch.Tensor:
     """q [N, n_heads, head_dim] -> [N, n_heads * head_dim]. Grouped-query attention without
     copying K/V: each KV head's query group is folded into the query-length dimension."""
@@ -561,7 +565,10 @@ def attend(
     assert batch.decode_slots is not None
     outputs = []
     n_decode = len(batch.decode_slots)
-    if n_decode:
+    if n_decode and ops is cpu_layer_ops:
+        out = cpu_layer_ops.decode_attention(q[:n_decode], layer_k, layer_v, batch.decode_slots, batch.positions[:n_decode])
+        outputs.append(out.reshape(n_decode, -1))
+    elif n_decode:
         assert decode_bias is not None
         rows, keys = decode_bias.shape[0], decode_bias.shape[-1]
         q_decode = q[:n_decode].reshape(n_decode, n_kv, groups, head_dim)
@@ -597,39 +604,18 @@ def forward(
     cache.record_tokens(batch.slots, batch.positions, batch.token_ids)
     x = w.embed[batch.token_ids]  # [N, hidden]
     # Only the last token of each sequence needs logits; lm_head is the biggest matrix.
-    return w.lm_head(_layers_on_gpu(w, cache, rope, batch, x) if x.is_cuda else _layers(w, cache, rope, batch, x)).float()
+    return w.lm_head(_layers(w, cache, rope, batch, x, layer_ops(w, x))).float()
 
 
-def _layers(w: LlamaWeights, cache: KVCache, rope: torch.Tensor, batch: StepBatch, x: torch.Tensor) -> torch.Tensor:
-    """The decoder layers in torch ops, then the final norm of the logit rows: [N, hidden] ->
-    [len(logit_rows), hidden]."""
-    n = len(batch.token_ids)
-    q_size, kv_size = w.n_heads * w.head_dim, w.n_kv_heads * w.head_dim
-    biases = attention_biases(batch, w.dtype)
-    rotation = rope[batch.positions]
-    write_index = cache.write_index(batch.slots, batch.positions, w.n_kv_heads)
-    for i, layer in enumerate(w.layers):
-        qkv = normed_linear(layer.qkv_proj, x, layer.input_norm, w.rms_norm_eps)
-        # q and k heads side by side get RoPE in one call.
-        qk = apply_rope(qkv[:, : q_size + kv_size].reshape(n, w.n_heads + w.n_kv_heads, w.head_dim), rotation)
-        cache.update(i, write_index, qk[:, w.n_heads :], qkv[:, q_size + kv_size :].reshape(n, w.n_kv_heads, w.head_dim))
-        x = x + layer.o_proj(attend(qk[:, : w.n_heads], cache.k[i], cache.v[i], batch, biases, w))
-        gate, up = normed_linear(layer.gate_up_proj, x, layer.post_attention_norm, w.rms_norm_eps).chunk(2, dim=-1)
-        x = x + layer.down_proj(F.silu(gate) * up)
-    return rms_norm(x[batch.logit_rows], w.norm, w.rms_norm_eps)
-
-
-def _layers_on_gpu(w: LlamaWeights, cache: KVCache, rope: torch.Tensor, batch: StepBatch, x: torch.Tensor) -> torch.Tensor:
-    """`_layers` with a layer's small ops fused into Triton kernels (see `fused_layer_ops`): `h`
-    is the normed residual stream each projection reads, computed with the residual update."""
-    # Imported here: Triton comes with torch's CUDA builds, and the CPU path never needs it.
-    from deployments.engine.fused_layer_ops import add_rms_norm, rope_and_cache_write, silu_and_mul
-
+def _layers(w: LlamaWeights, cache: KVCache, rope: torch.Tensor, batch: StepBatch, x: torch.Tensor, ops) -> torch.Tensor:
+    """The decoder layers with `ops`' small ops (see `layer_ops`), then the final norm: [N,
+    hidden] -> [len(logit_rows), hidden]. `h` is the normed residual stream each projection
+    reads, computed with the residual update."""
     biases = attention_biases(batch, w.dtype)
     h = rms_norm(x, w.layers[0].input_norm, w.rms_norm_eps)
     norms_after = [layer.input_norm for layer in w.layers[1:]] + [w.norm]  # each layer's output feeds the next norm
     for i, (layer, next_norm) in enumerate(zip(w.layers, norms_after)):
-        q = rope_and_cache_write(layer.qkv_proj(h), rope, batch.positions, batch.slots, cache.k[i], cache.v[i], w.n_heads, w.n_kv_heads)
-        x, h = add_rms_norm(x, layer.o_proj(attend(q, cache.k[i], cache.v[i], batch, biases, w)), layer.post_attention_norm, w.rms_norm_eps)
-        x, h = add_rms_norm(x, layer.down_proj(silu_and_mul(layer.gate_up_proj(h))), next_norm, w.rms_norm_eps)
+        q = ops.rope_and_cache_write(layer.qkv_proj(h), rope, batch.positions, batch.slots, cache.k[i], cache.v[i], w.n_heads, w.n_kv_heads)
+        x, h = ops.add_rms_norm(x, layer.o_proj(attend(q, cache.k[i], cache.v[i], batch, biases, w, ops)), layer.post_attention_norm, w.rms_norm_eps)
+        x, h = ops.add_rms_norm(x, layer.down_proj(ops.silu_and_mul(layer.gate_up_proj(h))), next_norm, w.rms_norm_eps)
     return h[batch.logit_rows]

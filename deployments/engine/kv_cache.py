@@ -1,9 +1,10 @@
 """The batched engine's key/value cache: one preallocated tensor pair per layer, one row
 ("slot") per running request, written in place at each token's position (gpt-fast style).
 
-Owns: the storage, its growth, and its writes: `update` (a step's new keys/values),
-`record_tokens` (their token ids) and `copy_positions` (prefix caching). Does not own which
-request holds which slot (the engine does), or attention (see `forward`).
+Owns: the storage, its growth, `record_tokens` (each step's token ids) and `copy_positions`
+(prefix caching). Does not own writing a step's keys/values (each device's `rope_and_cache_write`
+does, see `forward.layer_ops`), which request holds which slot (the engine does), or attention
+(see `forward`).
 """
 
 from __future__ import annotations
@@ -78,20 +79,6 @@ class KVCache:
         tokens[:, : self.tokens.shape[1]] = self.tokens
         self.kv, self.tokens = kv, tokens
         self._split_layers()
-
-    def write_index(self, slots: torch.Tensor, positions: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
-        """Where token i's heads go in a flat [rows * heads * capacity, head_dim] view of every
-        layer's cache: [N * n_kv_heads]. Computed once per step, used by every layer."""
-        heads = torch.arange(n_kv_heads, device=slots.device)
-        return ((slots[:, None] * n_kv_heads + heads) * self.capacity + positions[:, None]).reshape(-1)
-
-    def update(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Writes the step's keys/values ([N, n_kv_heads, head_dim]) at `write_index`'s places."""
-        # index_copy_ into a flat view: several times faster than advanced-index assignment
-        # (cache[slots, :, positions] = k), and this runs twice per layer per step.
-        head_dim = k.shape[-1]
-        self.k[layer].view(-1, head_dim).index_copy_(0, index, k.reshape(-1, head_dim))
-        self.v[layer].view(-1, head_dim).index_copy_(0, index, v.reshape(-1, head_dim))
 
     def record_tokens(self, slots: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor) -> None:
         """Notes which token each of the step's positions holds (for the repeat penalty)."""

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from deployments.engine import cpu_int4
+from deployments.engine import cpu_int4, cpu_kernels
 
 CAN_BUILD = (
     platform.machine().lower() in ("x86_64", "amd64")
@@ -44,7 +44,7 @@ def test_pack_holds_q4_1_weights_exactly():
 @needs_kernel
 def test_the_kernel_is_built_where_it_can_run():
     # A broken build must fail here, not fall back silently to torch's slower kernel.
-    assert cpu_int4.load() is not None
+    assert cpu_kernels.load() is not None
 
 
 @needs_kernel
@@ -57,7 +57,7 @@ def test_the_kernel_computes_its_reference_arithmetic(in_features):
     x[2] *= 100  # an outlier row keeps its own scales
     x[4, :40] = 0  # an all-zero group
     codes, scales, minimums = cpu_int4.pack(weight)
-    out = cpu_int4.matmul(cpu_int4.load(), x, codes, scales, minimums, bias)
+    out = cpu_int4.matmul(cpu_kernels.load(), x, codes, scales, minimums, bias)
     torch.testing.assert_close(out, reference_matmul(x, weight) + bias, rtol=1e-5, atol=1e-4)
     # As close to fp32 as bf16 activations get, or closer.
     exact = x @ weight.T + bias
@@ -70,10 +70,10 @@ def test_a_rows_result_does_not_depend_on_the_other_rows():
     weight = q4_1_weight(64, 576)
     packed = cpu_int4.pack(weight)
     x = torch.randn(19, 576)
-    together = cpu_int4.matmul(cpu_int4.load(), x, *packed, None)
-    alone = torch.cat([cpu_int4.matmul(cpu_int4.load(), x[i : i + 1], *packed, None) for i in range(19)])
+    together = cpu_int4.matmul(cpu_kernels.load(), x, *packed, None)
+    alone = torch.cat([cpu_int4.matmul(cpu_kernels.load(), x[i : i + 1], *packed, None) for i in range(19)])
     assert torch.equal(together, alone)
-    assert cpu_int4.matmul(cpu_int4.load(), x[:0], *packed, None).shape == (0, 64)
+    assert cpu_int4.matmul(cpu_kernels.load(), x[:0], *packed, None).shape == (0, 64)
 
 
 @needs_kernel
@@ -83,18 +83,5 @@ def test_the_sums_are_exact_at_the_extremes():
     weight[:, ::32] = 0  # each group spans 0..15: scale 1, minimum 0
     x = torch.ones(2, 64)
     x[1] = -1.0
-    out = cpu_int4.matmul(cpu_int4.load(), x, *cpu_int4.pack(weight), None)
+    out = cpu_int4.matmul(cpu_kernels.load(), x, *cpu_int4.pack(weight), None)
     assert torch.equal(out, torch.tensor([[62 * 15.0] * 16, [-62 * 15.0] * 16]))
-
-
-@needs_kernel
-def test_the_kernel_can_normalize_its_input_first():
-    # RMSNorm fused into the matmul: the same as normalizing with torch, then multiplying.
-    torch.manual_seed(2)
-    weight = q4_1_weight(64, 576)
-    norm_weight = torch.rand(576) + 0.5
-    x = torch.randn(5, 576)
-    x[3] *= 50
-    out = cpu_int4.matmul(cpu_int4.load(), x, *cpu_int4.pack(weight), None, norm=(norm_weight, 1e-5))
-    normed = torch.nn.functional.rms_norm(x, (576,), norm_weight, 1e-5)
-    torch.testing.assert_close(out, reference_matmul(normed, weight), rtol=1e-4, atol=1e-4)
