@@ -40,6 +40,7 @@ SIGNATURES = {
     "decode_attention": (_int, [_pointer] * 3 + [_long] * 3 + [_pointer] * 3 + [_int] * 5),
     "add_rms_norm": (None, [_pointer] * 3 + [_float] + [_pointer] * 2 + [_int] * 3),
     "silu_and_mul": (None, [_pointer] * 2 + [_int] * 3),
+    "decode_layers": (_int, [_pointer, _int] + [_pointer] * 6 + [_long] * 5 + [_int] * 6 + [_float, _int]),
 }
 
 

@@ -10,7 +10,9 @@ token of the step, each reading its own row up to its own position (`cached_atte
 step's shapes depend only on its token count (CUDA graphs, see `cuda_graphs`). A layer's small
 ops (RoPE and the cache write, the residual adds with the norms after them, the MLP's gate) come
 from one of three modules with one interface, per device: `fused_layer_ops` (GPU),
-`cpu_layer_ops` (x86 AVX2) or `torch_layer_ops` (see `layer_ops`).
+`cpu_layer_ops` (x86 AVX2) or `torch_layer_ops` (see `layer_ops`). With int4 weights on x86 AVX2,
+a step of decode rows only runs every layer in one C call (`cpu_layer_ops.decode_layers`), to
+the bit what the layer loop gives.
 
 Owns: turning a transformers `LlamaForCausalLM` into `LlamaWeights` (fp32, bf16, fp16, or on the
 CPU int8 with per-token int8 activations, see `Int8Linear`, or int4), RoPE, RMSNorm, attention
@@ -20,6 +22,7 @@ Does not own scheduling or sampling (see `batched`, `sampler`).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from dataclasses import dataclass, field
 
@@ -63,6 +66,8 @@ class LlamaWeights:
     inv_freq: torch.Tensor  # [head_dim // 2], from the model's own rotary embedding (rope_parameters)
     rope_scaling: float  # transformers' `attention_scaling` (1.0 for default RoPE)
     dtype: torch.dtype  # activations and KV cache
+    # int4 layers on our C kernels: their table for a decode-only step in one call (see `forward`).
+    decode_table: ctypes.Array | None = field(default=None, repr=False, compare=False)
 
     @property
     def linears(self) -> list[nn.Module]:
@@ -147,6 +152,8 @@ def extract_weights(model: PreTrainedModel, weight_format: WeightFormat = "fp32"
     )
     if weight_format in ("int8", "int4"):
         _quantize(weights, Int4Linear if weight_format == "int4" else Int8Linear)
+    if weight_format == "int4" and layer_ops(weights, weights.embed[:1]) is cpu_layer_ops:
+        weights.decode_table = _decode_table(weights)
     return weights
 
 
@@ -312,6 +319,10 @@ class Int4Linear(nn.Module):
         scales_and_zeros = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous()
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16))
 
+    @property
+    def runs_our_kernel(self) -> bool:
+        return self._kernel is not None
+
     @classmethod
     def fits(cls, linear: nn.Linear) -> bool:
         """Whether both int4 kernels take `linear`'s shape."""
@@ -389,6 +400,21 @@ def _quantize(weights: LlamaWeights, layer_linear: type[Int8Linear] | type[Int4L
         raise ValueError(f"lm_head is quantized already ({type(weights.lm_head).__name__})")
     tied = weights.lm_head.weight.shape == weights.embed.shape and torch.equal(weights.lm_head.weight, weights.embed)
     weights.lm_head = quantized_lm_head(weights.lm_head, layer_linear, weights.embed if tied else None)
+
+
+def _decode_table(w: LlamaWeights) -> ctypes.Array | None:
+    """`cpu_layer_ops.decode_layer_table` of `w`'s layers where every linear layer runs on our
+    int4 kernel, else None."""
+    norms_after = [layer.input_norm for layer in w.layers[1:]] + [w.norm]
+    layers = []
+    for layer, next_norm in zip(w.layers, norms_after):
+        buffers: list[cpu_layer_ops.Int4Buffers] = []
+        for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+            if not (isinstance(linear, Int4Linear) and linear.runs_our_kernel):
+                return None
+            buffers.append((linear.codes, linear.scales, linear.minimums, linear.bias))
+        layers.append((buffers, layer.post_attention_norm, next_norm))
+    return cpu_layer_ops.decode_layer_table(layers)
 
 
 def quantized_lm_head(
@@ -603,8 +629,17 @@ def forward(
     [len(batch.logit_rows), vocab]."""
     cache.record_tokens(batch.slots, batch.positions, batch.token_ids)
     x = w.embed[batch.token_ids]  # [N, hidden]
+    ops = layer_ops(w, x)
+    if w.decode_table is not None and ops is cpu_layer_ops and not batch.chunks:
+        # Decode rows only, int4 on our kernels: every layer in one C call, the same numbers.
+        h = rms_norm(x, w.layers[0].input_norm, w.rms_norm_eps)
+        normed = cpu_layer_ops.decode_layers(
+            w.decode_table, x, h, rope, batch.positions, batch.slots, cache.kv, w.n_heads, w.intermediate_size, w.rms_norm_eps,
+        )
+    else:
+        normed = _layers(w, cache, rope, batch, x, ops)
     # Only the last token of each sequence needs logits; lm_head is the biggest matrix.
-    return w.lm_head(_layers(w, cache, rope, batch, x, layer_ops(w, x))).float()
+    return w.lm_head(normed).float()
 
 
 def _layers(w: LlamaWeights, cache: KVCache, rope: torch.Tensor, batch: StepBatch, x: torch.Tensor, ops) -> torch.Tensor:

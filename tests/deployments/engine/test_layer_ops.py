@@ -162,3 +162,35 @@ def test_the_model_takes_our_c_kernels_where_they_run():
     expected = cpu_layer_ops if cpu_kernels.load() is not None else torch_layer_ops
     assert layer_ops(w, x) is expected
     assert layer_ops(w, x.bfloat16()) is torch_layer_ops  # the C kernels are fp32 only
+
+
+def test_a_decode_step_in_one_c_call_gives_the_layer_loops_numbers_to_the_bit():
+    """`cpu_layer_ops.decode_layers` (every layer of a decode-only int4 step in one call) against
+    `_layers` with `cpu_layer_ops`, which serves the steps with prompt chunks: a request's tokens
+    must not depend on whether another request was prefilling in its step."""
+    ops_module("cpu_layer_ops")
+    model, _ = build_tiny_random_model()
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if "norm" in parameter_name:
+                parameter.uniform_(0.5, 1.5)
+    w = extract_weights(model.eval(), "int4")
+    assert w.decode_table is not None
+    rope, groups = rope_table(w, 64), w.n_heads // w.n_kv_heads
+    prompts = {slot: torch.randint(0, 259, (length,)).tolist() for slot, length in ((0, 9), (1, 3), (3, 20))}
+    caches = [KVCache(len(w.layers), 4, w.n_kv_heads, 64, w.head_dim, w.dtype) for _ in range(2)]
+    decode = [(slot, len(ids), 7 + slot) for slot, ids in prompts.items()]  # rows 0, 1, 3: slot 2 free
+    step = build_step(decode, [], groups)
+    with torch.inference_mode():
+        for cache in caches:
+            for slot, ids in prompts.items():
+                prefill = build_step([], [(PromptChunk(slot, 0, len(ids), True), ids)], groups)
+                _layers(w, cache, rope, prefill, w.embed[prefill.token_ids], cpu_layer_ops)
+        theirs = _layers(w, caches[0], rope, step, w.embed[step.token_ids], cpu_layer_ops)
+        x = w.embed[step.token_ids]
+        ours = cpu_layer_ops.decode_layers(
+            w.decode_table, x, rms_norm(x, w.layers[0].input_norm, w.rms_norm_eps), rope, step.positions, step.slots,
+            caches[1].kv, w.n_heads, w.intermediate_size, w.rms_norm_eps,
+        )
+    assert torch.equal(ours, theirs) and ours.abs().sum() > 0
+    assert torch.equal(caches[1].kv, caches[0].kv)
