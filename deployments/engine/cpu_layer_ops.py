@@ -25,6 +25,11 @@ def _kernels() -> ctypes.CDLL:
     return library
 
 
+def _check_places(positions: torch.Tensor, slots: torch.Tensor) -> None:
+    """The kernels read these as int64 arrays: anything else would be read as garbage."""
+    assert positions.dtype == slots.dtype == torch.int64 and positions.is_contiguous() and slots.is_contiguous()
+
+
 def _cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and k_cache.dtype == torch.float32
     return k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)
@@ -39,6 +44,7 @@ def rope_and_cache_write(
     of k/v_cache [rows, n_kv_heads, capacity, head_dim]. rope: complex64 [context, head_dim // 2]."""
     n_tokens, head_dim = len(qkv), qkv.shape[1] // (n_heads + 2 * n_kv_heads)
     assert qkv.stride(1) == 1 and qkv.dtype == torch.float32
+    _check_places(positions, slots)
     q = qkv.new_empty(n_tokens, n_heads, head_dim)
     table = torch.view_as_real(rope)  # [context, head_dim // 2, 2]: cos, sin (times the scaling)
     assert table.is_contiguous()
@@ -57,6 +63,7 @@ def decode_attention(
     positions 0..positions[i] of row slots[i] of k/v_cache [rows, n_kv_heads, capacity, head_dim],
     its own keys only. Returns [n, n_heads, head_dim]."""
     n_tokens, n_heads, head_dim = q.shape
+    _check_places(positions, slots)
     q = q.contiguous()
     out = torch.empty_like(q)
     if n_tokens:
@@ -134,8 +141,10 @@ def decode_layers(
     capacity, head_dim] (`KVCache.kv`). Returns the final norm's output [N, hidden] (x and h are
     overwritten). Bit for bit what `forward._layers` gives with these ops."""
     n_tokens, hidden = x.shape
-    assert x.is_contiguous() and h.is_contiguous() and kv.is_contiguous() and kv.dtype == torch.float32
+    assert x.is_contiguous() and h.is_contiguous() and kv.is_contiguous() and x.dtype == h.dtype == kv.dtype == torch.float32
+    _check_places(positions, slots)
     table_rope = torch.view_as_real(rope)
+    assert table_rope.is_contiguous()
     status = _kernels().decode_layers(
         table, len(table), x.data_ptr(), h.data_ptr(), table_rope.data_ptr(), positions.data_ptr(), slots.data_ptr(),
         kv.data_ptr(), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), kv.stride(4),
