@@ -79,10 +79,11 @@ class ModelConfig(_Strict):
     # The batched engine's weight format, converted from the loaded `dtype`. `auto` resolves on
     # the device the replica lands on (the log says what it chose): bf16 on CUDA, fp16 on Apple
     # mps; on the CPU int4 for a packaged GGUF (its Q4_1 values, perplexity 8.07 vs fp32's 8.03,
-    # fastest for 1-8 streams), else int8 where the CPU has VNNI and fp32 where it has not. On a
+    # fastest for 1-16 streams), else int8 where the CPU has VNNI and fp32 where it has not. On a
     # CPU with VNNI, int8 (int8 weights and per-token int8 activations, `forward.Int8Linear`)
-    # ran ~3x fp32's tok/s at a perplexity of 8.31; int4 (`Int4Linear`, groups of 32 like Q4_1)
-    # another ~1.3x for one to eight streams, slower beyond. int8 and int4 are CPU kernels: on a
+    # ran ~3x fp32's tok/s at a perplexity of 8.31. int4 (`Int4Linear`, groups of 32 like Q4_1)
+    # on an AVX2 EPYC: a step 6x int8's speed at 1 row, 1.8x at 16, 0.9x at 64 (int8 there with
+    # 7-bit activations, no VNNI). int8 and int4 are CPU kernels: on a
     # GPU, bf16 or fp16 (or fp32, which matches transformers token for token). `make bench`
     # measures them.
     weights: Literal["auto", WeightFormat] = "auto"

@@ -357,7 +357,9 @@ class RescoredHead(nn.Module):
 
     Measured on this project's 2-core AVX2 EPYC, SmolLM2's head (49,152 x 576), ms at 1 / 4 /
     16 / 64 rows: fp32 13.8 / 31 / 48 / 70; int8 (7-bit) 9.4 / 14.0 / 20.7 / 31; int4 2.8 / 5.3
-    / 20.5 / 79 (`topk` and the gathered fp32 rows add 0.3 ms at 1 row). One format whatever the
+    / 20.5 / 79 (`topk` and the gathered fp32 rows add 0.3 ms at 1 row); int4 with the kernel's
+    later layout (8 outputs to a vector), rescoring included, 1.1-1.4 at 1 row and 9-12 at 16.
+    One format whatever the
     row count, so a row's logits never depend on the other rows in the step. Memory: the
     quantized copy (int4: 18 MB with its scales) next to the fp32 weights, which are the
     embedding table itself when the two are tied (SmolLM2).
