@@ -60,7 +60,10 @@ def test_a_disconnect_frees_the_replica_within_a_second(client):
     conversation_id = client.get("/conversations/start").json()
     stopped_before = metric(client, "chat_turns_total", model=SMOL, status="stopped")
     with client.stream("POST", f"/conversations/{conversation_id}/generate", json=LONG) as response:
-        next(response.iter_raw())
+        # Held until the disconnect: a dropped iterator closes the response when it is collected,
+        # and the answer was then stopped after its first chunk, before a scrape could see it.
+        stream = response.iter_raw()
+        next(stream)
         # The gauge is read from the replica at scrape time; give a busy machine a moment.
         deadline = time.monotonic() + 5
         while metric(client, "chat_active_streams", model=SMOL) != 1:
