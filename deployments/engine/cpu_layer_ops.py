@@ -39,9 +39,7 @@ def rope_and_cache_write(
     qkv: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int,
 ) -> torch.Tensor:
-    """qkv [N, (n_heads + 2 * n_kv_heads) * head_dim] -> the rotated queries [N, n_heads,
-    head_dim]; token i's rotated keys and its values go to position positions[i] of row slots[i]
-    of k/v_cache [rows, n_kv_heads, capacity, head_dim]. rope: complex64 [context, head_dim // 2]."""
+    """`torch_layer_ops.rope_and_cache_write` (same arguments, same result) in one C call."""
     n_tokens, head_dim = len(qkv), qkv.shape[1] // (n_heads + 2 * n_kv_heads)
     assert qkv.stride(1) == 1 and qkv.dtype == torch.float32
     _check_places(positions, slots)
