@@ -70,6 +70,11 @@ class LlamaWeights:
     decode_table: ctypes.Array | None = field(default=None, repr=False, compare=False)
 
     @property
+    def norms_after(self) -> list[torch.Tensor]:
+        """The norm each layer's output feeds: the next layer's input norm, the final norm last."""
+        return [layer.input_norm for layer in self.layers[1:]] + [self.norm]
+
+    @property
     def linears(self) -> list[nn.Module]:
         return [m for layer in self.layers for m in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)] + [
             self.lm_head
@@ -407,9 +412,8 @@ def _quantize(weights: LlamaWeights, layer_linear: type[Int8Linear] | type[Int4L
 def _decode_table(w: LlamaWeights) -> ctypes.Array | None:
     """`cpu_layer_ops.decode_layer_table` of `w`'s layers where every linear layer runs on our
     int4 kernel, else None."""
-    norms_after = [layer.input_norm for layer in w.layers[1:]] + [w.norm]
     layers = []
-    for layer, next_norm in zip(w.layers, norms_after):
+    for layer, next_norm in zip(w.layers, w.norms_after):
         buffers: list[cpu_layer_ops.Int4Buffers] = []
         for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
             if not (isinstance(linear, Int4Linear) and linear.runs_our_kernel):
@@ -650,8 +654,7 @@ def _layers(w: LlamaWeights, cache: KVCache, rope: torch.Tensor, batch: StepBatc
     reads, computed with the residual update."""
     biases = attention_biases(batch, w.dtype)
     h = rms_norm(x, w.layers[0].input_norm, w.rms_norm_eps)
-    norms_after = [layer.input_norm for layer in w.layers[1:]] + [w.norm]  # each layer's output feeds the next norm
-    for i, (layer, next_norm) in enumerate(zip(w.layers, norms_after)):
+    for i, (layer, next_norm) in enumerate(zip(w.layers, w.norms_after)):
         q = ops.rope_and_cache_write(layer.qkv_proj(h), rope, batch.positions, batch.slots, cache.k[i], cache.v[i], w.n_heads, w.n_kv_heads)
         x, h = ops.add_rms_norm(x, layer.o_proj(attend(q, cache.k[i], cache.v[i], batch, biases, w, ops)), layer.post_attention_norm, w.rms_norm_eps)
         x, h = ops.add_rms_norm(x, layer.down_proj(ops.silu_and_mul(layer.gate_up_proj(h))), next_norm, w.rms_norm_eps)

@@ -50,6 +50,17 @@ def close(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
     return torch.allclose(ours.float(), theirs.float(), rtol=tolerance, atol=tolerance)
 
 
+def tiny_model_with_distinct_norms():
+    """The tiny random model with its norm weights randomized: initialized to ones, every norm
+    would look alike, and a norm applied in the wrong place would go unnoticed."""
+    model, _ = build_tiny_random_model()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.uniform_(0.5, 1.5)
+    return model
+
+
 def rope_table_for(head_dim: int, context: int) -> torch.Tensor:
     angles = torch.outer(torch.arange(context, dtype=torch.float32), torch.rand(head_dim // 2))
     return torch.polar(torch.full_like(angles, 1.5), angles).to(DEVICE)
@@ -131,11 +142,7 @@ def test_the_decoder_stack_computes_the_same_with_each_devices_ops(name):
     attention on the CPU, our decode attention with the C kernels), both ways: same hidden
     states, same KV cache."""
     ops = ops_module(name)
-    model, _ = build_tiny_random_model()
-    with torch.no_grad():
-        for parameter_name, parameter in model.named_parameters():
-            if "norm" in parameter_name:  # initialized to ones: every norm would look alike
-                parameter.uniform_(0.5, 1.5)
+    model = tiny_model_with_distinct_norms()
     w = extract_weights(model.to(DEVICE).eval(), "fp32")
     rope, groups = rope_table(w, 64), w.n_heads // w.n_kv_heads
     a, b = torch.randint(0, 259, (9,)).tolist(), torch.randint(0, 259, (5,)).tolist()
@@ -169,11 +176,7 @@ def test_a_decode_step_in_one_c_call_gives_the_layer_loops_numbers_to_the_bit():
     `_layers` with `cpu_layer_ops`, which serves the steps with prompt chunks: a request's tokens
     must not depend on whether another request was prefilling in its step."""
     ops_module("cpu_layer_ops")
-    model, _ = build_tiny_random_model()
-    with torch.no_grad():
-        for parameter_name, parameter in model.named_parameters():
-            if "norm" in parameter_name:
-                parameter.uniform_(0.5, 1.5)
+    model = tiny_model_with_distinct_norms()
     w = extract_weights(model.eval(), "int4")
     assert w.decode_table is not None
     rope, groups = rope_table(w, 64), w.n_heads // w.n_kv_heads
