@@ -240,14 +240,17 @@ ORIGINAL_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "repeat_penalty": 1.1, "r
 
 
 async def engine_run(
-    engine: BatchedEngine, prompt_ids: list[int], batch: int, tokens: int, label: str, sampling: dict | None = None
+    engine: BatchedEngine, prompt_ids: list[int], batch: int, tokens: int, label: str, sampling: dict | None = None,
+    prompts: list[list[int]] | None = None,
 ) -> Run:
+    """`batch` streams of `prompt_ids` at once, or stream i of `prompts[i]`."""
     params = fixed_length(tokens, sampling)
 
     async def one(index: int, clock: StreamClock) -> int:
         seen = 0
         # Stream i samples with seed i, as through HTTP: the same requests, the same answers.
-        async for output in engine.generate(prompt_ids, dataclasses.replace(params, seed=index)):
+        ids = prompts[index] if prompts else prompt_ids
+        async for output in engine.generate(ids, dataclasses.replace(params, seed=index)):
             clock.arrived(output.completion_tokens - seen)
             seen = output.completion_tokens
         assert seen == tokens

@@ -41,7 +41,7 @@ class LLMServer:
                 max_batch_size=config.max_batch_size,
                 max_chunks_per_s=config.resolved_replica_chunks_per_s(self.loaded.device.type),
                 max_stream_chunks_per_s=config.stream_chunks_per_s, cuda_graphs=config.cuda_graphs,
-                gpu_memory_fraction=config.gpu_memory_fraction,
+                gpu_memory_fraction=config.gpu_memory_fraction, prefill_chunk_tokens=config.prefill_chunk_tokens,
             )
             # The engine keeps its own copy of the weights; transformers' (SmolLM2 fp32: 0.5 GB) can go.
             self.loaded = dataclasses.replace(self.loaded, model=None)

@@ -100,6 +100,9 @@ class ModelConfig(_Strict):
     # takes max_batch_size x context, less if that does not fit (the log says so).
     cuda_graphs: bool = True
     gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
+    # Newcomers' prompt tokens one step of the batched engine takes (chunked prefill); None:
+    # 2,048 on a GPU, 256 on a CPU (see `BatchedEngine`).
+    prefill_chunk_tokens: int | None = Field(default=None, gt=0)
     # torch intra-op threads; None means the CPUs given to the replica (`num_cpus`).
     torch_threads: int | None = Field(default=None, gt=0)
     # Ray Serve deployment options, passed through as they are. `autoscaling_config` (Serve's:

@@ -26,7 +26,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +35,7 @@ from deployments.engine.cuda_graphs import DecodeGraphs, DecodeRow
 from deployments.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from deployments.engine.forward import PromptChunk, build_step, extract_weights, fed_token_ids, forward, rope_table
 from deployments.engine.kv_cache import INITIAL_CAPACITY, KVCache
+from deployments.engine.prefix_index import PrefixIndex, common_prefix
 from deployments.engine.protocol import (
     EngineStats,
     FinishReason,
@@ -42,7 +43,7 @@ from deployments.engine.protocol import (
     InvalidRequestError,
     PromptTooLongError,
 )
-from deployments.engine.sampler import Draft, Fetch, Needs, SlotSampling, StepRows, draw, finish
+from deployments.engine.sampler import Draft, Fetch, Needs, SlotEntry, SlotSampling, StepRows, draw, finish
 from deployments.engine.sampling import SamplingParams
 from deployments.model_loader import LoadedModel, eos_token_ids
 from deployments.model_registry import WeightFormat
@@ -112,7 +113,7 @@ class BatchedEngine:
         weights: WeightFormat = "fp32",
         max_batch_size: int = 16,
         max_context: int | None = None,
-        prefill_chunk_tokens: int = 256,
+        prefill_chunk_tokens: int | None = None,
         prefix_caching: bool = True,
         max_chunks_per_s: float = 150.0,
         max_stream_chunks_per_s: float = 40.0,
@@ -131,7 +132,13 @@ class BatchedEngine:
         self.gpu_memory_fraction = gpu_memory_fraction
         self.max_batch_size = max_batch_size
         self.max_context = max_context or loaded.context_length
-        self.prefill_chunk_tokens = prefill_chunk_tokens
+        # Newcomers' prompt tokens a step takes: every running stream waits for them. Default:
+        # 2,048 on a GPU, where an eager step of short prompts costs its ~7 ms of kernel
+        # launches almost whatever its tokens (H100, SmolLM2: 1 prompt of 45 tokens 7.1 ms, 45
+        # of them 8.0, 182 of them 28), so new chats arriving together share few steps; not
+        # more, since one long prompt's tokens cost far more (a chunk of 2,048 tokens: 100 ms,
+        # its attention over its own earlier tokens). 256 on a CPU, where every token costs.
+        self.prefill_chunk_tokens = prefill_chunk_tokens or (2048 if self.device.type == "cuda" else 256)
         self.prefix_caching = prefix_caching
         self.max_chunks_per_s = max_chunks_per_s
         self.max_stream_chunks_per_s = max_stream_chunks_per_s
@@ -296,36 +303,50 @@ class BatchedEngine:
         return bool(self._waiting) or any(s is not None for s in self._slots) or self._launched is not None
 
     def _admit(self) -> None:
-        while self._waiting and None in self._slots:
+        free = [slot for slot, seq in enumerate(self._slots) if seq is None]
+        if not self._waiting or not free:
+            return
+        leftovers = None
+        if self.prefix_caching:
+            # Rows are overwritten empty first, then least recently freed first; a newcomer
+            # that continues a row's leftover (the next turn of that chat) takes that row.
+            free.sort(key=lambda slot: (bool(self._left_in_slot[slot]), self._freed_at[slot], slot))
+            leftovers = PrefixIndex((self._left_in_slot[slot], slot) for slot in free if self._left_in_slot[slot])
+        # else the lowest free slots, so the decode batch stays dense
+        order = iter(free)
+        taken: set[int] = set()
+        entries: list[SlotEntry] = []
+        while self._waiting and len(taken) < len(free):
             seq = self._waiting.popleft()
             if seq.is_cancelled:
                 continue
-            seq.slot = self._pick_slot(seq)
+            seq.slot = self._pick_slot(seq, order, taken, leftovers)
+            taken.add(seq.slot)
             try:
-                self._sampling.set(seq.slot, seq.params, seq.seed, len(seq.prompt_ids))
-            except Exception as exc:  # noqa: BLE001 - e.g. a top_k beyond int64 (ValueError: overflow)
+                entries.append(self._sampling.entry(seq.slot, seq.params, seq.seed, len(seq.prompt_ids)))
+            except ValueError as exc:  # e.g. a top_k beyond int64
                 # This request alone fails: it never joins a step, so it cannot fail others'.
                 seq.send(InvalidRequestError(f"sampling parameters the engine cannot represent: {exc}"))
                 continue
             self._slots[seq.slot] = seq
             if self.prefix_caching:
-                seq.n_prefilled = _shared_prefix(seq, self._left_in_slot[seq.slot])
+                seq.n_prefilled = common_prefix(seq.prompt_ids, self._left_in_slot[seq.slot], len(seq.prompt_ids) - 1)
                 self.reused_prompt_tokens += seq.n_prefilled
             self._left_in_slot[seq.slot] = []
+        self._sampling.write(entries)
 
-    def _pick_slot(self, seq: Sequence) -> int:
-        """Without prefix caching, the lowest free slot, so the decode batch stays dense. With
-        it, a free row whose leftover the prompt continues (the next turn of that chat), else
-        the free row whose leftover is least likely to be asked for again: empty, else the one
-        freed longest ago. Rows in use are reachable by copying (`_reuse_prefix`)."""
-        free = [slot for slot, other in enumerate(self._slots) if other is None]
-        if not self.prefix_caching:
-            return free[0]
-        for slot in free:
-            left = self._left_in_slot[slot]
-            if left and _shared_prefix(seq, left) == min(len(left), len(seq.prompt_ids) - 1):
+    def _pick_slot(self, seq: Sequence, order: Iterator[int], taken: set[int], leftovers: PrefixIndex | None) -> int:
+        """The free row whose leftover the prompt continues (`leftovers`, with prefix caching),
+        else the next in `order` not `taken`. Rows in use are reachable by copying (`_reuse_prefix`)."""
+        if leftovers is not None:
+            shared, slot = leftovers.longest(seq.prompt_ids, len(seq.prompt_ids) - 1)
+            if slot >= 0 and shared == min(len(self._left_in_slot[slot]), len(seq.prompt_ids) - 1):
+                leftovers.discard(self._left_in_slot[slot], slot)
                 return slot
-        return min(free, key=lambda slot: (bool(self._left_in_slot[slot]), self._freed_at[slot], slot))
+        slot = next(slot for slot in order if slot not in taken)
+        if leftovers is not None and self._left_in_slot[slot]:
+            leftovers.discard(self._left_in_slot[slot], slot)
+        return slot
 
     def _free(self, seq: Sequence, keep_cache: bool = True) -> None:
         if seq.slot >= 0 and self._slots[seq.slot] is seq:
@@ -334,28 +355,26 @@ class BatchedEngine:
             self._frees += 1
             self._freed_at[seq.slot] = self._frees
 
-    def _cache_contents(self) -> list[tuple[int, list[int]]]:
-        """(slot, the tokens whose K/V it holds now, before this step's forward) of every cache
-        row that holds any."""
+    def _cached_prefixes(self) -> PrefixIndex:
+        """Every cache row's contents now, before this step's forward: the tokens whose K/V it
+        holds, running or left behind by a finished request."""
         contents = [seq.cached_ids() if seq is not None else left for seq, left in zip(self._slots, self._left_in_slot)]
-        return [(slot, cached) for slot, cached in enumerate(contents) if cached]
+        return PrefixIndex((cached, slot) for slot, cached in enumerate(contents) if cached)
 
-    def _reuse_prefix(self, seq: Sequence, contents: list[tuple[int, list[int]]], prefilling: list[Sequence]) -> bool:
+    def _reuse_prefix(self, seq: Sequence, cached: PrefixIndex, computing: PrefixIndex) -> bool:
         """Prefix caching: copies the longest start of `seq`'s prompt that another cache row
-        holds (`contents`: running or left by a finished request: the same system prompt, or
+        holds (`cached`: running or left by a finished request: the same system prompt, or
         the earlier turns of the same conversation) instead of computing it again. Returns
-        False if `seq` should rather wait a step because a request prefilling in this step
-        computes more of its prefix (16 identical new chats prefill once, not 16 times)."""
-        best_slot, best = -1, seq.n_prefilled
-        for slot, cached in contents:
-            shared = _shared_prefix(seq, cached) if slot != seq.slot else 0
-            if shared > best:
-                best_slot, best = slot, shared
-        if best_slot >= 0:
-            self._cache.copy_positions(best_slot, seq.slot, seq.n_prefilled, best)
-            self.reused_prompt_tokens += best - seq.n_prefilled
-            seq.n_prefilled = best
-        return not any(_shared_prefix(seq, other.prompt_ids[: other.n_prefilled]) > seq.n_prefilled for other in prefilling)
+        False if `seq` should rather wait a step because a prompt prefilling in this step
+        (`computing`, up to its chunk's end) computes more of its prefix (16 identical new
+        chats prefill once, not 16 times)."""
+        limit = len(seq.prompt_ids) - 1  # its last token must run, to give the first new token's logits
+        shared, slot = cached.longest(seq.prompt_ids, limit, exclude=seq.slot)
+        if shared > seq.n_prefilled:
+            self._cache.copy_positions(slot, seq.slot, seq.n_prefilled, shared)
+            self.reused_prompt_tokens += shared - seq.n_prefilled
+            seq.n_prefilled = shared
+        return computing.longest(seq.prompt_ids, limit)[0] <= seq.n_prefilled
 
     def _step(self) -> None:
         for seq in self._running():
@@ -372,12 +391,12 @@ class BatchedEngine:
         decoding = [s for s in self._running() if s.is_prefilled]
         # Prompt chunks go to newcomers in arrival-slot order, up to the step's token budget.
         chunks, completing, budget = [], [], self.prefill_chunk_tokens
-        prefilling: list[Sequence] = []
-        contents = self._cache_contents() if self.prefix_caching and len(decoding) < len(self._running()) else []
+        computing = PrefixIndex()
+        cached = self._cached_prefixes() if self.prefix_caching and len(decoding) < len(self._running()) else PrefixIndex()
         for seq in self._running():
             if seq.is_prefilled or budget <= 0:
                 continue
-            if self.prefix_caching and not self._reuse_prefix(seq, contents, prefilling):
+            if self.prefix_caching and not self._reuse_prefix(seq, cached, computing):
                 continue
             length = min(budget, len(seq.prompt_ids) - seq.n_prefilled)
             is_last = seq.n_prefilled + length == len(seq.prompt_ids)
@@ -385,7 +404,7 @@ class BatchedEngine:
             chunks.append((chunk, seq.prompt_ids[seq.n_prefilled : seq.n_prefilled + length]))
             seq.n_prefilled += length
             budget -= length
-            prefilling.append(seq)
+            computing.add(seq.prompt_ids[: seq.n_prefilled], seq.slot)
             if is_last:
                 completing.append(seq)
         if not chunks and self.overlap_steps:
@@ -510,24 +529,3 @@ class BatchedEngine:
         if finish is not None or (seq.unsent_text and now - seq.last_sent >= interval):
             seq.send(GenerationOutput(seq.unsent_text, len(seq.prompt_ids), completion_tokens, finish))
             seq.unsent_text, seq.last_sent = "", now
-
-
-def _shared_prefix(seq: Sequence, cached_ids: list[int]) -> int:
-    """How many of `seq`'s prompt tokens, from the start, `cached_ids` holds; never the whole
-    prompt, since its last token must run to give the first new token's logits."""
-    limit = min(len(seq.prompt_ids) - 1, len(cached_ids))
-    prompt = seq.prompt_ids
-    if limit <= 0 or prompt[0] != cached_ids[0]:
-        return 0
-    if prompt[:limit] == cached_ids[:limit]:
-        return limit
-    # Binary search with slice comparisons (C loops): this runs for every cache row and
-    # newcomer, 256 x 256 times when a GPU's batch fills at once.
-    low, high = 1, limit  # prompt[:low] matches, prompt[:high] does not
-    while high - low > 1:
-        middle = (low + high) // 2
-        if prompt[:middle] == cached_ids[:middle]:
-            low = middle
-        else:
-            high = middle
-    return low

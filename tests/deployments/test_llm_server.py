@@ -136,6 +136,12 @@ async def test_chunk_rates_from_the_config_reach_the_engine():
     assert [o.completion_tokens for o in outputs] == list(range(1, 13))  # no coalescing: a chunk per token
 
 
+def test_the_prefill_chunk_from_the_config_reaches_the_engine():
+    config = ModelConfig(name="tiny", source={"kind": "tiny_random"}, torch_threads=1)
+    default, chosen = LLMServer(config), LLMServer(config.model_copy(update={"prefill_chunk_tokens": 8}))
+    assert (default.engine.prefill_chunk_tokens, chosen.engine.prefill_chunk_tokens) == (256, 8)  # 256: the CPU's default
+
+
 async def test_the_event_loop_keeps_running_while_a_prompt_is_encoded(monkeypatch):
     # The encoding waits for a coroutine on the replica's loop: on the loop's own thread it would
     # wait in vain (the loop, and every other stream on it, blocked) until its timeout.

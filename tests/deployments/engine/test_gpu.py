@@ -197,3 +197,11 @@ async def test_the_reference_engine_runs_on_the_gpu():
         assert await answer(engine, prompt_ids) == transformers_greedy(loaded, prompt_ids, GREEDY)
     finally:
         engine.shutdown()
+
+
+def test_the_sampling_table_written_on_the_gpu_equals_the_cpus():
+    from tests.deployments.engine.test_sampler import written_together
+
+    cpu, gpu = written_together(torch.device("cpu")), written_together(CUDA)
+    for name in ("floats", "ints", "u"):  # u: each row's draws, computed on the GPU
+        assert torch.equal(getattr(cpu, name), getattr(gpu, name).cpu()), name

@@ -118,6 +118,33 @@ def test_skipping_what_no_row_needs_changes_no_draw():
         assert tokens(rows, None) == tokens(rows, Needs())
 
 
+MIXED = [
+    SamplingParams(temperature=0.7, top_p=0.9, repeat_penalty=1.1, repeat_last_n=64),
+    SamplingParams(temperature=0),
+    SamplingParams(temperature=1.0, top_k=40, min_tokens=3),
+]
+
+
+def written_together(device: torch.device) -> SlotSampling:
+    """A table with three requests admitted in one step (rows 4, 0, 2; row 1 and 3 empty)."""
+    table = SlotSampling.empty(5, 300, device)
+    table.write([table.entry(slot, p, 2**63 + slot, 10 * slot + 1) for slot, p in zip([4, 0, 2], MIXED)])
+    return table
+
+
+def test_requests_admitted_together_get_the_rows_they_get_one_by_one():
+    one_by_one = SlotSampling.empty(5, 300, torch.device("cpu"))
+    for slot, p in zip([4, 0, 2], MIXED):
+        one_by_one.set(slot, p, 2**63 + slot, 10 * slot + 1)
+    together = written_together(torch.device("cpu"))
+    for name in ("floats", "ints", "u"):
+        assert torch.equal(getattr(together, name), getattr(one_by_one, name)), name
+    assert together.u[1].eq(0).all()  # the empty row stays empty
+    # Row 4's prompt is 41 tokens: the token after position p is its (p - 40)th generated one.
+    generated_before = (torch.arange(300) - 40).clamp(min=0)
+    assert torch.equal(together.u[4], uniform(torch.full((300,), seed_key(2**63 + 4)), generated_before))
+
+
 def test_uniform_is_a_pure_function_of_seed_and_step():
     keys = torch.tensor([seed_key(seed) for seed in (0, 1, 2**63 - 1, 0)])
     steps = torch.tensor([0, 0, 5, 1])
