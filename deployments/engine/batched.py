@@ -135,9 +135,9 @@ class BatchedEngine:
         # Newcomers' prompt tokens a step takes: every running stream waits for them. Default:
         # 2,048 on a GPU, where an eager step of short prompts costs its ~7 ms of kernel
         # launches almost whatever its tokens (H100, SmolLM2: 1 prompt of 45 tokens 7.1 ms, 45
-        # of them 8.0, 182 of them 28), so new chats arriving together share few steps; not
-        # more, since one long prompt's tokens cost far more (a chunk of 2,048 tokens: 100 ms,
-        # its attention over its own earlier tokens). 256 on a CPU, where every token costs.
+        # of them 8.0, 182 of them 28), so new chats arriving together share few steps, and a
+        # long prompt's chunk of 2,048 costs a step ~12 ms (8,192 tokens: 23 ms, not measured
+        # as a default). 256 on a CPU, where every token costs.
         self.prefill_chunk_tokens = prefill_chunk_tokens or (2048 if self.device.type == "cuda" else 256)
         self.prefix_caching = prefix_caching
         self.max_chunks_per_s = max_chunks_per_s

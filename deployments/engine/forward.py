@@ -510,8 +510,12 @@ def build_step(
         row_positions = torch.zeros(rows, dtype=torch.long)
         row_positions[torch.tensor(slots)] = torch.tensor(positions)
         decode_mask = (torch.arange(keys)[None, :] <= row_positions[:, None])[:, None, None, :]
-    chunk_masks = []
-    for chunk, ids in chunks:
+    # A GPU step's long chunks go last, so the attention kernel takes the tokens before them in
+    # one launch and each long chunk has its own (`attend`); logits stay in the chunks' order.
+    order = sorted(range(len(chunks)), key=lambda i: is_long(chunks[i][0])) if not with_masks else range(len(chunks))
+    chunk_masks, last_token = [], {}
+    for i in order:
+        chunk, ids = chunks[i]
         token_ids += ids
         slots += [chunk.slot] * chunk.length
         positions += range(chunk.start, chunk.start + chunk.length)
@@ -519,8 +523,8 @@ def build_step(
         if with_masks:
             causal = torch.arange(end)[None, :] <= torch.arange(chunk.start, end)[:, None]
             chunk_masks.append(causal.repeat(n_groups, 1))
-        if chunk.is_last:
-            logit_rows.append(len(token_ids) - 1)
+        last_token[i] = len(token_ids) - 1
+    logit_rows += [last_token[i] for i, (chunk, _) in enumerate(chunks) if chunk.is_last]
     return StepBatch(
         token_ids=torch.tensor(token_ids),
         slots=torch.tensor(slots),
@@ -528,9 +532,14 @@ def build_step(
         logit_rows=torch.tensor(logit_rows, dtype=torch.long),
         decode_slots=torch.tensor(slots[: len(decode)], dtype=torch.long),
         decode_mask=decode_mask,
-        chunks=[c for c, _ in chunks],
+        chunks=[chunks[i][0] for i in order],
         chunk_masks=chunk_masks,
     )
+
+
+def is_long(chunk: PromptChunk) -> bool:
+    """A prompt chunk whose attention a GPU runs in torch's fused attention (`attend`)."""
+    return chunk.length >= LONG_CHUNK_TOKENS
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -561,6 +570,13 @@ def attention_biases(batch: StepBatch, dtype: torch.dtype) -> tuple[torch.Tensor
 
 # Chunk attention's query rows come in blocks of this many (see `attend`).
 CHUNK_QUERY_BLOCK = 128
+# From this many tokens a prompt chunk's attention on a GPU is one call of torch's fused
+# attention (`cached_attention.chunk_attention`) instead of a share of the attention kernel,
+# whose cost grows with the square of a chunk's length (H100, SmolLM2: a chunk of 2,048 tokens
+# 3.3 ms a layer, 0.05 ms in torch's; its eager step 100.5 -> 11.6 ms), while each such call
+# costs its launches (an eager step of 255 tokens 8.3 ms, of 256 tokens 11.2): break-even
+# nearer ~430 tokens by those figures, not yet measured.
+LONG_CHUNK_TOKENS = 256
 
 
 def layer_ops(w: LlamaWeights, x: torch.Tensor):
@@ -587,9 +603,15 @@ def attend(
     copying K/V: each KV head's query group is folded into the query-length dimension."""
     if q.is_cuda:
         # Imported here: Triton comes with torch's CUDA builds, and the CPU path never needs it.
-        from deployments.engine.cached_attention import cached_attention
+        from deployments.engine.cached_attention import cached_attention, chunk_attention
 
-        return cached_attention(q, layer_k, layer_v, batch.slots, batch.positions).reshape(len(q), -1)
+        long = [chunk for chunk in batch.chunks if is_long(chunk)]  # the step's last tokens (`build_step`)
+        n = len(q) - sum(chunk.length for chunk in long)
+        outputs = [cached_attention(q[:n], layer_k, layer_v, batch.slots[:n], batch.positions[:n])] if n else []
+        for chunk in long:
+            outputs.append(chunk_attention(q[n : n + chunk.length], layer_k, layer_v, chunk.slot, chunk.start))
+            n += chunk.length
+        return (torch.cat(outputs) if len(outputs) > 1 else outputs[0]).reshape(len(q), -1)
     n_kv, groups, head_dim = w.n_kv_heads, w.n_heads // w.n_kv_heads, w.head_dim
     decode_bias, chunk_biases = biases
     # A CPU step is built with its masks (`build_step(with_masks=True)`): decode slots always, and

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from deployments.engine.batched import BatchedEngine
-from deployments.engine.forward import PromptChunk, build_step, extract_weights, forward, rope_table
+from deployments.engine.forward import LONG_CHUNK_TOKENS, PromptChunk, build_step, extract_weights, forward, rope_table
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.reference import ReferenceEngine
 from deployments.engine.sampler import CANDIDATES
@@ -76,6 +76,26 @@ async def test_greedy_matches_transformers_on_the_gpu_with_cuda_graphs(loaded):
     finally:
         engine.shutdown()
     assert ours == [transformers_greedy(loaded, ids(loaded, p), GREEDY) for p in PROMPTS]
+
+
+async def test_long_prompt_chunks_match_transformers_on_the_gpu(loaded):
+    # Chunks of LONG_CHUNK_TOKENS or more take torch's fused attention (`forward.attend`): a
+    # long prompt from position 0 beside a short one, then a prompt continuing an earlier one
+    # after a prefix-cache hit (a long chunk from the middle of its row).
+    story = ids(loaded, "Once upon a time in a land far away, a fox met a crow. " * 40)
+    other = ids(loaded, "The quick brown fox jumps over the lazy dog. " * 40)[:300]
+    short, first, second = ids(loaded, "1 2 3"), story[:120], story[:420]
+    assert len(story) >= 420 and LONG_CHUNK_TOKENS <= 300
+    params = SamplingParams(max_tokens=16, min_tokens=16, temperature=0, repeat_penalty=1.0)
+    engine = engine_for(loaded, max_context=512, prefill_chunk_tokens=2048)
+    try:
+        ours = await asyncio.gather(answer(engine, other, params), answer(engine, short, params), answer(engine, first, params))
+        reused = engine.reused_prompt_tokens
+        ours.append(await answer(engine, second, params))
+        assert len(first) <= engine.reused_prompt_tokens - reused <= len(second) - LONG_CHUNK_TOKENS  # then one long chunk
+    finally:
+        engine.shutdown()
+    assert ours == [transformers_greedy(loaded, p, params) for p in (other, short, first, second)]
 
 
 async def test_cuda_graphs_change_no_token_and_a_request_alone_equals_it_in_company(loaded):
