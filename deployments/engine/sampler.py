@@ -272,14 +272,16 @@ def draw(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: tor
     greedy = logits.argmax(dim=-1)
     if not needs.sampled:  # no row samples, so none needs the sort
         return Draft(greedy, torch.zeros_like(greedy, dtype=torch.bool), logits, row.top_k, row.top_p, row.u)
-    scaled = logits / row.divisor[:, None]
+    # In place, as the exponentials below: each new [B, vocab] tensor is a few MB that a CPU
+    # first has to fault in and zero.
+    scaled = logits.div_(row.divisor[:, None])
     # Top-k first, then top-p over the top-k survivors' renormalized mass, as transformers'
     # warpers do; on the most likely CANDIDATES tokens, sorted.
     values, ids = scaled.topk(min(CANDIDATES, scaled.shape[-1]), dim=-1)
     largest = values[:, :1]
     ranks = torch.arange(values.shape[-1], device=values.device)
     e = (values - largest).exp() * (ranks < row.kept[:, None])
-    everything = (scaled - largest).exp()  # [B, vocab]
+    everything = (scaled - largest).exp_()  # [B, vocab]
     # The softmax's denominator: over the top-k set when the candidates hold it, else the vocabulary.
     total = torch.where(row.fits[:, None] != 0, e.sum(dim=-1, keepdim=True), everything.sum(dim=-1, keepdim=True))
     tokens, mass = _filtered_draw(e, ids, total, row.top_p, row.u)
