@@ -76,7 +76,9 @@ def test_the_candidate_shortcut_draws_exactly_what_a_full_sort_draws(monkeypatch
     with_candidates = sample_rows(logits, params, seeds)
     monkeypatch.setattr(sampler, "CANDIDATES", 1000)  # every row exact on the first path: a full sort
     assert sample_rows(logits, params, seeds) == with_candidates
-    monkeypatch.setattr(sampler, "CANDIDATES", 2)  # nearly every row takes the fallback sort
+    monkeypatch.setattr(sampler, "CANDIDATES", 2)  # nearly every row takes the fallback
+    assert sample_rows(logits, params, seeds) == with_candidates  # on its 1,024 (here all 1,000) tokens
+    monkeypatch.setattr(sampler, "SORT_CANDIDATES", 30)  # the flatter rows' mass lies beyond: sorted
     assert sample_rows(logits, params, seeds) == with_candidates
 
 
