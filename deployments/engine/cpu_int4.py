@@ -19,7 +19,7 @@ import ctypes
 
 import torch
 
-GROUP = 32
+GROUP = 32  # inputs per scale and minimum: GGUF Q4_1's block, which both int4 kernels take
 
 
 def pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

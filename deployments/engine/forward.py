@@ -291,7 +291,7 @@ class Int4Linear(nn.Module):
     `Int8Linear` may be faster where the CPU has VNNI.
     """
 
-    GROUP = 32
+    GROUP = cpu_int4.GROUP
     # Buffers, set by `register_buffer`: our kernel's (codes, scales, minimums) or torch's.
     codes: torch.Tensor
     scales: torch.Tensor
