@@ -339,8 +339,9 @@ def finish(draft: Draft, fetch: Fetch | None = None) -> list[int]:
     d = draft[rows]
     values, ids = d.scaled.topk(min(SORT_CANDIDATES, d.scaled.shape[-1]), dim=-1)
     drawn, mass = _sorted_draw(d, values, ids)
-    in_set = (d.top_k == 0) | (d.top_k <= values.shape[-1])
-    exact = (in_set & (mass >= d.top_p)).tolist()
+    # Exact where the kept set lies among those tokens (top_k 0, no top-k, included) and
+    # they hold the top-p mass.
+    exact = ((d.top_k <= values.shape[-1]) & (mass >= d.top_p)).tolist()
     for row, token, is_exact in zip(rows, drawn.tolist(), exact):
         if is_exact:
             tokens[row] = token
