@@ -388,8 +388,10 @@ def perplexity(weights, loaded: LoadedModel) -> float:
     """Of PERPLEXITY_TEXT under our forward pass with these weights (one prompt chunk)."""
     ids = loaded.tokenizer(PERPLEXITY_TEXT, add_special_tokens=False)["input_ids"]
     cache = KVCache(len(weights.layers), 1, weights.n_kv_heads, len(ids), weights.head_dim, weights.dtype)
-    batch = build_step([], [(PromptChunk(0, 0, len(ids), True), ids)], weights.n_heads // weights.n_kv_heads)
-    batch.logit_rows = torch.arange(len(ids))  # every position, not only the last
+    # Not the prompt's last chunk (a CPU step would run that token as a decode row): every
+    # position's logits, in order.
+    batch = build_step([], [(PromptChunk(0, 0, len(ids), False), ids)], weights.n_heads // weights.n_kv_heads)
+    batch.logit_rows = torch.arange(len(ids))
     with torch.inference_mode():
         logits = forward(weights, cache, rope_table(weights, len(ids)), batch)
     loss = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]))

@@ -433,7 +433,7 @@ class BatchedEngine:
             return self._graphs.decode(decode, needs), self._graphs.previous  # forward pass and sampling, replayed
         longest = max([p + 1 for _, p, _, _ in decode] + [c.start + c.length for c, _ in chunks])
         self._cache.reserve(longest)
-        batch = build_step([row[:3] for row in decode], chunks, self._n_groups, with_masks=self.device.type != "cuda")
+        batch = build_step([row[:3] for row in decode], chunks, self._n_groups, cuda=self.device.type == "cuda")
         batch = batch.to(self.device)
         if previous is not None:
             previous_rows = [row[3] for row in decode] + [-1] * (len(batch.token_ids) - len(decode))

@@ -458,8 +458,9 @@ class PromptChunk:
 
 @dataclass
 class StepBatch:
-    """One engine step, flattened: the first `len(decode_slots)` tokens are one decode token per
-    running request (in slot order), then each prompt chunk's tokens in order."""
+    """One engine step, flattened: the first `len(decode_slots)` tokens are one token per decode
+    row in slot order (the running requests, and on a CPU each prompt's last token, see
+    `build_step`), then each prompt chunk's tokens in order."""
 
     token_ids: torch.Tensor  # [N]
     slots: torch.Tensor  # [N] cache row of each token
@@ -493,17 +494,33 @@ def fed_token_ids(host_ids: torch.Tensor, previous_rows: torch.Tensor, previous_
 
 def build_step(
     decode: list[tuple[int, int, int]], chunks: list[tuple[PromptChunk, list[int]]], n_groups: int,
-    with_masks: bool = True,
+    cuda: bool = False,
 ) -> StepBatch:
     """`decode`: (slot, position, token id) per running request, slots ascending; `chunks`:
-    prompt chunks with their token ids. `n_groups` = query heads per KV head. `with_masks`:
-    build the masks the CPU's attention needs (a GPU step needs none)."""
+    prompt chunks with their token ids. `n_groups` = query heads per KV head. The step's logits
+    are the decode rows' in order, then those of the chunks that end their prompt, in order.
+
+    A CUDA step (`cuda`) needs no masks: its attention kernel reads each token's slot and
+    position. A CPU (or mps) step runs each prompt's last token as a decode row, for two reasons.
+    Its chunks' attention runs one chunk at a time, padded to whole blocks of query rows (see
+    `attend`): a step of 15 one-token chunks (15 chats continuing a cached prompt) took 253 ms
+    on the 2-core machine, as 16 decode rows take ~60. And a prompt's first new token then comes
+    from the same kernel whether the prefix cache held all of the prompt but its last token or
+    none of it, so its logits are equal to the bit either way."""
+    logit_order: list[tuple[int, int, int]] = list(decode)
+    if not cuda:
+        ends = [(c.slot, c.start + c.length - 1, ids[-1]) for c, ids in chunks if c.is_last]
+        chunks = [(PromptChunk(c.slot, c.start, c.length - 1, False), ids[:-1]) if c.is_last else (c, ids) for c, ids in chunks]
+        chunks = [(c, ids) for c, ids in chunks if c.length]
+        logit_order += ends
+        decode = sorted(logit_order)  # slots ascending: no two rows share a slot
     token_ids = [t for _, _, t in decode]
     slots = [s for s, _, _ in decode]
     positions = [p for _, p, _ in decode]
-    logit_rows = list(range(len(decode)))
+    row_of_slot = {s: row for row, s in enumerate(slots)}
+    logit_rows = [row_of_slot[s] for s, _, _ in logit_order]
     decode_mask = None
-    if decode and with_masks:
+    if decode and not cuda:
         rows, keys = slots[-1] + 1, max(positions) + 1
         # Rows between running requests (free or still prefilling) attend to key 0 only, so
         # their (discarded) softmax is not over an empty set.
@@ -512,7 +529,7 @@ def build_step(
         decode_mask = (torch.arange(keys)[None, :] <= row_positions[:, None])[:, None, None, :]
     # A GPU step's long chunks go last, so the attention kernel takes the tokens before them in
     # one launch and each long chunk has its own (`attend`); logits stay in the chunks' order.
-    order = sorted(range(len(chunks)), key=lambda i: is_long(chunks[i][0])) if not with_masks else range(len(chunks))
+    order = sorted(range(len(chunks)), key=lambda i: is_long(chunks[i][0])) if cuda else range(len(chunks))
     chunk_masks, last_token = [], {}
     for i in order:
         chunk, ids = chunks[i]
@@ -520,7 +537,7 @@ def build_step(
         slots += [chunk.slot] * chunk.length
         positions += range(chunk.start, chunk.start + chunk.length)
         end = chunk.start + chunk.length
-        if with_masks:
+        if not cuda:
             causal = torch.arange(end)[None, :] <= torch.arange(chunk.start, end)[:, None]
             chunk_masks.append(causal.repeat(n_groups, 1))
         last_token[i] = len(token_ids) - 1
@@ -614,7 +631,7 @@ def attend(
         return (torch.cat(outputs) if len(outputs) > 1 else outputs[0]).reshape(len(q), -1)
     n_kv, groups, head_dim = w.n_kv_heads, w.n_heads // w.n_kv_heads, w.head_dim
     decode_bias, chunk_biases = biases
-    # A CPU step is built with its masks (`build_step(with_masks=True)`): decode slots always, and
+    # A CPU step is built with its masks (`build_step(cuda=False)`): decode slots always, and
     # a decode bias whenever there are decode tokens.
     assert batch.decode_slots is not None
     outputs = []
@@ -663,7 +680,7 @@ def forward(
         h = rms_norm(x, w.layers[0].input_norm, w.rms_norm_eps)
         normed = cpu_layer_ops.decode_layers(
             w.decode_table, x, h, rope, batch.positions, batch.slots, cache.kv, w.n_heads, w.intermediate_size, w.rms_norm_eps,
-        )
+        )[batch.logit_rows]
     else:
         normed = _layers(w, cache, rope, batch, x, ops)
     # Only the last token of each sequence needs logits; lm_head is the biggest matrix.

@@ -105,6 +105,54 @@ def test_a_prompts_logits_do_not_depend_on_where_its_prefill_was_split(tiny, fmt
             assert torch.equal(logits(split), whole), split
 
 
+def test_a_cpu_step_runs_each_prompts_last_token_as_a_decode_row():
+    """The tokens that give a prompt its first new token join the decode rows in slot order; a
+    chunk left with no tokens is gone; the logits stay in the order the engine samples them."""
+    chunks = [
+        (PromptChunk(1, 0, 5, True), [11, 12, 13, 14, 15]),
+        (PromptChunk(2, 7, 1, True), [21]),  # a prefix-cache hit: only the prompt's last token runs
+        (PromptChunk(4, 0, 6, False), [41, 42, 43, 44, 45, 46]),
+    ]
+    step = build_step([(0, 4, 1), (3, 9, 3)], chunks, n_groups=3)
+    assert step.decode_slots.tolist() == [0, 1, 2, 3]
+    assert step.positions[:4].tolist() == [4, 4, 7, 9]
+    assert [(c.slot, c.start, c.length, c.is_last) for c in step.chunks] == [(1, 0, 4, False), (4, 0, 6, False)]
+    assert step.token_ids[4:].tolist() == [11, 12, 13, 14, 41, 42, 43, 44, 45, 46]
+    # Logits: the running requests' rows in order, then the prompts that end here, in order.
+    assert step.token_ids[step.logit_rows].tolist() == [1, 3, 15, 21]
+    assert step.slots[step.logit_rows].tolist() == [0, 3, 1, 2]
+    assert step.decode_mask.shape[0] == 4 and len(step.chunk_masks) == 2
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_steps_logits_come_in_its_order_and_each_rows_equal_its_own_step(tiny, fmt):
+    """Two decode rows and a prompt's last token in one step (int4: the decode-only step that
+    runs every layer in one C call), against each row in a step of its own: the same logits, to
+    the bit, in the order asked."""
+    torch.manual_seed(0)
+    w = extract_weights(tiny.model, fmt)
+    rope, groups = rope_table(w, 64), w.n_heads // w.n_kv_heads
+    prompts = [torch.randint(0, 259, (n,)).tolist() for n in (9, 5, 12)]
+    rows = [(0, 9, 7, None), (2, 12, 8, None), (1, 4, prompts[1][4], PromptChunk(1, 4, 1, True))]
+
+    def filled_cache() -> KVCache:
+        cache = KVCache(len(w.layers), 3, w.n_kv_heads, 64, w.head_dim, torch.float32)
+        for slot, ids in enumerate(prompts):
+            ids = ids[:4] if slot == 1 else ids  # slot 1's prompt ends in the step below
+            forward(w, cache, rope, build_step([], [(PromptChunk(slot, 0, len(ids), False), ids)], groups))
+        return cache
+
+    def step(cache: KVCache, rows: list) -> torch.Tensor:
+        decode = [(slot, position, token) for slot, position, token, chunk in rows if chunk is None]
+        chunks = [(chunk, [token]) for _, _, token, chunk in rows if chunk is not None]
+        return forward(w, cache, rope, build_step(decode, chunks, groups))
+
+    with torch.inference_mode():
+        together = step(filled_cache(), rows)
+        alone = torch.cat([step(filled_cache(), [row]) for row in rows])
+    assert torch.equal(together, alone)
+
+
 @pytest.mark.parametrize("kernel", ["ours", "torch"])
 def test_int4_linear_holds_q4_1_weights_exactly(kernel, monkeypatch):
     # Weights on GGUF Q4_1's grid (min + q * scale, q in 0..15, per group of 32) come back as
