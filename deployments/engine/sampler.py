@@ -59,6 +59,10 @@ def uniform(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     return ((bits >> 8).float() + 0.5) / 2**24  # 24 bits: exact in float32, never 0 or 1
 
 
+# `SlotSampling.ints`' columns, in the order `SlotSampling.entry` writes them and `rows` reads them.
+INT_COLUMNS = ("top_k", "kept", "fits", "filtered", "repeat_last_n", "last_prompt_position", "min_tokens")
+
+
 @dataclass
 class SlotSampling:
     """Every cache row's sampling settings on the engine's device, in the forms a step uses them
@@ -67,7 +71,7 @@ class SlotSampling:
     settings in three ops."""
 
     floats: torch.Tensor  # [rows, 5] float32: see `_RowSettings`
-    ints: torch.Tensor  # [rows, 7] int64
+    ints: torch.Tensor  # [rows, 7] int64: `INT_COLUMNS`
     u: torch.Tensor  # [rows, context] float32: the row's `uniform` draw for the token after each position
 
     @classmethod
@@ -92,7 +96,7 @@ class SlotSampling:
             sort_below = p.top_p  # sorts when the candidates hold less than the top-p mass
         penalty = p.repeat_penalty if p.penalizes else 1.0
         floats = (p.temperature, p.temperature or 1.0, max(p.top_p, 1e-9), penalty, sort_below)
-        ints = (p.top_k, p.top_k if fits else k, fits, p.is_filtered, p.repeat_last_n, prompt_tokens - 1, p.min_tokens)
+        ints = (p.top_k, p.top_k if fits else k, fits, p.is_filtered, p.repeat_last_n, prompt_tokens - 1, p.min_tokens)  # INT_COLUMNS
         for value in ints:
             if not -(2**63) <= value < 2**63:
                 raise ValueError(f"{value} does not fit in 64 bits")
@@ -111,7 +115,7 @@ class SlotSampling:
         # Each row's draw for the token after every position, computed where the table lives:
         # integer ops, so the same numbers on any device.
         keys = self._on_device([[e.key] for e in entries], torch.int64)
-        last_prompt_position = ints[:, 5:6]
+        last_prompt_position = ints[:, INT_COLUMNS.index("last_prompt_position"), None]
         generated_before = (torch.arange(self.u.shape[1], device=self.u.device) - last_prompt_position).clamp(min=0)
         self.u.index_copy_(0, slots, uniform(keys, generated_before))
 
@@ -127,7 +131,7 @@ class SlotSampling:
 
     def rows(self, slots: torch.Tensor, positions: torch.Tensor) -> _RowSettings:
         temperature, divisor, top_p, penalty, sort_below = self.floats[slots].unbind(1)
-        top_k, kept, fits, filtered, last_n, last_prompt_position, min_tokens = self.ints[slots].unbind(1)
+        top_k, kept, fits, filtered, last_n, last_prompt_position, min_tokens = self.ints[slots].unbind(1)  # INT_COLUMNS
         return _RowSettings(
             temperature, divisor, top_p, penalty, sort_below, top_k, kept, fits, filtered, last_n, last_prompt_position,
             min_tokens, self.u[slots, positions],
