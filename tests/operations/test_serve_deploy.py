@@ -101,23 +101,24 @@ class Cluster:
     def deployments(self) -> dict:
         return deployments_in(self.serve("status"))
 
-    def wait_shut_down(self, timeout: float = 120) -> None:
-        """After `serve shutdown`: until `serve status` shows no deployment. Right after the
-        controller is killed, the dashboard can still call it and answer 500 (ActorDiedError,
-        seen once in a fresh CI run): it is going, so ask again."""
-        deadline = time.monotonic() + timeout
-        while True:
-            done = self._serve("status")
-            if done.returncode == 0 and not deployments_in(done.stdout):
-                return
-            assert done.returncode == 0 or "ActorDiedError" in done.stderr, done.stderr[-3000:]
-            assert time.monotonic() < deadline, f"serve shutdown: not within {timeout} s; {done.stdout or done.stderr[-1000:]}"
-            time.sleep(1)
+    def wait_shut_down(self) -> None:
+        """After `serve shutdown`: until `serve status` shows no deployment."""
 
-    def wait_for(self, condition, what: str, timeout: float = TIMEOUT_S) -> None:
+        def deployments_while_going() -> dict | None:
+            # Right after the controller is killed, the dashboard can still call it and answer
+            # 500 (ActorDiedError, seen once in a fresh CI run): it is going, so ask again.
+            done = self._serve("status")
+            assert done.returncode == 0 or "ActorDiedError" in done.stderr, done.stderr[-3000:]
+            return deployments_in(done.stdout) if done.returncode == 0 else None
+
+        self.wait_for(lambda deployments: deployments == {}, "serve shutdown", timeout=120, status=deployments_while_going)
+
+    def wait_for(self, condition, what: str, timeout: float = TIMEOUT_S, status=None) -> None:
+        """Until `condition(status())` holds; `status` is `deployments` unless given."""
+        status = status or self.deployments
         deadline = time.monotonic() + timeout
-        while not condition(self.deployments()):
-            assert time.monotonic() < deadline, f"{what}: not within {timeout} s; serve status: {self.deployments()}"
+        while not condition(status()):
+            assert time.monotonic() < deadline, f"{what}: not within {timeout} s; serve status: {status()}"
             time.sleep(1)
 
     def wait_healthy(self, names: set[str]) -> None:
