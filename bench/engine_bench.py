@@ -390,7 +390,7 @@ def perplexity(weights, loaded: LoadedModel) -> float:
     cache = KVCache(len(weights.layers), 1, weights.n_kv_heads, len(ids), weights.head_dim, weights.dtype)
     # Not the prompt's last chunk (a CPU step would run that token as a decode row): every
     # position's logits, in order.
-    batch = build_step([], [(PromptChunk(0, 0, len(ids), False), ids)], weights.n_heads // weights.n_kv_heads)
+    batch = build_step([], [(PromptChunk(0, 0, len(ids), False), ids)])
     batch.logit_rows = torch.arange(len(ids))
     with torch.inference_mode():
         logits = forward(weights, cache, rope_table(weights, len(ids)), batch)
@@ -533,7 +533,7 @@ def decode_step_times(
     eos = torch.tensor(eos_token_ids(loaded))
 
     def step(decode: list[tuple[int, int, int]], chunks: list) -> tuple[list[int], float]:
-        batch = build_step(decode, chunks, w.n_heads // w.n_kv_heads)
+        batch = build_step(decode, chunks)
         logits = forward(w, cache, rope, batch)
         sampling_started = time.perf_counter()
         step_rows = StepRows(batch.slots[batch.logit_rows], batch.positions[batch.logit_rows], Needs.of([params]))

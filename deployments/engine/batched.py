@@ -167,7 +167,6 @@ class BatchedEngine:
 
     def _setup(self, loaded: LoadedModel, weights: WeightFormat) -> None:
         w = self._weights = extract_weights(loaded.require_model(), weights)
-        self._n_groups = w.n_heads // w.n_kv_heads
         if self.device.type == "cuda":
             # Allocated whole (CUDA graphs hold its addresses), so sized to the memory there is.
             self.max_context = self._gpu_context(KVCache.bytes_per_position(len(w.layers), w.n_kv_heads, w.head_dim, w.dtype))
@@ -433,7 +432,7 @@ class BatchedEngine:
             return self._graphs.decode(decode, needs), self._graphs.previous  # forward pass and sampling, replayed
         longest = max([p + 1 for _, p, _, _ in decode] + [c.start + c.length for c, _ in chunks])
         self._cache.reserve(longest)
-        batch = build_step([row[:3] for row in decode], chunks, self._n_groups, cuda=self.device.type == "cuda")
+        batch = build_step([row[:3] for row in decode], chunks, cuda=self.device.type == "cuda")
         batch = batch.to(self.device)
         if previous is not None:
             previous_rows = [row[3] for row in decode] + [-1] * (len(batch.token_ids) - len(decode))

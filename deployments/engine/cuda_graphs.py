@@ -92,7 +92,7 @@ class DecodeGraphs:
         def step(needs: Needs, size: int) -> Draft:
             slots, positions, host_ids, previous_rows = self._inputs[:, :size]
             token_ids = fed_token_ids(host_ids, previous_rows, self.previous)
-            batch = StepBatch(token_ids, slots, positions, logit_rows=torch.arange(size, device=device))
+            batch = StepBatch(token_ids, slots, positions, logit_rows=torch.arange(size, device=device), n_decode=size)
             logits = forward(weights, cache, rope, batch)
             # Sampling too: its small kernels would otherwise be launched one by one after the pass.
             draft = draw(logits, StepRows(slots, positions, needs), sampling, cache.tokens, eos_ids)

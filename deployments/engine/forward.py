@@ -458,7 +458,7 @@ class PromptChunk:
 
 @dataclass
 class StepBatch:
-    """One engine step, flattened: the first `len(decode_slots)` tokens are one token per decode
+    """One engine step, flattened: the first `n_decode` tokens are one token per decode
     row in slot order (the running requests, and on a CPU each prompt's last token, see
     `build_step`), then each prompt chunk's tokens in order."""
 
@@ -466,22 +466,19 @@ class StepBatch:
     slots: torch.Tensor  # [N] cache row of each token
     positions: torch.Tensor  # [N]
     logit_rows: torch.Tensor  # which of the N tokens need next-token logits
-    # For the CPU's masked attention only (`attend`); a GPU step's kernel reads slots/positions.
-    decode_slots: torch.Tensor | None = None  # [n_decode]
-    decode_mask: torch.Tensor | None = None  # [rows, 1, 1, keys] bool, rows = max(decode_slots) + 1
+    n_decode: int = 0
+    # The cache rows and keys the decode rows span (last slot + 1, longest position + 1), for a
+    # CPU's masked attention (`step_attention`); host ints, as reading them off a device waits.
+    decode_span: tuple[int, int] = (0, 0)
     chunks: list[PromptChunk] = field(default_factory=list)
-    chunk_masks: list[torch.Tensor] = field(default_factory=list)  # per chunk [n_groups * length, start + length] bool
 
     def to(self, device: torch.device) -> StepBatch:
         def moved(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=True)
 
-        def maybe_moved(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else moved(t)
-
         return StepBatch(
-            moved(self.token_ids), moved(self.slots), moved(self.positions), moved(self.logit_rows),
-            maybe_moved(self.decode_slots), maybe_moved(self.decode_mask), self.chunks, [moved(m) for m in self.chunk_masks],
+            moved(self.token_ids), moved(self.slots), moved(self.positions), moved(self.logit_rows), self.n_decode,
+            self.decode_span, self.chunks,
         )
 
 
@@ -493,15 +490,14 @@ def fed_token_ids(host_ids: torch.Tensor, previous_rows: torch.Tensor, previous_
 
 
 def build_step(
-    decode: list[tuple[int, int, int]], chunks: list[tuple[PromptChunk, list[int]]], n_groups: int,
-    cuda: bool = False,
+    decode: list[tuple[int, int, int]], chunks: list[tuple[PromptChunk, list[int]]], cuda: bool = False
 ) -> StepBatch:
     """`decode`: (slot, position, token id) per running request, slots ascending; `chunks`:
-    prompt chunks with their token ids. `n_groups` = query heads per KV head. The step's logits
-    are the decode rows' in order, then those of the chunks that end their prompt, in order.
+    prompt chunks with their token ids. The step's logits are the decode rows' in order, then
+    those of the chunks that end their prompt, in order.
 
-    A CUDA step (`cuda`) needs no masks: its attention kernel reads each token's slot and
-    position. A CPU (or mps) step runs each prompt's last token as a decode row, for two reasons.
+    A CUDA step (`cuda`) puts its long chunks last, where its attention takes each in a call of
+    its own (`attend`). A CPU (or mps) step runs each prompt's last token as a decode row, for two reasons.
     Its chunks' attention runs one chunk at a time, padded to whole blocks of query rows (see
     `attend`): a step of 15 one-token chunks (15 chats continuing a cached prompt) took 253 ms
     on the 2-core machine, as 16 decode rows take ~60. And a prompt's first new token then comes
@@ -519,27 +515,15 @@ def build_step(
     positions = [p for _, p, _ in decode]
     row_of_slot = {s: row for row, s in enumerate(slots)}
     logit_rows = [row_of_slot[s] for s, _, _ in logit_order]
-    decode_mask = None
-    if decode and not cuda:
-        rows, keys = slots[-1] + 1, max(positions) + 1
-        # Rows between running requests (free or still prefilling) attend to key 0 only, so
-        # their (discarded) softmax is not over an empty set.
-        row_positions = torch.zeros(rows, dtype=torch.long)
-        row_positions[torch.tensor(slots)] = torch.tensor(positions)
-        decode_mask = (torch.arange(keys)[None, :] <= row_positions[:, None])[:, None, None, :]
-    # A GPU step's long chunks go last, so the attention kernel takes the tokens before them in
-    # one launch and each long chunk has its own (`attend`); logits stay in the chunks' order.
+    # Logits stay in the chunks' order, wherever a chunk's tokens go (on a CPU every chunk
+    # left here is a prompt's middle: no logits).
     order = sorted(range(len(chunks)), key=lambda i: is_long(chunks[i][0])) if cuda else range(len(chunks))
-    chunk_masks, last_token = [], {}
+    last_token = {}
     for i in order:
         chunk, ids = chunks[i]
         token_ids += ids
         slots += [chunk.slot] * chunk.length
         positions += range(chunk.start, chunk.start + chunk.length)
-        end = chunk.start + chunk.length
-        if not cuda:
-            causal = torch.arange(end)[None, :] <= torch.arange(chunk.start, end)[:, None]
-            chunk_masks.append(causal.repeat(n_groups, 1))
         last_token[i] = len(token_ids) - 1
     logit_rows += [last_token[i] for i, (chunk, _) in enumerate(chunks) if chunk.is_last]
     return StepBatch(
@@ -547,10 +531,9 @@ def build_step(
         slots=torch.tensor(slots),
         positions=torch.tensor(positions),
         logit_rows=torch.tensor(logit_rows, dtype=torch.long),
-        decode_slots=torch.tensor(slots[: len(decode)], dtype=torch.long),
-        decode_mask=decode_mask,
+        n_decode=len(decode),
+        decode_span=(slots[len(decode) - 1] + 1, max(positions[: len(decode)]) + 1) if decode else (0, 0),
         chunks=[chunks[i][0] for i in order],
-        chunk_masks=chunk_masks,
     )
 
 
@@ -575,14 +558,44 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     return torch.bmm(probs.view(b * h, m, keys), v.flatten(0, 1)).view(b, h, m, d)
 
 
-def attention_biases(batch: StepBatch, dtype: torch.dtype) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    """The step's boolean masks as additive biases, built once and shared by all layers."""
+@dataclass
+class StepAttention:
+    """What every layer's attention in a step shares (`attend`), worked out once per step by
+    `step_attention`; each device's path reads its own fields."""
+
+    # CPU: a prompt chunk's causal mask as an additive bias (0 or -inf), [1, 1, n_groups *
+    # length, start + length] per chunk; and the decode rows', [rows, 1, 1, keys] with rows =
+    # the last decode slot + 1, where torch's ops attend (our C kernel reads positions instead).
+    chunk_biases: list[torch.Tensor] = field(default_factory=list)
+    decode_bias: torch.Tensor | None = None
+    # GPU: the tokens before the step's long chunks (one kernel launch), and those chunks.
+    short_tokens: int = 0
+    long_chunks: list[PromptChunk] = field(default_factory=list)
+
+
+def step_attention(batch: StepBatch, w: LlamaWeights, ops) -> StepAttention:
+    if batch.token_ids.is_cuda:
+        long = [chunk for chunk in batch.chunks if is_long(chunk)]  # the step's last tokens (`build_step`)
+        return StepAttention(short_tokens=len(batch.token_ids) - sum(chunk.length for chunk in long), long_chunks=long)
+    device, groups = batch.positions.device, w.n_heads // w.n_kv_heads
 
     def bias(mask: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        return torch.zeros(mask.shape, dtype=w.dtype, device=device).masked_fill_(~mask, float("-inf"))
 
-    decode = bias(batch.decode_mask) if batch.decode_mask is not None else None
-    return decode, [bias(m)[None, None] for m in batch.chunk_masks]
+    chunk_biases = []
+    for chunk in batch.chunks:
+        end = chunk.start + chunk.length
+        causal = torch.arange(end, device=device)[None, :] <= torch.arange(chunk.start, end, device=device)[:, None]
+        chunk_biases.append(bias(causal.repeat(groups, 1))[None, None])
+    decode_bias = None
+    if batch.n_decode and ops is not cpu_layer_ops:
+        slots, positions = batch.slots[: batch.n_decode], batch.positions[: batch.n_decode]
+        rows, keys = batch.decode_span
+        # Rows between running requests (free or still prefilling) attend to key 0 only, so
+        # their (discarded) softmax is not over an empty set.
+        row_positions = torch.zeros(rows, dtype=torch.long, device=device).index_copy_(0, slots, positions)
+        decode_bias = bias((torch.arange(keys, device=device)[None, :] <= row_positions[:, None])[:, None, None, :])
+    return StepAttention(chunk_biases, decode_bias)
 
 
 # Chunk attention's query rows come in blocks of this many (see `attend`).
@@ -613,8 +626,7 @@ def layer_ops(w: LlamaWeights, x: torch.Tensor):
 
 
 def attend(
-    q: torch.Tensor, layer_k: torch.Tensor, layer_v: torch.Tensor, batch: StepBatch,
-    biases: tuple[torch.Tensor | None, list[torch.Tensor]], w: LlamaWeights, ops,
+    q: torch.Tensor, layer_k: torch.Tensor, layer_v: torch.Tensor, batch: StepBatch, shared: StepAttention, w: LlamaWeights, ops,
 ) -> torch.Tensor:
     """q [N, n_heads, head_dim] -> [N, n_heads * head_dim]. Grouped-query attention without
     copying K/V: each KV head's query group is folded into the query-length dimension."""
@@ -622,36 +634,33 @@ def attend(
         # Imported here: Triton comes with torch's CUDA builds, and the CPU path never needs it.
         from deployments.engine.cached_attention import cached_attention, chunk_attention
 
-        long = [chunk for chunk in batch.chunks if is_long(chunk)]  # the step's last tokens (`build_step`)
-        n = len(q) - sum(chunk.length for chunk in long)
+        n = shared.short_tokens
         outputs = [cached_attention(q[:n], layer_k, layer_v, batch.slots[:n], batch.positions[:n])] if n else []
-        for chunk in long:
+        for chunk in shared.long_chunks:
             outputs.append(chunk_attention(q[n : n + chunk.length], layer_k, layer_v, chunk.slot, chunk.start))
             n += chunk.length
         return (torch.cat(outputs) if len(outputs) > 1 else outputs[0]).reshape(len(q), -1)
     n_kv, groups, head_dim = w.n_kv_heads, w.n_heads // w.n_kv_heads, w.head_dim
-    decode_bias, chunk_biases = biases
-    # A CPU step is built with its masks (`build_step(cuda=False)`): decode slots always, and
-    # a decode bias whenever there are decode tokens.
-    assert batch.decode_slots is not None
     outputs = []
-    n_decode = len(batch.decode_slots)
+    n_decode = batch.n_decode
+    decode_slots = batch.slots[:n_decode]
     if n_decode and ops is cpu_layer_ops:
-        out = cpu_layer_ops.decode_attention(q[:n_decode], layer_k, layer_v, batch.decode_slots, batch.positions[:n_decode])
+        out = cpu_layer_ops.decode_attention(q[:n_decode], layer_k, layer_v, decode_slots, batch.positions[:n_decode])
         outputs.append(out.reshape(n_decode, -1))
     elif n_decode:
-        assert decode_bias is not None
+        decode_bias = shared.decode_bias
+        assert decode_bias is not None  # `step_attention` builds it for torch's ops
         rows, keys = decode_bias.shape[0], decode_bias.shape[-1]
         q_decode = q[:n_decode].reshape(n_decode, n_kv, groups, head_dim)
         if rows == n_decode:  # slots 0..n-1, the usual case: no scatter/gather needed
             q_rows = q_decode
         else:
             q_rows = q.new_zeros(rows, n_kv, groups, head_dim)
-            q_rows[batch.decode_slots] = q_decode
+            q_rows[decode_slots] = q_decode
         out = attention(q_rows, layer_k[:rows, :, :keys], layer_v[:rows, :, :keys], decode_bias)
-        outputs.append((out if rows == n_decode else out[batch.decode_slots]).reshape(n_decode, -1))
+        outputs.append((out if rows == n_decode else out[decode_slots]).reshape(n_decode, -1))
     offset = n_decode
-    for chunk, bias in zip(batch.chunks, chunk_biases):
+    for chunk, bias in zip(batch.chunks, shared.chunk_biases):
         t, end = chunk.length, chunk.start + chunk.length
         q_chunk = q[offset : offset + t].reshape(t, n_kv, groups, head_dim).permute(1, 2, 0, 3).reshape(1, n_kv, groups * t, head_dim)
         row = slice(chunk.slot, chunk.slot + 1)
@@ -673,28 +682,35 @@ def forward(
     """Runs one step, writing every token's K/V into the cache; returns fp32 logits
     [len(batch.logit_rows), vocab]."""
     cache.record_tokens(batch.slots, batch.positions, batch.token_ids)
-    x = w.embed[batch.token_ids]  # [N, hidden]
+    x, h = embed(w, batch.token_ids)
     ops = layer_ops(w, x)
     if w.decode_table is not None and ops is cpu_layer_ops and not batch.chunks:
         # Decode rows only, int4 on our kernels: every layer in one C call, the same numbers.
-        h = rms_norm(x, w.layers[0].input_norm, w.rms_norm_eps)
         normed = cpu_layer_ops.decode_layers(
             w.decode_table, x, h, rope, batch.positions, batch.slots, cache.kv, w.n_heads, w.intermediate_size, w.rms_norm_eps,
         )[batch.logit_rows]
     else:
-        normed = _layers(w, cache, rope, batch, x, ops)
+        normed = _layers(w, cache, rope, batch, x, h, ops)
     # Only the last token of each sequence needs logits; lm_head is the biggest matrix.
     return w.lm_head(normed).float()
 
 
-def _layers(w: LlamaWeights, cache: KVCache, rope: torch.Tensor, batch: StepBatch, x: torch.Tensor, ops) -> torch.Tensor:
-    """The decoder layers with `ops`' small ops (see `layer_ops`), then the final norm: [N,
-    hidden] -> [len(logit_rows), hidden]. `h` is the normed residual stream each projection
-    reads, computed with the residual update."""
-    biases = attention_biases(batch, w.dtype)
-    h = rms_norm(x, w.layers[0].input_norm, w.rms_norm_eps)
+def embed(w: LlamaWeights, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream x [N, hidden] of `token_ids`, and h, its norm that the first layer's
+    projections read."""
+    x = w.embed[token_ids]
+    return x, rms_norm(x, w.layers[0].input_norm, w.rms_norm_eps)
+
+
+def _layers(
+    w: LlamaWeights, cache: KVCache, rope: torch.Tensor, batch: StepBatch, x: torch.Tensor, h: torch.Tensor, ops
+) -> torch.Tensor:
+    """The decoder layers with `ops`' small ops (see `layer_ops`), then the final norm: the
+    residual stream x [N, hidden] -> [len(logit_rows), hidden]. `h` is the normed residual
+    stream each projection reads, computed with the residual update."""
+    shared = step_attention(batch, w, ops)
     for i, (layer, next_norm) in enumerate(zip(w.layers, w.norms_after)):
         q = ops.rope_and_cache_write(layer.qkv_proj(h), rope, batch.positions, batch.slots, cache.k[i], cache.v[i], w.n_heads, w.n_kv_heads)
-        x, h = ops.add_rms_norm(x, layer.o_proj(attend(q, cache.k[i], cache.v[i], batch, biases, w, ops)), layer.post_attention_norm, w.rms_norm_eps)
+        x, h = ops.add_rms_norm(x, layer.o_proj(attend(q, cache.k[i], cache.v[i], batch, shared, w, ops)), layer.post_attention_norm, w.rms_norm_eps)
         x, h = ops.add_rms_norm(x, layer.down_proj(ops.silu_and_mul(layer.gate_up_proj(h))), next_norm, w.rms_norm_eps)
     return h[batch.logit_rows]

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from deployments.engine import cpu_int4, cpu_kernels
+from deployments.engine import cpu_int4, cpu_kernels, cpu_layer_ops, torch_layer_ops
 from deployments.engine.batched import BatchedEngine
 from deployments.engine.forward import (
     Int4Linear,
@@ -19,6 +19,7 @@ from deployments.engine.forward import (
     extract_weights,
     forward,
     rope_table,
+    step_attention,
 )
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.protocol import InvalidRequestError, PromptTooLongError
@@ -67,12 +68,12 @@ async def run(engine, prompt_ids, params):
 def test_forward_matches_transformers_with_chunked_prefill_and_batched_decode(tiny):
     w = extract_weights(tiny.model, "fp32")
     cache = KVCache(len(w.layers), 4, w.n_kv_heads, 64, w.head_dim, w.dtype)
-    rope, groups = rope_table(w, 64), w.n_heads // w.n_kv_heads
+    rope = rope_table(w, 64)
     a, b = torch.randint(0, 259, (20,)).tolist(), torch.randint(0, 259, (13,)).tolist()
     with torch.inference_mode():
-        forward(w, cache, rope, build_step([], [(PromptChunk(0, 0, 8, False), a[:8])], groups))
-        first = forward(w, cache, rope, build_step([], [(PromptChunk(0, 8, 12, True), a[8:]), (PromptChunk(2, 0, 13, True), b)], groups))
-        second = forward(w, cache, rope, build_step([(0, 20, 5), (2, 13, 7)], [], groups))
+        forward(w, cache, rope, build_step([], [(PromptChunk(0, 0, 8, False), a[:8])]))
+        first = forward(w, cache, rope, build_step([], [(PromptChunk(0, 8, 12, True), a[8:]), (PromptChunk(2, 0, 13, True), b)]))
+        second = forward(w, cache, rope, build_step([(0, 20, 5), (2, 13, 7)], []))
         expected_a = tiny.model(torch.tensor([a + [5]])).logits[0]
         expected_b = tiny.model(torch.tensor([b + [7]])).logits[0]
     torch.testing.assert_close(first, torch.stack([expected_a[19], expected_b[12]]), atol=1e-5, rtol=1e-5)
@@ -89,15 +90,15 @@ def test_a_prompts_logits_do_not_depend_on_where_its_prefill_was_split(tiny, fmt
     code, and the answer drifted within 5 tokens)."""
     torch.manual_seed(0)
     w = extract_weights(tiny.model, fmt)
-    rope, groups = rope_table(w, 128), w.n_heads // w.n_kv_heads
+    rope = rope_table(w, 128)
     prompt = torch.randint(0, 259, (60,)).tolist()
 
     def logits(split: int) -> torch.Tensor:
         cache = KVCache(len(w.layers), 2, w.n_kv_heads, 128, w.head_dim, torch.float32)
         if split:
-            forward(w, cache, rope, build_step([], [(PromptChunk(0, 0, split, False), prompt[:split])], groups))
+            forward(w, cache, rope, build_step([], [(PromptChunk(0, 0, split, False), prompt[:split])]))
         tail = prompt[split:]
-        return forward(w, cache, rope, build_step([], [(PromptChunk(0, split, len(tail), True), tail)], groups))
+        return forward(w, cache, rope, build_step([], [(PromptChunk(0, split, len(tail), True), tail)]))
 
     with torch.inference_mode():
         whole = logits(0)
@@ -113,15 +114,32 @@ def test_a_cpu_step_runs_each_prompts_last_token_as_a_decode_row():
         (PromptChunk(2, 7, 1, True), [21]),  # a prefix-cache hit: only the prompt's last token runs
         (PromptChunk(4, 0, 6, False), [41, 42, 43, 44, 45, 46]),
     ]
-    step = build_step([(0, 4, 1), (3, 9, 3)], chunks, n_groups=3)
-    assert step.decode_slots.tolist() == [0, 1, 2, 3]
+    step = build_step([(0, 4, 1), (3, 9, 3)], chunks)
+    assert step.n_decode == 4 and step.slots[:4].tolist() == [0, 1, 2, 3]
     assert step.positions[:4].tolist() == [4, 4, 7, 9]
     assert [(c.slot, c.start, c.length, c.is_last) for c in step.chunks] == [(1, 0, 4, False), (4, 0, 6, False)]
     assert step.token_ids[4:].tolist() == [11, 12, 13, 14, 41, 42, 43, 44, 45, 46]
     # Logits: the running requests' rows in order, then the prompts that end here, in order.
     assert step.token_ids[step.logit_rows].tolist() == [1, 3, 15, 21]
     assert step.slots[step.logit_rows].tolist() == [0, 3, 1, 2]
-    assert step.decode_mask.shape[0] == 4 and len(step.chunk_masks) == 2
+
+
+def test_a_cpu_steps_attention_masks_let_each_token_see_its_own_rows_keys_up_to_itself(tiny):
+    """The additive biases every layer's attention shares: a decode row (torch's ops) sees its
+    cache row up to its position, a free row only key 0; a prompt chunk's token (each of its
+    query groups) sees its row up to itself. Our C decode kernel reads positions: no decode bias."""
+    w = extract_weights(tiny.model, "fp32")
+    groups = w.n_heads // w.n_kv_heads
+    step = build_step([(0, 4, 1), (2, 9, 3)], [(PromptChunk(1, 3, 4, False), [5, 6, 7, 8])])
+    shared = step_attention(step, w, torch_layer_ops)
+    visible = shared.decode_bias[:, 0, 0] == 0  # [rows, keys]
+    assert visible.tolist() == [[k <= last for k in range(10)] for last in (4, 0, 9)]
+    assert torch.isinf(shared.decode_bias[~shared.decode_bias.eq(0)]).all()
+    (chunk_bias,) = shared.chunk_biases
+    assert chunk_bias.shape == (1, 1, groups * 4, 7)
+    expected = [[k <= position for k in range(7)] for position in (3, 4, 5, 6)] * groups
+    assert (chunk_bias[0, 0] == 0).tolist() == expected
+    assert step_attention(step, w, cpu_layer_ops).decode_bias is None
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -131,7 +149,7 @@ def test_a_steps_logits_come_in_its_order_and_each_rows_equal_its_own_step(tiny,
     the bit, in the order asked."""
     torch.manual_seed(0)
     w = extract_weights(tiny.model, fmt)
-    rope, groups = rope_table(w, 64), w.n_heads // w.n_kv_heads
+    rope = rope_table(w, 64)
     prompts = [torch.randint(0, 259, (n,)).tolist() for n in (9, 5, 12)]
     rows = [(0, 9, 7, None), (2, 12, 8, None), (1, 4, prompts[1][4], PromptChunk(1, 4, 1, True))]
 
@@ -139,13 +157,13 @@ def test_a_steps_logits_come_in_its_order_and_each_rows_equal_its_own_step(tiny,
         cache = KVCache(len(w.layers), 3, w.n_kv_heads, 64, w.head_dim, torch.float32)
         for slot, ids in enumerate(prompts):
             ids = ids[:4] if slot == 1 else ids  # slot 1's prompt ends in the step below
-            forward(w, cache, rope, build_step([], [(PromptChunk(slot, 0, len(ids), False), ids)], groups))
+            forward(w, cache, rope, build_step([], [(PromptChunk(slot, 0, len(ids), False), ids)]))
         return cache
 
     def step(cache: KVCache, rows: list) -> torch.Tensor:
         decode = [(slot, position, token) for slot, position, token, chunk in rows if chunk is None]
         chunks = [(chunk, [token]) for _, _, token, chunk in rows if chunk is not None]
-        return forward(w, cache, rope, build_step(decode, chunks, groups))
+        return forward(w, cache, rope, build_step(decode, chunks))
 
     with torch.inference_mode():
         together = step(filled_cache(), rows)
@@ -267,7 +285,7 @@ async def test_bf16_int8_and_int4_weights_stay_close_to_fp32_and_generate(tiny, 
         w = extract_weights(tiny.model, fmt)
         cache = KVCache(len(w.layers), 1, w.n_kv_heads, 16, w.head_dim, w.dtype)
         with torch.inference_mode():
-            step = build_step([], [(PromptChunk(0, 0, 12, True), ids)], w.n_heads // w.n_kv_heads)
+            step = build_step([], [(PromptChunk(0, 0, 12, True), ids)])
             logits[fmt] = forward(w, cache, rope_table(w, 16), step)
     assert (logits[weight_format] - logits["fp32"]).abs().max() < 0.05
     engine = BatchedEngine(tiny, weights=weight_format, max_batch_size=2, max_context=64)

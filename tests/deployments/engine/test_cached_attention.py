@@ -67,11 +67,11 @@ def test_a_gpu_step_puts_long_chunks_last_and_keeps_the_logits_in_chunk_order():
         (PromptChunk(1, 10, short, True), [7] * short),
         (PromptChunk(2, 0, long, False), [9] * long),
     ]
-    step = build_step([(0, 4, 42)], chunks, 3, cuda=True)
+    step = build_step([(0, 4, 42)], chunks, cuda=True)
     assert [(c.slot, c.length) for c in step.chunks] == [(1, short), (3, long), (2, long)]
     assert step.slots.tolist() == [0] + [1] * short + [3] * long + [2] * long
     assert step.positions[1 : 1 + short].tolist() == list(range(10, 10 + short))
     # Logits: the decode token, then the chunks that end their prompt in the order given.
     assert step.token_ids[step.logit_rows].tolist() == [42, long - 1, 7]
-    cpu = build_step([(0, 4, 42)], chunks, 3)  # the CPU's step keeps the given order
+    cpu = build_step([(0, 4, 42)], chunks)  # the CPU's step keeps the given order
     assert [c.slot for c in cpu.chunks] == [3, 1, 2]

@@ -145,7 +145,7 @@ async def test_bf16_logits_stay_close_to_transformers_bf16():
     w = extract_weights(loaded.model, "bf16")
     prompt_ids = ids(loaded, PROMPTS[3])
     cache = KVCache(len(w.layers), 1, w.n_kv_heads, 128, w.head_dim, w.dtype, CUDA, 128)
-    batch = build_step([], [(PromptChunk(0, 0, len(prompt_ids), True), prompt_ids)], 3, cuda=True).to(CUDA)
+    batch = build_step([], [(PromptChunk(0, 0, len(prompt_ids), True), prompt_ids)], cuda=True).to(CUDA)
     with torch.inference_mode():
         ours = forward(w, cache, rope_table(w, 128), batch)[0]
         theirs = loaded.model(torch.tensor([prompt_ids], device=CUDA)).logits[0, -1].float()

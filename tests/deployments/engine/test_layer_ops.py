@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from deployments.engine import cpu_kernels, cpu_layer_ops, torch_layer_ops
-from deployments.engine.forward import PromptChunk, _layers, build_step, extract_weights, layer_ops, rms_norm, rope_table
+from deployments.engine.forward import PromptChunk, _layers, build_step, embed, extract_weights, layer_ops, rms_norm, rope_table
 from deployments.engine.kv_cache import KVCache
 from deployments.model_loader import build_tiny_random_model
 
@@ -144,18 +144,18 @@ def test_the_decoder_stack_computes_the_same_with_each_devices_ops(name):
     ops = ops_module(name)
     model = tiny_model_with_distinct_norms()
     w = extract_weights(model.to(DEVICE).eval(), "fp32")
-    rope, groups = rope_table(w, 64), w.n_heads // w.n_kv_heads
+    rope = rope_table(w, 64)
     a, b = torch.randint(0, 259, (9,)).tolist(), torch.randint(0, 259, (5,)).tolist()
     steps = [
-        build_step([], [(PromptChunk(0, 0, 9, True), a), (PromptChunk(2, 0, 5, True), b)], groups),
-        build_step([(0, 9, 5), (2, 5, 7)], [(PromptChunk(1, 0, 3, True), a[:3])], groups),
-        build_step([(0, 10, 9), (1, 3, 1), (2, 6, 2)], [], groups),
+        build_step([], [(PromptChunk(0, 0, 9, True), a), (PromptChunk(2, 0, 5, True), b)]),
+        build_step([(0, 9, 5), (2, 5, 7)], [(PromptChunk(1, 0, 3, True), a[:3])]),
+        build_step([(0, 10, 9), (1, 3, 1), (2, 6, 2)], []),
     ]
     results = []
     for each in (torch_layer_ops, ops):
         cache = KVCache(len(w.layers), 3, w.n_kv_heads, 64, w.head_dim, w.dtype, torch.device(DEVICE), 64)
         with torch.inference_mode():
-            hidden = [_layers(w, cache, rope, step.to(torch.device(DEVICE)), w.embed[step.token_ids.to(DEVICE)], each) for step in steps]
+            hidden = [_layers(w, cache, rope, moved, *embed(w, moved.token_ids), each) for moved in (s.to(torch.device(DEVICE)) for s in steps)]
         results.append((hidden, cache.kv))
     (theirs, their_cache), (ours, our_cache) = results
     assert all(close(o, t) for o, t in zip(ours, theirs))
@@ -179,21 +179,20 @@ def test_a_decode_step_in_one_c_call_gives_the_layer_loops_numbers_to_the_bit():
     model = tiny_model_with_distinct_norms()
     w = extract_weights(model.eval(), "int4")
     assert w.decode_table is not None
-    rope, groups = rope_table(w, 64), w.n_heads // w.n_kv_heads
+    rope = rope_table(w, 64)
     prompts = {slot: torch.randint(0, 259, (length,)).tolist() for slot, length in ((0, 9), (1, 3), (3, 20))}
     caches = [KVCache(len(w.layers), 4, w.n_kv_heads, 64, w.head_dim, w.dtype) for _ in range(2)]
     decode = [(slot, len(ids), 7 + slot) for slot, ids in prompts.items()]  # rows 0, 1, 3: slot 2 free
-    step = build_step(decode, [], groups)
+    step = build_step(decode, [])
     with torch.inference_mode():
         for cache in caches:
             for slot, ids in prompts.items():
-                prefill = build_step([], [(PromptChunk(slot, 0, len(ids), True), ids)], groups)
-                _layers(w, cache, rope, prefill, w.embed[prefill.token_ids], cpu_layer_ops)
-        theirs = _layers(w, caches[0], rope, step, w.embed[step.token_ids], cpu_layer_ops)
-        x = w.embed[step.token_ids]
+                prefill = build_step([], [(PromptChunk(slot, 0, len(ids), True), ids)])
+                _layers(w, cache, rope, prefill, *embed(w, prefill.token_ids), cpu_layer_ops)
+        theirs = _layers(w, caches[0], rope, step, *embed(w, step.token_ids), cpu_layer_ops)
         ours = cpu_layer_ops.decode_layers(
-            w.decode_table, x, rms_norm(x, w.layers[0].input_norm, w.rms_norm_eps), rope, step.positions, step.slots,
-            caches[1].kv, w.n_heads, w.intermediate_size, w.rms_norm_eps,
+            w.decode_table, *embed(w, step.token_ids), rope, step.positions, step.slots, caches[1].kv, w.n_heads,
+            w.intermediate_size, w.rms_norm_eps,
         )
     assert torch.equal(ours, theirs) and ours.abs().sum() > 0
     assert torch.equal(caches[1].kv, caches[0].kv)
