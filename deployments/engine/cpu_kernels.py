@@ -36,6 +36,8 @@ _pointer, _long, _int, _float = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ct
 # Each function's (return type, argument types), as the C sources declare them.
 SIGNATURES = {
     "int4_matmul": (_int, [_pointer] * 4 + [_pointer] * 2 + [_int] * 4),
+    "int4_wide_supported": (_int, []),
+    "int4_use_wide": (_int, [_int]),
     "rope_and_cache_write": (None, [_pointer, _long] + [_pointer] * 6 + [_long] * 3 + [_int] * 5),
     "decode_attention": (_int, [_pointer] * 3 + [_long] * 3 + [_pointer] * 3 + [_int] * 5),
     "add_rms_norm": (None, [_pointer] * 3 + [_float] + [_pointer] * 2 + [_int] * 3),
@@ -87,5 +89,6 @@ def load() -> ctypes.CDLL | None:
     for name, (restype, argtypes) in SIGNATURES.items():
         function = getattr(library, name)
         function.restype, function.argtypes = restype, argtypes
-    logger.info("CPU kernels: ours for AVX2 (%s)", target)
+    wide = library.int4_use_wide(1)
+    logger.info("CPU kernels: ours for AVX2, the int4 matmul's for %s (%s)", "AVX-512 VNNI" if wide else "AVX2", target)
     return library

@@ -574,6 +574,7 @@ class StepAttention:
 
 
 def step_attention(batch: StepBatch, w: LlamaWeights, ops) -> StepAttention:
+    """`batch`'s `StepAttention` on its device, for layers whose small ops are `ops`."""
     if batch.token_ids.is_cuda:
         long = [chunk for chunk in batch.chunks if is_long(chunk)]  # the step's last tokens (`build_step`)
         return StepAttention(short_tokens=len(batch.token_ids) - sum(chunk.length for chunk in long), long_chunks=long)

@@ -85,3 +85,30 @@ def test_the_sums_are_exact_at_the_extremes():
     x[1] = -1.0
     out = cpu_int4.matmul(cpu_kernels.load(), x, *cpu_int4.pack(weight), None)
     assert torch.equal(out, torch.tensor([[62 * 15.0] * 16, [-62 * 15.0] * 16]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("out_features", [8, 24, 80, 960])  # one block of 8 outputs, odd block counts, even
+def test_the_avx512_path_gives_the_avx2_paths_bits(out_features):
+    """Where the CPU has AVX-512 VNNI, matmuls take two blocks to a vector (`block_rows_wide`):
+    every row count, thread count (parts that split a pair of blocks) and bias, the same bits."""
+    library = cpu_kernels.load()
+    if not library.int4_wide_supported():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    torch.manual_seed(out_features)
+    packed = cpu_int4.pack(q4_1_weight(out_features, 576))
+    x = torch.randn(17, 576)
+    x[3] *= 100
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, 3):
+            torch.set_num_threads(n_threads)
+            for rows in (1, 4, 8, 9, 17):
+                for bias in (None, torch.randn(out_features)):
+                    library.int4_use_wide(0)
+                    avx2 = cpu_int4.matmul(library, x[:rows], *packed, bias)
+                    assert library.int4_use_wide(1) == 1
+                    assert torch.equal(cpu_int4.matmul(library, x[:rows], *packed, bias), avx2), (n_threads, rows)
+    finally:
+        torch.set_num_threads(threads)
+        library.int4_use_wide(1)  # what `cpu_kernels.load` chose
