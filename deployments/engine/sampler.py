@@ -174,6 +174,7 @@ class Needs:
     host cannot skip anything. `Needs()` is everything."""
 
     sampled: bool = True  # some row samples (temperature > 0)
+    greedy: bool = True  # some row is greedy (temperature 0)
     unfiltered: bool = True  # some row samples from the whole vocabulary (no top-k, no top-p)
     penalty: bool = True  # some row has a repeat penalty
     min_tokens: bool = True  # some row suppresses EOS before min_tokens
@@ -183,6 +184,7 @@ class Needs:
         params = list(params)
         return cls(
             sampled=any(not p.is_greedy for p in params),
+            greedy=any(p.is_greedy for p in params),
             unfiltered=any(not p.is_greedy and not p.is_filtered for p in params),
             penalty=any(p.penalizes for p in params),
             min_tokens=any(p.min_tokens > 0 for p in params),
@@ -275,8 +277,8 @@ def draw(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: tor
     if needs.min_tokens and len(eos_ids):
         suppress = (rows.positions - row.last_prompt_position < row.min_tokens)[:, None]
         logits[:, eos_ids] = torch.where(suppress, -torch.inf, logits[:, eos_ids])
-    greedy = logits.argmax(dim=-1)
     if not needs.sampled:  # no row samples, so none needs the sort
+        greedy = logits.argmax(dim=-1)
         return Draft(greedy, torch.zeros_like(greedy, dtype=torch.bool), logits, row.top_k, row.top_p, row.u)
     # In place, as the exponentials below: each new [B, vocab] tensor is a few MB that a CPU
     # first has to fault in and zero.
@@ -293,8 +295,10 @@ def draw(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: tor
     tokens, mass = _filtered_draw(e, ids, total, row.top_p, row.u)
     if needs.unfiltered:  # no filter: the whole vocabulary in id order, no sort needed
         tokens = torch.where(row.filtered != 0, tokens, _draw(everything, row.u))
+    if needs.greedy:  # a greedy row's divisor is 1: its scaled logits are its logits
+        tokens = torch.where(row.temperature == 0, scaled.argmax(dim=-1), tokens)
     # A row needs the sort when its kept set may reach beyond the candidates (see `SlotSampling.set`).
-    return Draft(torch.where(row.temperature == 0, greedy, tokens), mass < row.sort_below, scaled, row.top_k, row.top_p, row.u)
+    return Draft(tokens, mass < row.sort_below, scaled, row.top_k, row.top_p, row.u)
 
 
 @dataclass
