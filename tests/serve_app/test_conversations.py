@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 
@@ -194,3 +195,30 @@ async def test_a_second_answer_while_the_conversation_still_answers_is_refused()
     second = await start(service)  # the first answer has ended: the conversation is free again
     assert [piece async for piece in service.text_pieces(second)] == ["c"]
     assert [m["role"] for m in history.appended] == ["user", "assistant", "user", "assistant"]
+
+
+async def test_the_answer_streams_while_its_prompt_is_stored_and_is_stored_after_it():
+    """Storing the prompt (an SQLite commit) is not on the way to the first byte; the answer,
+    stored when the stream ends, still follows its prompt."""
+    service, history = service_with(FakeStream(outputs("Hel", "lo", finish="stop")))
+    commit = asyncio.Event()
+    append = history._append
+
+    async def slow_append(conversation_id: int, role: str, content: str, **fields) -> None:
+        if role == "user":
+            await commit.wait()
+        await append(conversation_id, role, content, **fields)
+
+    history.append_message = Remote(slow_append)
+    turn = await asyncio.wait_for(start(service), 5)  # the first output needs no write
+    pieces = service.text_pieces(turn)
+    assert await anext(pieces) == "Hel"
+    assert history.appended == []  # the prompt's write is still under way
+    rest = asyncio.create_task(anext(pieces))
+    assert await rest == "lo"
+    ending = asyncio.create_task(anext(pieces, None))
+    await asyncio.sleep(0.05)
+    assert not ending.done() and history.appended == []  # the answer waits for its prompt
+    commit.set()
+    assert await ending is None
+    assert [(m["role"], m["content"]) for m in history.appended] == [("user", "hi"), ("assistant", "Hello")]
