@@ -12,7 +12,7 @@ Sampling draws one uniform number per row and step from a counter-based hash of 
 not from a stateful generator: a request's draw depends only on its own logits, seed and token
 index, never on which requests share the step, so a seeded request repeats exactly, and a whole
 batch of rows samples in one op. Top-k and top-p work on the `CANDIDATES` most likely tokens
-(one `topk` instead of sorting the vocabulary); a row whose candidates do not hold its top-p
+(a `topk`, not a sort of the vocabulary; see `top_candidates`); a row whose candidates do not hold its top-p
 mass falls back to the whole vocabulary, so the result is exact either way.
 
 Does not own stopping or text (see `batched`, `detokenizer`).
@@ -33,6 +33,8 @@ CANDIDATES = 64
 # A row whose candidates do not hold its top-p mass tries this many before sorting the vocabulary.
 SORT_CANDIDATES = 1024
 _MASK32 = 0xFFFFFFFF
+# `top_candidates` on a CPU looks at the vocabulary in chunks of this many tokens.
+TOPK_CHUNK = 128
 
 
 def _hash32(x):
@@ -249,6 +251,24 @@ def apply_repeat_penalty(
     logits.scatter_(1, ids, torch.where(seen > 0, seen / penalty, seen * penalty))
 
 
+def top_candidates(scaled: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scaled.topk(k)` of [B, vocab]: values and ids [B, k], most likely first. On a CPU, where
+    torch's topk costs ~9 ns a logit, in two stages: the k chunks of TOPK_CHUNK tokens with the
+    largest maxima hold the k largest logits (a logit outside them is beaten by each of their
+    maxima), so the topk runs over those k chunks only. SmolLM2's vocabulary at 16 rows, 2-core
+    Zen 5 EPYC: 185 vs 413 us. Other devices, and vocabularies this would not shrink, take
+    torch's topk."""
+    rows, vocab = scaled.shape
+    chunks = vocab // TOPK_CHUNK
+    if scaled.is_cuda or vocab % TOPK_CHUNK or chunks < 4 * k:
+        return scaled.topk(min(k, vocab), dim=-1)
+    chunked = scaled.view(rows, chunks, TOPK_CHUNK)
+    best = chunked.amax(dim=-1).topk(k, dim=-1).indices  # [B, k] chunk numbers
+    pool = chunked[torch.arange(rows, device=scaled.device)[:, None], best]  # [B, k, TOPK_CHUNK]
+    values, where = pool.view(rows, -1).topk(k, dim=-1)
+    return values, best.gather(1, where // TOPK_CHUNK) * TOPK_CHUNK + where % TOPK_CHUNK
+
+
 def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse CDF: per row, the index where the cumulative probs [B, n] pass u [B] of their total."""
     cdf = probs.cumsum(dim=-1)
@@ -285,7 +305,7 @@ def draw(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: tor
     scaled = logits.div_(row.divisor[:, None])
     # Top-k first, then top-p over the top-k survivors' renormalized mass, as transformers'
     # warpers do; on the most likely CANDIDATES tokens, sorted.
-    values, ids = scaled.topk(min(CANDIDATES, scaled.shape[-1]), dim=-1)
+    values, ids = top_candidates(scaled, CANDIDATES)
     largest = values[:, :1]
     ranks = torch.arange(values.shape[-1], device=values.device)
     e = (values - largest).exp() * (ranks < row.kept[:, None])

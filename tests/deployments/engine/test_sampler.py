@@ -201,3 +201,22 @@ def test_repeat_penalty_equals_the_originals_loop_for_any_window_and_penalty():
     got = logits.clone()
     apply_repeat_penalty(got, history, torch.tensor(positions), torch.tensor(penalties), torch.tensor(windows))
     assert torch.equal(got, expected)
+
+
+def test_the_cpus_two_stage_topk_finds_what_torchs_topk_finds():
+    """`top_candidates` over chunks of the vocabulary against `topk` over all of it: the same
+    values and ids, most likely first, also when the best tokens crowd into one chunk, spread
+    one to a chunk, or share rows with -inf (EOS held back) logits."""
+    torch.manual_seed(5)
+    vocab = 49_152
+    logits = torch.randn(6, vocab) * 3
+    logits[1, 256:384] += torch.linspace(20, 30, 128)  # the best 128 in one chunk
+    logits[2, :: sampler.TOPK_CHUNK] += torch.linspace(20, 30, vocab // sampler.TOPK_CHUNK)  # one to a chunk
+    logits[3, :1000] = -torch.inf
+    logits[4] = torch.randn(vocab) * 0.01  # flat
+    for k in (1, 64, 96):
+        values, ids = sampler.top_candidates(logits, k)
+        expected = logits.topk(k, dim=-1)
+        assert torch.equal(values, expected.values) and torch.equal(ids, expected.indices), k
+    small = torch.randn(3, 259)  # a vocabulary it would not shrink: torch's topk
+    assert torch.equal(sampler.top_candidates(small, 64)[1], small.topk(64, dim=-1).indices)
