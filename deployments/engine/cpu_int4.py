@@ -11,8 +11,8 @@ on the 2-core AVX2 EPYC, ours vs torch's in the same process, ranges over four r
 Q4_1 (fp16 scale and minimum per group of 32), so the packaged model's values are held exactly.
 
 Where the CPU also has AVX-512 VNNI, matmuls of 2 rows or more take the kernel's 512-bit path,
-which gives the same bits: SmolLM2's layers on a 2-core Zen 5 EPYC at 16 rows 8.5 vs 14.5 ms,
-the engine at 16 streams with the original's sampling 978-1,017 vs 728-732 tok/s.
+which gives the same bits: SmolLM2's layers on a 2-core Zen 5 EPYC at 16 rows 6.6-6.9 vs 14.5
+ms, the engine at 16 streams with the original's sampling 1,095-1,153 vs 728-732 tok/s.
 
 The kernel is built and loaded with the layer ops' by `cpu_kernels`.
 """
