@@ -277,12 +277,13 @@ def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def _filtered_draw(
-    e: torch.Tensor, ids: torch.Tensor, total: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor
+    p: torch.Tensor, ids: torch.Tensor, top_k_set: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-p over the top-k set, sorted most likely first: `e` [B, n] the set's exp(logit - the
-    row's largest logit), 0 beyond it, for the tokens `ids`; `total` [B, 1] the softmax's
-    denominator on the same scale. -> the drawn ids [B] and the set's probability [B]."""
-    probs = e / total
+    """Top-p over the top-k set, sorted most likely first: `p` [B, n] the set's probabilities in
+    the whole row's softmax, 0 beyond it, for the tokens `ids`; `top_k_set` [B, 1]: the row has a
+    top-k set, all of it in `p`, whose mass top-p then takes as the whole. -> the drawn ids [B]
+    and the set's probability [B]."""
+    probs = p / torch.where(top_k_set, p.sum(dim=-1, keepdim=True), 1.0)
     mass_before = probs.cumsum(dim=-1) - probs  # rank 0 always stays: 0 < top_p
     return ids.gather(1, _draw(probs * (mass_before < top_p[:, None]), u)[:, None]).squeeze(1), probs.sum(dim=-1)
 
@@ -305,16 +306,16 @@ def draw(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: tor
     scaled = logits.div_(row.divisor[:, None])
     # Top-k first, then top-p over the top-k survivors' renormalized mass, as transformers'
     # warpers do; on the most likely CANDIDATES tokens, sorted.
-    values, ids = top_candidates(scaled, CANDIDATES)
-    largest = values[:, :1]
-    ranks = torch.arange(values.shape[-1], device=values.device)
-    e = (values - largest).exp() * (ranks < row.kept[:, None])
-    everything = (scaled - largest).exp_()  # [B, vocab]
-    # The softmax's denominator: over the top-k set when the candidates hold it, else the vocabulary.
-    total = torch.where(row.fits[:, None] != 0, e.sum(dim=-1, keepdim=True), everything.sum(dim=-1, keepdim=True))
-    tokens, mass = _filtered_draw(e, ids, total, row.top_p, row.u)
+    _, ids = top_candidates(scaled, CANDIDATES)
+    ranks = torch.arange(ids.shape[-1], device=ids.device)
+    # The whole row's softmax, for the mass of a row without a top-k set among the candidates and
+    # for the unfiltered rows' draw: one pass, and on a CPU cheaper than torch's exp alone (16
+    # rows of SmolLM2's vocabulary on the Zen 5 EPYC: 189 us, against 324).
+    probs = scaled.softmax(dim=-1)  # [B, vocab]
+    p = probs.gather(1, ids) * (ranks < row.kept[:, None])
+    tokens, mass = _filtered_draw(p, ids, row.fits[:, None] != 0, row.top_p, row.u)
     if needs.unfiltered:  # no filter: the whole vocabulary in id order, no sort needed
-        tokens = torch.where(row.filtered != 0, tokens, _draw(everything, row.u))
+        tokens = torch.where(row.filtered != 0, tokens, _draw(probs, row.u))
     if needs.greedy:  # a greedy row's divisor is 1: its scaled logits are its logits
         tokens = torch.where(row.temperature == 0, scaled.argmax(dim=-1), tokens)
     # A row needs the sort when its kept set may reach beyond the candidates (see `SlotSampling.set`).
@@ -384,16 +385,12 @@ def finish(draft: Draft, fetch: Fetch | None = None) -> list[int]:
 
 def _sorted_draw(d: Draft, values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`_filtered_draw` for `d`'s rows over `values` [B, n], their most likely scaled logits in
-    order (the tokens `ids`): all of the vocabulary, or its top n, in which case the softmax's
-    denominator comes from the whole row unless the row's top-k set lies among the n."""
+    order (the tokens `ids`): all of the vocabulary, or its top n. The probabilities come from
+    the row's softmax as in `draw`, so either path gives a row the same numbers."""
     ranks = torch.arange(values.shape[-1], device=values.device)
-    largest = values[:, :1]
-    e = (values - largest).exp() * ((d.top_k[:, None] == 0) | (ranks < d.top_k[:, None]))
-    total = e.sum(dim=-1, keepdim=True)
-    if values.shape[-1] < d.scaled.shape[-1]:
-        in_set = ((d.top_k > 0) & (d.top_k <= values.shape[-1]))[:, None]
-        total = torch.where(in_set, total, (d.scaled - largest).exp_().sum(dim=-1, keepdim=True))
-    return _filtered_draw(e, ids, total, d.top_p, d.u)
+    p = d.scaled.softmax(dim=-1).gather(1, ids) * ((d.top_k[:, None] == 0) | (ranks < d.top_k[:, None]))
+    top_k_set = ((d.top_k > 0) & (d.top_k <= values.shape[-1]))[:, None]
+    return _filtered_draw(p, ids, top_k_set, d.top_p, d.u)
 
 
 def sample(
