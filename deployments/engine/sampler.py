@@ -11,9 +11,9 @@ its passes over the [rows, vocabulary] logits: the code counts both.
 Sampling draws one uniform number per row and step from a counter-based hash of (seed, step),
 not from a stateful generator: a request's draw depends only on its own logits, seed and token
 index, never on which requests share the step, so a seeded request repeats exactly, and a whole
-batch of rows samples in one op. Top-k and top-p work on the `CANDIDATES` most likely tokens
-(a `topk`, not a sort of the vocabulary; see `top_candidates`); a row whose candidates do not hold its top-p
-mass falls back to the whole vocabulary, so the result is exact either way.
+batch of rows samples in one op. Top-k and top-p work on the `CANDIDATES` most likely tokens (a
+`topk`, not a sort of the vocabulary; see `top_candidates`); a row whose candidates do not hold
+its top-p mass falls back to the whole vocabulary, so the result is exact either way.
 
 Does not own stopping or text (see `batched`, `detokenizer`).
 """
@@ -301,8 +301,7 @@ def draw(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: tor
     if not needs.sampled:  # no row samples, so none needs the sort
         greedy = logits.argmax(dim=-1)
         return Draft(greedy, torch.zeros_like(greedy, dtype=torch.bool), logits, row.top_k, row.top_p, row.u)
-    # In place, as the exponentials below: each new [B, vocab] tensor is a few MB that a CPU
-    # first has to fault in and zero.
+    # In place: each new [B, vocab] tensor is a few MB that a CPU first has to fault in and zero.
     scaled = logits.div_(row.divisor[:, None])
     # Top-k first, then top-p over the top-k survivors' renormalized mass, as transformers'
     # warpers do; on the most likely CANDIDATES tokens, sorted.
