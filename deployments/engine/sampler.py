@@ -365,30 +365,30 @@ def finish(draft: Draft, fetch: Fetch | None = None) -> list[int]:
     # vocabulary for the rare rows whose 64 candidates miss the mass cost ~1 ms a step), then
     # the whole sort for the rows whose mass lies beyond those too.
     d = draft[rows]
-    values, ids = d.scaled.topk(min(SORT_CANDIDATES, d.scaled.shape[-1]), dim=-1)
-    drawn, mass = _sorted_draw(d, values, ids)
+    _, ids = d.scaled.topk(min(SORT_CANDIDATES, d.scaled.shape[-1]), dim=-1)
+    drawn, mass = _sorted_draw(d, ids)
     # Exact where the kept set lies among those tokens (top_k 0, no top-k, included) and
     # they hold the top-p mass.
-    exact = ((d.top_k <= values.shape[-1]) & (mass >= d.top_p)).tolist()
+    exact = ((d.top_k <= ids.shape[-1]) & (mass >= d.top_p)).tolist()
     for row, token, is_exact in zip(rows, drawn.tolist(), exact):
         if is_exact:
             tokens[row] = token
     rows = [row for row, is_exact in zip(rows, exact) if not is_exact]
     if rows:
         d = draft[rows]
-        values, ids = d.scaled.sort(dim=-1, descending=True)
-        for row, token in zip(rows, _sorted_draw(d, values, ids)[0].tolist()):
+        ids = d.scaled.argsort(dim=-1, descending=True)
+        for row, token in zip(rows, _sorted_draw(d, ids)[0].tolist()):
             tokens[row] = token
     return tokens
 
 
-def _sorted_draw(d: Draft, values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_filtered_draw` for `d`'s rows over `values` [B, n], their most likely scaled logits in
-    order (the tokens `ids`): all of the vocabulary, or its top n. The probabilities come from
-    the row's softmax as in `draw`, so either path gives a row the same numbers."""
-    ranks = torch.arange(values.shape[-1], device=values.device)
+def _sorted_draw(d: Draft, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_filtered_draw` for `d`'s rows over `ids` [B, n], their most likely tokens in order: all
+    of the vocabulary, or its top n. The probabilities come from the row's softmax as in `draw`,
+    so either path gives a row the same numbers."""
+    ranks = torch.arange(ids.shape[-1], device=ids.device)
     p = d.scaled.softmax(dim=-1).gather(1, ids) * ((d.top_k[:, None] == 0) | (ranks < d.top_k[:, None]))
-    top_k_set = ((d.top_k > 0) & (d.top_k <= values.shape[-1]))[:, None]
+    top_k_set = ((d.top_k > 0) & (d.top_k <= ids.shape[-1]))[:, None]
     return _filtered_draw(p, ids, top_k_set, d.top_p, d.u)
 
 
