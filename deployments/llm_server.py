@@ -36,11 +36,11 @@ class LLMServer:
         torch.set_num_threads(config.torch_threads or max(1, round(config.num_cpus)))
         self.engine: Engine
         if config.engine == "batched":
+            stream_chunks_per_s, replica_chunks_per_s = config.resolved_chunks_per_s(self.loaded.device.type)
             self.engine = BatchedEngine(
                 self.loaded, weights=config.resolved_weights(self.loaded.device.type, cpu_has_fast_int8()),
                 max_batch_size=config.max_batch_size,
-                max_chunks_per_s=config.resolved_replica_chunks_per_s(self.loaded.device.type),
-                max_stream_chunks_per_s=config.stream_chunks_per_s, cuda_graphs=config.cuda_graphs,
+                max_chunks_per_s=replica_chunks_per_s, max_stream_chunks_per_s=stream_chunks_per_s, cuda_graphs=config.cuda_graphs,
                 gpu_memory_fraction=config.gpu_memory_fraction, prefill_chunk_tokens=config.prefill_chunk_tokens,
             )
             # The engine keeps its own copy of the weights; transformers' (SmolLM2 fp32: 0.5 GB) can go.

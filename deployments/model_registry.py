@@ -91,9 +91,9 @@ class ModelConfig(_Strict):
     max_batch_size: int = Field(default=16, gt=0)
     # Streamed chunks cost CPU in the replica, the ingress and the proxy: the batched engine
     # sends each stream at most this many a second, and the replica about this many in all,
-    # coalescing tokens beyond that (the first token always goes at once). The replica's
-    # default depends on the device (`resolved_replica_chunks_per_s`).
-    stream_chunks_per_s: float = Field(default=40.0, gt=0)
+    # coalescing tokens beyond that (the first token always goes at once). Their defaults
+    # depend on the device (`resolved_chunks_per_s`).
+    stream_chunks_per_s: float | None = Field(default=None, gt=0)
     replica_chunks_per_s: float | None = Field(default=None, gt=0)
     # GPU replicas: decode steps replayed from CUDA graphs (off: every step eager, for
     # debugging), and the most of the GPU's free memory (at start) the KV cache may take; it
@@ -153,15 +153,22 @@ class ModelConfig(_Strict):
             )
         return self.weights
 
-    def resolved_replica_chunks_per_s(self, device_type: str) -> float:
-        """`replica_chunks_per_s`, or its default on `device_type`: 1,000 on CUDA, whose
-        machines have cores to spare (an H200 with 16 cores, 64 streams through HTTP: a chunk
-        every 64 ms instead of every 312 ms, at 16,392 vs 15,001 tok/s; greedy, HAProxy in
-        front; bench/gpu_bench.py); else 150, where the replica shares a few cores with the
-        proxy and ingress (150 vs 30 made no difference on 2 cores; mps not measured)."""
-        if self.replica_chunks_per_s is not None:
-            return self.replica_chunks_per_s
-        return 1000.0 if device_type == "cuda" else 150.0
+    def resolved_chunks_per_s(self, device_type: str) -> tuple[float, float]:
+        """(`stream_chunks_per_s`, `replica_chunks_per_s`), each configured value kept, else its
+        default on `device_type`.
+        - On CUDA 40 a stream (reads as smooth as every token) and 1,000 a replica: its machines
+          have cores to spare (an H200 with 16 cores, 64 streams through HTTP: a chunk every
+          64 ms instead of every 312 ms, at 16,392 vs 15,001 tok/s; greedy, HAProxy in front;
+          bench/gpu_bench.py).
+        - Elsewhere the replica shares a few cores with the proxy, the ingress and the client,
+          and each chunk costs them ~2.5 ms of CPU, taken from the engine: 20 a stream (one
+          stream through the original API on 2 cores, alternating runs: 212-248 tok/s in six
+          vs 208-224 in nine at 40) and 150 a replica (150 vs 30 made no difference there; mps not
+          measured)."""
+        on_cuda = device_type == "cuda"
+        stream = self.stream_chunks_per_s if self.stream_chunks_per_s is not None else 40.0 if on_cuda else 20.0
+        replica = self.replica_chunks_per_s if self.replica_chunks_per_s is not None else 1000.0 if on_cuda else 150.0
+        return stream, replica
 
     @field_validator("aliases", mode="before")
     @classmethod

@@ -70,9 +70,10 @@ def test_auto_settings_resolve_per_device_and_cpu_formats_are_refused_on_a_gpu()
     assert [packaged.resolved_weights(d) for d in ("cuda", "mps", "cpu")] == ["bf16", "fp16", "int4"]
     assert hub.resolved_weights("cpu") == "int8"
     assert hub.resolved_weights("cpu", has_fast_int8=False) == "fp32"  # no VNNI: int8 would be slower
-    # Chunk coalescing: a replica's default rate per device; a configured rate is kept as it is.
-    assert [packaged.resolved_replica_chunks_per_s(d) for d in ("cpu", "cuda", "mps")] == [150.0, 1000.0, 150.0]
-    assert packaged.model_copy(update={"replica_chunks_per_s": 60.0}).resolved_replica_chunks_per_s("cuda") == 60.0
+    # Chunk coalescing: (per stream, per replica) rates by device; a configured rate is kept as it is.
+    assert [packaged.resolved_chunks_per_s(d) for d in ("cpu", "cuda", "mps")] == [(20.0, 150.0), (40.0, 1000.0), (20.0, 150.0)]
+    assert packaged.model_copy(update={"replica_chunks_per_s": 60.0}).resolved_chunks_per_s("cuda") == (40.0, 60.0)
+    assert packaged.model_copy(update={"stream_chunks_per_s": 60.0}).resolved_chunks_per_s("cpu") == (60.0, 150.0)
     with pytest.raises(ValueError, match="model 'g': weights 'int8' run on the CPU only, not on device 'cuda'"):
         ModelConfig(name="g", device="cuda", weights="int8")
     with pytest.raises(ValueError, match="weights 'int4' run on the CPU only, but the replica is on cuda"):
