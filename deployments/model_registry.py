@@ -165,9 +165,11 @@ class ModelConfig(_Strict):
           stream through the original API on 2 cores, alternating runs: 212-248 tok/s in six
           vs 208-224 in nine at 40) and 150 a replica (150 vs 30 made no difference there; mps not
           measured)."""
-        on_cuda = device_type == "cuda"
-        stream = self.stream_chunks_per_s if self.stream_chunks_per_s is not None else 40.0 if on_cuda else 20.0
-        replica = self.replica_chunks_per_s if self.replica_chunks_per_s is not None else 1000.0 if on_cuda else 150.0
+        stream, replica = (40.0, 1000.0) if device_type == "cuda" else (20.0, 150.0)
+        if self.stream_chunks_per_s is not None:
+            stream = self.stream_chunks_per_s
+        if self.replica_chunks_per_s is not None:
+            replica = self.replica_chunks_per_s
         return stream, replica
 
     @field_validator("aliases", mode="before")

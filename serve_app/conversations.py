@@ -356,7 +356,8 @@ class ConversationService:
         """`write(*args, **kwargs)` in a task that a disconnect does not cancel: it runs with an
         empty context, as Serve keeps the request in contextvars and cancels every handle call
         made under a cancelled request. The task is referenced until done (asyncio holds tasks
-        only weakly); callers wait for it shielded."""
+        only weakly); it is awaited shielded, or from inside another such task (the prompt's
+        write, by the answer's)."""
 
         async def written() -> Any:
             return await write(*args, **kwargs)

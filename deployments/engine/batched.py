@@ -491,8 +491,8 @@ class BatchedEngine:
         """The least time between two streamed chunks of one request. Every streamed chunk costs
         CPU in the replica, the ingress, the proxy and the client (~2.5 ms in all on 2 cores),
         taken from the engine on a small machine. So the replica sends at most about
-        `max_chunks_per_s` in all and each stream at most `max_stream_chunks_per_s` (the
-        deployment's defaults per device: `ModelConfig.resolved_chunks_per_s`): many streams get
+        `max_chunks_per_s` in all and each stream at most `max_stream_chunks_per_s` (the caller
+        picks them for its device: fewer where the cores are shared): many streams get
         their text every few steps; a single stream gets every token when a step takes longer
         than 1 / `max_stream_chunks_per_s`."""
         return max(1 / self.max_stream_chunks_per_s, rows / self.max_chunks_per_s)

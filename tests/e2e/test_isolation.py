@@ -127,7 +127,7 @@ def test_a_replica_killed_mid_answer_ends_every_stream_cleanly_and_the_model_rec
         other_model = pool.submit(stream_text, url, httpx.get(f"{url}/conversations/start").json(), smol)
         deadline = time.monotonic() + 60
         # A few pieces each, not many: at a CPU stream's 20 chunks a second the tiny model's
-        # answers would be over before ten events came.
+        # answers could be over before ten events came.
         while len(progress) < 4 or min(progress.values()) < 4:
             assert time.monotonic() < deadline, f"the streams did not start: {progress}"
             time.sleep(0.05)
