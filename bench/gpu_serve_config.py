@@ -3,8 +3,10 @@ the packaged model's entry becomes SmolLM2's shape with random weights (the pack
 do not travel there), on CUDA, with a batch of 256. With `--chunks-per-s` values, one such
 model per value (named smollm2-random-VALUE), sharing the GPU, so one run of `gpu_bench.py
 --http` compares the replica's chunk rates side by side; without, one model at the default rate.
+The ingress runs --ingress-replicas replicas (default 4: each relays its streams on one core, and
+the GPU machine has 16).
 
-    python bench/gpu_serve_config.py OUT.yaml [--database PATH] [--chunks-per-s 150,1000]
+    python bench/gpu_serve_config.py OUT.yaml [--database PATH] [--chunks-per-s 150,1000] [--ingress-replicas 4]
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--database", default="/tmp/ray-chat-gpu/history.sqlite3")
     parser.add_argument("--chunks-per-s", default="", help="replica_chunks_per_s: one model per value")
+    parser.add_argument("--ingress-replicas", type=int, default=4)
     args = parser.parse_args()
     config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
     app = config["applications"][0]
     app["args"]["database_path"] = args.database
+    app["args"]["ingress_num_replicas"] = args.ingress_replicas
     packaged = app["args"]["models"][0]
     rates: list[float | None] = [float(r) for r in args.chunks_per_s.split(",")] if args.chunks_per_s else [None]
     app["args"]["models"] = [

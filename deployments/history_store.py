@@ -17,6 +17,7 @@ from typing import Any
 import aiosqlite
 
 from deployments.history_records import Conversation, ConversationSummary, Message, MessageRole, MessageStatus
+from deployments.turn_claims import TurnClaims
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -80,6 +81,8 @@ class HistoryStore:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
+        # Which turn answers in which conversation (one at a time each): see `turn_claims`.
+        self.turns = TurnClaims()
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +139,23 @@ class HistoryStore:
             row["parameters"] = json.loads(row["parameters"]) if row["parameters"] else None
         return Conversation(**summary.model_dump(), messages=[Message(**row) for row in rows])
 
+    async def begin_turn(self, conversation_id: int, turn_id: str) -> Conversation:
+        """The conversation, claimed for one answer by `turn_id` until that answer is stored
+        (`append_message(..., ends_turn=turn_id)`) or `end_turn`; `ConversationBusyError` while
+        another answer streams in it."""
+        self.turns.claim(conversation_id, turn_id)
+        try:
+            return await self.get_conversation(conversation_id)
+        except BaseException:
+            self.turns.release(conversation_id, turn_id)
+            raise
+
+    async def renew_turn(self, conversation_id: int, turn_id: str) -> None:
+        self.turns.claim(conversation_id, turn_id)
+
+    async def end_turn(self, conversation_id: int, turn_id: str) -> None:
+        self.turns.release(conversation_id, turn_id)
+
     async def rename_conversation(self, conversation_id: int, title: str) -> ConversationSummary:
         cursor = await self.db.execute(
             "UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?", (title, _as_text(_now()), conversation_id)
@@ -164,33 +184,39 @@ class HistoryStore:
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
         replace_after: int | None = None,
+        ends_turn: str | None = None,
     ) -> Message:
         """Adds one final message; the first user message also titles an untitled conversation.
         With `replace_after` (a message id), the messages after that one are deleted in the same
-        transaction: a regenerated answer replaces the old one atomically."""
-        now = _now()
+        transaction: a regenerated answer replaces the old one atomically. With `ends_turn`, that
+        turn's claim on the conversation is given back, stored or not (deleted meanwhile)."""
         try:
-            if replace_after is not None:
-                await self.db.execute(
-                    "DELETE FROM messages WHERE conversation_id = ? AND id > ?", (conversation_id, replace_after)
+            now = _now()
+            try:
+                if replace_after is not None:
+                    await self.db.execute(
+                        "DELETE FROM messages WHERE conversation_id = ? AND id > ?", (conversation_id, replace_after)
+                    )
+                cursor = await self.db.execute(
+                    "INSERT INTO messages (conversation_id, role, content, model, parameters, status, error,"
+                    " prompt_tokens, completion_tokens, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (conversation_id, role, content, model, json.dumps(parameters) if parameters else None,
+                     status, error, prompt_tokens, completion_tokens, _as_text(now)),
                 )
-            cursor = await self.db.execute(
-                "INSERT INTO messages (conversation_id, role, content, model, parameters, status, error,"
-                " prompt_tokens, completion_tokens, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (conversation_id, role, content, model, json.dumps(parameters) if parameters else None,
-                 status, error, prompt_tokens, completion_tokens, _as_text(now)),
+            except aiosqlite.IntegrityError:  # the foreign key: no such conversation (or deleted meanwhile)
+                await self.db.rollback()
+                raise ConversationNotFoundError(conversation_id) from None
+            title = title_from_prompt(content) if role == "user" else None
+            await self.db.execute(
+                "UPDATE conversations SET updated_at = ?, title = COALESCE(title, ?) WHERE id = ?",
+                (_as_text(now), title, conversation_id),
             )
-        except aiosqlite.IntegrityError:  # the foreign key: no such conversation (or deleted meanwhile)
-            await self.db.rollback()
-            raise ConversationNotFoundError(conversation_id) from None
-        title = title_from_prompt(content) if role == "user" else None
-        await self.db.execute(
-            "UPDATE conversations SET updated_at = ?, title = COALESCE(title, ?) WHERE id = ?",
-            (_as_text(now), title, conversation_id),
-        )
-        await self.db.commit()
-        return Message(
-            id=_inserted_id(cursor), role=role, content=content, model=model, parameters=parameters,
-            status=status, error=error, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-            created_at=now,
-        )
+            await self.db.commit()
+            return Message(
+                id=_inserted_id(cursor), role=role, content=content, model=model, parameters=parameters,
+                status=status, error=error, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                created_at=now,
+            )
+        finally:
+            if ends_turn is not None:
+                self.turns.release(conversation_id, ends_turn)

@@ -33,6 +33,13 @@ def deployment_name(model: ModelConfig) -> str:
     return "LLM-" + re.sub(r"[^A-Za-z0-9_-]", "_", model.name)
 
 
+def _replicas(num_replicas: int | str, autoscaling_config: dict | None) -> dict[str, Any]:
+    """Serve's replica options: a fixed count, or autoscaling instead of it."""
+    if autoscaling_config is not None:
+        return {"autoscaling_config": autoscaling_config}
+    return {"num_replicas": num_replicas}
+
+
 def _model_deployment(model: ModelConfig, settings: AppSettings) -> Application:
     options: dict[str, Any] = {
         "name": deployment_name(model),
@@ -49,10 +56,7 @@ def _model_deployment(model: ModelConfig, settings: AppSettings) -> Application:
             request_router_class=ConversationAffinityRouter,  # type: ignore[arg-type]
             request_router_kwargs={"imbalance_threshold": model.max_batch_size},
         )
-    if model.autoscaling_config is not None:
-        options["autoscaling_config"] = model.autoscaling_config
-    else:
-        options["num_replicas"] = model.num_replicas
+    options.update(_replicas(model.num_replicas, model.autoscaling_config))
     return _deployment(LLMDeployment).options(**options).bind(model, settings.model_cache_dir)
 
 
@@ -67,4 +71,5 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         ray_actor_options={"num_cpus": settings.ingress_num_cpus},
         max_ongoing_requests=settings.ingress_max_ongoing_requests,
         graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
+        **_replicas(settings.ingress_num_replicas, settings.ingress_autoscaling_config),
     ).bind(settings, models, history)

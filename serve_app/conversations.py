@@ -4,7 +4,9 @@ recording the turn.
 
 A stored turn is two final rows: the user's prompt once the model has produced its first output
 (so a rejected request stores nothing), and the answer once the stream ends, with status
-`complete`, `stopped` (client gone / stop) or `failed` (error text kept).
+`complete`, `stopped` (client gone / stop) or `failed` (error text kept). From its start until
+its answer is stored a turn holds a claim on its conversation in the history deployment
+(`deployments.turn_claims`): one answer at a time, whichever ingress replica relays it.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import contextvars
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client.core import Metric
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -28,6 +32,7 @@ from deployments.engine.protocol import EngineStats, GenerationOutput, Generatio
 from deployments.engine.sampling import SamplingParams
 from deployments.history_store import ConversationNotFoundError
 from deployments.model_registry import ModelConfig, ModelRegistry
+from deployments.turn_claims import TURN_LEASE_S
 from serve_app.metrics import ServiceMetrics
 from serve_app.protocol import (
     MAX_CONVERSATION_ID,
@@ -47,17 +52,6 @@ MODEL_STATE: dict[str, ModelState] = {
     "UPDATING": "loading",
     "UNHEALTHY": "failed", "DEPLOY_FAILED": "failed",
 }
-
-
-class ConversationBusyError(RuntimeError):
-    """A new answer was asked for while the conversation's previous one is still streaming
-    (409): two answers would race into one history."""
-
-    def __init__(self, conversation_id: int):
-        super().__init__(
-            f"conversation '{conversation_id}' is already answering; wait for the answer to finish or stop it "
-            f"(POST /conversations/{conversation_id}/stop), then send again"
-        )
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -130,6 +124,8 @@ class TurnRecord:
     conversation_id: int
     prompt: str
     parameters: dict[str, Any]
+    # The turn's claim on the conversation (`deployments.turn_claims`), given back with the answer.
+    claim: str
     # Regeneration: the prompt is stored already (this id); the answers after it are replaced.
     replace_after: int | None = None
 
@@ -144,6 +140,8 @@ class Turn:
     record: TurnRecord | None
     # Storing the prompt, under way while the answer streams (see `start_turn`).
     prompt_stored: asyncio.Task | None = None
+    # When the turn's claim on its conversation was taken or last renewed (`time.monotonic()`).
+    claim_renewed_at: float = 0.0
 
 
 def turn_request_id(conversation_id: int) -> str:
@@ -167,14 +165,21 @@ def affinity_key(record: TurnRecord | None, messages: list[dict[str, str]] | Non
 
 
 class ConversationService:
-    def __init__(self, registry: ModelRegistry, models: dict[str, DeploymentHandle], history: DeploymentHandle):
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        models: dict[str, DeploymentHandle],
+        history: DeploymentHandle,
+        ingress: DeploymentHandle | None = None,
+    ):
         self.registry = registry
         self.models = models
         self.history = history
+        # The ingress deployment this service runs in, whose every replica counts the turns it
+        # relays (None: driven alone, as in tests).
+        self.ingress = ingress
         self.metrics = ServiceMetrics()
         self._pending_writes: set[asyncio.Task] = set()
-        # Conversations answering through this ingress replica (one answer at a time each).
-        self._answering: set[int] = set()
 
     async def model_states(self) -> dict[str, ModelState]:
         """Each model's state from Serve's view of its deployment."""
@@ -195,6 +200,12 @@ class ConversationService:
     async def engine_stats(self) -> dict[str, list[EngineStats]]:
         """Every replica's engine stats, per model."""
         return await self._broadcast("stats")
+
+    async def turn_metrics(self) -> list[list[Metric]]:
+        """Every ingress replica's turn metrics (`Ingress.turn_metrics`)."""
+        if self.ingress is None:
+            return [self.metrics.families()]
+        return await self.ingress.broadcast("turn_metrics").results_async()
 
     async def list_ids(self) -> list[int]:
         return await self.history.list_conversation_ids.remote()
@@ -238,8 +249,8 @@ class ConversationService:
     ) -> Turn:
         """A turn in a stored conversation: its history goes before `new_messages`, whose last
         (user) message is stored with the answer."""
-        conversation = await self.get(raw_id)
-        record = TurnRecord(conversation.id, new_messages[-1]["content"], stored_parameters)
+        conversation, claim = await self._claim(raw_id)
+        record = TurnRecord(conversation.id, new_messages[-1]["content"], stored_parameters, claim)
         messages = context_messages(conversation.messages) + new_messages
         return await self.start_turn(model, params, messages=messages, record=record)
 
@@ -247,14 +258,22 @@ class ConversationService:
         self, raw_id: str, model: ModelConfig, params: SamplingParams, stored_parameters: dict[str, Any]
     ) -> Turn:
         """Answers the conversation's last prompt again; the new answer replaces the old one."""
-        conversation = await self.get(raw_id)
+        conversation, claim = await self._claim(raw_id)
         prompts = [i for i, m in enumerate(conversation.messages) if m.role == "user"]
         if not prompts:
+            await asyncio.shield(self._tell_history("end_turn", conversation.id, claim))
             raise InvalidRequestError(f"conversation '{conversation.id}' has no prompt to answer again")
         last = conversation.messages[prompts[-1]]
-        record = TurnRecord(conversation.id, last.content, stored_parameters, replace_after=last.id)
+        record = TurnRecord(conversation.id, last.content, stored_parameters, claim, replace_after=last.id)
         messages = context_messages(conversation.messages[: prompts[-1]]) + [{"role": "user", "content": last.content}]
         return await self.start_turn(model, params, messages=messages, record=record)
+
+    async def _claim(self, raw_id: str | int) -> tuple[Conversation, str]:
+        """The conversation, claimed for a new turn (`ConversationBusyError` while it answers),
+        and the claim, which the turn's answer gives back when it is stored."""
+        claim = uuid.uuid4().hex
+        conversation = await self.history.begin_turn.remote(parse_conversation_id(raw_id), claim)
+        return conversation, claim
 
     async def start_turn(
         self,
@@ -267,31 +286,17 @@ class ConversationService:
     ) -> Turn:
         """Starts generating and waits for the first output, so every error that can reject the
         request (prompt too long, model down) is raised here, before any byte is sent."""
-        request_id = turn_request_id(record.conversation_id) if record else None
         request = GenerationRequest(
-            messages=messages, prompt=prompt, params=params, request_id=request_id,
+            messages=messages, prompt=prompt, params=params,
+            request_id=turn_request_id(record.conversation_id) if record else None,
             affinity_key=affinity_key(record, messages, prompt),
         )
-        if record is not None:
-            if record.conversation_id in self._answering:
-                raise ConversationBusyError(record.conversation_id)
-            self._answering.add(record.conversation_id)  # released when `outputs` ends
         started = time.monotonic()
-        handle = self.models[model.name].options(stream=True)
-        # Ray types `remote()` as returning either kind of response; `stream=True` makes it the generator.
-        stream: DeploymentResponseGenerator = handle.generate.remote(request)  # type: ignore[assignment]
         try:
-            try:
-                first: GenerationOutput = await stream.__anext__()
-            except BackPressureError as exc:
-                # Serve's own handler would answer in plain text; ours names the model.
-                raise ModelOverloadedError(model) from exc
-            except BaseException:
-                stream.cancel()
-                raise
+            stream, first = await self._first_output(model, request)
         except BaseException:
-            if record is not None:
-                self._answering.discard(record.conversation_id)
+            if record is not None:  # given back before the error is answered: a retry finds it free
+                await asyncio.shield(self._tell_history("end_turn", record.conversation_id, record.claim))
             raise
         self.metrics.turn_started(model.name, time.monotonic() - started)
         prompt_stored = None
@@ -302,7 +307,23 @@ class ConversationService:
                 self.history.append_message.remote, record.conversation_id, "user", record.prompt, model=model.name,
                 parameters=record.parameters,
             )
-        return Turn(model, first, stream, record, prompt_stored)
+        return Turn(model, first, stream, record, prompt_stored, claim_renewed_at=started)
+
+    async def _first_output(
+        self, model: ModelConfig, request: GenerationRequest
+    ) -> tuple[DeploymentResponseGenerator, GenerationOutput]:
+        """The model's stream for `request` and its first output (the stream cancelled if that fails)."""
+        handle = self.models[model.name].options(stream=True)
+        # Ray types `remote()` as returning either kind of response; `stream=True` makes it the generator.
+        stream: DeploymentResponseGenerator = handle.generate.remote(request)  # type: ignore[assignment]
+        try:
+            return stream, await stream.__anext__()
+        except BackPressureError as exc:
+            # Serve's own handler would answer in plain text; ours names the model.
+            raise ModelOverloadedError(model) from exc
+        except BaseException:
+            stream.cancel()
+            raise
 
     async def outputs(self, turn: Turn) -> AsyncGenerator[GenerationOutput, None]:
         """The turn's outputs, first one included, ending with the one that has a finish
@@ -317,6 +338,7 @@ class ConversationService:
             if output.finish_reason is None:
                 async for output in turn.stream:
                     pieces.append(output.text)
+                    self._keep_claim(turn)
                     yield output
         except (asyncio.CancelledError, GeneratorExit):
             status = "stopped"
@@ -332,14 +354,20 @@ class ConversationService:
             if status != "complete":
                 turn.stream.cancel()
             if turn.record is not None:
-                self._answering.discard(turn.record.conversation_id)
                 answer = dict(
                     model=turn.model.name, parameters=turn.record.parameters, status=status, error=error,
                     prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens,
-                    replace_after=turn.record.replace_after,
+                    replace_after=turn.record.replace_after, ends_turn=turn.record.claim,
                 )
                 content = "".join(pieces)
                 await asyncio.shield(self._write_surely(self._store_answer, turn.record.conversation_id, content, answer, turn.prompt_stored))
+
+    def _keep_claim(self, turn: Turn) -> None:
+        """Renews the turn's claim on its conversation every third of the claim's lease: an
+        answer may stream for longer than one."""
+        if turn.record is not None and time.monotonic() - turn.claim_renewed_at > TURN_LEASE_S / 3:
+            turn.claim_renewed_at = time.monotonic()
+            self._tell_history("renew_turn", turn.record.conversation_id, turn.record.claim)
 
     async def text_pieces(self, turn: Turn) -> AsyncGenerator[str, None]:
         """The turn as plain text pieces (the original API's stream). A failure after the first
@@ -367,6 +395,18 @@ class ConversationService:
         task.add_done_callback(self._pending_writes.discard)
         return task
 
+    def _tell_history(self, method: str, *args: Any) -> asyncio.Task:
+        """Calls `method` on the history deployment (a claim given back or renewed) in a task
+        that may be left to run; a failure is logged, and the claim's lease makes up for it."""
+
+        async def told() -> None:
+            try:
+                await getattr(self.history, method).remote(*args)
+            except Exception:  # noqa: BLE001 - nobody waits for this call
+                logger.warning("history.%s%s failed", method, args, exc_info=True)
+
+        return self._write_surely(told)
+
     async def _store_answer(
         self, conversation_id: int, content: str, answer: dict[str, Any], prompt_stored: asyncio.Task | None
     ) -> None:
@@ -376,3 +416,5 @@ class ConversationService:
             await self.history.append_message.remote(conversation_id, "assistant", content, **answer)
         except ConversationNotFoundError:
             logger.info("conversation %s was deleted while answering; answer dropped", conversation_id)
+            # Where the prompt's write found it gone, the answer's (which gives it back) never ran.
+            await self.history.end_turn.remote(conversation_id, answer["ends_turn"])

@@ -16,6 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import Metric
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
@@ -28,14 +29,15 @@ from deployments.engine.protocol import InvalidRequestError
 from deployments.history_store import ConversationNotFoundError
 from deployments.logs import show_our_logs
 from deployments.model_registry import ModelRegistry, UnknownModelError
+from deployments.turn_claims import ConversationBusyError
 from serve_app.conversations import (
-    ConversationBusyError,
     ConversationService,
     ModelOverloadedError,
     UnknownRevisionError,
     conversation_markdown,
     parse_conversation_id,
 )
+from serve_app.metrics import render as metrics_text
 from serve_app.openai_api import create_openai_router
 from serve_app.protocol import (
     Conversation,
@@ -359,7 +361,7 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         """Prometheus metrics: turns, TTFT, tokens, active and queued streams per model."""
-        body = service.metrics.render(await service.engine_stats())
+        body = metrics_text(await service.turn_metrics(), await service.engine_stats())
         return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(create_openai_router(service))
@@ -380,7 +382,13 @@ class Ingress:
     def __init__(self, settings: AppSettings, models: dict[str, DeploymentHandle], history: DeploymentHandle):
         show_our_logs()
         self.settings = settings
-        self.service = ConversationService(ModelRegistry(settings.models), models, history)
+        context = serve.get_replica_context()
+        replicas = serve.get_deployment_handle(context.deployment, context.app_name)
+        self.service = ConversationService(ModelRegistry(settings.models), models, history, replicas)
+
+    def turn_metrics(self) -> list[Metric]:
+        """This replica's turn metrics, for the replica that answers a scrape (`/metrics`)."""
+        return self.service.metrics.families()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.settings, self.service)

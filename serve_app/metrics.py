@@ -1,14 +1,19 @@
 """Prometheus metrics of the chat service, served by the ingress at `/metrics`.
 
-Counters and histograms are observed where turns start and end (in this ingress replica); the
-per-model stream gauges are read from every model replica at scrape time, so they are exact
-however many replicas run. Ray Serve's own metrics (per deployment request rates, latencies,
-replica counts) are exported by Ray on each node's metrics port, as usual for Ray.
+Counters and histograms are observed where turns start and end, in whichever ingress replica
+relays the turn; the replica that answers a scrape adds up every ingress replica's (a scrape
+reaches one of them at random), so the totals do not depend on which one answers. The per-model
+stream gauges are read from every model replica at scrape time, so they are exact however many
+replicas run. Ray Serve's own metrics (per deployment request rates, latencies, replica counts)
+are exported by Ray on each node's metrics port, as usual for Ray.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from deployments.engine.protocol import EngineStats
 
@@ -16,6 +21,8 @@ TTFT_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32)
 
 
 class ServiceMetrics:
+    """One ingress replica's turn metrics."""
+
     def __init__(self) -> None:
         # A registry per app, not the process-global one, so two apps in one process (tests)
         # don't collide.
@@ -29,17 +36,6 @@ class ServiceMetrics:
         )
         self.tokens = Counter("chat_generated_tokens", "Tokens generated", ["model"], registry=self.registry)
         self.prompt_tokens = Counter("chat_prompt_tokens", "Prompt tokens read", ["model"], registry=self.registry)
-        self.active = Gauge("chat_active_streams", "Streams being decoded, all replicas", ["model"], registry=self.registry)
-        self.queued = Gauge("chat_queued_streams", "Streams waiting for a slot, all replicas", ["model"], registry=self.registry)
-        self.served = Gauge(
-            "chat_replica_requests", "Requests the model's replicas have received since they started", ["model"],
-            registry=self.registry,
-        )
-        self.reused = Gauge(
-            "chat_prompt_tokens_reused",
-            "Prompt tokens the model's replicas took from their prefix cache instead of computing, since they started",
-            ["model"], registry=self.registry,
-        )
 
     def turn_started(self, model: str, ttft_s: float) -> None:
         self.ttft.labels(model).observe(ttft_s)
@@ -49,10 +45,63 @@ class ServiceMetrics:
         self.prompt_tokens.labels(model).inc(prompt_tokens)
         self.tokens.labels(model).inc(completion_tokens)
 
-    def render(self, stats_by_model: dict[str, list[EngineStats]]) -> bytes:
+    def families(self) -> list[Metric]:
+        """This replica's samples, for the replica that answers a scrape to add up."""
+        return list(self.registry.collect())
+
+
+def added_up(per_replica: list[list[Metric]]) -> list[Metric]:
+    """Each family's samples summed over the ingress replicas, label set by label set (counts,
+    sums and histogram buckets add up); a `_created` time is the earliest replica's."""
+    merged: dict[str, Metric] = {}
+    values: dict[str, dict[tuple, float]] = {}
+    for families in per_replica:
+        for family in families:
+            merged.setdefault(family.name, Metric(family.name, family.documentation, family.type, family.unit))
+            totals = values.setdefault(family.name, {})
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                earlier = totals.get(key)
+                if earlier is None:
+                    totals[key] = sample.value
+                else:
+                    totals[key] = min(earlier, sample.value) if sample.name.endswith("_created") else earlier + sample.value
+    for name, family in merged.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    return list(merged.values())
+
+
+def stream_gauges(stats_by_model: dict[str, list[EngineStats]]) -> Iterator[Metric]:
+    """The model replicas' own counts, summed over each model's replicas."""
+    gauges = (
+        ("chat_active_streams", "Streams being decoded, all replicas", lambda s: s.active_requests),
+        ("chat_queued_streams", "Streams waiting for a slot, all replicas", lambda s: s.queued_requests),
+        ("chat_replica_requests", "Requests the model's replicas have received since they started",
+         lambda s: s.total_requests),
+        ("chat_prompt_tokens_reused",
+         "Prompt tokens the model's replicas took from their prefix cache instead of computing, since they started",
+         lambda s: s.reused_prompt_tokens),
+    )
+    for name, documentation, read in gauges:
+        gauge = GaugeMetricFamily(name, documentation, labels=["model"])
         for model, replicas in stats_by_model.items():
-            self.active.labels(model).set(sum(s.active_requests for s in replicas))
-            self.queued.labels(model).set(sum(s.queued_requests for s in replicas))
-            self.served.labels(model).set(sum(s.total_requests for s in replicas))
-            self.reused.labels(model).set(sum(s.reused_prompt_tokens for s in replicas))
-        return generate_latest(self.registry)
+            gauge.add_metric([model], sum(read(s) for s in replicas))
+        yield gauge
+
+
+class _Collected:
+    """Families collected already, in the shape a registry takes (a collector)."""
+
+    def __init__(self, families: list[Metric]):
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def render(per_replica: list[list[Metric]], stats_by_model: dict[str, list[EngineStats]]) -> bytes:
+    """The text a scrape gets: every ingress replica's turn metrics added up, then the gauges."""
+    registry = CollectorRegistry()
+    registry.register(_Collected([*added_up(per_replica), *stream_gauges(stats_by_model)]))
+    return generate_latest(registry)

@@ -32,6 +32,13 @@ class AppSettings(BaseModel):
     api_key: str | None = Field(default_factory=lambda: os.environ.get("RAY_CHAT_API_KEY") or None, min_length=8)
     # The light deployments take a sliver of a CPU so the model replicas can be scheduled.
     ingress_num_cpus: float = Field(default=0.1, ge=0)
+    # Ingress replicas: each relays its streams' chunks and sets up its requests on one core, so
+    # a GPU serving hundreds of streams wants several. They share nothing but the history
+    # deployment, which also keeps each conversation to one answer at a time. Serve's
+    # `autoscaling_config` (min_replicas, max_replicas, target_ongoing_requests, ...) replaces
+    # the count.
+    ingress_num_replicas: int = Field(default=1, gt=0)
+    ingress_autoscaling_config: dict | None = None
     # Streams one ingress replica relays at once (Serve's default of 5 would queue the 6th
     # chat in the proxy); model replicas bound the real work.
     ingress_max_ongoing_requests: int = Field(default=256, gt=0)

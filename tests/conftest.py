@@ -40,6 +40,10 @@ def serve_app(tmp_path_factory) -> ServeApp:
     args = config_app_args()
     args["database_path"] = str(database_path)
     args["models"] += TEST_MODELS
+    # Two ingress replicas, as a busy service runs: every test then goes through either, and
+    # what they must agree on (one answer at a time per conversation, /metrics) is exercised.
+    # The models above leave 0.1 of the 2 CPUs Ray is given.
+    args["ingress_num_replicas"], args["ingress_num_cpus"] = 2, 0.05
     # A Ray instance of its own ("local"), even where `ray start` left a cluster (live or dead)
     # that ray.init() would otherwise join. No dashboard: it would clash with that cluster's.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

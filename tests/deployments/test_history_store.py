@@ -6,6 +6,7 @@ import sqlite3
 import pytest
 
 from deployments.history_store import ConversationNotFoundError, HistoryStore
+from deployments.turn_claims import ConversationBusyError
 
 
 @pytest.fixture
@@ -98,3 +99,32 @@ async def test_history_survives_reopening_and_ids_are_never_reused(tmp_path):
     assert [m.content for m in (await reopened.get_conversation(kept.id)).messages] == ["persist me"]
     assert (await reopened.create_conversation()).id > dropped.id
     await reopened.close()
+
+
+async def test_a_turn_holds_its_conversation_until_its_answer_is_stored(store):
+    conversation = await store.create_conversation()
+    other = await store.create_conversation()
+    assert (await store.begin_turn(conversation.id, "first")).id == conversation.id
+    with pytest.raises(ConversationBusyError):
+        await store.begin_turn(conversation.id, "second")
+    await store.begin_turn(other.id, "elsewhere")
+    await store.append_message(conversation.id, "user", "hi")  # the prompt: still answering
+    with pytest.raises(ConversationBusyError):
+        await store.begin_turn(conversation.id, "second")
+    await store.append_message(conversation.id, "assistant", "hello", ends_turn="first")
+    next_turn = await store.begin_turn(conversation.id, "second")
+    assert [m.content for m in next_turn.messages] == ["hi", "hello"]  # it sees the stored answer
+    await store.end_turn(conversation.id, "second")  # a turn that failed to start
+    await store.begin_turn(conversation.id, "third")
+
+
+async def test_a_turn_on_a_missing_or_deleted_conversation_gives_its_claim_back(store):
+    with pytest.raises(ConversationNotFoundError):
+        await store.begin_turn(12345, "a")
+    assert store.turns.holder(12345) is None
+    conversation = await store.create_conversation()
+    await store.begin_turn(conversation.id, "a")
+    await store.delete_conversation(conversation.id)
+    with pytest.raises(ConversationNotFoundError):
+        await store.append_message(conversation.id, "assistant", "late", ends_turn="a")
+    assert store.turns.holder(conversation.id) is None

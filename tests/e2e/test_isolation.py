@@ -68,18 +68,25 @@ def test_poison_requests_get_their_4xx_and_a_running_stream_streams_on_unchanged
     assert together == alone
 
 
-def test_a_second_answer_while_the_first_streams_is_refused_with_409(serve_app):
+def test_a_second_answer_while_the_first_streams_is_refused_with_409_by_every_ingress_replica(serve_app):
+    """The app runs two ingress replicas; Serve's router sends a request to the less busy of
+    them, here mostly the one not relaying the stream, so the refusals cover both."""
     url = serve_app.url
     conversation_id = httpx.get(f"{url}/conversations/start").json()
     refusals = []
 
+    def ask(path: str) -> httpx.Response:
+        body = {"prompt": "again"} if path == "generate" else {}
+        return httpx.post(f"{url}/conversations/{conversation_id}/{path}", json=body, timeout=60)
+
     def ask_again(received: bytes) -> None:
         if not refusals:
-            refusals.append(httpx.post(f"{url}/conversations/{conversation_id}/generate", json={"prompt": "again"}, timeout=60))
+            with ThreadPoolExecutor(8) as pool:
+                refusals.extend(pool.map(ask, ["generate"] * 6 + ["regenerate"] * 2))
 
     stream_text(url, conversation_id, {**LONG_GREEDY, "sample_len": 200}, ask_again)
-    assert refusals[0].status_code == 409
-    assert refusals[0].json()["detail"].startswith(f"conversation '{conversation_id}' is already answering")
+    assert [r.status_code for r in refusals] == [409] * 8
+    assert all(r.json()["detail"].startswith(f"conversation '{conversation_id}' is already answering") for r in refusals)
     stored = httpx.get(f"{url}/conversations/{conversation_id}").json()["messages"]
     assert [m["role"] for m in stored] == ["user", "assistant"]
     # Once the answer is done, the conversation takes the next prompt.

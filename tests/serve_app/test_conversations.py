@@ -6,14 +6,17 @@ from datetime import UTC, datetime
 
 import pytest
 from ray.exceptions import ActorDiedError
+from ray.serve.exceptions import BackPressureError
 
-from deployments.engine.protocol import GenerationOutput
+from deployments.engine.protocol import GenerationOutput, InvalidRequestError
 from deployments.engine.sampling import SamplingParams
-from deployments.history_store import ConversationNotFoundError
+from deployments.history_store import ConversationNotFoundError, HistoryStore
 from deployments.model_registry import ModelConfig, ModelRegistry
+from deployments.turn_claims import TURN_LEASE_S, ConversationBusyError, TurnClaims
+from serve_app import conversations as conversations_module
 from serve_app.conversations import (
-    ConversationBusyError,
     ConversationService,
+    ModelOverloadedError,
     TurnRecord,
     affinity_key,
     context_messages,
@@ -42,9 +45,9 @@ def test_the_turns_of_a_conversation_share_an_affinity_key_and_other_conversatio
     later = [*first, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Go on"}]
     assert affinity_key(None, first, None) == affinity_key(None, later, None)
     assert affinity_key(None, first, None) != affinity_key(None, [system, {"role": "user", "content": "Bye"}], None)
-    stored = TurnRecord(conversation_id=7, prompt="Hi", parameters={})
+    stored = TurnRecord(conversation_id=7, prompt="Hi", parameters={}, claim="t")
     assert affinity_key(stored, first, None) == affinity_key(stored, later, None) != affinity_key(None, first, None)
-    assert affinity_key(TurnRecord(conversation_id=8, prompt="Hi", parameters={}), first, None) != affinity_key(stored, first, None)
+    assert affinity_key(TurnRecord(conversation_id=8, prompt="Hi", parameters={}, claim="t"), first, None) != affinity_key(stored, first, None)
     # A completion that extends an earlier prompt keeps its key.
     opening = "Once upon a time " * 20
     assert affinity_key(None, None, opening) == affinity_key(None, None, opening + "there was a dragon.")
@@ -91,7 +94,7 @@ def test_markdown_export_names_speakers_and_marks_unfinished_answers():
     )
 
 
-# --- turns, driven without Ray: a model replica's stream and the history are stand-ins --------
+# --- turns, driven without Ray: a model replica's stream is a stand-in, history a real store ---
 
 
 class FakeStream:
@@ -123,33 +126,47 @@ class Remote:
 class FakeModel:
     """A model deployment's handle whose `generate` calls return the given streams in turn."""
 
-    def __init__(self, *streams: FakeStream):
+    def __init__(self, *streams: FakeStream | BaseException):
         self._streams = list(streams)
-        self.generate = Remote(lambda request: self._streams.pop(0))
+        self.generate = Remote(self._generate)
+
+    def _generate(self, request) -> FakeStream:
+        stream = self._streams.pop(0)
+        if isinstance(stream, BaseException):
+            raise stream
+        return stream
 
     def options(self, stream: bool):
         return self
 
 
-class FakeHistory:
-    """The history deployment: one conversation (id 1), appended messages kept in order."""
+class HistoryHandle:
+    """The history deployment's handle, over a real store: `handle.get_conversation.remote(1)`
+    awaits `store.get_conversation(1)`. A method set on the handle replaces the store's."""
 
-    def __init__(self):
-        self.appended: list[dict] = []
-        self.get_conversation = Remote(self._get)
-        self.append_message = Remote(self._append)
+    def __init__(self, store: HistoryStore):
+        self.store = store
 
-    async def _get(self, conversation_id: int) -> Conversation:
-        return Conversation(id=conversation_id, title=None, created_at=NOW, updated_at=NOW, messages=[])
-
-    async def _append(self, conversation_id: int, role: str, content: str, **fields) -> None:
-        self.appended.append({"role": role, "content": content, **fields})
+    def __getattr__(self, name: str) -> Remote:
+        return Remote(getattr(self.store, name))
 
 
-def service_with(*streams: FakeStream) -> tuple[ConversationService, FakeHistory]:
+@pytest.fixture
+async def history(tmp_path):
+    store = HistoryStore(tmp_path / "history.sqlite3")
+    await store.open()
+    await store.create_conversation()  # id 1, where every turn below is taken
+    yield HistoryHandle(store)
+    await store.close()
+
+
+async def stored(history: HistoryHandle) -> list[Message]:
+    return (await history.store.get_conversation(1)).messages
+
+
+def service_with(history: HistoryHandle, *streams: FakeStream | BaseException) -> ConversationService:
     registry = ModelRegistry([ModelConfig(name="m", source={"kind": "tiny_random"})])
-    history = FakeHistory()
-    return ConversationService(registry, {"m": FakeModel(*streams)}, history), history
+    return ConversationService(registry, {"m": FakeModel(*streams)}, history)
 
 
 def outputs(*texts: str, finish: str | None = None) -> list[GenerationOutput]:
@@ -161,21 +178,21 @@ async def start(service: ConversationService):
     return await service.conversation_turn(1, [{"role": "user", "content": "hi"}], model, SamplingParams(), {})
 
 
-async def test_a_replica_dying_mid_answer_ends_the_text_stream_with_the_marker_and_stores_why():
-    service, history = service_with(FakeStream(outputs("Hel", "lo"), error=ActorDiedError()))
+async def test_a_replica_dying_mid_answer_ends_the_text_stream_with_the_marker_and_stores_why(history):
+    service = service_with(history, FakeStream(outputs("Hel", "lo"), error=ActorDiedError()))
     turn = await start(service)
     pieces = [piece async for piece in service.text_pieces(turn)]
     assert pieces[:2] == ["Hel", "lo"]
     assert pieces[2].startswith(f"\n{STREAM_ERROR_MARKER}the model's replica stopped while answering")
     assert pieces[2].endswith("\n")
-    user, answer = history.appended
-    assert (user["role"], user["content"]) == ("user", "hi")
-    assert (answer["content"], answer["status"]) == ("Hello", "failed")
-    assert answer["error"].startswith("the model's replica stopped while answering")
+    user, answer = await stored(history)
+    assert (user.role, user.content) == ("user", "hi")
+    assert (answer.content, answer.status) == ("Hello", "failed")
+    assert answer.error.startswith("the model's replica stopped while answering")
 
 
-async def test_an_openai_stream_that_fails_ends_with_an_error_event_then_done():
-    service, history = service_with(FakeStream(outputs("Hel"), error=RuntimeError("CUDA out of memory")))
+async def test_an_openai_stream_that_fails_ends_with_an_error_event_then_done(history):
+    service = service_with(history, FakeStream(outputs("Hel"), error=RuntimeError("CUDA out of memory")))
     turn = await start(service)
     events = [event async for event in sse_events(service, turn, lambda text, finish: Usage(
         prompt_tokens=0, completion_tokens=len(text or ""), total_tokens=0), None)]
@@ -183,42 +200,86 @@ async def test_an_openai_stream_that_fails_ends_with_an_error_event_then_done():
     error = json.loads(events[1].decode().removeprefix("data: "))["error"]
     assert error["message"] == "the answer failed: CUDA out of memory" and error["code"] == 503
     assert events[2].strip() == b"data: [DONE]"
-    assert history.appended[-1]["status"] == "failed"
+    assert (await stored(history))[-1].status == "failed"
 
 
-async def test_a_second_answer_while_the_conversation_still_answers_is_refused():
-    service, history = service_with(FakeStream(outputs("a", "b", finish="stop")), FakeStream(outputs("c", finish="stop")))
+async def test_a_second_answer_while_the_conversation_still_answers_is_refused(history):
+    service = service_with(history, FakeStream(outputs("a", "b", finish="stop")), FakeStream(outputs("c", finish="stop")))
     first = await start(service)
+    # Another ingress replica: its own service, the same history.
     with pytest.raises(ConversationBusyError, match="conversation '1' is already answering"):
+        await start(service_with(history, FakeStream(outputs("x", finish="stop"))))
+    with pytest.raises(ConversationBusyError):
         await start(service)
     assert [piece async for piece in service.text_pieces(first)] == ["a", "b"]
-    second = await start(service)  # the first answer has ended: the conversation is free again
+    second = await start(service)  # the first answer is stored: the conversation is free again
     assert [piece async for piece in service.text_pieces(second)] == ["c"]
-    assert [m["role"] for m in history.appended] == ["user", "assistant", "user", "assistant"]
+    assert [(m.role, m.content) for m in await stored(history)] == [("user", "hi"), ("assistant", "ab"), ("user", "hi"), ("assistant", "c")]
 
 
-async def test_the_answer_streams_while_its_prompt_is_stored_and_is_stored_after_it():
+@pytest.mark.parametrize(("failure", "answered_as"), [
+    (FakeStream([], error=BackPressureError(num_queued_requests=1, max_queued_requests=1)), ModelOverloadedError),
+    (FakeStream([], error=ValueError("prompt too long")), ValueError),
+    (RuntimeError("no replica"), RuntimeError),  # raised by the call itself
+])
+async def test_a_turn_that_fails_to_start_frees_its_conversation_before_the_error_is_answered(history, failure, answered_as):
+    service = service_with(history, failure, FakeStream(outputs("ok", finish="stop")))
+    with pytest.raises(answered_as):
+        await start(service)
+    assert history.store.turns.holder(1) is None  # a retry at once is taken
+    retry = await start(service)
+    assert [piece async for piece in service.text_pieces(retry)] == ["ok"]
+
+
+async def test_regenerating_where_there_is_no_prompt_frees_the_conversation(history):
+    service = service_with(history, FakeStream(outputs("ok", finish="stop")))
+    with pytest.raises(InvalidRequestError, match="has no prompt to answer again"):
+        await service.regenerate_turn("1", service.registry.default, SamplingParams(), {})
+    assert history.store.turns.holder(1) is None
+
+
+async def test_a_long_answer_renews_its_claim_so_no_other_turn_takes_the_conversation(history, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(conversations_module.time, "monotonic", lambda: clock[0])
+    history.store.turns = TurnClaims(lease_s=TURN_LEASE_S, clock=lambda: clock[0])
+    texts = [f"{i} " for i in range(10)]
+    service = service_with(history, FakeStream(outputs(*texts, finish="stop")))
+    turn = await start(service)
+    pieces = service.text_pieces(turn)
+    received = [await anext(pieces)]
+    for _ in range(8):  # 8 outputs, 30 s apart: 4 leases long
+        clock[0] += 30
+        received.append(await anext(pieces))
+        await asyncio.sleep(0)  # the renewal's call runs
+    with pytest.raises(ConversationBusyError):
+        await start(service_with(history, FakeStream(outputs("x", finish="stop"))))
+    received += [piece async for piece in pieces]
+    assert "".join(received) == "".join(texts)
+    assert history.store.turns.holder(1) is None
+
+
+async def test_the_answer_streams_while_its_prompt_is_stored_and_is_stored_after_it(history):
     """Storing the prompt (an SQLite commit) is not on the way to the first byte; the answer,
     stored when the stream ends, still follows its prompt."""
-    service, history = service_with(FakeStream(outputs("Hel", "lo", finish="stop")))
+    service = service_with(history, FakeStream(outputs("Hel", "lo", finish="stop")))
     commit = asyncio.Event()
-    append = history._append
+    append = history.store.append_message
 
-    async def slow_append(conversation_id: int, role: str, content: str, **fields) -> None:
+    async def slow_append(conversation_id: int, role: str, content: str, **fields):
         if role == "user":
             await commit.wait()
-        await append(conversation_id, role, content, **fields)
+        return await append(conversation_id, role, content, **fields)
 
-    history.append_message = Remote(slow_append)
+    history.store.append_message = slow_append
     turn = await asyncio.wait_for(start(service), 5)  # the first output needs no write
     pieces = service.text_pieces(turn)
     assert await anext(pieces) == "Hel"
-    assert history.appended == []  # the prompt's write is still under way
+    assert await stored(history) == []  # the prompt's write is still under way
     rest = asyncio.create_task(anext(pieces))
     assert await rest == "lo"
     ending = asyncio.create_task(anext(pieces, None))
     await asyncio.sleep(0.05)
-    assert not ending.done() and history.appended == []  # the answer waits for its prompt
+    assert not ending.done() and await stored(history) == []  # the answer waits for its prompt
     commit.set()
     assert await ending is None
-    assert [(m["role"], m["content"]) for m in history.appended] == [("user", "hi"), ("assistant", "Hello")]
+    assert [(m.role, m.content) for m in await stored(history)] == [("user", "hi"), ("assistant", "Hello")]

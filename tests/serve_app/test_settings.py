@@ -29,3 +29,13 @@ def test_each_model_becomes_its_own_named_deployment():
     app = build_app({"models": [{"name": "SmolLM2-135M-Instruct"}, {"name": "org/model:v1", "source": {"kind": "tiny_random"}}]})
     assert app is not None
     assert deployment_name(AppSettings.model_validate({"models": [{"name": "org/model:v1"}]}).models[0]) == "LLM-org_model_v1"
+
+
+def test_the_ingress_runs_as_many_replicas_as_configured_or_autoscales():
+    assert build_app({})._bound_deployment.num_replicas == 1
+    assert build_app({"ingress_num_replicas": 3})._bound_deployment.num_replicas == 3
+    scaled = build_app({"ingress_autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 64}})
+    autoscaling = scaled._bound_deployment._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 4, 64)
+    with pytest.raises(ValidationError, match="ingress_num_replicas"):
+        AppSettings.model_validate({"ingress_num_replicas": 0})
