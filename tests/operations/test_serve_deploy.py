@@ -4,7 +4,8 @@ with the `serve` CLI, and check what operators rely on: every deployment healthy
 status`, model replicas on the worker node and the history owner on the head (custom
 resources), relative paths resolved where the head was started, a conversation's turns kept on
 one of two replicas (its prefix cache reused), a model scaled 1 -> 2 -> 1 replicas by load, and
-a `serve deploy` of a changed config under load that fails no request and breaks no stream.
+a `serve deploy` of a changed config under load (the ingress scaled to two replicas with
+it) that fails no request and breaks no stream.
 
 The nodes run under `ray start --block` and are stopped with SIGTERM, not `ray stop`, which
 stops every Ray process on the machine (the other tests' Ray included). The tests run in file
@@ -59,14 +60,16 @@ def deployments_in(serve_status: str) -> dict:
     return ((status.get("applications") or {}).get("chat") or {}).get("deployments") or {}
 
 
-def app_config(models: list[dict], port: int) -> dict:
-    """A variant of serve_config.yaml: the same application, tiny models, pinned to nodes."""
+def app_config(models: list[dict], port: int, **args) -> dict:
+    """A variant of serve_config.yaml: the same application, tiny models, pinned to nodes, and
+    any further application `args`."""
     shipped = yaml.safe_load((Path(__file__).resolve().parents[2] / "serve_config.yaml").read_text())
     (app,) = shipped["applications"]
     app["args"] = {
         "database_path": "data/history.sqlite3",  # relative: resolved where the head was started
         "history_resources": {"history_node": 0.01},
         "models": models,
+        **args,
     }
     return {**shipped, "http_options": {"host": "127.0.0.1", "port": port}, "applications": [app]}
 
@@ -267,7 +270,8 @@ def test_a_model_scales_up_under_load_and_back_down_after(cluster, client):
 
 
 def test_serve_deploy_of_a_changed_config_under_load_fails_no_request_and_breaks_no_stream(cluster, client, report):
-    """Fewer replicas of one model with other limits, and a new model, while four users stream."""
+    """Fewer replicas of one model with other limits, a new model, and a second ingress replica,
+    while four users stream."""
     counts = {"complete": 0, "refused": 0, "broken": 0}
     upgrading = True
 
@@ -289,11 +293,12 @@ def test_serve_deploy_of_a_changed_config_under_load_fails_no_request_and_breaks
         async with httpx.AsyncClient(base_url=cluster.url, timeout=120) as http:
             users = [asyncio.create_task(user(i, http)) for i in range(4)]
             await asyncio.sleep(3)
-            await asyncio.to_thread(cluster.deploy, app_config(upgraded, int(cluster.url.rsplit(":", 1)[1])))
+            port = int(cluster.url.rsplit(":", 1)[1])
+            await asyncio.to_thread(cluster.deploy, app_config(upgraded, port, ingress_num_replicas=2))
             await asyncio.to_thread(
                 cluster.wait_for,
                 lambda d: "LLM-tiny-added" in d and all(x["status"] == "HEALTHY" for x in d.values())
-                and d["LLM-tiny-random"]["replica_states"] == {"RUNNING": 1} and d["Ingress"]["replica_states"] == {"RUNNING": 1},
+                and d["LLM-tiny-random"]["replica_states"] == {"RUNNING": 1} and d["Ingress"]["replica_states"] == {"RUNNING": 2},
                 "the upgrade",
             )
             await asyncio.sleep(3)
