@@ -25,7 +25,7 @@ from typing import Any
 from prometheus_client.core import Metric
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.engine.protocol import EngineStats, GenerationOutput, GenerationRequest, InvalidRequestError
@@ -45,6 +45,9 @@ from serve_app.protocol import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The replica label of the turn metrics of a service driven alone (tests), not by Serve.
+LOCAL_REPLICA = "local"
 
 # Serve's deployment status -> what a user of the model cares about.
 MODEL_STATE: dict[str, ModelState] = {
@@ -164,6 +167,21 @@ def affinity_key(record: TurnRecord | None, messages: list[dict[str, str]] | Non
     return "prompt:" + (prompt or "")[:PROMPT_AFFINITY_CHARS]
 
 
+async def answers_of(deployment: DeploymentHandle, method: str, *args: Any) -> list | None:
+    """`method`'s answer from every replica of `deployment` that gives one; None where the
+    deployment cannot be asked at all (while `serve deploy` replaces it, Serve may call it
+    unavailable). A replica that fails to answer is left out. Both are logged: a scrape of
+    `/metrics` during an upgrade still gets an answer, without the series it could not read."""
+    try:
+        answers = await deployment.broadcast(method, *args).results_async(return_exceptions=True)
+    except RayServeException as exc:
+        logger.warning("%s could not be asked for %s: %s", deployment.deployment_name, method, exc)
+        return None
+    for failure in (answer for answer in answers if isinstance(answer, Exception)):
+        logger.warning("a replica of %s did not answer %s: %r", deployment.deployment_name, method, failure)
+    return [answer for answer in answers if not isinstance(answer, Exception)]
+
+
 class ConversationService:
     def __init__(
         self,
@@ -192,20 +210,21 @@ class ConversationService:
         }
 
     async def _broadcast(self, method: str, *args) -> dict[str, list]:
-        """Calls `method` on every replica of every model; each replica's answer, per model."""
+        """Calls `method` on every replica of every model; the replicas' answers, per model that
+        could be asked."""
         names = list(self.models)
-        responses = [self.models[name].broadcast(method, *args) for name in names]
-        return dict(zip(names, await asyncio.gather(*(response.results_async() for response in responses))))
+        answers = await asyncio.gather(*(answers_of(self.models[name], method, *args) for name in names))
+        return {name: answer for name, answer in zip(names, answers) if answer is not None}
 
     async def engine_stats(self) -> dict[str, list[EngineStats]]:
         """Every replica's engine stats, per model."""
         return await self._broadcast("stats")
 
-    async def turn_metrics(self) -> list[list[Metric]]:
-        """Every ingress replica's turn metrics (`Ingress.turn_metrics`)."""
+    async def turn_metrics(self) -> dict[str, list[Metric]]:
+        """Every ingress replica's turn metrics, by replica (`Ingress.turn_metrics`)."""
         if self.ingress is None:
-            return [self.metrics.families()]
-        return await self.ingress.broadcast("turn_metrics").results_async()
+            return {LOCAL_REPLICA: self.metrics.families()}
+        return dict(await answers_of(self.ingress, "turn_metrics") or [])
 
     async def list_ids(self) -> list[int]:
         return await self.history.list_conversation_ids.remote()

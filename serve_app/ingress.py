@@ -386,9 +386,9 @@ class Ingress:
         replicas = serve.get_deployment_handle(context.deployment, context.app_name)
         self.service = ConversationService(ModelRegistry(settings.models), models, history, replicas)
 
-    def turn_metrics(self) -> list[Metric]:
-        """This replica's turn metrics, for the replica that answers a scrape (`/metrics`)."""
-        return self.service.metrics.families()
+    def turn_metrics(self) -> tuple[str, list[Metric]]:
+        """This replica's name and turn metrics, for the replica that answers a scrape (`/metrics`)."""
+        return serve.get_replica_context().replica_tag, self.service.metrics.families()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.settings, self.service)

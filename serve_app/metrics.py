@@ -1,11 +1,14 @@
 """Prometheus metrics of the chat service, served by the ingress at `/metrics`.
 
 Counters and histograms are observed where turns start and end, in whichever ingress replica
-relays the turn; the replica that answers a scrape adds up every ingress replica's (a scrape
-reaches one of them at random), so the totals do not depend on which one answers. The per-model
-stream gauges are read from every model replica at scrape time, so they are exact however many
-replicas run. Ray Serve's own metrics (per deployment request rates, latencies, replica counts)
-are exported by Ray on each node's metrics port, as usual for Ray.
+relays the turn. The replica that answers a scrape (it reaches one of them at random) gathers
+every ingress replica's, each series labelled with its `replica`: sum them over it
+(`sum by (model) (rate(chat_turns_total[5m]))`). Summed here instead, a replica that restarted
+or was replaced, or did not answer one scrape, would make the totals drop, which Prometheus reads
+as a counter reset. The per-model stream gauges are read from every model replica at scrape
+time, so they are exact however many replicas run. Ray Serve's own metrics (per deployment
+request rates, latencies, replica counts) are exported by Ray on each node's metrics port, as
+usual for Ray.
 """
 
 from __future__ import annotations
@@ -50,25 +53,14 @@ class ServiceMetrics:
         return list(self.registry.collect())
 
 
-def added_up(per_replica: list[list[Metric]]) -> list[Metric]:
-    """Each family's samples summed over the ingress replicas, label set by label set (counts,
-    sums and histogram buckets add up); a `_created` time is the earliest replica's."""
+def by_replica(per_replica: dict[str, list[Metric]]) -> list[Metric]:
+    """The ingress replicas' families as one set, each sample labelled with its replica."""
     merged: dict[str, Metric] = {}
-    values: dict[str, dict[tuple, float]] = {}
-    for families in per_replica:
+    for replica, families in per_replica.items():
         for family in families:
-            merged.setdefault(family.name, Metric(family.name, family.documentation, family.type, family.unit))
-            totals = values.setdefault(family.name, {})
+            into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type, family.unit))
             for sample in family.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                earlier = totals.get(key)
-                if earlier is None:
-                    totals[key] = sample.value
-                else:
-                    totals[key] = min(earlier, sample.value) if sample.name.endswith("_created") else earlier + sample.value
-    for name, family in merged.items():
-        for (sample_name, labels), value in values[name].items():
-            family.add_sample(sample_name, dict(labels), value)
+                into.add_sample(sample.name, {**sample.labels, "replica": replica}, sample.value)
     return list(merged.values())
 
 
@@ -100,8 +92,8 @@ class _Collected:
         return self._families
 
 
-def render(per_replica: list[list[Metric]], stats_by_model: dict[str, list[EngineStats]]) -> bytes:
-    """The text a scrape gets: every ingress replica's turn metrics added up, then the gauges."""
+def render(per_replica: dict[str, list[Metric]], stats_by_model: dict[str, list[EngineStats]]) -> bytes:
+    """The text a scrape gets: every ingress replica's turn metrics, then the gauges."""
     registry = CollectorRegistry()
-    registry.register(_Collected([*added_up(per_replica), *stream_gauges(stats_by_model)]))
+    registry.register(_Collected([*by_replica(per_replica), *stream_gauges(stats_by_model)]))
     return generate_latest(registry)

@@ -3,11 +3,11 @@ active-stream count) and what history keeps."""
 
 from __future__ import annotations
 
-import re
 import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
 
@@ -22,14 +22,16 @@ def client(serve_app):
 
 
 def metric(client: httpx.Client, name: str, **labels) -> float:
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    """The sum of `name`'s series with these labels: turn metrics have one series per ingress
+    replica (label `replica`), summed as a Prometheus query would."""
     response = client.get("/metrics")
     assert response.status_code == 200, response.text
-    for line in response.text.splitlines():
-        match = re.fullmatch(rf"{name}\{{{re.escape(wanted)}\}} (\S+)", line)
-        if match:
-            return float(match.group(1))
-    return 0.0
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 def messages(client: httpx.Client, conversation_id: int) -> list[dict]:

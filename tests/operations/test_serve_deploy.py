@@ -287,11 +287,22 @@ def test_serve_deploy_of_a_changed_config_under_load_fails_no_request_and_breaks
                 counts["broken"] += 1
 
     upgraded = [{**MODELS[0], "num_replicas": 1, "max_batch_size": 8}, MODELS[1], {"name": "tiny-added", **TINY}]
+    scrapes: list[int] = []
+    failed_scrapes: list[str] = []
+
+    async def scraper(http: httpx.AsyncClient) -> None:
+        """A Prometheus scraping /metrics through the upgrade."""
+        while upgrading:
+            response = await http.get("/metrics")
+            scrapes.append(response.status_code)
+            if response.status_code != 200:
+                failed_scrapes.append(f"{response.status_code}: {response.text[:300]}")
+            await asyncio.sleep(0.2)
 
     async def upgrade_under_load() -> None:
         nonlocal upgrading
         async with httpx.AsyncClient(base_url=cluster.url, timeout=120) as http:
-            users = [asyncio.create_task(user(i, http)) for i in range(4)]
+            users = [asyncio.create_task(user(i, http)) for i in range(4)] + [asyncio.create_task(scraper(http))]
             await asyncio.sleep(3)
             port = int(cluster.url.rsplit(":", 1)[1])
             await asyncio.to_thread(cluster.deploy, app_config(upgraded, port, ingress_num_replicas=2))
@@ -306,8 +317,9 @@ def test_serve_deploy_of_a_changed_config_under_load_fails_no_request_and_breaks
             await asyncio.gather(*users)
 
     asyncio.run(upgrade_under_load())
-    report(f"upgrade under load: {counts}")
+    report(f"upgrade under load: {counts}; /metrics scraped {len(scrapes)} times, {len(failed_scrapes)} failed")
     assert counts["refused"] == 0 and counts["broken"] == 0, counts
+    assert failed_scrapes == [], failed_scrapes
     assert counts["complete"] >= 8, counts
     conversation_id = client.get("/conversations/start").json()
     assert stream(client, conversation_id, {"prompt": "hi", "model": "tiny-added", "sample_len": 4})
