@@ -43,6 +43,10 @@ class AppSettings(BaseModel):
     # chat in the proxy); model replicas bound the real work.
     ingress_max_ongoing_requests: int = Field(default=256, gt=0)
     history_num_cpus: float = Field(default=0.1, ge=0)
+    # Calls the history replica takes at once: every turn makes three (its conversation, its
+    # prompt, its answer), and SQLite's commits are quick. At Serve's default of 5, the calls of 64
+    # turns arriving together queued in their callers and the last answers ended seconds late.
+    history_max_ongoing_requests: int = Field(default=1024, gt=0)
     # Custom Ray resources the history replica needs: pins it to the node that holds the
     # database file (e.g. {"history_node": 1} with `ray start --head --resources ...`).
     history_resources: dict[str, float] = {}

@@ -39,3 +39,10 @@ def test_the_ingress_runs_as_many_replicas_as_configured_or_autoscales():
     assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 4, 64)
     with pytest.raises(ValidationError, match="ingress_num_replicas"):
         AppSettings.model_validate({"ingress_num_replicas": 0})
+
+
+def test_the_history_replica_takes_many_calls_at_once():
+    """Serve's default of 5 made the turns of a burst queue for history in their callers."""
+    settings, models, history = build_app({})._bound_deployment.init_args
+    assert history._bound_deployment.name == "HistoryDeployment"
+    assert history._bound_deployment._deployment_config.max_ongoing_requests == settings.history_max_ongoing_requests == 1024
