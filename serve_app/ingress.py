@@ -4,6 +4,7 @@ builds the app on its replica."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Callable
@@ -361,7 +362,9 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         """Prometheus metrics: turns, TTFT, tokens, active and queued streams per model."""
-        body = metrics_text(await service.turn_metrics(), await service.engine_stats())
+        # Both are broadcasts to other replicas: asked at once.
+        turns, streams = await asyncio.gather(service.turn_metrics(), service.engine_stats())
+        body = metrics_text(turns, streams)
         return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(create_openai_router(service))

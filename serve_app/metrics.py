@@ -49,7 +49,7 @@ class ServiceMetrics:
         self.tokens.labels(model).inc(completion_tokens)
 
     def families(self) -> list[Metric]:
-        """This replica's samples, for the replica that answers a scrape to add up."""
+        """This replica's samples, for the replica that answers a scrape to gather (`by_replica`)."""
         return list(self.registry.collect())
 
 

@@ -142,7 +142,7 @@ class FakeModel:
 
 class HistoryHandle:
     """The history deployment's handle, over a real store: `handle.get_conversation.remote(1)`
-    awaits `store.get_conversation(1)`. A method set on the handle replaces the store's."""
+    awaits `store.get_conversation(1)`, whatever `store.get_conversation` is at the time."""
 
     def __init__(self, store: HistoryStore):
         self.store = store
