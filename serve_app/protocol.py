@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, WithJsonSchema, field_validator
 
 from deployments.engine.sampling import SamplingParams
 
@@ -180,6 +180,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI fields this server does not implement, each typed to accept only the values that ask for
+# nothing (null, false, 0, empty): a client that relies on one gets a 400 naming it, not an
+# answer silently without it. Fields that change nothing in the answer (`user`, `store`,
+# `metadata`, ...) are ignored like any unknown field.
+NOTHING_ASKED = "Not supported; only null or the value that asks for nothing is accepted."
+EmptyList = Annotated[list[Any], Field(max_length=0)]
+
+
+class TextResponseFormat(RequestModel):
+    type: Literal["text"]
+
+
 class _OpenAISamplingRequest(RequestModel):
     """What chat and text completions share: the model, sampling and streaming options."""
 
@@ -201,8 +213,12 @@ class _OpenAISamplingRequest(RequestModel):
     n: Literal[1] = Field(default=1, description="Only one choice per request is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(default=0.0, description="Not supported; only 0 is accepted.")
-    frequency_penalty: float = Field(default=0.0, description="Not supported; only 0 is accepted.")
+    presence_penalty: float | None = Field(
+        default=None, ge=-2.0, le=2.0, description="Lowers the logit of each token already in the answer once (0 = off)."
+    )
+    frequency_penalty: float | None = Field(
+        default=None, ge=-2.0, le=2.0, description="Lowers the logit of each token by this times its count in the answer."
+    )
     user: str | None = None
     # vLLM-style extensions.
     top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K, description="-1 or 0 disables top-k.")
@@ -211,13 +227,19 @@ class _OpenAISamplingRequest(RequestModel):
     )
     min_tokens: int = Field(default=0, ge=0, le=MAX_SAMPLE_LEN)
     ignore_eos: bool = False
+    # Not implemented (see NOTHING_ASKED).
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = Field(default=None, description=NOTHING_ASKED)
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator(
+        "logit_bias", "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
+        "response_format", "echo", "best_of", "suffix", mode="wrap", check_fields=False,
+    )
     @classmethod
-    def _penalty_unsupported(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError("is not supported; use repetition_penalty (or send 0)")
-        return value
+    def _not_implemented(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError("is not supported by this server; send null or leave it out") from None
 
     @field_validator("stop")
     @classmethod
@@ -241,6 +263,8 @@ class _OpenAISamplingRequest(RequestModel):
             repeat_penalty=penalty,
             # vLLM's repetition_penalty looks at every token of prompt and answer.
             repeat_last_n=MAX_SAMPLE_LEN * 4 if penalty != 1.0 else 0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
             seed=self.seed,
             stop=self.stop_strings,
             min_tokens=self.min_tokens,
@@ -284,6 +308,14 @@ class ChatCompletionRequest(_OpenAISamplingRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_SAMPLE_LEN)
+    # Not implemented (see NOTHING_ASKED).
+    logprobs: Literal[False] | None = Field(default=None, description=NOTHING_ASKED)
+    top_logprobs: Literal[0] | None = Field(default=None, description=NOTHING_ASKED)
+    tools: EmptyList | None = Field(default=None, description=NOTHING_ASKED)
+    tool_choice: Literal["none", "auto"] | None = Field(default=None, description=NOTHING_ASKED)
+    functions: EmptyList | None = Field(default=None, description=NOTHING_ASKED)
+    function_call: Literal["none", "auto"] | None = Field(default=None, description=NOTHING_ASKED)
+    response_format: TextResponseFormat | None = Field(default=None, description=NOTHING_ASKED)
     conversation_id: int | None = Field(
         default=None,
         ge=1,
@@ -312,6 +344,11 @@ class CompletionRequest(_OpenAISamplingRequest):
             {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
         ]}),
     ] = Field(description="One prompt (a list of exactly one string is accepted too).")
+    # Not implemented (see NOTHING_ASKED).
+    logprobs: Literal[0] | None = Field(default=None, description=NOTHING_ASKED)
+    echo: Literal[False] | None = Field(default=None, description=NOTHING_ASKED)
+    best_of: Literal[1] | None = Field(default=None, description=NOTHING_ASKED)
+    suffix: Annotated[str, Field(max_length=0)] | None = Field(default=None, description=NOTHING_ASKED)
 
     @field_validator("prompt")
     @classmethod

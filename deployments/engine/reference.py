@@ -40,6 +40,21 @@ class RecentRepetitionPenalty(LogitsProcessor):
         return self._penalty(input_ids[:, -self._last_n :], scores)
 
 
+class OccurrencePenalty(LogitsProcessor):
+    """OpenAI's presence and frequency penalties over the tokens generated after the prompt's
+    `prompt_tokens` (transformers has neither): counted, then subtracted as OpenAI documents
+    them."""
+
+    def __init__(self, presence: float, frequency: float, prompt_tokens: int):
+        self._presence, self._frequency, self._prompt_tokens = presence, frequency, prompt_tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self._prompt_tokens :]
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        penalized = scores - self._frequency * counts - self._presence * (counts > 0).to(scores.dtype)
+        return penalized  # type: ignore[return-value]  # transformers types scores as the legacy FloatTensor
+
+
 class _StopWhenCancelled(StoppingCriteria):
     def __init__(self, cancelled: threading.Event):
         self._cancelled = cancelled
@@ -77,8 +92,10 @@ class ReferenceEngine:
         if params.seed is not None:
             torch.manual_seed(params.seed)
         processors = LogitsProcessorList()
-        if params.repeat_penalty != 1.0 and params.repeat_last_n > 0:
+        if params.penalizes_repeats:
             processors.append(RecentRepetitionPenalty(params.repeat_penalty, params.repeat_last_n))
+        if params.penalizes_occurrences:
+            processors.append(OccurrencePenalty(params.presence_penalty, params.frequency_penalty, len(prompt_ids)))
         input_ids = torch.tensor([prompt_ids], device=self._loaded.device)
         with torch.inference_mode():
             return model.generate(

@@ -1,6 +1,7 @@
 """Picks each running request's next token from a batch of logits, every row under its own
 `SamplingParams`, in a few batched tensor ops on the logits' device (CPU or GPU): repeat penalty,
-EOS suppressed before `min_tokens`, then greedy, or temperature / top-k / top-p sampling.
+presence and frequency penalties, EOS suppressed before `min_tokens`, then greedy, or
+temperature / top-k / top-p sampling.
 
 The per-request settings live in `SlotSampling`, a table with one entry per KV-cache row written
 once when a request is admitted, so a step sends the device nothing but the rows' slots and
@@ -61,7 +62,8 @@ def uniform(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     return ((bits >> 8).float() + 0.5) / 2**24  # 24 bits: exact in float32, never 0 or 1
 
 
-# `SlotSampling.ints`' columns, in the order `SlotSampling.entry` writes them and `rows` reads them.
+# `SlotSampling`'s columns, in the order `SlotSampling.entry` writes them and `rows` reads them.
+FLOAT_COLUMNS = ("temperature", "divisor", "top_p", "repeat_penalty", "sort_below", "presence_penalty", "frequency_penalty")
 INT_COLUMNS = ("top_k", "kept", "fits", "filtered", "repeat_last_n", "last_prompt_position", "min_tokens")
 
 
@@ -72,14 +74,15 @@ class SlotSampling:
     launch, and at batch 1 the sampler's cost is its number of kernels). A step gathers its rows'
     settings in three ops."""
 
-    floats: torch.Tensor  # [rows, 5] float32: see `_RowSettings`
-    ints: torch.Tensor  # [rows, 7] int64: `INT_COLUMNS`
+    floats: torch.Tensor  # [rows, len(FLOAT_COLUMNS)] float32: see `_RowSettings`
+    ints: torch.Tensor  # [rows, len(INT_COLUMNS)] int64
     u: torch.Tensor  # [rows, context] float32: the row's `uniform` draw for the token after each position
 
     @classmethod
     def empty(cls, rows: int, context: int, device: torch.device) -> SlotSampling:
         return cls(
-            torch.zeros(rows, 5, device=device), torch.zeros(rows, 7, dtype=torch.int64, device=device),
+            torch.zeros(rows, len(FLOAT_COLUMNS), device=device),
+            torch.zeros(rows, len(INT_COLUMNS), dtype=torch.int64, device=device),
             torch.zeros(rows, context, device=device),
         )
 
@@ -96,8 +99,11 @@ class SlotSampling:
             sort_below = 2.0  # always sorts
         else:
             sort_below = p.top_p  # sorts when the candidates hold less than the top-p mass
-        penalty = p.repeat_penalty if p.penalizes else 1.0
-        floats = (p.temperature, p.temperature or 1.0, max(p.top_p, 1e-9), penalty, sort_below)
+        penalty = p.repeat_penalty if p.penalizes_repeats else 1.0
+        floats = (
+            p.temperature, p.temperature or 1.0, max(p.top_p, 1e-9), penalty, sort_below, p.presence_penalty,
+            p.frequency_penalty,
+        )  # FLOAT_COLUMNS
         ints = (p.top_k, p.top_k if fits else k, fits, p.is_filtered, p.repeat_last_n, prompt_tokens - 1, p.min_tokens)  # INT_COLUMNS
         for value in ints:
             if not -(2**63) <= value < 2**63:
@@ -132,11 +138,11 @@ class SlotSampling:
         return row.pin_memory().to(self.u.device, non_blocking=True) if self.u.is_cuda else row
 
     def rows(self, slots: torch.Tensor, positions: torch.Tensor) -> _RowSettings:
-        temperature, divisor, top_p, penalty, sort_below = self.floats[slots].unbind(1)
+        temperature, divisor, top_p, penalty, sort_below, presence, frequency = self.floats[slots].unbind(1)  # FLOAT_COLUMNS
         top_k, kept, fits, filtered, last_n, last_prompt_position, min_tokens = self.ints[slots].unbind(1)  # INT_COLUMNS
         return _RowSettings(
-            temperature, divisor, top_p, penalty, sort_below, top_k, kept, fits, filtered, last_n, last_prompt_position,
-            min_tokens, self.u[slots, positions],
+            temperature, divisor, top_p, penalty, sort_below, presence, frequency, top_k, kept, fits, filtered, last_n,
+            last_prompt_position, min_tokens, self.u[slots, positions],
         )
 
 
@@ -159,6 +165,8 @@ class _RowSettings:
     top_p: torch.Tensor  # > 0
     repeat_penalty: torch.Tensor  # 1 = off (also when repeat_last_n is 0)
     sort_below: torch.Tensor  # the row needs the sort when its candidates hold less probability than this
+    presence_penalty: torch.Tensor  # 0 = off
+    frequency_penalty: torch.Tensor  # 0 = off
     top_k: torch.Tensor  # 0 = off
     kept: torch.Tensor  # candidates in the top-k set: top_k when they hold it, else all
     fits: torch.Tensor  # 1: the candidates hold the top-k set (0 < top_k <= CANDIDATES)
@@ -179,6 +187,7 @@ class Needs:
     greedy: bool = True  # some row is greedy (temperature 0)
     unfiltered: bool = True  # some row samples from the whole vocabulary (no top-k, no top-p)
     penalty: bool = True  # some row has a repeat penalty
+    occurrences: bool = True  # some row has a presence or frequency penalty
     min_tokens: bool = True  # some row suppresses EOS before min_tokens
 
     @classmethod
@@ -188,7 +197,8 @@ class Needs:
             sampled=any(not p.is_greedy for p in params),
             greedy=any(p.is_greedy for p in params),
             unfiltered=any(not p.is_greedy and not p.is_filtered for p in params),
-            penalty=any(p.penalizes for p in params),
+            penalty=any(p.penalizes_repeats for p in params),
+            occurrences=any(p.penalizes_occurrences for p in params),
             min_tokens=any(p.min_tokens > 0 for p in params),
         )
 
@@ -251,6 +261,30 @@ def apply_repeat_penalty(
     logits.scatter_(1, ids, torch.where(seen > 0, seen / penalty, seen * penalty))
 
 
+def apply_occurrence_penalties(
+    logits: torch.Tensor, history: torch.Tensor, positions: torch.Tensor, last_prompt_position: torch.Tensor,
+    presence: torch.Tensor, frequency: torch.Tensor,
+) -> None:
+    """In place on logits [B, vocab]: OpenAI's presence and frequency penalties. Each token the
+    row has generated (positions (last_prompt_position, position] of `history`) has its logit
+    lowered by `frequency` for every time it was generated and by `presence` once.
+
+    Like `apply_repeat_penalty`, touches the history's columns only. The frequency penalty is a
+    scatter-add of one value per generated column (columns outside add 0): repeated ids add it
+    once each, and since every write to a logit adds the same value, the order of the additions
+    (atomic on a GPU) does not change the sum. The presence penalty is a gather and scatter
+    whose columns outside the generated ones point at the first generated token, so again every
+    write to a logit carries the same value; a row that has generated nothing yet writes its
+    logits back unchanged."""
+    columns = torch.arange(history.shape[1], device=history.device)
+    generated = (columns > last_prompt_position[:, None]) & (columns <= positions[:, None])
+    logits.scatter_add_(1, history, generated * -frequency[:, None])
+    first_generated = history.gather(1, torch.minimum(last_prompt_position + 1, positions)[:, None])
+    ids = torch.where(generated, history, first_generated)
+    presence = torch.where(positions > last_prompt_position, presence, 0.0)[:, None]
+    logits.scatter_(1, ids, logits.gather(1, ids) - presence)
+
+
 def top_candidates(scaled: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`scaled.topk(k)` of [B, vocab]: values and ids [B, k], most likely first. On a CPU, where
     torch's topk costs ~9 ns a logit, in two stages: the k chunks of TOPK_CHUNK tokens with the
@@ -295,6 +329,11 @@ def draw(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: tor
     needs, row = rows.needs, table.rows(rows.slots, rows.positions)
     if needs.penalty:
         apply_repeat_penalty(logits, history[rows.slots], rows.positions, row.repeat_penalty, row.repeat_last_n)
+    if needs.occurrences:
+        apply_occurrence_penalties(
+            logits, history[rows.slots], rows.positions, row.last_prompt_position, row.presence_penalty,
+            row.frequency_penalty,
+        )
     if needs.min_tokens and len(eos_ids):
         suppress = (rows.positions - row.last_prompt_position < row.min_tokens)[:, None]
         logits[:, eos_ids] = torch.where(suppress, -torch.inf, logits[:, eos_ids])

@@ -21,6 +21,11 @@ class SamplingParams:
     # divided by the penalty when positive and multiplied by it when negative; 1.0 disables it.
     repeat_penalty: float = 1.1
     repeat_last_n: int = 64
+    # OpenAI's penalties, over the tokens generated so far (as vLLM; the prompt does not count):
+    # a token's logit loses `presence_penalty` once it has appeared and `frequency_penalty` for
+    # each time it has. Applied after the repeat penalty; 0 disables each.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     min_tokens: int = 0
@@ -36,6 +41,16 @@ class SamplingParams:
         return self.top_k > 0 or self.top_p < 1.0
 
     @property
-    def penalizes(self) -> bool:
+    def penalizes_repeats(self) -> bool:
         """The repeat penalty changes logits."""
         return self.repeat_penalty != 1.0 and self.repeat_last_n > 0
+
+    @property
+    def penalizes_occurrences(self) -> bool:
+        """The presence or the frequency penalty changes logits."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def penalizes(self) -> bool:
+        """Some penalty changes logits."""
+        return self.penalizes_repeats or self.penalizes_occurrences

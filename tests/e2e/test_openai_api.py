@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter
 
 import openai
 import pytest
@@ -102,8 +103,12 @@ def test_unknown_model_is_not_found(client):
         ({"temperature": 3}, "temperature"),
         ({"n": 2}, "n"),
         ({"max_tokens": 0}, "max_tokens"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        # Not implemented: refused rather than answered without.
+        ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "weather", "parameters": {}}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
     ],
 )
 def test_bad_parameters_are_bad_requests_naming_the_field(client, extra, field):
@@ -111,6 +116,14 @@ def test_bad_parameters_are_bad_requests_naming_the_field(client, extra, field):
         client.chat.completions.create(model=SMOL, messages=CAPITAL, **extra)
     assert caught.value.body["param"] == field
     assert field in caught.value.message
+
+
+def test_presence_and_frequency_penalties_turn_a_greedy_answer_from_repeating_itself(client, tokenizer):
+    def most_repeated_token(**penalties) -> int:
+        answer = client.completions.create(model=SMOL, prompt="hello hello hello hello", temperature=0, max_tokens=24, **penalties)
+        return max(Counter(tokenizer(answer.choices[0].text)["input_ids"]).values())
+
+    assert most_repeated_token() > most_repeated_token(presence_penalty=1.5, frequency_penalty=1.0)
 
 
 def test_chat_with_a_conversation_id_reads_and_writes_history(client, serve_app):

@@ -73,3 +73,48 @@ def test_strings_holding_a_lone_surrogate_are_refused_naming_the_field(model, bo
 
 def test_text_beyond_ascii_is_kept():
     assert GenerateRequest(prompt="café 😀", model="модель").prompt == "café 😀"
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+COMPLETION = {"model": "m", "prompt": "hi"}
+
+
+def test_openais_presence_and_frequency_penalties_reach_the_sampling_params_and_null_is_off():
+    params = ChatCompletionRequest.model_validate({**CHAT, "presence_penalty": 0.5, "frequency_penalty": -1.0}).to_sampling_params()
+    assert (params.presence_penalty, params.frequency_penalty, params.penalizes_occurrences) == (0.5, -1.0, True)
+    nulls = CompletionRequest.model_validate({**COMPLETION, "presence_penalty": None, "frequency_penalty": None})
+    assert not nulls.to_sampling_params().penalizes
+    for field, value in [("presence_penalty", 2.01), ("frequency_penalty", -2.01)]:
+        with pytest.raises(ValidationError) as caught:
+            ChatCompletionRequest.model_validate({**CHAT, field: value})
+        assert caught.value.errors()[0]["loc"] == (field,)
+
+
+@pytest.mark.parametrize(
+    ("base", "field", "asks_for_nothing", "asks_for_something"),
+    [
+        (CHAT, "logprobs", False, True),
+        (CHAT, "top_logprobs", 0, 5),
+        (CHAT, "tools", [], [{"type": "function", "function": {"name": "f"}}]),
+        (CHAT, "tool_choice", "none", "required"),
+        (CHAT, "functions", [], [{"name": "f"}]),
+        (CHAT, "function_call", "auto", {"name": "f"}),
+        (CHAT, "response_format", {"type": "text"}, {"type": "json_object"}),
+        (CHAT, "logit_bias", {}, {"50256": -100}),
+        (COMPLETION, "logprobs", 0, 5),
+        (COMPLETION, "echo", False, True),
+        (COMPLETION, "best_of", 1, 2),
+        (COMPLETION, "suffix", "", "}"),
+        (COMPLETION, "logit_bias", {}, {"1": 5}),
+    ],
+)
+def test_openai_features_not_implemented_are_refused_naming_the_field_unless_nothing_is_asked(
+    base, field, asks_for_nothing, asks_for_something
+):
+    request = ChatCompletionRequest if base is CHAT else CompletionRequest
+    for nothing in (asks_for_nothing, None):
+        assert request.model_validate({**base, field: nothing}).to_sampling_params() == request.model_validate(base).to_sampling_params()
+    with pytest.raises(ValidationError) as caught:
+        request.model_validate({**base, field: asks_for_something})
+    assert caught.value.errors()[0]["loc"] == (field,)
+    assert "is not supported by this server" in caught.value.errors()[0]["msg"]

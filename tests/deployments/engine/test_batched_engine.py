@@ -296,8 +296,17 @@ async def test_bf16_int8_and_int4_weights_stay_close_to_fp32_and_generate(tiny, 
     assert outputs[-1].completion_tokens == 24 and outputs[-1].finish_reason == "length"
 
 
-async def test_greedy_matches_the_reference_engine_including_repeat_penalty(tiny, engine):
-    params = SamplingParams(max_tokens=30, min_tokens=30, temperature=0, repeat_penalty=1.3, repeat_last_n=8)
+@pytest.mark.parametrize(
+    "penalties",
+    [
+        {"repeat_penalty": 3.0, "repeat_last_n": 8},  # 1.3 left this tiny model's answer as it was
+        {"repeat_penalty": 1.0, "presence_penalty": 0.8, "frequency_penalty": 0.3},
+        {"repeat_penalty": 1.2, "repeat_last_n": 16, "presence_penalty": -0.5, "frequency_penalty": 1.0},
+    ],
+)
+async def test_greedy_matches_the_reference_engine_including_penalties(tiny, engine, penalties):
+    params = SamplingParams(max_tokens=30, min_tokens=30, temperature=0, **penalties)
+    unpenalized = SamplingParams(max_tokens=30, min_tokens=30, temperature=0, repeat_penalty=1.0)
     ids = prompt(tiny, "hello there")
     ours, outputs = await run(engine, ids, params)
     reference = ReferenceEngine(tiny)
@@ -306,6 +315,7 @@ async def test_greedy_matches_the_reference_engine_including_repeat_penalty(tiny
     finally:
         reference.shutdown()
     assert ours == theirs
+    assert ours != (await run(engine, ids, unpenalized))[0]  # the penalties changed the answer
     assert outputs[-1].finish_reason == "length"
     assert outputs[-1].completion_tokens == 30 and outputs[-1].prompt_tokens == len(ids)
     assert all(o.finish_reason is None for o in outputs[:-1])
@@ -552,6 +562,7 @@ async def test_overlapped_steps_stream_exactly_what_step_by_step_streams(tiny, r
         ("sorted", SamplingParams(max_tokens=40, temperature=1.5, top_k=CANDIDATES + 36, seed=2)),
         ("stops", SamplingParams(max_tokens=40, temperature=0.9, seed=3, stop=("e", "a", "o"))),
         ("penalty", SamplingParams(max_tokens=25, temperature=0.7, top_p=0.9, repeat_penalty=1.3, seed=4)),
+        ("occurrences", SamplingParams(max_tokens=25, temperature=0.8, presence_penalty=1.0, frequency_penalty=0.5, seed=5)),
         ("late", SamplingParams(max_tokens=12, temperature=0)),
     ]
 

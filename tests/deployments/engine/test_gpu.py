@@ -100,8 +100,10 @@ async def test_long_prompt_chunks_match_transformers_on_the_gpu(loaded):
 
 async def test_cuda_graphs_change_no_token_and_a_request_alone_equals_it_in_company(loaded):
     # Greedy rows, some with the repeat penalty (the original's clients send it at temperature
-    # 0 too): the graphs' two greedy sampler variants.
-    params = [GREEDY, SamplingParams(**{**GREEDY.__dict__, "repeat_penalty": 1.3})] * (len(PROMPTS) // 2 + 1)
+    # 0 too), some with OpenAI's presence and frequency penalties: the graphs' two greedy sampler
+    # variants and the one that does everything.
+    penalized = [{"repeat_penalty": 1.3}, {"presence_penalty": 0.8, "frequency_penalty": 0.4}]
+    params = [GREEDY, *(SamplingParams(**{**GREEDY.__dict__, **p}) for p in penalized)] * (len(PROMPTS) // 3 + 1)
     results = {}
     for graphs in (True, False):
         engine = engine_for(loaded, cuda_graphs=graphs)

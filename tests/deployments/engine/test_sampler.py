@@ -5,7 +5,16 @@ import torch
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from deployments.engine import sampler
-from deployments.engine.sampler import Needs, SlotSampling, StepRows, apply_repeat_penalty, sample, seed_key, uniform
+from deployments.engine.sampler import (
+    Needs,
+    SlotSampling,
+    StepRows,
+    apply_occurrence_penalties,
+    apply_repeat_penalty,
+    sample,
+    seed_key,
+    uniform,
+)
 from deployments.engine.sampling import SamplingParams
 
 NO_EOS = torch.tensor([], dtype=torch.long)
@@ -99,7 +108,7 @@ def test_a_seeded_row_draws_the_same_alone_and_among_others():
 
 def test_skipping_what_no_row_needs_changes_no_draw():
     torch.manual_seed(4)
-    logits = torch.randn(5, 300) * 2
+    logits = torch.randn(6, 300) * 2
     history = logits.topk(12).indices.flip(1)  # the likeliest tokens were the last ones: the penalty bites
     params = [
         SamplingParams(temperature=0, repeat_penalty=1.0),
@@ -107,6 +116,7 @@ def test_skipping_what_no_row_needs_changes_no_draw():
         SamplingParams(temperature=0.7, top_p=0.9, repeat_penalty=3.0),
         SamplingParams(temperature=0.9, top_k=7, repeat_penalty=1.0),
         SamplingParams(temperature=0.7, repeat_penalty=1.0),
+        SamplingParams(temperature=0, repeat_penalty=1.0, presence_penalty=1.5, frequency_penalty=0.5),
     ]
     def tokens(rows: list[int], needs: Needs | None) -> list[int]:
         chosen = [params[r] for r in rows]
@@ -116,7 +126,7 @@ def test_skipping_what_no_row_needs_changes_no_draw():
         step = StepRows(torch.arange(len(rows)), torch.full((len(rows),), 11), needs or Needs.of(chosen))
         return sample(logits[rows].clone(), step, table, history[rows], NO_EOS)
 
-    for rows in ([0], [0, 1], [2, 3], [0, 2], [4], [1, 2, 3, 4]):
+    for rows in ([0], [0, 1], [2, 3], [0, 2], [4], [1, 2, 3, 4], [5], [0, 5], [1, 2, 5]):
         assert tokens(rows, None) == tokens(rows, Needs())
 
 
@@ -201,6 +211,52 @@ def test_repeat_penalty_equals_the_originals_loop_for_any_window_and_penalty():
     got = logits.clone()
     apply_repeat_penalty(got, history, torch.tensor(positions), torch.tensor(penalties), torch.tensor(windows))
     assert torch.equal(got, expected)
+
+
+def penalized_by_openais_formula(logits, history, positions, last_prompt_positions, presences, frequencies):
+    """OpenAI's documented rule, row by row: logit - count * frequency - (count > 0) * presence,
+    counting each token among the row's generated tokens."""
+    out = logits.clone()
+    for row, (position, last_prompt, presence, frequency) in enumerate(
+        zip(positions, last_prompt_positions, presences, frequencies)
+    ):
+        counts = torch.bincount(history[row, last_prompt + 1 : position + 1], minlength=logits.shape[1]).float()
+        out[row] -= counts * frequency + (counts > 0).float() * presence
+    return out
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula():
+    torch.manual_seed(6)
+    vocab, width = 50, 40
+    logits = torch.randn(7, vocab) * 3
+    history = torch.randint(0, 12, (7, width))  # few distinct ids: repeats in prompt, answer and beyond
+    positions = [39, 20, 8, 30, 12, 5, 25]
+    last_prompt_positions = [9, 20, 3, 0, 11, 5, 2]  # rows 1 and 5 have generated nothing yet
+    presences = [0.5, 1.0, 0.0, -0.7, 2.0, 1.5, 0.3]
+    frequencies = [0.25, 2.0, 1.0, 0.0, -2.0, 0.5, 0.0]
+    expected = penalized_by_openais_formula(logits, history, positions, last_prompt_positions, presences, frequencies)
+    got = logits.clone()
+    apply_occurrence_penalties(
+        got, history, torch.tensor(positions), torch.tensor(last_prompt_positions), torch.tensor(presences),
+        torch.tensor(frequencies),
+    )
+    # Not bit for bit: a token seen n times here loses the frequency penalty n times over, not n times it once.
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert not torch.equal(got, logits)
+    assert torch.equal(got[[1, 5]], logits[[1, 5]])  # nothing generated: nothing penalized, not even the prompt
+
+
+def test_a_greedy_row_turns_from_a_token_it_generated_under_either_penalty():
+    logits = torch.tensor([[5.0, 4.8, 0.0, 1.0]] * 4)
+    history = torch.tensor([[3, 3, 0, 0]] * 4)  # a prompt of 2 tokens (3, 3), then token 0 twice
+    params = [
+        SamplingParams(temperature=0, repeat_penalty=1.0),
+        SamplingParams(temperature=0, repeat_penalty=1.0, presence_penalty=0.3),
+        SamplingParams(temperature=0, repeat_penalty=1.0, frequency_penalty=0.15),  # twice: 0.3
+        SamplingParams(temperature=0, repeat_penalty=1.0, presence_penalty=-1.0, frequency_penalty=0.4),
+    ]
+    # Token 3 (logit 1), only in the prompt, is never penalized.
+    assert sample_rows(logits, params, [0] * 4, history=history, positions=[3] * 4, prompt_tokens=2) == [0, 1, 1, 0]
 
 
 def test_the_cpus_two_stage_topk_finds_what_torchs_topk_finds():
