@@ -35,6 +35,11 @@ SETTINGS = {
     "original defaults": SamplingParams(temperature=0.7, top_p=0.9, repeat_penalty=1.1, repeat_last_n=64),
     "OpenAI defaults": SamplingParams(temperature=0.7, top_p=1.0, repeat_penalty=1.0),
     "top_k 40": SamplingParams(temperature=0.8, top_k=40, repeat_penalty=1.0),
+    # OpenAI's penalties and a logit bias (10 tokens): the variant that does everything on a GPU.
+    "OpenAI + penalties": SamplingParams(
+        temperature=0.7, top_p=1.0, repeat_penalty=1.0, presence_penalty=0.5, frequency_penalty=0.5,
+        logit_bias=tuple((token, -5.0) for token in range(10)),
+    ),
 }
 
 

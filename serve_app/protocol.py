@@ -8,11 +8,21 @@ returns; the history store produces them directly.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WithJsonSchema,
+    field_validator,
+)
 
-from deployments.engine.sampling import SamplingParams
+from deployments.engine.sampling import MAX_LOGIT_BIAS, SamplingParams
 
 # The history's records are response bodies too, served as the history deployment returns them.
 from deployments.history_records import (  # noqa: F401 - part of this module's protocol
@@ -192,6 +202,10 @@ class TextResponseFormat(RequestModel):
     type: Literal["text"]
 
 
+# logit_bias's keys: token ids in decimal without leading zeros, so no two keys name one token.
+TOKEN_ID_KEY = r"^(0|[1-9][0-9]{0,9})$"
+
+
 class _OpenAISamplingRequest(RequestModel):
     """What chat and text completions share: the model, sampling and streaming options."""
 
@@ -227,11 +241,24 @@ class _OpenAISamplingRequest(RequestModel):
     )
     min_tokens: int = Field(default=0, ge=0, le=MAX_SAMPLE_LEN)
     ignore_eos: bool = False
-    # Not implemented (see NOTHING_ASKED).
-    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = Field(default=None, description=NOTHING_ASKED)
+    logit_bias: Annotated[
+        dict[Annotated[str, StringConstraints(pattern=TOKEN_ID_KEY)], Annotated[float, Field(ge=-100.0, le=100.0)]],
+        Field(max_length=MAX_LOGIT_BIAS),
+    ] | None = Field(
+        default=None,
+        description=f"Token id -> a value in [-100, 100] added to its logit; -100 bans the token. At most {MAX_LOGIT_BIAS}.",
+    )
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _keys_are_token_ids(cls, value: Any) -> Any:
+        for key in value if isinstance(value, dict) else ():
+            if not re.fullmatch(TOKEN_ID_KEY, key):
+                raise ValueError(f"key {key!r} is not a token id (decimal digits, no leading zeros)")
+        return value
 
     @field_validator(
-        "logit_bias", "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
+        "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
         "response_format", "echo", "best_of", "suffix", mode="wrap", check_fields=False,
     )
     @classmethod
@@ -265,6 +292,7 @@ class _OpenAISamplingRequest(RequestModel):
             repeat_last_n=MAX_SAMPLE_LEN * 4 if penalty != 1.0 else 0,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=tuple((int(token), value) for token, value in (self.logit_bias or {}).items()),
             seed=self.seed,
             stop=self.stop_strings,
             min_tokens=self.min_tokens,

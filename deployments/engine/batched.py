@@ -42,6 +42,7 @@ from deployments.engine.protocol import (
     GenerationOutput,
     InvalidRequestError,
     PromptTooLongError,
+    check_logit_bias,
 )
 from deployments.engine.sampler import Draft, Fetch, Needs, SlotEntry, SlotSampling, StepRows, draw, finish
 from deployments.engine.sampling import SamplingParams
@@ -220,6 +221,7 @@ class BatchedEngine:
                 f"the prompt is {len(prompt_token_ids)} tokens but the engine's context is {self.max_context} "
                 "tokens, with room needed for at least one new token; shorten the prompt"
             )
+        check_logit_bias(params, self._weights.embed.shape[0])
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = Sequence(
             prompt_ids=list(prompt_token_ids),

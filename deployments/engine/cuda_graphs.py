@@ -41,11 +41,11 @@ logger = logging.getLogger(__name__)
 # penalty (which the original's clients send with temperature 0 too) and EOS suppression before
 # min_tokens; rows that all filter (top-p or top-k: the original's defaults) skip the draw over
 # the whole vocabulary in id order and EOS suppression. Only the last variant applies OpenAI's
-# presence and frequency penalties, which few requests send.
+# logit bias and presence and frequency penalties, which few requests send.
 VARIANTS = (
-    Needs(sampled=False, unfiltered=False, penalty=False, occurrences=False),
-    Needs(sampled=False, unfiltered=False, occurrences=False),
-    Needs(unfiltered=False, min_tokens=False, occurrences=False),
+    Needs(sampled=False, unfiltered=False, penalty=False, bias=False, occurrences=False),
+    Needs(sampled=False, unfiltered=False, bias=False, occurrences=False),
+    Needs(unfiltered=False, min_tokens=False, bias=False, occurrences=False),
     Needs(),
 )
 

@@ -62,5 +62,13 @@ class InvalidRequestError(ValueError):
     represent, a conversation with nothing to answer): the caller's fault, answered 400."""
 
 
+def check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
+    """InvalidRequestError if `params` bias a token beyond the model's `vocab_size` logits (on a
+    GPU such an index would not fail the one request but the device's whole context)."""
+    beyond = [token for token, _ in params.logit_bias if not 0 <= token < vocab_size]
+    if beyond:
+        raise InvalidRequestError(f"logit_bias: token id {beyond[0]} is not among the model's {vocab_size} token ids")
+
+
 class PromptTooLongError(InvalidRequestError):
     """The prompt (plus room for the answer) does not fit the model's context."""

@@ -22,7 +22,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from deployments.engine.protocol import EngineStats, FinishReason, GenerationOutput
+from deployments.engine.protocol import EngineStats, FinishReason, GenerationOutput, check_logit_bias
 from deployments.engine.sampling import SamplingParams
 from deployments.model_loader import LoadedModel, eos_token_ids
 
@@ -38,6 +38,18 @@ class RecentRepetitionPenalty(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         return self._penalty(input_ids[:, -self._last_n :], scores)
+
+
+class LogitBias(LogitsProcessor):
+    """OpenAI's logit_bias: a value added to each listed token's logit."""
+
+    def __init__(self, bias: tuple[tuple[int, float], ...], device: torch.device):
+        self._ids = torch.tensor([token for token, _ in bias], device=device)
+        self._values = torch.tensor([value for _, value in bias], device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        biased = scores.index_add(1, self._ids, self._values.to(scores.dtype).expand(scores.shape[0], -1))
+        return biased  # type: ignore[return-value]  # transformers types scores as the legacy FloatTensor
 
 
 class OccurrencePenalty(LogitsProcessor):
@@ -92,6 +104,8 @@ class ReferenceEngine:
         if params.seed is not None:
             torch.manual_seed(params.seed)
         processors = LogitsProcessorList()
+        if params.logit_bias:
+            processors.append(LogitBias(params.logit_bias, self._loaded.device))
         if params.penalizes_repeats:
             processors.append(RecentRepetitionPenalty(params.repeat_penalty, params.repeat_last_n))
         if params.penalizes_occurrences:
@@ -116,6 +130,7 @@ class ReferenceEngine:
             )
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncGenerator[GenerationOutput, None]:
+        check_logit_bias(params, self._model.get_output_embeddings().weight.shape[0])
         tokenizer = self._loaded.tokenizer
         streamer = AsyncTextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancelled = threading.Event()

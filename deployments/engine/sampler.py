@@ -1,6 +1,6 @@
 """Picks each running request's next token from a batch of logits, every row under its own
-`SamplingParams`, in a few batched tensor ops on the logits' device (CPU or GPU): repeat penalty,
-presence and frequency penalties, EOS suppressed before `min_tokens`, then greedy, or
+`SamplingParams`, in a few batched tensor ops on the logits' device (CPU or GPU): logit bias, repeat
+penalty, presence and frequency penalties, EOS suppressed before `min_tokens`, then greedy, or
 temperature / top-k / top-p sampling.
 
 The per-request settings live in `SlotSampling`, a table with one entry per KV-cache row written
@@ -26,7 +26,7 @@ from dataclasses import astuple, dataclass
 
 import torch
 
-from deployments.engine.sampling import SamplingParams
+from deployments.engine.sampling import MAX_LOGIT_BIAS, SamplingParams
 
 # Candidates for top-k / top-p. With SmolLM2 at temperature 0.7 and top_p 0.9, 64 tokens hold the
 # mass in nearly every step; a row needing more takes the whole-vocabulary path.
@@ -77,6 +77,9 @@ class SlotSampling:
     floats: torch.Tensor  # [rows, len(FLOAT_COLUMNS)] float32: see `_RowSettings`
     ints: torch.Tensor  # [rows, len(INT_COLUMNS)] int64
     u: torch.Tensor  # [rows, context] float32: the row's `uniform` draw for the token after each position
+    # The row's logit bias: token ids and the values added to their logits, padded with (0, 0.0).
+    bias_ids: torch.Tensor  # [rows, MAX_LOGIT_BIAS] int64
+    bias_values: torch.Tensor  # [rows, MAX_LOGIT_BIAS] float32
 
     @classmethod
     def empty(cls, rows: int, context: int, device: torch.device) -> SlotSampling:
@@ -84,6 +87,8 @@ class SlotSampling:
             torch.zeros(rows, len(FLOAT_COLUMNS), device=device),
             torch.zeros(rows, len(INT_COLUMNS), dtype=torch.int64, device=device),
             torch.zeros(rows, context, device=device),
+            torch.zeros(rows, MAX_LOGIT_BIAS, dtype=torch.int64, device=device),
+            torch.zeros(rows, MAX_LOGIT_BIAS, device=device),
         )
 
     @staticmethod
@@ -108,7 +113,9 @@ class SlotSampling:
         for value in ints:
             if not -(2**63) <= value < 2**63:
                 raise ValueError(f"{value} does not fit in 64 bits")
-        return SlotEntry(slot, floats, ints, seed_key(seed))
+        if len(p.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias holds {len(p.logit_bias)} tokens, more than {MAX_LOGIT_BIAS}")
+        return SlotEntry(slot, floats, ints, seed_key(seed), p.logit_bias)
 
     def write(self, entries: list[SlotEntry]) -> None:
         """At admission: each entry's request samples under its settings in its cache row. All
@@ -120,6 +127,16 @@ class SlotSampling:
         ints = self._on_device([e.ints for e in entries], torch.int64)
         self.floats.index_copy_(0, slots, self._on_device([e.floats for e in entries], torch.float32))
         self.ints.index_copy_(0, slots, ints)
+        # The rows' biases: cleared whole (a row's previous request leaves none behind), then
+        # the few requests that have one written pair by pair.
+        self.bias_ids.index_fill_(0, slots, 0)
+        self.bias_values.index_fill_(0, slots, 0.0)
+        pairs = [(e.slot, column, token, value) for e in entries for column, (token, value) in enumerate(e.logit_bias)]
+        if pairs:
+            rows, columns, tokens, values = zip(*pairs)
+            where = self._on_device([rows, columns], torch.int64)
+            self.bias_ids[where[0], where[1]] = self._on_device(list(tokens), torch.int64)
+            self.bias_values[where[0], where[1]] = self._on_device(list(values), torch.float32)
         # Each row's draw for the token after every position, computed where the table lives:
         # integer ops, so the same numbers on any device.
         keys = self._on_device([[e.key] for e in entries], torch.int64)
@@ -154,6 +171,7 @@ class SlotEntry:
     floats: tuple[float, ...]  # `SlotSampling.floats`' columns
     ints: tuple[int, ...]  # `SlotSampling.ints`' columns
     key: int  # its seed's `seed_key`
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -185,6 +203,7 @@ class Needs:
 
     sampled: bool = True  # some row samples (temperature > 0)
     greedy: bool = True  # some row is greedy (temperature 0)
+    bias: bool = True  # some row has a logit bias
     unfiltered: bool = True  # some row samples from the whole vocabulary (no top-k, no top-p)
     penalty: bool = True  # some row has a repeat penalty
     occurrences: bool = True  # some row has a presence or frequency penalty
@@ -196,6 +215,7 @@ class Needs:
         return cls(
             sampled=any(not p.is_greedy for p in params),
             greedy=any(p.is_greedy for p in params),
+            bias=any(p.logit_bias for p in params),
             unfiltered=any(not p.is_greedy and not p.is_filtered for p in params),
             penalty=any(p.penalizes_repeats for p in params),
             occurrences=any(p.penalizes_occurrences for p in params),
@@ -327,6 +347,8 @@ def draw(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: tor
     > max position]: every row's token ids by position. No host synchronisation and fixed
     shapes, so a CUDA graph can hold it (see `cuda_graphs`)."""
     needs, row = rows.needs, table.rows(rows.slots, rows.positions)
+    if needs.bias:  # the padding adds 0 to token 0
+        logits.scatter_add_(1, table.bias_ids[rows.slots], table.bias_values[rows.slots])
     if needs.penalty:
         apply_repeat_penalty(logits, history[rows.slots], rows.positions, row.repeat_penalty, row.repeat_last_n)
     if needs.occurrences:

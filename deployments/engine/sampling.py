@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_LOGIT_BIAS = 300  # tokens one request may bias
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -26,6 +28,9 @@ class SamplingParams:
     # each time it has. Applied after the repeat penalty; 0 disables each.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # OpenAI's logit_bias: (token id, value added to its logit) pairs, at most MAX_LOGIT_BIAS,
+    # applied first (before the penalties, as vLLM). -100 in effect bans a token.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     min_tokens: int = 0

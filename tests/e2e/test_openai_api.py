@@ -118,6 +118,17 @@ def test_bad_parameters_are_bad_requests_naming_the_field(client, extra, field):
     assert field in caught.value.message
 
 
+def test_logit_bias_bans_a_token_and_a_token_id_beyond_the_vocabulary_is_a_bad_request(client, tokenizer):
+    ask = dict(model=SMOL, messages=CAPITAL, temperature=0, max_tokens=8)
+    plain = client.chat.completions.create(**ask).choices[0].message.content
+    first = tokenizer(plain)["input_ids"][0]
+    banned = client.chat.completions.create(**ask, logit_bias={str(first): -100}).choices[0].message.content
+    assert tokenizer(banned)["input_ids"][0] != first, (plain, banned)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(**ask, logit_bias={str(len(tokenizer)): 1})
+    assert f"logit_bias: token id {len(tokenizer)} is not among the model's" in caught.value.message
+
+
 def test_presence_and_frequency_penalties_turn_a_greedy_answer_from_repeating_itself(client, tokenizer):
     def most_repeated_token(**penalties) -> int:
         answer = client.completions.create(model=SMOL, prompt="hello hello hello hello", temperature=0, max_tokens=24, **penalties)

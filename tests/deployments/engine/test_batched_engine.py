@@ -321,6 +321,26 @@ async def test_greedy_matches_the_reference_engine_including_penalties(tiny, eng
     assert all(o.finish_reason is None for o in outputs[:-1])
 
 
+async def test_logit_bias_matches_the_reference_engine_and_a_token_beyond_the_vocabulary_is_refused(tiny, engine):
+    ids = prompt(tiny, "hello there")
+    greedy = SamplingParams(max_tokens=20, min_tokens=20, temperature=0, repeat_penalty=1.0)
+    plain, _ = await run(engine, ids, greedy)
+    favourite = prompt(tiny, plain)[0]  # this tiny model's answer repeats one token
+    biased = SamplingParams(**{**greedy.__dict__, "logit_bias": ((favourite, -100.0), (favourite + 1, 0.5))})
+    ours, _ = await run(engine, ids, biased)
+    reference = ReferenceEngine(tiny)
+    try:
+        assert ours == "".join([o.text async for o in reference.generate(ids, biased)])
+        vocab = tiny.model.config.vocab_size
+        for refusing in (engine, reference):
+            with pytest.raises(InvalidRequestError, match=f"logit_bias: token id {vocab} is not among"):
+                await run(refusing, ids, SamplingParams(logit_bias=((0, 1.0), (vocab, 1.0))))
+    finally:
+        reference.shutdown()
+    assert favourite not in prompt(tiny, ours) and ours != plain
+    assert (await run(engine, ids, greedy))[0] == plain  # the rows the biased request used forgot its bias
+
+
 async def test_a_request_outgrowing_the_initial_cache_matches_the_reference_engine(tiny):
     engine = BatchedEngine(tiny, max_batch_size=2, max_context=1024, prefill_chunk_tokens=256)
     reference = ReferenceEngine(tiny)

@@ -100,9 +100,9 @@ async def test_long_prompt_chunks_match_transformers_on_the_gpu(loaded):
 
 async def test_cuda_graphs_change_no_token_and_a_request_alone_equals_it_in_company(loaded):
     # Greedy rows, some with the repeat penalty (the original's clients send it at temperature
-    # 0 too), some with OpenAI's presence and frequency penalties: the graphs' two greedy sampler
-    # variants and the one that does everything.
-    penalized = [{"repeat_penalty": 1.3}, {"presence_penalty": 0.8, "frequency_penalty": 0.4}]
+    # 0 too), some with OpenAI's presence and frequency penalties and a logit bias: the graphs'
+    # two greedy sampler variants and the one that does everything.
+    penalized = [{"repeat_penalty": 1.3}, {"presence_penalty": 0.8, "frequency_penalty": 0.4, "logit_bias": ((5, 2.0),)}]
     params = [GREEDY, *(SamplingParams(**{**GREEDY.__dict__, **p}) for p in penalized)] * (len(PROMPTS) // 3 + 1)
     results = {}
     for graphs in (True, False):
@@ -225,5 +225,5 @@ def test_the_sampling_table_written_on_the_gpu_equals_the_cpus():
     from tests.deployments.engine.test_sampler import written_together
 
     cpu, gpu = written_together(torch.device("cpu")), written_together(CUDA)
-    for name in ("floats", "ints", "u"):  # u: each row's draws, computed on the GPU
+    for name in ("floats", "ints", "u", "bias_ids", "bias_values"):  # u: each row's draws, computed on the GPU
         assert torch.equal(getattr(cpu, name), getattr(gpu, name).cpu()), name

@@ -108,7 +108,7 @@ def test_a_seeded_row_draws_the_same_alone_and_among_others():
 
 def test_skipping_what_no_row_needs_changes_no_draw():
     torch.manual_seed(4)
-    logits = torch.randn(6, 300) * 2
+    logits = torch.randn(7, 300) * 2
     history = logits.topk(12).indices.flip(1)  # the likeliest tokens were the last ones: the penalty bites
     params = [
         SamplingParams(temperature=0, repeat_penalty=1.0),
@@ -117,6 +117,7 @@ def test_skipping_what_no_row_needs_changes_no_draw():
         SamplingParams(temperature=0.9, top_k=7, repeat_penalty=1.0),
         SamplingParams(temperature=0.7, repeat_penalty=1.0),
         SamplingParams(temperature=0, repeat_penalty=1.0, presence_penalty=1.5, frequency_penalty=0.5),
+        SamplingParams(temperature=0.8, top_p=0.9, logit_bias=((int(history[6, -1]), -100.0), (7, 3.0))),
     ]
     def tokens(rows: list[int], needs: Needs | None) -> list[int]:
         chosen = [params[r] for r in rows]
@@ -126,14 +127,14 @@ def test_skipping_what_no_row_needs_changes_no_draw():
         step = StepRows(torch.arange(len(rows)), torch.full((len(rows),), 11), needs or Needs.of(chosen))
         return sample(logits[rows].clone(), step, table, history[rows], NO_EOS)
 
-    for rows in ([0], [0, 1], [2, 3], [0, 2], [4], [1, 2, 3, 4], [5], [0, 5], [1, 2, 5]):
+    for rows in ([0], [0, 1], [2, 3], [0, 2], [4], [1, 2, 3, 4], [5], [0, 5], [1, 2, 5], [6], [0, 6], [2, 5, 6]):
         assert tokens(rows, None) == tokens(rows, Needs())
 
 
 MIXED = [
     SamplingParams(temperature=0.7, top_p=0.9, repeat_penalty=1.1, repeat_last_n=64),
     SamplingParams(temperature=0),
-    SamplingParams(temperature=1.0, top_k=40, min_tokens=3),
+    SamplingParams(temperature=1.0, top_k=40, min_tokens=3, logit_bias=((3, -100.0), (299, 2.5))),
 ]
 
 
@@ -149,7 +150,7 @@ def test_requests_admitted_together_get_the_rows_they_get_one_by_one():
     for slot, p in zip([4, 0, 2], MIXED):
         one_by_one.set(slot, p, 2**63 + slot, 10 * slot + 1)
     together = written_together(torch.device("cpu"))
-    for name in ("floats", "ints", "u"):
+    for name in ("floats", "ints", "u", "bias_ids", "bias_values"):
         assert torch.equal(getattr(together, name), getattr(one_by_one, name)), name
     assert together.u[1].eq(0).all()  # the empty row stays empty
     # Row 4's prompt is 41 tokens: the token after position p is its (p - 40)th generated one.
@@ -257,6 +258,23 @@ def test_a_greedy_row_turns_from_a_token_it_generated_under_either_penalty():
     ]
     # Token 3 (logit 1), only in the prompt, is never penalized.
     assert sample_rows(logits, params, [0] * 4, history=history, positions=[3] * 4, prompt_tokens=2) == [0, 1, 1, 0]
+
+
+def test_logit_bias_adds_to_its_tokens_before_the_penalties_and_leaves_a_reused_row():
+    logits = torch.tensor([[1.0, 1.2, 0.0, 0.5]] * 3)
+    history = torch.tensor([[0, 0]] * 3)  # token 0 is the prompt's last: in the repeat penalty's window
+    params = [
+        SamplingParams(temperature=0, repeat_penalty=1.0, logit_bias=((3, 1.0),)),  # 0.5 + 1: token 3
+        SamplingParams(temperature=0, repeat_penalty=1.0, logit_bias=((1, -100.0), (2, 0.9))),  # 1 banned: token 0
+        # (1.0 + 1.0) / 2 = 1.0 < 1.2: the bias first, then the penalty (the other order: 1.5 > 1.2).
+        SamplingParams(temperature=0, repeat_penalty=2.0, repeat_last_n=4, logit_bias=((0, 1.0),)),
+    ]
+    assert sample_rows(logits, params, [0] * 3, history=history, positions=[1] * 3, prompt_tokens=2) == [3, 0, 1]
+    table = SlotSampling.empty(1, 4, logits.device)
+    for bias, expected in [(((3, 1.0),), 3), ((), 1)]:  # the row's next request has no bias
+        table.set(0, SamplingParams(temperature=0, repeat_penalty=1.0, logit_bias=bias), 0, 1)
+        step = StepRows(torch.tensor([0]), torch.tensor([0]), Needs())
+        assert sample(logits[:1].clone(), step, table, history[:1], NO_EOS) == [expected]
 
 
 def test_the_cpus_two_stage_topk_finds_what_torchs_topk_finds():
