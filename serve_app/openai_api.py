@@ -1,14 +1,17 @@
-"""The OpenAI-compatible endpoint family (`/v1`): models, chat completions and text
-completions, streamed as server-sent events or returned whole. Converts protocol requests into
-turns of the shared `ConversationService` and engine outputs back into OpenAI's chunk shapes."""
+"""The OpenAI-compatible endpoint family (`/v1`): models, chat completions, text completions
+and responses (the Responses API), streamed as server-sent events or returned whole. Converts
+protocol requests into turns of the shared `ConversationService` and engine outputs back into
+OpenAI's chunk and event shapes."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header
@@ -30,9 +33,18 @@ from serve_app.protocol import (
     CompletionChoice,
     CompletionRequest,
     FinishReasonOut,
+    MessageStatusOut,
     ModelList,
     ModelObject,
     OpenAIErrorResponse,
+    ResponseError,
+    ResponseIncompleteDetails,
+    ResponseObject,
+    ResponseOutputMessage,
+    ResponseOutputText,
+    ResponsesRequest,
+    ResponseStatus,
+    ResponseUsage,
     Usage,
 )
 from serve_app.streaming import ServerSentEventsResponse
@@ -88,6 +100,79 @@ async def sse_events(
     if usage_chunk is not None:
         yield format_sse_event(data_str=usage_chunk(usage_of(output)).model_dump_json())
     yield format_sse_event(data_str="[DONE]")
+
+
+@dataclass
+class ResponseDraft:
+    """One answer of the Responses API, rendered at each stage of its life: its ids, and the
+    request settings a response echoes."""
+
+    body: ResponsesRequest
+    model: str
+    id: str = field(default_factory=lambda: f"resp_{uuid.uuid4().hex}")
+    message_id: str = field(default_factory=lambda: f"msg_{uuid.uuid4().hex}")
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+    def message(self, status: MessageStatusOut, text: str | None = None) -> ResponseOutputMessage:
+        content = [] if text is None else [ResponseOutputText(text=text)]
+        return ResponseOutputMessage(id=self.message_id, status=status, content=content)
+
+    def render(
+        self, status: ResponseStatus, output: list[ResponseOutputMessage] | None = None, usage: ResponseUsage | None = None,
+        error: ResponseError | None = None,
+    ) -> ResponseObject:
+        params = self.body.to_sampling_params()
+        return ResponseObject(
+            id=self.id, created_at=self.created_at, status=status, model=self.model, output=output or [], usage=usage,
+            error=error, instructions=self.body.instructions, max_output_tokens=params.max_tokens,
+            temperature=params.temperature, top_p=params.top_p,
+            incomplete_details=ResponseIncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None,
+        )
+
+    def finished(self, text: str, last: GenerationOutput) -> ResponseObject:
+        """The whole response: "incomplete" when it ran out of `max_output_tokens`."""
+        status: MessageStatusOut = "incomplete" if finish_reason_of(last) == "length" else "completed"
+        usage = ResponseUsage(
+            input_tokens=last.prompt_tokens, output_tokens=last.completion_tokens,
+            total_tokens=last.prompt_tokens + last.completion_tokens,
+        )
+        return self.render(status, [self.message(status, text)], usage)
+
+
+async def response_events(service: ConversationService, turn: Turn, draft: ResponseDraft) -> AsyncGenerator[bytes, None]:
+    """The Responses API's stream: the response created and in progress, its message and text
+    part added, the text's deltas, then each of those done and the response completed (or
+    incomplete: out of tokens). Every event names its type twice (the SSE `event:` field and
+    `type`) and carries its `sequence_number`. A failure after the stream started ends it with
+    `response.failed`. Unlike chat completions, no `data: [DONE]`."""
+    numbers = itertools.count()
+
+    def event(kind: str, **fields: Any) -> bytes:
+        data = {"type": kind, "sequence_number": next(numbers), **fields}
+        return format_sse_event(event=kind, data_str=json.dumps(data, ensure_ascii=False))
+
+    where = {"item_id": draft.message_id, "output_index": 0, "content_index": 0}
+    yield event("response.created", response=draft.render("in_progress").model_dump(mode="json"))
+    yield event("response.in_progress", response=draft.render("in_progress").model_dump(mode="json"))
+    yield event("response.output_item.added", output_index=0, item=draft.message("in_progress").model_dump(mode="json"))
+    yield event("response.content_part.added", **where, part=ResponseOutputText(text="").model_dump(mode="json"))
+    pieces: list[str] = []
+    try:
+        async with aclosing(service.outputs(turn)) as outputs:
+            async for output in outputs:
+                if output.text:
+                    pieces.append(output.text)
+                    yield event("response.output_text.delta", **where, delta=output.text, logprobs=[])
+    except Exception as exc:  # noqa: BLE001 - logged and stored by `outputs`
+        error = ResponseError(code="server_error", message=describe_failure(exc))
+        yield event("response.failed", response=draft.render("failed", error=error).model_dump(mode="json"))
+        return
+    final = draft.finished("".join(pieces), output)
+    item = final.output[0]
+    yield event("response.output_text.done", **where, text=item.content[0].text, logprobs=[])
+    yield event("response.content_part.done", **where, part=item.content[0].model_dump(mode="json"))
+    yield event("response.output_item.done", output_index=0, item=item.model_dump(mode="json"))
+    yield event(f"response.{final.status}", response=final.model_dump(mode="json"))
 
 
 def create_openai_router(service: ConversationService) -> APIRouter:
@@ -174,5 +259,15 @@ def create_openai_router(service: ConversationService) -> APIRouter:
             return Completion(id=request_id, created=created, model=model.name, choices=[], usage=usage)
 
         return ServerSentEventsResponse(sse_events(service, turn, chunk, usage_chunk if body.include_usage else None))
+
+    @router.post("/responses", response_model=ResponseObject, responses=SSE_RESPONSE)
+    async def responses(body: ResponsesRequest):
+        """The Responses API for text: `input` and `instructions` in, one message of text out."""
+        model = service.resolve_model(body.model)
+        turn = await service.start_turn(model, body.to_sampling_params(), messages=body.chat_messages())
+        draft = ResponseDraft(body, model.name)
+        if not body.stream:
+            return draft.finished(*await collect(service, turn))
+        return ServerSentEventsResponse(response_events(service, turn, draft))
 
     return router

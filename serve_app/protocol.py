@@ -9,7 +9,7 @@ returns; the history store produces them directly.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -19,6 +19,7 @@ from pydantic import (
     ValidationError,
     ValidatorFunctionWrapHandler,
     WithJsonSchema,
+    WrapValidator,
     field_validator,
 )
 
@@ -195,6 +196,20 @@ class StreamOptions(BaseModel):
 # answer silently without it. Fields that change nothing in the answer (`user`, `store`,
 # `metadata`, ...) are ignored like any unknown field.
 NOTHING_ASKED = "Not supported; only null or the value that asks for nothing is accepted."
+
+
+def _refused_unless_nothing_asked(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError("is not supported by this server; send null or leave it out") from None
+
+
+_Nothing = TypeVar("_Nothing")
+# The type of such a field: `Unsupported[<the values that ask for nothing>]`, null included.
+Unsupported = Annotated[_Nothing | None, WrapValidator(_refused_unless_nothing_asked)]
+
+
 EmptyList = Annotated[list[Any], Field(max_length=0)]
 
 
@@ -256,17 +271,6 @@ class _OpenAISamplingRequest(RequestModel):
             if not re.fullmatch(TOKEN_ID_KEY, key):
                 raise ValueError(f"key {key!r} is not a token id (decimal digits, no leading zeros)")
         return value
-
-    @field_validator(
-        "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
-        "response_format", "echo", "best_of", "suffix", mode="wrap", check_fields=False,
-    )
-    @classmethod
-    def _not_implemented(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        try:
-            return handler(value)
-        except ValidationError:
-            raise ValueError("is not supported by this server; send null or leave it out") from None
 
     @field_validator("stop")
     @classmethod
@@ -337,13 +341,13 @@ class ChatCompletionRequest(_OpenAISamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_SAMPLE_LEN)
     # Not implemented (see NOTHING_ASKED).
-    logprobs: Literal[False] | None = Field(default=None, description=NOTHING_ASKED)
-    top_logprobs: Literal[0] | None = Field(default=None, description=NOTHING_ASKED)
-    tools: EmptyList | None = Field(default=None, description=NOTHING_ASKED)
-    tool_choice: Literal["none", "auto"] | None = Field(default=None, description=NOTHING_ASKED)
-    functions: EmptyList | None = Field(default=None, description=NOTHING_ASKED)
-    function_call: Literal["none", "auto"] | None = Field(default=None, description=NOTHING_ASKED)
-    response_format: TextResponseFormat | None = Field(default=None, description=NOTHING_ASKED)
+    logprobs: Unsupported[Literal[False]] = Field(default=None, description=NOTHING_ASKED)
+    top_logprobs: Unsupported[Literal[0]] = Field(default=None, description=NOTHING_ASKED)
+    tools: Unsupported[EmptyList] = Field(default=None, description=NOTHING_ASKED)
+    tool_choice: Unsupported[Literal["none", "auto"]] = Field(default=None, description=NOTHING_ASKED)
+    functions: Unsupported[EmptyList] = Field(default=None, description=NOTHING_ASKED)
+    function_call: Unsupported[Literal["none", "auto"]] = Field(default=None, description=NOTHING_ASKED)
+    response_format: Unsupported[TextResponseFormat] = Field(default=None, description=NOTHING_ASKED)
     conversation_id: int | None = Field(
         default=None,
         ge=1,
@@ -373,10 +377,10 @@ class CompletionRequest(_OpenAISamplingRequest):
         ]}),
     ] = Field(description="One prompt (a list of exactly one string is accepted too).")
     # Not implemented (see NOTHING_ASKED).
-    logprobs: Literal[0] | None = Field(default=None, description=NOTHING_ASKED)
-    echo: Literal[False] | None = Field(default=None, description=NOTHING_ASKED)
-    best_of: Literal[1] | None = Field(default=None, description=NOTHING_ASKED)
-    suffix: Annotated[str, Field(max_length=0)] | None = Field(default=None, description=NOTHING_ASKED)
+    logprobs: Unsupported[Literal[0]] = Field(default=None, description=NOTHING_ASKED)
+    echo: Unsupported[Literal[False]] = Field(default=None, description=NOTHING_ASKED)
+    best_of: Unsupported[Literal[1]] = Field(default=None, description=NOTHING_ASKED)
+    suffix: Unsupported[Annotated[str, Field(max_length=0)]] = Field(default=None, description=NOTHING_ASKED)
 
     @field_validator("prompt")
     @classmethod
@@ -393,6 +397,69 @@ class CompletionRequest(_OpenAISamplingRequest):
 
     def to_sampling_params(self) -> SamplingParams:
         return self._sampling_params(self.max_tokens or 16)  # OpenAI's default for completions
+
+
+class ResponseInputText(RequestModel):
+    type: Literal["input_text", "output_text"]  # output_text: an earlier answer's, sent back
+    text: str
+
+
+class ResponseInputMessage(RequestModel):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[ResponseInputText]
+
+    def chat_message(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ResponseTextOptions(RequestModel):
+    format: Unsupported[TextResponseFormat] = Field(default=None, description=NOTHING_ASKED)
+
+
+class ResponsesRequest(_OpenAISamplingRequest):
+    """OpenAI's Responses API, text in and text out: `input` (a string, or messages whose
+    content is text) after optional `instructions`; answered whole or as its stream of events.
+    Responses are not stored (`store` is accepted and changes nothing), so neither
+    `previous_response_id` nor `conversation` can continue one: send the earlier turns in `input`."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"model": "SmolLM2-135M-Instruct", "input": "What is the capital of France?", "max_output_tokens": 64}]},
+    )
+
+    input: str | list[ResponseInputMessage] = Field(description="The prompt, or the conversation so far (text messages).")
+    instructions: str | None = Field(default=None, description="A system message before `input`.")
+    max_output_tokens: int | None = Field(default=None, ge=1, le=MAX_SAMPLE_LEN)
+    store: bool | None = None
+    text: ResponseTextOptions | None = None
+    # Not implemented (see NOTHING_ASKED).
+    tools: Unsupported[EmptyList] = Field(default=None, description=NOTHING_ASKED)
+    tool_choice: Unsupported[Literal["none", "auto"]] = Field(default=None, description=NOTHING_ASKED)
+    top_logprobs: Unsupported[Literal[0]] = Field(default=None, description=NOTHING_ASKED)
+    previous_response_id: Unsupported[None] = Field(default=None, description=NOTHING_ASKED)
+    conversation: Unsupported[None] = Field(default=None, description=NOTHING_ASKED)
+    reasoning: Unsupported[None] = Field(default=None, description=NOTHING_ASKED)
+    include: Unsupported[EmptyList] = Field(default=None, description=NOTHING_ASKED)
+    background: Unsupported[Literal[False]] = Field(default=None, description=NOTHING_ASKED)
+    prompt: Unsupported[None] = Field(default=None, description=NOTHING_ASKED)  # a stored prompt template
+
+    @field_validator("input")
+    @classmethod
+    def _some_input(cls, value):
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+    def to_sampling_params(self) -> SamplingParams:
+        return self._sampling_params(self.max_output_tokens or self.max_tokens or DEFAULT_SAMPLE_LEN)
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        if isinstance(self.input, str):
+            return [*system, {"role": "user", "content": self.input}]
+        return [*system, *(message.chat_message() for message in self.input)]
 
 
 class Usage(BaseModel):
@@ -459,6 +526,68 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class ResponseOutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = []
+    logprobs: list[Any] = []
+
+
+MessageStatusOut = Literal["in_progress", "completed", "incomplete"]
+ResponseStatus = MessageStatusOut | Literal["failed"]
+
+
+class ResponseOutputMessage(BaseModel):
+    type: Literal["message"] = "message"
+    id: str
+    status: MessageStatusOut
+    role: Literal["assistant"] = "assistant"
+    content: list[ResponseOutputText]
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int] = {"cached_tokens": 0}
+    output_tokens: int
+    output_tokens_details: dict[str, int] = {"reasoning_tokens": 0}
+    total_tokens: int
+
+
+class ResponseIncompleteDetails(BaseModel):
+    reason: Literal["max_output_tokens"]
+
+
+class ResponseError(BaseModel):
+    code: str
+    message: str
+
+
+class ResponseObject(BaseModel):
+    """A response of the Responses API; also the `response` of its stream's lifecycle events."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: ResponseStatus
+    error: ResponseError | None = None
+    incomplete_details: ResponseIncompleteDetails | None = None
+    instructions: str | None = None
+    model: str
+    output: list[ResponseOutputMessage]
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    parallel_tool_calls: bool = False
+    tool_choice: Literal["none"] = "none"
+    tools: list[Any] = []
+    previous_response_id: None = None
+    store: bool = False  # never stored here
+    text: dict[str, Any] = {"format": {"type": "text"}}
+    truncation: Literal["disabled"] = "disabled"
+    metadata: dict[str, str] = {}
+    usage: ResponseUsage | None = None
 
 
 class ModelObject(BaseModel):

@@ -17,13 +17,16 @@ CHEAP_TOKENS = 4
 # The default (an empty name or none) and the packaged model are slow on a CPU; tiny-narrow takes
 # one request at a time, so a new one may come while the last one's slot is being freed (a 503).
 COSTLY_MODELS = {"", "SmolLM2-135M-Instruct", "smollm2", "tiny-narrow"}
-LENGTH_FIELDS = ("sample_len", "max_tokens", "max_completion_tokens", "min_tokens")
+LENGTH_FIELDS = ("sample_len", "max_tokens", "max_completion_tokens", "max_output_tokens", "min_tokens")
 GENERATING_PATHS = {
     "/conversations/{conversation_id}/generate",
     "/conversations/{conversation_id}/regenerate",
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/responses",
 }
+# The Responses API's stream ends with the response's last state, not with `data: [DONE]`.
+RESPONSE_ENDS = {"response.completed", "response.incomplete"}
 
 
 def keep_generation_cheap(case: schemathesis.Case) -> None:
@@ -45,7 +48,7 @@ def keep_generation_cheap(case: schemathesis.Case) -> None:
         value = case.body.get(field)
         if isinstance(value, int | float) and not isinstance(value, bool) and CHEAP_TOKENS < value <= MAX_SAMPLE_LEN:
             case.body[field] = CHEAP_TOKENS
-    if all(case.body.get(field) is None for field in LENGTH_FIELDS[:3]):  # the default is 256 tokens
+    if all(case.body.get(field) is None for field in LENGTH_FIELDS[:4]):  # the default is 256 tokens
         case.body["sample_len" if case.path.startswith("/conversations/") else "max_tokens"] = CHEAP_TOKENS
 
 
@@ -67,12 +70,18 @@ def after_call(context, case: schemathesis.Case, response: schemathesis.Response
 @schemathesis.check
 def streams_end_cleanly(ctx, response: schemathesis.Response, case: schemathesis.Case) -> bool | None:
     """An answer that started streaming ends as its protocol says: server-sent events with
-    `data: [DONE]` and no error event, the text stream without an `[error]` line."""
+    `data: [DONE]` (the Responses API's: with the response completed or incomplete) and no error
+    event, the text stream without an `[error]` line."""
     if response.status_code != 200:
         return None
     content_type = response.headers.get("content-type", [""])[0]
     if content_type.startswith("text/event-stream"):
         events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
+        if case.path == "/v1/responses":
+            kinds = [json.loads(event)["type"] for event in events]
+            if not kinds or kinds[-1] not in RESPONSE_ENDS or "response.failed" in kinds:
+                raise AssertionError(f"the response's event stream did not complete: {response.text[-300:]!r}")
+            return True
         if not events or events[-1] != "[DONE]":
             raise AssertionError(f"the event stream does not end with `data: [DONE]`: {response.text[-300:]!r}")
         errors = [event for event in events[:-1] if "error" in json.loads(event)]

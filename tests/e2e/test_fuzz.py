@@ -89,6 +89,7 @@ CONVERSATION_ROUTES = [
 ]
 CHAT = {"model": CHEAP_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": CHEAP_TOKENS}
 COMPLETION = {"model": CHEAP_MODEL, "prompt": "hi", "max_tokens": CHEAP_TOKENS}
+RESPONSE = {"model": CHEAP_MODEL, "input": "hi", "max_output_tokens": CHEAP_TOKENS}
 # (method, path, a valid body): every route that reads a body; `{id}` is a fresh conversation.
 BODY_ROUTES = [
     ("POST", "/conversations/{id}/generate", {"prompt": "hi", "model": CHEAP_MODEL, "sample_len": CHEAP_TOKENS}),
@@ -96,11 +97,12 @@ BODY_ROUTES = [
     ("PATCH", "/conversations/{id}", {"title": "x"}),
     ("POST", "/v1/chat/completions", CHAT),
     ("POST", "/v1/completions", COMPLETION),
+    ("POST", "/v1/responses", RESPONSE),
 ]
 # A string field of each, for the tests that spoil its encoding.
 TEXT_FIELD = {
     "/conversations/{id}/generate": "prompt", "/conversations/{id}/regenerate": "model", "/conversations/{id}": "title",
-    "/v1/chat/completions": "model", "/v1/completions": "prompt",
+    "/v1/chat/completions": "model", "/v1/completions": "prompt", "/v1/responses": "input",
 }
 JSON = {"content-type": "application/json"}
 
@@ -152,7 +154,8 @@ def test_conversation_ids_beyond_int64_in_chat_are_refused_naming_the_field(http
         for field in ("sample_len", "temperature", "top_p", "repeat_penalty", "repeat_last_n", "seed")
     ]
     + [("/v1/completions", COMPLETION, field) for field in ("max_tokens", "temperature", "top_p", "seed", "top_k", "min_tokens")]
-    + [("/v1/chat/completions", CHAT, field) for field in ("max_completion_tokens", "repetition_penalty", "conversation_id")],
+    + [("/v1/chat/completions", CHAT, field) for field in ("max_completion_tokens", "repetition_penalty", "conversation_id")]
+    + [("/v1/responses", RESPONSE, field) for field in ("max_output_tokens", "temperature")],
 )
 def test_numbers_beyond_int64_are_refused_naming_the_field(http, path, body, field, value):
     response = send(http, "POST", path, json.dumps(body | {field: value}).encode(), JSON)
@@ -168,6 +171,8 @@ def test_numbers_beyond_int64_are_refused_naming_the_field(http, path, body, fie
         ("/v1/completions", COMPLETION | {"prompt": ""}, 400, "prompt"),
         ("/v1/completions", COMPLETION | {"prompt": [""]}, 400, "prompt"),
         ("/v1/chat/completions", CHAT | {"messages": []}, 400, "messages"),
+        ("/v1/responses", RESPONSE | {"input": ""}, 400, "input"),
+        ("/v1/responses", RESPONSE | {"input": []}, 400, "input"),
     ],
 )
 def test_empty_prompts_are_refused_naming_the_field(http, path, body, status, field):
@@ -197,6 +202,7 @@ def test_a_body_over_one_mib_is_refused_with_413(http, method, path, body):
     [
         ("/conversations/{id}/generate", {"prompt": "a" * (MAX_BODY_BYTES - 100)}, 422, "at most 100000 characters"),
         ("/v1/completions", COMPLETION | {"prompt": "a" * (MAX_BODY_BYTES - 100)}, 400, "has a context of 512 tokens"),
+        ("/v1/responses", RESPONSE | {"input": "a" * (MAX_BODY_BYTES - 100)}, 400, "has a context of 512 tokens"),
         ("/v1/chat/completions", CHAT | {"messages": [{"role": "user", "content": "a" * (MAX_BODY_BYTES - 200)}]}, 400,
          "has a context of 512 tokens"),
     ],

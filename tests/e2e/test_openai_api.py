@@ -176,3 +176,56 @@ def test_openapi_schema_lists_every_route(serve_app):
         "/conversations/{conversation_id}/generate", "/conversations/{conversation_id}/export",
         "/v1/models", "/v1/chat/completions", "/v1/completions", "/healthz", "/readyz", "/models",
     }
+
+
+def test_responses_answer_as_chat_completions_do_whole_and_streamed(client):
+    """The Responses API on the same model: `instructions` and `input` messages become the same
+    prompt as chat messages, so greedy answers match; the stream holds OpenAI's event sequence,
+    which the SDK's own stream helper accepts."""
+    conversation = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Italy?"},
+    ]
+    system = "Answer in one sentence."
+    chat = client.chat.completions.create(
+        model=SMOL, messages=[{"role": "system", "content": system}, *conversation], temperature=0, max_tokens=64
+    )
+    ask = dict(model=SMOL, instructions=system, input=conversation, temperature=0, max_output_tokens=64)
+    whole = client.responses.create(**ask)
+    assert whole.object == "response" and whole.status == "completed" and chat.choices[0].finish_reason == "stop"
+    assert whole.output_text == chat.choices[0].message.content
+    assert (whole.usage.input_tokens, whole.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
+
+    events = list(client.responses.create(**ask, stream=True))
+    kinds = [event.type for event in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed"]
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert "".join(event.delta for event in events[4:-4]) == whole.output_text == events[-1].response.output_text
+    with client.responses.stream(**ask) as stream:
+        assert stream.get_final_response().output_text == whole.output_text
+
+
+def test_a_response_cut_by_max_output_tokens_is_incomplete(client):
+    ask = dict(model=SMOL, input="Tell me a long story.", temperature=0, max_output_tokens=5)
+    whole = client.responses.create(**ask)
+    assert (whole.status, whole.incomplete_details.reason, whole.usage.output_tokens) == ("incomplete", "max_output_tokens", 5)
+    events = list(client.responses.create(**ask, stream=True))
+    assert events[-1].type == "response.incomplete" and events[-1].response.output_text == whole.output_text
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"tools": [{"type": "function", "name": "weather", "parameters": {}}]}, "tools"),
+        ({"text": {"format": {"type": "json_object"}}}, "text.format"),
+        ({"max_output_tokens": 0}, "max_output_tokens"),
+    ],
+)
+def test_responses_refuse_what_they_cannot_do_naming_the_field(client, extra, field):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=SMOL, input="Hi", **extra)
+    assert caught.value.body["param"] == field

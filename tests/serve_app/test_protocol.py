@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.engine.sampling import SamplingParams
-from serve_app.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, RegenerateRequest
+from serve_app.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, RegenerateRequest, ResponsesRequest
 
 
 def test_only_prompt_is_required_and_defaults_fill_the_rest():
@@ -131,3 +131,27 @@ def test_openai_features_not_implemented_are_refused_naming_the_field_unless_not
         request.model_validate({**base, field: asks_for_something})
     assert caught.value.errors()[0]["loc"] == (field,)
     assert "is not supported by this server" in caught.value.errors()[0]["msg"]
+
+
+def test_a_responses_input_becomes_the_chat_messages_it_means():
+    body = ResponsesRequest.model_validate({
+        "model": "m", "instructions": "Be brief.", "max_output_tokens": 9, "temperature": 0,
+        "input": [
+            {"role": "developer", "content": "Use French."},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Capital "}, {"type": "input_text", "text": "of Italy?"}]},
+            {"role": "assistant", "content": [{"type": "output_text", "text": "Rome."}]},
+            {"role": "user", "content": "And France?"},
+        ],
+    })
+    assert body.chat_messages() == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "system", "content": "Use French."},
+        {"role": "user", "content": "Capital of Italy?"},
+        {"role": "assistant", "content": "Rome."},
+        {"role": "user", "content": "And France?"},
+    ]
+    assert (body.to_sampling_params().max_tokens, body.to_sampling_params().temperature) == (9, 0.0)
+    assert ResponsesRequest.model_validate({"model": "m", "input": "Hi"}).chat_messages() == [{"role": "user", "content": "Hi"}]
+    with pytest.raises(ValidationError) as caught:
+        ResponsesRequest.model_validate({"model": "m", "input": [{"type": "function_call_output", "call_id": "c", "output": "4"}]})
+    assert caught.value.errors()[0]["loc"][0] == "input"
