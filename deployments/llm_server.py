@@ -102,9 +102,9 @@ class LLMServer:
         """The engine's outputs; a `cancel(request_id)` ends the stream after the current decode
         step with a last output whose finish reason is "cancelled"."""
         if request.messages is not None:
-            encode = functools.partial(self.encode_chat, request.messages, request.params.max_tokens)
+            encode = functools.partial(self.encode_chat, request.messages, request.params.answer_room)
         else:
-            encode = functools.partial(self.encode_prompt, request.prompt or "", request.params.max_tokens)
+            encode = functools.partial(self.encode_prompt, request.prompt or "", request.params.answer_room)
         prompt_ids = await asyncio.get_running_loop().run_in_executor(self._encoder, encode)
         stop = asyncio.Event()
         if request.request_id is not None:

@@ -182,7 +182,7 @@ class ResponseDraft:
         params = self.body.to_sampling_params()
         return ResponseObject(
             id=self.id, created_at=self.created_at, status=status, model=self.model, output=output or [], usage=usage,
-            error=error, instructions=self.body.instructions, max_output_tokens=params.max_tokens,
+            error=error, instructions=self.body.instructions, max_output_tokens=self.body.max_output_tokens,
             temperature=params.temperature, top_p=params.top_p,
             incomplete_details=ResponseIncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None,
         )

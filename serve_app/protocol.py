@@ -286,10 +286,14 @@ class _OpenAISamplingRequest(RequestModel):
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
-    def _sampling_params(self, max_tokens: int) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int | None) -> SamplingParams:
+        """The request's `SamplingParams`; `max_tokens` None: the answer may run until the
+        model's context ends (as OpenAI's, vLLM's and Ollama's), with the original API's
+        default length kept free for it when a long chat is fitted to the context."""
         penalty = self.repetition_penalty or 1.0
         return SamplingParams(
-            max_tokens=max_tokens,
+            max_tokens=max_tokens or MAX_SAMPLE_LEN,
+            reserve_tokens=None if max_tokens else DEFAULT_SAMPLE_LEN,
             temperature=OPENAI_DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
             top_p=self.top_p or 1.0,
             top_k=max(self.top_k or 0, 0),
@@ -370,7 +374,7 @@ class ChatCompletionRequest(_OpenAISamplingRequest):
     )
 
     def to_sampling_params(self) -> SamplingParams:
-        return self._sampling_params(self.max_completion_tokens or self.max_tokens or DEFAULT_SAMPLE_LEN)
+        return self._sampling_params(self.max_completion_tokens or self.max_tokens)
 
     def chat_messages(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text} for m in self.messages]
@@ -468,7 +472,7 @@ class ResponsesRequest(_OpenAISamplingRequest):
         return value
 
     def to_sampling_params(self) -> SamplingParams:
-        return self._sampling_params(self.max_output_tokens or self.max_tokens or DEFAULT_SAMPLE_LEN)
+        return self._sampling_params(self.max_output_tokens or self.max_tokens)
 
     def chat_messages(self) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.instructions}] if self.instructions else []

@@ -35,6 +35,15 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     min_tokens: int = 0
     ignore_eos: bool = False
+    # The room kept for the answer when a prompt is fitted to the model's context (a chat's
+    # oldest turns dropped, a prompt refused as too long); None: all of `max_tokens`. Less where
+    # `max_tokens` only bounds an answer the client left unbounded (OpenAI's APIs: until the
+    # context ends), so a long chat is not cut to make room for the whole bound.
+    reserve_tokens: int | None = None
+
+    @property
+    def answer_room(self) -> int:
+        return min(self.max_tokens, self.reserve_tokens or self.max_tokens)
 
     @property
     def is_greedy(self) -> bool:

@@ -90,6 +90,20 @@ async def test_generate_streams_and_counts_tokens():
     assert all(o.finish_reason is None for o in pieces)
 
 
+async def test_an_answer_left_unbounded_keeps_its_reserve_when_fitted_and_runs_until_the_context_ends():
+    server = tiny_server(context_length=160)  # byte-level tokenizer: a character is a token
+    long_chat = turn("a" * 40, "b" * 40) + [{"role": "user", "content": "c" * 20}]
+    unbounded = SamplingParams(max_tokens=8192, reserve_tokens=40, temperature=0, ignore_eos=True)
+    outputs = await collect(server, GenerationRequest(messages=long_chat, params=unbounded))
+    # The oldest turn was dropped to leave 40 tokens (not 8,192: no prompt could fit that), and
+    # the answer went on past those 40 to the end of the context.
+    assert outputs[-1].prompt_tokens == len(server.encode_chat(long_chat, 40)) <= 120
+    assert outputs[-1].finish_reason == "length"
+    assert outputs[-1].prompt_tokens + outputs[-1].completion_tokens == 160
+    with pytest.raises(PromptTooLongError, match="has a context of 160 tokens and 8192 are reserved"):
+        await collect(server, GenerationRequest(messages=long_chat, params=SamplingParams(max_tokens=8192)))
+
+
 async def test_seeded_sampling_repeats_and_greedy_is_deterministic():
     server = tiny_server()
     messages = [{"role": "user", "content": "hello"}]

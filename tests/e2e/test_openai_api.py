@@ -265,3 +265,10 @@ def test_n_choices_cannot_be_stored_in_a_conversation(client, serve_app):
         client.chat.completions.create(model=SMOL, messages=CAPITAL, n=2, extra_body={"conversation_id": conversation_id})
     assert "n: a conversation stores one answer a turn" in caught.value.message
     assert httpx.get(f"{serve_app.url}/conversations/{conversation_id}").json()["messages"] == []
+
+
+def test_a_chat_answer_without_max_tokens_runs_until_the_context_ends(client):
+    # As OpenAI, vLLM and Ollama: no cap of the server's own (tiny-random's context is 512 tokens).
+    answer = client.chat.completions.create(model="tiny-random", messages=CAPITAL, temperature=0, extra_body={"ignore_eos": True})
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage.prompt_tokens + answer.usage.completion_tokens == 512

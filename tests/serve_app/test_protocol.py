@@ -155,3 +155,14 @@ def test_a_responses_input_becomes_the_chat_messages_it_means():
     with pytest.raises(ValidationError) as caught:
         ResponsesRequest.model_validate({"model": "m", "input": [{"type": "function_call_output", "call_id": "c", "output": "4"}]})
     assert caught.value.errors()[0]["loc"][0] == "input"
+
+
+def test_openai_answers_left_unbounded_run_until_the_context_ends_keeping_the_usual_room():
+    chat = ChatCompletionRequest.model_validate(CHAT).to_sampling_params()
+    response = ResponsesRequest.model_validate({"model": "m", "input": "hi"}).to_sampling_params()
+    for unbounded in (chat, response):
+        assert (unbounded.max_tokens, unbounded.answer_room) == (8192, 256)
+    bounded = ChatCompletionRequest.model_validate({**CHAT, "max_completion_tokens": 5000}).to_sampling_params()
+    assert (bounded.max_tokens, bounded.answer_room) == (5000, 5000)
+    assert CompletionRequest.model_validate(COMPLETION).to_sampling_params().answer_room == 16  # OpenAI's default there
+    assert GenerateRequest(prompt="hi").to_sampling_params().answer_room == 256  # the original API's sample_len
