@@ -188,7 +188,7 @@ class ResponseDraft:
         )
 
     def finished(self, text: str, last: GenerationOutput) -> ResponseObject:
-        """The whole response: "incomplete" when it ran out of `max_output_tokens`."""
+        """The whole response: "incomplete" when it ran out of `max_output_tokens` (or of the context)."""
         status: MessageStatusOut = "incomplete" if finish_reason_of(last) == "length" else "completed"
         usage = ResponseUsage(
             input_tokens=last.prompt_tokens, output_tokens=last.completion_tokens,
