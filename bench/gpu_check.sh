@@ -9,8 +9,10 @@
 #          original's defaults, and the CUDA-graph step alone
 #   http   the Serve app (bench/gpu_serve_config.py) started with `serve run`, then 1 / 16 / 64 /
 #          256 streams through HTTP, once per ingress replica count in $INGRESS (default "4")
+#   sampler  (only when named) bench/sampler_bench.py: each sampling setting's cost per step,
+#          replayed from the CUDA-graph variant it takes, at 1 / 16 / 64 / 256 rows
 #
-#   bash bench/gpu_check.sh [tests] [bench] [http]      (none named: all three, ~8 minutes)
+#   bash bench/gpu_check.sh [tests] [bench] [http] [sampler]   (none named: the first three, ~8 minutes)
 #
 # Logs go to $OUT (the device machine's folder that comes back), else ./gpu-check. The service's
 # missing dependencies come from the wheels in .whl/, made on a machine with network by
@@ -69,6 +71,7 @@ for part in "${parts[@]}"; do
              tests/deployments/engine/test_sampler.py ;;
     bench) step gpu-bench 300 python3 bench/gpu_bench.py ;;
     http) for replicas in ${INGRESS:-4}; do serve_http "$replicas"; done ;;
-    *) echo "unknown part '$part': tests, bench or http" >&2; exit 2 ;;
+    sampler) step gpu-sampler 300 python3 bench/sampler_bench.py --device cuda --batches 1,16,64,256 ;;
+    *) echo "unknown part '$part': tests, bench, http or sampler" >&2; exit 2 ;;
   esac
 done

@@ -58,6 +58,7 @@ def test_schemathesis_finds_no_server_error_on_any_route(base_url, http, tmp_pat
         sys.executable, "-m", "schemathesis.cli", "--config-file", str(Path(__file__).with_name("schemathesis.toml")),
         "run", f"{base_url}/openapi.json", "--no-color",
     ] + (["--max-examples", os.environ["FUZZ_EXAMPLES"]] if "FUZZ_EXAMPLES" in os.environ else [])
+    command += ["--seed", os.environ["FUZZ_SEED"]] if "FUZZ_SEED" in os.environ else []  # replays a failed run
     # Hypothesis keeps caches of its own in ./.hypothesis unless told otherwise.
     env = os.environ | {"FUZZ_LEDGER": str(ledger), "HYPOTHESIS_STORAGE_DIRECTORY": str(tmp_path / "hypothesis")}
     run = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
