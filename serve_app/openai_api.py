@@ -19,6 +19,7 @@ from fastapi.sse import format_sse_event
 from pydantic import BaseModel
 
 from deployments.engine.protocol import GenerationOutput, InvalidRequestError
+from deployments.engine.sampling import SamplingParams
 from serve_app.conversations import ConversationService, Turn, describe_failure
 from serve_app.protocol import (
     MAX_CONVERSATION_ID,
@@ -109,6 +110,7 @@ class ResponseDraft:
 
     body: ResponsesRequest
     model: str
+    params: SamplingParams  # the body's, as the turn runs them
     id: str = field(default_factory=lambda: f"resp_{uuid.uuid4().hex}")
     message_id: str = field(default_factory=lambda: f"msg_{uuid.uuid4().hex}")
     created_at: int = field(default_factory=lambda: int(time.time()))
@@ -121,11 +123,10 @@ class ResponseDraft:
         self, status: ResponseStatus, output: list[ResponseOutputMessage] | None = None, usage: ResponseUsage | None = None,
         error: ResponseError | None = None,
     ) -> ResponseObject:
-        params = self.body.to_sampling_params()
         return ResponseObject(
             id=self.id, created_at=self.created_at, status=status, model=self.model, output=output or [], usage=usage,
             error=error, instructions=self.body.instructions, max_output_tokens=self.body.max_output_tokens,
-            temperature=params.temperature, top_p=params.top_p,
+            temperature=self.params.temperature, top_p=self.params.top_p,
             incomplete_details=ResponseIncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None,
         )
 
@@ -152,8 +153,9 @@ async def response_events(service: ConversationService, turn: Turn, draft: Respo
         return format_sse_event(event=kind, data_str=json.dumps(data, ensure_ascii=False))
 
     where = {"item_id": draft.message_id, "output_index": 0, "content_index": 0}
-    yield event("response.created", response=draft.render("in_progress").model_dump(mode="json"))
-    yield event("response.in_progress", response=draft.render("in_progress").model_dump(mode="json"))
+    in_progress = draft.render("in_progress").model_dump(mode="json")
+    yield event("response.created", response=in_progress)
+    yield event("response.in_progress", response=in_progress)
     yield event("response.output_item.added", output_index=0, item=draft.message("in_progress").model_dump(mode="json"))
     yield event("response.content_part.added", **where, part=ResponseOutputText(text="").model_dump(mode="json"))
     pieces: list[str] = []
@@ -264,8 +266,9 @@ def create_openai_router(service: ConversationService) -> APIRouter:
     async def responses(body: ResponsesRequest):
         """The Responses API for text: `input` and `instructions` in, one message of text out."""
         model = service.resolve_model(body.model)
-        turn = await service.start_turn(model, body.to_sampling_params(), messages=body.chat_messages())
-        draft = ResponseDraft(body, model.name)
+        params = body.to_sampling_params()
+        turn = await service.start_turn(model, params, messages=body.chat_messages())
+        draft = ResponseDraft(body, model.name, params)
         if not body.stream:
             return draft.finished(*await collect(service, turn))
         return ServerSentEventsResponse(response_events(service, turn, draft))

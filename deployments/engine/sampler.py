@@ -349,13 +349,14 @@ def draw(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: tor
     needs, row = rows.needs, table.rows(rows.slots, rows.positions)
     if needs.bias:  # the padding adds 0 to token 0
         logits.scatter_add_(1, table.bias_ids[rows.slots], table.bias_values[rows.slots])
-    if needs.penalty:
-        apply_repeat_penalty(logits, history[rows.slots], rows.positions, row.repeat_penalty, row.repeat_last_n)
-    if needs.occurrences:
-        apply_occurrence_penalties(
-            logits, history[rows.slots], rows.positions, row.last_prompt_position, row.presence_penalty,
-            row.frequency_penalty,
-        )
+    if needs.penalty or needs.occurrences:
+        seen = history[rows.slots]  # the rows' token ids by position, gathered once for both penalties
+        if needs.penalty:
+            apply_repeat_penalty(logits, seen, rows.positions, row.repeat_penalty, row.repeat_last_n)
+        if needs.occurrences:
+            apply_occurrence_penalties(
+                logits, seen, rows.positions, row.last_prompt_position, row.presence_penalty, row.frequency_penalty
+            )
     if needs.min_tokens and len(eos_ids):
         suppress = (rows.positions - row.last_prompt_position < row.min_tokens)[:, None]
         logits[:, eos_ids] = torch.where(suppress, -torch.inf, logits[:, eos_ids])

@@ -63,8 +63,3 @@ class SamplingParams:
     def penalizes_occurrences(self) -> bool:
         """The presence or the frequency penalty changes logits."""
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-
-    @property
-    def penalizes(self) -> bool:
-        """Some penalty changes logits."""
-        return self.penalizes_repeats or self.penalizes_occurrences

@@ -48,7 +48,7 @@ def keep_generation_cheap(case: schemathesis.Case) -> None:
         value = case.body.get(field)
         if isinstance(value, int | float) and not isinstance(value, bool) and CHEAP_TOKENS < value <= MAX_SAMPLE_LEN:
             case.body[field] = CHEAP_TOKENS
-    if all(case.body.get(field) is None for field in LENGTH_FIELDS[:4]):  # the default is 256 tokens
+    if all(case.body.get(field) is None for field in LENGTH_FIELDS[:4]):  # the defaults: 256 tokens, or the whole context
         case.body["sample_len" if case.path.startswith("/conversations/") else "max_tokens"] = CHEAP_TOKENS
 
 

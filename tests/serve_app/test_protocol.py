@@ -83,7 +83,8 @@ def test_openais_presence_and_frequency_penalties_reach_the_sampling_params_and_
     params = ChatCompletionRequest.model_validate({**CHAT, "presence_penalty": 0.5, "frequency_penalty": -1.0}).to_sampling_params()
     assert (params.presence_penalty, params.frequency_penalty, params.penalizes_occurrences) == (0.5, -1.0, True)
     nulls = CompletionRequest.model_validate({**COMPLETION, "presence_penalty": None, "frequency_penalty": None})
-    assert not nulls.to_sampling_params().penalizes
+    params = nulls.to_sampling_params()
+    assert not params.penalizes_repeats and not params.penalizes_occurrences
     for field, value in [("presence_penalty", 2.01), ("frequency_penalty", -2.01)]:
         with pytest.raises(ValidationError) as caught:
             ChatCompletionRequest.model_validate({**CHAT, field: value})
