@@ -381,6 +381,12 @@ class ConversationService:
                 content = "".join(pieces)
                 await asyncio.shield(self._write_surely(self._store_answer, turn.record.conversation_id, content, answer, turn.prompt_stored))
 
+    async def abandon(self, turn: Turn) -> None:
+        """Ends a started turn whose outputs no one will read (another choice of its request
+        failed to start): its generation is cancelled and counted as stopped."""
+        async with aclosing(self.outputs(turn)) as outputs:
+            await anext(outputs)
+
     def _keep_claim(self, turn: Turn) -> None:
         """Renews the turn's claim on its conversation every third of the claim's lease: an
         answer may stream for longer than one."""

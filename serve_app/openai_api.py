@@ -5,6 +5,7 @@ OpenAI's chunk and event shapes."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -20,6 +21,7 @@ from pydantic import BaseModel
 
 from deployments.engine.protocol import GenerationOutput, InvalidRequestError
 from deployments.engine.sampling import SamplingParams
+from deployments.model_registry import ModelConfig
 from serve_app.conversations import ConversationService, Turn, describe_failure
 from serve_app.protocol import (
     MAX_CONVERSATION_ID,
@@ -61,45 +63,100 @@ def finish_reason_of(output: GenerationOutput) -> FinishReasonOut | None:
     return "stop" if output.finish_reason == "cancelled" else output.finish_reason
 
 
-def usage_of(output: GenerationOutput) -> Usage:
-    return Usage(
-        prompt_tokens=output.prompt_tokens,
-        completion_tokens=output.completion_tokens,
-        total_tokens=output.prompt_tokens + output.completion_tokens,
-    )
+def usage_of(*lasts: GenerationOutput) -> Usage:
+    """The usage of a request's choices (their last outputs): the prompt once, every answer."""
+    prompt, completion = lasts[0].prompt_tokens, sum(last.completion_tokens for last in lasts)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-async def collect(service: ConversationService, turn: Turn) -> tuple[str, GenerationOutput]:
-    """The whole answer and its last output (finish reason, exact token counts)."""
-    pieces: list[str] = []
-    async with aclosing(service.outputs(turn)) as outputs:
-        async for output in outputs:
-            pieces.append(output.text)
-    return "".join(pieces), output
+async def start_choices(
+    service: ConversationService, model: ModelConfig, choices: list[SamplingParams], **prompt: Any
+) -> list[Turn]:
+    """A turn per choice (`n`), started together. If one cannot start, the others are abandoned
+    and its error is the request's."""
+    started = await asyncio.gather(*(service.start_turn(model, params, **prompt) for params in choices), return_exceptions=True)
+    turns = [turn for turn in started if isinstance(turn, Turn)]
+    if len(turns) < len(started):
+        await asyncio.gather(*(service.abandon(turn) for turn in turns))
+        raise next(failure for failure in started if isinstance(failure, BaseException))
+    return turns
+
+
+async def choice_outputs(service: ConversationService, turns: list[Turn]) -> AsyncGenerator[tuple[int, GenerationOutput], None]:
+    """Every choice's outputs as they come, each with its choice's index; each choice ends with
+    its output that has a finish reason. If one fails, the others are stopped and its error
+    raised. One choice (nearly every request) streams straight through, with no task and queue
+    between: every streamed chunk's CPU counts on a small machine."""
+    if len(turns) == 1:
+        async with aclosing(service.outputs(turns[0])) as outputs:
+            async for output in outputs:
+                yield 0, output
+        return
+    arrived: asyncio.Queue[tuple[int, GenerationOutput | Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, turn: Turn) -> None:
+        try:
+            async with aclosing(service.outputs(turn)) as outputs:
+                async for output in outputs:
+                    arrived.put_nowait((index, output))
+            arrived.put_nowait((index, None))
+        except Exception as exc:  # noqa: BLE001 - raised by the reader
+            arrived.put_nowait((index, exc))
+
+    pumps = [asyncio.create_task(pump(index, turn)) for index, turn in enumerate(turns)]
+    try:
+        running = len(pumps)
+        while running:
+            index, item = await arrived.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                running -= 1
+            else:
+                yield index, item
+    finally:
+        for task in pumps:
+            task.cancel()  # a stopped answer is recorded as such by its `outputs`
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+
+async def collect(service: ConversationService, turns: list[Turn]) -> list[tuple[str, GenerationOutput]]:
+    """Each choice's whole answer and its last output (finish reason, exact token counts)."""
+    pieces: list[list[str]] = [[] for _ in turns]
+    lasts: dict[int, GenerationOutput] = {}
+    async with aclosing(choice_outputs(service, turns)) as outputs:
+        async for index, output in outputs:
+            pieces[index].append(output.text)
+            lasts[index] = output
+    return [("".join(texts), lasts[index]) for index, texts in enumerate(pieces)]
 
 
 async def sse_events(
     service: ConversationService,
-    turn: Turn,
-    chunk: Callable[[str | None, FinishReasonOut | None], BaseModel],
+    turns: list[Turn],
+    chunk: Callable[[int, str | None, FinishReasonOut | None], BaseModel],
     usage_chunk: Callable[[Usage], BaseModel] | None,
 ) -> AsyncGenerator[bytes, None]:
-    """OpenAI's stream: `chunk(text, finish_reason)` per output, a closing chunk with the finish
-    reason, an optional usage chunk, then `data: [DONE]`. A failure after the stream started
-    ends it with an error event, then `data: [DONE]` (as vLLM does)."""
+    """OpenAI's stream: `chunk(index, text, finish_reason)` per output of choice `index`, a
+    closing chunk with each choice's finish reason, an optional usage chunk, then
+    `data: [DONE]`. A failure after the stream started ends it with an error event, then
+    `data: [DONE]` (as vLLM does)."""
+    lasts: list[GenerationOutput] = []
     try:
-        async with aclosing(service.outputs(turn)) as outputs:
-            async for output in outputs:
+        async with aclosing(choice_outputs(service, turns)) as outputs:
+            async for index, output in outputs:
                 if output.text:
-                    yield format_sse_event(data_str=chunk(output.text, None).model_dump_json())
+                    yield format_sse_event(data_str=chunk(index, output.text, None).model_dump_json())
+                if output.finish_reason is not None:
+                    lasts.append(output)
+                    yield format_sse_event(data_str=chunk(index, None, finish_reason_of(output)).model_dump_json())
     except Exception as exc:  # noqa: BLE001 - logged and stored by `outputs`
         error = {"message": describe_failure(exc), "type": "server_error", "param": None, "code": 503}
         yield format_sse_event(data_str=json.dumps({"error": error}))
         yield format_sse_event(data_str="[DONE]")
         return
-    yield format_sse_event(data_str=chunk(None, finish_reason_of(output)).model_dump_json())
     if usage_chunk is not None:
-        yield format_sse_event(data_str=usage_chunk(usage_of(output)).model_dump_json())
+        yield format_sse_event(data_str=usage_chunk(usage_of(*lasts)).model_dump_json())
     yield format_sse_event(data_str="[DONE]")
 
 
@@ -207,37 +264,43 @@ def create_openai_router(service: ConversationService) -> APIRouter:
             exclude_none=True,
         ) | {"model": model.name}
         if conversation_id is None:
-            turn = await service.start_turn(model, body.to_sampling_params(), messages=body.chat_messages())
+            turns = await start_choices(service, model, body.choices_params(), messages=body.chat_messages())
+        elif body.n > 1:
+            raise InvalidRequestError("n: a conversation stores one answer a turn; ask for one choice with a conversation_id")
         else:
-            turn = await service.conversation_turn(
-                conversation_id, body.chat_messages(), model, body.to_sampling_params(), stored
-            )
+            turns = [
+                await service.conversation_turn(conversation_id, body.chat_messages(), model, body.to_sampling_params(), stored)
+            ]
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
-            text, last = await collect(service, turn)
+            answers = await collect(service, turns)
             return ChatCompletion(
-                id=request_id, created=created, model=model.name, usage=usage_of(last),
-                choices=[ChatCompletionChoice(message=ChatCompletionMessage(content=text), finish_reason=finish_reason_of(last))],
+                id=request_id, created=created, model=model.name, usage=usage_of(*(last for _, last in answers)),
+                choices=[
+                    ChatCompletionChoice(index=index, message=ChatCompletionMessage(content=text), finish_reason=finish_reason_of(last))
+                    for index, (text, last) in enumerate(answers)
+                ],
             )
 
-        def chunk(text: str | None, finish_reason: FinishReasonOut | None) -> ChatCompletionChunk:
+        def chunk(index: int, text: str | None, finish_reason: FinishReasonOut | None) -> ChatCompletionChunk:
             delta = ChatDelta(content=text) if text is not None else ChatDelta()
             return ChatCompletionChunk(
                 id=request_id, created=created, model=model.name,
-                choices=[ChatCompletionChunkChoice(delta=delta, finish_reason=finish_reason)],
+                choices=[ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish_reason)],
             )
 
         def usage_chunk(usage: Usage) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=request_id, created=created, model=model.name, choices=[], usage=usage)
 
         async def events() -> AsyncGenerator[bytes, None]:
-            # OpenAI's first chunk carries the role only.
-            first = ChatCompletionChunk(
-                id=request_id, created=created, model=model.name,
-                choices=[ChatCompletionChunkChoice(delta=ChatDelta(role="assistant", content=""))],
-            )
-            yield format_sse_event(data_str=first.model_dump_json())
-            async with aclosing(sse_events(service, turn, chunk, usage_chunk if body.include_usage else None)) as rest:
+            # OpenAI's first chunk of each choice carries the role only.
+            for index in range(len(turns)):
+                first = ChatCompletionChunk(
+                    id=request_id, created=created, model=model.name,
+                    choices=[ChatCompletionChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))],
+                )
+                yield format_sse_event(data_str=first.model_dump_json())
+            async with aclosing(sse_events(service, turns, chunk, usage_chunk if body.include_usage else None)) as rest:
                 async for event in rest:
                     yield event
 
@@ -246,21 +309,27 @@ def create_openai_router(service: ConversationService) -> APIRouter:
     @router.post("/completions", response_model=Completion, responses=SSE_RESPONSE)
     async def completions(body: CompletionRequest):
         model = service.resolve_model(body.model)
-        turn = await service.start_turn(model, body.to_sampling_params(), prompt=body.prompt_text)
+        turns = await start_choices(service, model, body.choices_params(), prompt=body.prompt_text)
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(text: str | None, finish_reason: FinishReasonOut | None) -> Completion:
-            choice = CompletionChoice(text=text or "", finish_reason=finish_reason)
-            return Completion(id=request_id, created=created, model=model.name, choices=[choice])
+        def choice(index: int, text: str | None, finish_reason: FinishReasonOut | None) -> CompletionChoice:
+            return CompletionChoice(index=index, text=text or "", finish_reason=finish_reason)
+
+        def completion(choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
+            return Completion(id=request_id, created=created, model=model.name, choices=choices, usage=usage)
 
         if not body.stream:
-            text, last = await collect(service, turn)
-            return chunk(text, finish_reason_of(last)).model_copy(update={"usage": usage_of(last)})
+            answers = await collect(service, turns)
+            choices = [choice(index, text, finish_reason_of(last)) for index, (text, last) in enumerate(answers)]
+            return completion(choices, usage_of(*(last for _, last in answers)))
 
         def usage_chunk(usage: Usage) -> Completion:
-            return Completion(id=request_id, created=created, model=model.name, choices=[], usage=usage)
+            return completion([], usage)
 
-        return ServerSentEventsResponse(sse_events(service, turn, chunk, usage_chunk if body.include_usage else None))
+        def chunk(index: int, text: str | None, finish_reason: FinishReasonOut | None) -> Completion:
+            return completion([choice(index, text, finish_reason)])
+
+        return ServerSentEventsResponse(sse_events(service, turns, chunk, usage_chunk if body.include_usage else None))
 
     @router.post("/responses", response_model=ResponseObject, responses=SSE_RESPONSE)
     async def responses(body: ResponsesRequest):
@@ -270,7 +339,8 @@ def create_openai_router(service: ConversationService) -> APIRouter:
         turn = await service.start_turn(model, params, messages=body.chat_messages())
         draft = ResponseDraft(body, model.name, params)
         if not body.stream:
-            return draft.finished(*await collect(service, turn))
+            [(text, last)] = await collect(service, [turn])
+            return draft.finished(text, last)
         return ServerSentEventsResponse(response_events(service, turn, draft))
 
     return router

@@ -8,6 +8,7 @@ returns; the history store produces them directly.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -182,6 +183,7 @@ class ModelCard(BaseModel):
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 16  # `n`: each choice takes a row of a model replica's batch
 
 ModelState = Literal["loading", "ready", "failed"]
 FinishReasonOut = Literal["stop", "length"]
@@ -239,7 +241,7 @@ class _OpenAISamplingRequest(RequestModel):
             {"type": "null"},
         ]}),
     ] = Field(default=None, description=f"Up to {MAX_STOP_STRINGS} stop strings.")
-    n: Literal[1] = Field(default=1, description="Only one choice per request is supported.")
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES, description="Choices to generate for the prompt.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(
@@ -306,6 +308,19 @@ class _OpenAISamplingRequest(RequestModel):
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
         )
+
+    def choices_params(self) -> list[SamplingParams]:
+        """One `SamplingParams` per choice (`n`). A seeded request's choices draw under seed,
+        seed + 1, ... (past MAX_SEED from 0 again, so each is a seed a request may send):
+        distinct, and each as reproducible as the seed; unseeded ones each get a random seed
+        from the engine."""
+        params = self.to_sampling_params()
+        if params.seed is None:
+            return [params] * self.n
+        return [dataclasses.replace(params, seed=(params.seed + i) % (MAX_SEED + 1)) for i in range(self.n)]
+
+    def to_sampling_params(self) -> SamplingParams:
+        raise NotImplementedError  # each request says its default length
 
     @property
     def include_usage(self) -> bool:
@@ -447,6 +462,7 @@ class ResponsesRequest(_OpenAISamplingRequest):
     reasoning: Unsupported[None] = Field(default=None, description=NOTHING_ASKED)
     include: Unsupported[EmptyList] = Field(default=None, description=NOTHING_ASKED)
     background: Unsupported[Literal[False]] = Field(default=None, description=NOTHING_ASKED)
+    n: Unsupported[Literal[1]] = Field(default=None, description=NOTHING_ASKED)  # type: ignore[assignment]
     prompt: Unsupported[None] = Field(default=None, description=NOTHING_ASKED)  # a stored prompt template
 
     @field_validator("input")

@@ -76,6 +76,10 @@ def streams_end_cleanly(ctx, response: schemathesis.Response, case: schemathesis
         return None
     content_type = response.headers.get("content-type", [""])[0]
     if content_type.startswith("text/event-stream"):
+        if response.stream_cut_short:  # the client stopped reading, so how the stream ends is unknown
+            raise AssertionError(
+                "schemathesis stopped reading the event stream (at max-stream-events events or request-timeout seconds)"
+            )
         events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
         if case.path == "/v1/responses":
             kinds = [json.loads(event)["type"] for event in events]

@@ -101,7 +101,7 @@ def test_unknown_model_is_not_found(client):
     ("extra", "field"),
     [
         ({"temperature": 3}, "temperature"),
-        ({"n": 2}, "n"),
+        ({"n": 17}, "n"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
@@ -229,6 +229,42 @@ def test_responses_refuse_what_they_cannot_do_naming_the_field(client, extra, fi
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(model=SMOL, input="Hi", **extra)
     assert caught.value.body["param"] == field
+
+
+def test_n_choices_are_the_answers_of_seeds_in_a_row_whole_and_streamed(client):
+    """Choice i of a request seeded s is what a one-choice request seeded s + i answers; the
+    stream carries every choice's text and finish under its index; usage counts the prompt once."""
+    ask = dict(model=SMOL, messages=CAPITAL, temperature=1.0, seed=7, max_tokens=12)
+    alone = [client.chat.completions.create(**ask | {"seed": 7 + i}) for i in range(3)]
+    whole = client.chat.completions.create(**ask, n=3)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert [c.message.content for c in whole.choices] == [a.choices[0].message.content for a in alone]
+    assert len({c.message.content for c in whole.choices}) > 1
+    assert whole.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert whole.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+
+    texts, finishes, usage = ["", "", ""], [None, None, None], None
+    for chunk in client.chat.completions.create(**ask, n=3, stream=True, stream_options={"include_usage": True}):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+        usage = chunk.usage or usage
+    assert texts == [c.message.content for c in whole.choices]
+    assert finishes == [c.finish_reason for c in whole.choices]
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+    greedy = client.completions.create(model=SMOL, prompt="The capital of France is", temperature=0, max_tokens=6, n=2)
+    assert [c.index for c in greedy.choices] == [0, 1] and greedy.choices[0].text == greedy.choices[1].text
+
+
+def test_n_choices_cannot_be_stored_in_a_conversation(client, serve_app):
+    import httpx
+
+    conversation_id = httpx.get(f"{serve_app.url}/conversations/start").json()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=SMOL, messages=CAPITAL, n=2, extra_body={"conversation_id": conversation_id})
+    assert "n: a conversation stores one answer a turn" in caught.value.message
+    assert httpx.get(f"{serve_app.url}/conversations/{conversation_id}").json()["messages"] == []
 
 
 def test_a_chat_answer_without_max_tokens_runs_until_the_context_ends(client):

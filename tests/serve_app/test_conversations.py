@@ -23,7 +23,7 @@ from serve_app.conversations import (
     conversation_markdown,
     parse_conversation_id,
 )
-from serve_app.openai_api import sse_events
+from serve_app.openai_api import sse_events, start_choices
 from serve_app.protocol import STREAM_ERROR_MARKER, Conversation, Message, Usage
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -118,6 +118,16 @@ class FakeStream:
         self.is_cancelled = True
 
 
+class HangingStream(FakeStream):
+    """A stream that, after its outputs, waits for ever (an answer still being generated)."""
+
+    async def __anext__(self) -> GenerationOutput:
+        if self._outputs:
+            return self._outputs.pop(0)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
 class Remote:
     def __init__(self, fn):
         self.remote = fn
@@ -194,7 +204,7 @@ async def test_a_replica_dying_mid_answer_ends_the_text_stream_with_the_marker_a
 async def test_an_openai_stream_that_fails_ends_with_an_error_event_then_done(history):
     service = service_with(history, FakeStream(outputs("Hel"), error=RuntimeError("CUDA out of memory")))
     turn = await start(service)
-    events = [event async for event in sse_events(service, turn, lambda text, finish: Usage(
+    events = [event async for event in sse_events(service, [turn], lambda index, text, finish: Usage(
         prompt_tokens=0, completion_tokens=len(text or ""), total_tokens=0), None)]
     assert [e.startswith(b"data: ") for e in events] == [True, True, True]
     error = json.loads(events[1].decode().removeprefix("data: "))["error"]
@@ -283,3 +293,47 @@ async def test_the_answer_streams_while_its_prompt_is_stored_and_is_stored_after
     commit.set()
     assert await ending is None
     assert [(m.role, m.content) for m in await stored(history)] == [("user", "hi"), ("assistant", "Hello")]
+
+
+# --- a request's choices (OpenAI's `n`) ---
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def sse_data(events: list[bytes]) -> list:
+    return [json.loads(event.decode().removeprefix("data: ")) for event in events if event != b"data: [DONE]\n\n"]
+
+
+async def test_choices_stream_each_its_text_and_finish_and_the_usage_counts_the_prompt_once(history):
+    service = service_with(history, FakeStream(outputs("a", "b", finish="stop")), FakeStream(outputs("c", "d", "e", finish="length")))
+    turns = await start_choices(service, service.registry.default, [SamplingParams()] * 2, messages=HI)
+
+    def chunk(index, text, finish):
+        return Usage(prompt_tokens=index, completion_tokens=len(text or ""), total_tokens=0 if finish is None else 1)
+
+    events = [event async for event in sse_events(service, turns, chunk, lambda usage: usage)]
+    assert events[-1] == b"data: [DONE]\n\n"
+    *chunks, usage = sse_data(events)
+    texts = {index: sum(c["completion_tokens"] for c in chunks if c["prompt_tokens"] == index) for index in (0, 1)}
+    finishes = [c["prompt_tokens"] for c in chunks if c["total_tokens"] == 1]
+    assert texts == {0: 2, 1: 3} and sorted(finishes) == [0, 1]
+    assert usage == {"prompt_tokens": 5, "completion_tokens": 2 + 3, "total_tokens": 10}
+
+
+async def test_a_choice_that_cannot_start_stops_the_ones_that_did(history):
+    started = HangingStream(outputs("a"))
+    service = service_with(history, started, FakeStream([], error=BackPressureError(num_queued_requests=1, max_queued_requests=1)))
+    with pytest.raises(ModelOverloadedError):
+        await start_choices(service, service.registry.default, [SamplingParams()] * 2, messages=HI)
+    assert started.is_cancelled
+
+
+async def test_a_choice_failing_mid_answer_stops_the_others_and_ends_the_stream_with_the_error(history):
+    running = HangingStream(outputs("a", "b"))
+    service = service_with(history, running, FakeStream(outputs("c"), error=ActorDiedError()))
+    turns = await start_choices(service, service.registry.default, [SamplingParams()] * 2, messages=HI)
+    events = [event async for event in sse_events(service, turns, lambda index, text, finish: Usage(
+        prompt_tokens=index, completion_tokens=0, total_tokens=0), None)]
+    assert events[-1] == b"data: [DONE]\n\n"
+    assert sse_data(events)[-1]["error"]["message"].startswith("the model's replica stopped while answering")
+    assert running.is_cancelled

@@ -4,7 +4,14 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.engine.sampling import SamplingParams
-from serve_app.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest, RegenerateRequest, ResponsesRequest
+from serve_app.protocol import (
+    MAX_SEED,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    RegenerateRequest,
+    ResponsesRequest,
+)
 
 
 def test_only_prompt_is_required_and_defaults_fill_the_rest():
@@ -89,6 +96,19 @@ def test_openais_presence_and_frequency_penalties_reach_the_sampling_params_and_
         with pytest.raises(ValidationError) as caught:
             ChatCompletionRequest.model_validate({**CHAT, field: value})
         assert caught.value.errors()[0]["loc"] == (field,)
+
+
+def test_n_gives_a_seeded_request_one_seed_per_choice_each_a_seed_a_request_may_send():
+    seeds = [params.seed for params in CompletionRequest.model_validate({**COMPLETION, "n": 3, "seed": 7}).choices_params()]
+    assert seeds == [7, 8, 9]
+    last = ChatCompletionRequest.model_validate({**CHAT, "n": 3, "seed": MAX_SEED}).choices_params()
+    assert [params.seed for params in last] == [MAX_SEED, 0, 1]
+    unseeded = ChatCompletionRequest.model_validate({**CHAT, "n": 2}).choices_params()
+    assert [params.seed for params in unseeded] == [None, None]
+    for bad in (0, 17):
+        with pytest.raises(ValidationError) as caught:
+            CompletionRequest.model_validate({**COMPLETION, "n": bad})
+        assert caught.value.errors()[0]["loc"] == ("n",)
 
 
 def test_logit_bias_keys_become_token_ids_and_bad_ones_are_refused_naming_the_field():
