@@ -20,3 +20,6 @@ class HistoryDeployment(HistoryStore):
         super().__init__(database_path)
         # Opened here, on the replica's event loop, because aiosqlite binds to that loop.
         await self.open()
+
+    def ready(self) -> None:
+        """Does nothing: a caller's early first call sets up its way to this replica (see Ingress)."""

@@ -19,8 +19,16 @@ import torch
 
 from deployments.engine.batched import BatchedEngine
 from deployments.engine.forward import cpu_has_fast_int8
-from deployments.engine.protocol import Engine, EngineStats, GenerationOutput, GenerationRequest, PromptTooLongError
+from deployments.engine.protocol import (
+    Engine,
+    EngineStats,
+    GenerationOutput,
+    GenerationRequest,
+    InvalidRequestError,
+    PromptTooLongError,
+)
 from deployments.engine.reference import ReferenceEngine
+from deployments.engine.sampling import SamplingParams
 from deployments.engine.torch_threads import run_in_fresh_thread
 from deployments.model_loader import LoadedModel, load_model
 from deployments.model_registry import ModelConfig
@@ -53,6 +61,26 @@ class LLMServer:
         # messages of 90,000 "é" each), and those streams would stall meanwhile. One worker: a
         # fast tokenizer must not be entered from two threads at once.
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-prompt")
+        self._warm_up()
+        self._warm_up_requests = self.engine.stats().total_requests  # left out of `stats`
+
+    def _warm_up(self) -> None:
+        """One short answer before the replica takes requests. The first answer otherwise pays
+        one-time work (the chat template's compilation, the engine's first steps and kernel
+        calls): SmolLM2 int4 on a 2-core CPU, first output 72 ms, 17-21 ms for the next ones."""
+        hello = "Hello"
+        chat = [{"role": "user", "content": hello}] if self.loaded.tokenizer.chat_template else None
+        request = GenerationRequest(messages=chat, prompt=None if chat else hello, params=SamplingParams(max_tokens=2))
+
+        async def answer() -> None:
+            async with aclosing(self.generate(request)) as outputs:
+                async for _ in outputs:
+                    pass
+
+        try:
+            run_in_fresh_thread(asyncio.run, answer())
+        except InvalidRequestError as exc:  # a context too short for it: the first answer pays
+            logger.info("%s: no warm-up answer (%s)", self.config.name, exc)
 
     def encode_chat(self, messages: list[dict[str, str]], max_tokens: int) -> list[int]:
         """Token ids of `messages` under the chat template, leaving `max_tokens` of room for the
@@ -128,4 +156,5 @@ class LLMServer:
         return stop is not None
 
     def stats(self) -> EngineStats:
-        return self.engine.stats()
+        stats = self.engine.stats()
+        return dataclasses.replace(stats, total_requests=stats.total_requests - self._warm_up_requests)

@@ -23,6 +23,24 @@ def decoded(server: LLMServer, ids: list[int]) -> str:
     return server.loaded.tokenizer.decode(ids)
 
 
+@pytest.mark.parametrize("engine", ["batched", "reference"])
+def test_a_new_server_has_answered_once_through_its_chat_template_and_counts_no_request(engine):
+    server = LLMServer(ModelConfig(name="tiny", source={"kind": "tiny_random"}, engine=engine, torch_threads=1))
+    assert server.engine.stats().total_requests == 1  # the warm-up, through the engine
+    assert server.stats().total_requests == 0 and server.engine.stats().active_requests == 0
+
+
+def test_a_context_too_short_for_the_warm_up_still_starts_and_answers_what_fits():
+    server = tiny_server(context_length=4)
+    assert server.engine.stats().total_requests == 0 and server.stats().total_requests == 0
+
+    async def answer() -> list[str]:
+        request = GenerationRequest(prompt="ab", params=SamplingParams(max_tokens=2, ignore_eos=True))
+        return [output.text async for output in server.generate(request)]
+
+    assert asyncio.run(answer())
+
+
 def test_prompt_uses_the_chat_template_with_all_turns_when_they_fit():
     server = tiny_server()
     messages = turn("first", "one") + [{"role": "user", "content": "second"}]
