@@ -182,6 +182,11 @@ class ModelConfig(_Strict):
         return self.source.revision if isinstance(self.source, HubSource) else "main"
 
     @property
+    def may_scale_to_zero(self) -> bool:
+        """Autoscaled down to no replica when idle (Serve's `min_replicas` defaults to 1)."""
+        return self.autoscaling_config is not None and self.autoscaling_config.get("min_replicas", 1) == 0
+
+    @property
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
 

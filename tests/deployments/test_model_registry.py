@@ -78,3 +78,13 @@ def test_auto_settings_resolve_per_device_and_cpu_formats_are_refused_on_a_gpu()
         ModelConfig(name="g", device="cuda", weights="int8")
     with pytest.raises(ValueError, match="weights 'int4' run on the CPU only, but the replica is on cuda"):
         ModelConfig(name="a", weights="int4").resolved_weights("cuda")
+
+
+def test_only_an_autoscaled_model_with_min_replicas_zero_may_scale_to_zero():
+    def model(**fields) -> ModelConfig:
+        return ModelConfig(name="m", source={"kind": "tiny_random"}, **fields)
+
+    assert model(autoscaling_config={"min_replicas": 0, "max_replicas": 2}).may_scale_to_zero
+    assert not model(autoscaling_config={"min_replicas": 1, "max_replicas": 2}).may_scale_to_zero
+    assert not model(autoscaling_config={"max_replicas": 2}).may_scale_to_zero  # Serve's default: 1
+    assert not model(num_replicas=2).may_scale_to_zero and not model(num_replicas="auto").may_scale_to_zero

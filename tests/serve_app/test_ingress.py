@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from deployments.model_registry import ModelRegistry
 from serve_app.conversations import ConversationService
-from serve_app.ingress import MAX_BODY_BYTES, create_app
+from serve_app.ingress import MAX_BODY_BYTES, create_app, first_calls
 from serve_app.settings import AppSettings
 
 KEY = "s3cret-key-123"
@@ -20,6 +20,36 @@ def client_for(**settings) -> TestClient:
     app_settings = AppSettings.model_validate({"api_key": None, **settings})
     service = ConversationService(ModelRegistry(app_settings.models), models={}, history=None)
     return TestClient(create_app(app_settings, service))
+
+
+class RecordingHandle:
+    """Stands for a DeploymentHandle: `handle.method.remote()` records (deployment, method)."""
+
+    def __init__(self, name: str, calls: list[tuple[str, str]]):
+        self.name, self.calls = name, calls
+
+    def __getattr__(self, method: str):
+        handle = self
+
+        class Method:
+            def remote(self) -> tuple[str, str]:
+                handle.calls.append((handle.name, method))
+                return handle.name, method
+
+        return Method()
+
+
+def test_a_starting_ingress_calls_each_deployment_once_but_no_model_that_may_have_scaled_to_zero():
+    tiny = {"kind": "tiny_random"}
+    settings = AppSettings.model_validate({"models": [
+        {"name": "fixed", "source": tiny},
+        {"name": "idle", "source": tiny, "autoscaling_config": {"min_replicas": 0, "max_replicas": 2}},
+        {"name": "scaled", "source": tiny, "autoscaling_config": {"min_replicas": 1, "max_replicas": 2}},
+    ]})
+    calls: list[tuple[str, str]] = []
+    models = {name: RecordingHandle(name, calls) for name in ("fixed", "idle", "scaled")}
+    made = first_calls(settings, models, RecordingHandle("history", calls))
+    assert made == calls == [("fixed", "stats"), ("scaled", "stats"), ("history", "ready")]
 
 
 def test_models_are_listed_without_a_key_when_none_is_configured():
