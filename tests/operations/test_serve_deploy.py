@@ -3,7 +3,8 @@
 with the `serve` CLI, and check what operators rely on: every deployment healthy in `serve
 status`, model replicas on the worker node and the history owner on the head (custom
 resources), relative paths resolved where the head was started, a conversation's turns kept on
-one of two replicas (its prefix cache reused), a model scaled 1 -> 2 -> 1 replicas by load, and
+one of two replicas (its prefix cache reused), a model scaled 1 -> 2 -> 1 replicas by load, one
+autoscaled from zero woken by its first request, and
 a `serve deploy` of a changed config under load (the ingress scaled to two replicas with
 it) that fails no request and breaks no stream.
 
@@ -51,6 +52,8 @@ AUTOSCALING = {
 MODELS = [
     {"name": "tiny-random", **TINY, "num_replicas": 2},
     {"name": "tiny-autoscaled", **TINY, "autoscaling_config": AUTOSCALING},
+    # No replica until a request comes (scale to zero): cold starts traded for idle resources.
+    {"name": "tiny-idle", **TINY, "autoscaling_config": {"min_replicas": 0, "max_replicas": 1, "upscale_delay_s": 0}},
 ]
 
 
@@ -162,7 +165,7 @@ def cluster():
             ["--address", f"127.0.0.1:{port}", "--num-cpus", "2", "--resources", '{"model_node": 1}', *own_ports()],
             directory, directory / "worker.log"))
         cluster.deploy(app_config(MODELS, int(cluster.url.rsplit(":", 1)[1])))
-        cluster.wait_healthy({"Ingress", "HistoryDeployment", "LLM-tiny-random", "LLM-tiny-autoscaled"})
+        cluster.wait_healthy({"Ingress", "HistoryDeployment", "LLM-tiny-random", "LLM-tiny-autoscaled", "LLM-tiny-idle"})
         yield cluster
         cluster.serve("shutdown", "--yes")
         cluster.wait_shut_down()
@@ -240,6 +243,18 @@ def running_replicas(deployments: dict, name: str) -> int:
     return (deployments.get(name, {}).get("replica_states") or {}).get("RUNNING", 0)
 
 
+def test_a_model_autoscaled_from_zero_has_no_replica_until_a_request_wakes_it(cluster, client):
+    # None since the deploy: the ingress replicas' first calls leave such a model alone
+    # (serve_app.ingress.first_calls), which would otherwise have started one; and a scrape of
+    # /metrics asks the running replicas only.
+    assert client.get("/metrics").status_code == 200
+    assert not cluster.deployments()["LLM-tiny-idle"].get("replica_states")
+    conversation_id = client.get("/conversations/start").json()
+    answer = stream(client, conversation_id, {"prompt": "wake up", "model": "tiny-idle", "sample_len": 8})
+    assert answer and "[error]" not in answer
+    assert running_replicas(cluster.deployments(), "LLM-tiny-idle") == 1
+
+
 def test_a_model_scales_up_under_load_and_back_down_after(cluster, client):
     assert running_replicas(cluster.deployments(), "LLM-tiny-autoscaled") == 1
     loaded = True
@@ -286,7 +301,7 @@ def test_serve_deploy_of_a_changed_config_under_load_fails_no_request_and_breaks
             except httpx.HTTPError:
                 counts["broken"] += 1
 
-    upgraded = [{**MODELS[0], "num_replicas": 1, "max_batch_size": 8}, MODELS[1], {"name": "tiny-added", **TINY}]
+    upgraded = [{**MODELS[0], "num_replicas": 1, "max_batch_size": 8}, *MODELS[1:], {"name": "tiny-added", **TINY}]
     scrapes: list[int] = []
     failed_scrapes: list[str] = []
 
