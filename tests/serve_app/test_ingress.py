@@ -4,6 +4,7 @@ are answered before any deployment is called."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
@@ -28,15 +29,12 @@ class RecordingHandle:
     def __init__(self, name: str, calls: list[tuple[str, str]]):
         self.name, self.calls = name, calls
 
-    def __getattr__(self, method: str):
-        handle = self
+    def __getattr__(self, method: str) -> SimpleNamespace:
+        def remote() -> tuple[str, str]:
+            self.calls.append((self.name, method))
+            return self.name, method
 
-        class Method:
-            def remote(self) -> tuple[str, str]:
-                handle.calls.append((handle.name, method))
-                return handle.name, method
-
-        return Method()
+        return SimpleNamespace(remote=remote)
 
 
 def test_a_starting_ingress_calls_each_deployment_once_but_no_model_that_may_have_scaled_to_zero():
