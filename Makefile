@@ -61,12 +61,14 @@ backup: install
 	  $(BIN)/python -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" $(DATABASE) $$out && \
 	  echo "backed up $(DATABASE) to $$out"
 
-# Lint first: pyproject.toml's [tool.ruff] rules over all Python code (seconds), then mypy's
-# types over serve_app and deployments ([tool.mypy]; ~1.5 min cold, seconds from its cache).
+# Lint first: pyproject.toml's [tool.ruff] rules and its formatting over all Python code
+# (seconds), then mypy's types over serve_app and deployments ([tool.mypy]; ~1.5 min cold,
+# seconds from its cache).
 LINTED := serve_app deployments tests bench loadtests
 
 lint: install
 	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 
 test: install system-deps lint

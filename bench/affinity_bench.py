@@ -37,10 +37,16 @@ TOPICS = ["the sea", "volcanoes", "bread", "bicycles", "the moon", "chess", "riv
 def served_models(replicas: int) -> list[dict]:
     (packaged,) = config_app_args()["models"]
     return [
-        {**packaged, "name": f"smollm2-{router}", "aliases": [], "num_replicas": replicas,
-         # The 2 CPUs less the ingress's and the history's 0.1 each, shared by every replica.
-         "num_cpus": 1.8 / (len(ROUTERS) * replicas),
-         "torch_threads": 1, "conversation_affinity": affine}
+        {
+            **packaged,
+            "name": f"smollm2-{router}",
+            "aliases": [],
+            "num_replicas": replicas,
+            # The 2 CPUs less the ingress's and the history's 0.1 each, shared by every replica.
+            "num_cpus": 1.8 / (len(ROUTERS) * replicas),
+            "torch_threads": 1,
+            "conversation_affinity": affine,
+        }
         for router, affine in ROUTERS.items()
     ]
 
@@ -59,7 +65,6 @@ async def conversation(http: httpx.AsyncClient, model: str, topic: str, sample_l
             async for _ in chunks:
                 pass
     return ttft
-
 
 
 async def measure(url: str, model: str, sample_len: int) -> tuple[list[float], float]:
@@ -96,8 +101,10 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
 
-    print(f"{len(TOPICS)} concurrent conversations x {len(QUESTIONS)} turns, {args.replicas} replicas, "
-          f"{args.sample_len} new tokens a turn, the original API's default sampling")
+    print(
+        f"{len(TOPICS)} concurrent conversations x {len(QUESTIONS)} turns, {args.replicas} replicas, "
+        f"{args.sample_len} new tokens a turn, the original API's default sampling"
+    )
     print(f"{'router':<10} {'turn 5 TTFT median':>19} {'p95':>8} {'prompt tokens reused':>21}")
     for router, (ttfts, reused) in results.items():
         print(f"{router:<10} {statistics.median(ttfts):>18.2f}s {percentile(ttfts, 95):>7.2f}s {reused:>21,.0f}")

@@ -96,7 +96,7 @@ PERPLEXITY_TEXT = (
     "onion and a pinch of salt, and cook until soft, about ten minutes. Stir in two cloves of garlic for a "
     "minute, then add a can of crushed tomatoes and a few basil leaves. Let it simmer gently for twenty "
     "minutes, stirring now and then, and season with salt and pepper before serving it over pasta.\n\n"
-    "def read_lines(path):\n    \"\"\"Return the lines of a text file without trailing newlines.\"\"\"\n"
+    'def read_lines(path):\n    """Return the lines of a text file without trailing newlines."""\n'
     "    with open(path, encoding='utf-8') as handle:\n        return [line.rstrip('\\n') for line in handle]\n\n\n"
     "def main():\n    lines = read_lines('notes.txt')\n    print(f'{len(lines)} lines')\n    return 0\n"
 )
@@ -205,7 +205,10 @@ def generate_options(sampling: dict | None) -> dict:
     if not sampling:
         return {"do_sample": False}
     return {
-        "do_sample": True, "temperature": sampling["temperature"], "top_p": sampling["top_p"], "top_k": 0,
+        "do_sample": True,
+        "temperature": sampling["temperature"],
+        "top_p": sampling["top_p"],
+        "top_k": 0,
         "repetition_penalty": sampling["repeat_penalty"],
     }
 
@@ -217,8 +220,12 @@ def transformers_run(
     with torch.inference_mode():
         started = time.perf_counter()
         out = model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens, min_new_tokens=tokens,
-            pad_token_id=2, **generate_options(sampling),
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            pad_token_id=2,
+            **generate_options(sampling),
         )
         elapsed = time.perf_counter() - started
     assert out.shape[1] - len(prompt_ids) == tokens
@@ -240,7 +247,12 @@ ORIGINAL_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "repeat_penalty": 1.1, "r
 
 
 async def engine_run(
-    engine: BatchedEngine, prompt_ids: list[int], batch: int, tokens: int, label: str, sampling: dict | None = None,
+    engine: BatchedEngine,
+    prompt_ids: list[int],
+    batch: int,
+    tokens: int,
+    label: str,
+    sampling: dict | None = None,
     prompts: list[list[int]] | None = None,
 ) -> Run:
     """`batch` streams of `prompt_ids` at once, or stream i of `prompts[i]`."""
@@ -266,9 +278,15 @@ async def http_run(url: str, model: str, batch: int, tokens: int, label: str, sa
 
     params = fixed_length(tokens, sampling)
     body = {
-        "model": model, "messages": [{"role": "user", "content": QUESTION}], "stream": True,
-        "max_tokens": tokens, "ignore_eos": True, "temperature": params.temperature,
-        "top_p": params.top_p, "repetition_penalty": params.repeat_penalty, "stream_options": {"include_usage": True},
+        "model": model,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "stream": True,
+        "max_tokens": tokens,
+        "ignore_eos": True,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "repetition_penalty": params.repeat_penalty,
+        "stream_options": {"include_usage": True},
     }
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         # Warm-up: the connection, and the replica's prefix cache as for the engine alone.
@@ -281,7 +299,7 @@ async def http_run(url: str, model: str, batch: int, tokens: int, label: str, sa
                 async for line in response.aiter_lines():
                     if not line.startswith("data: {"):
                         continue
-                    chunk = json.loads(line[len("data: "):])
+                    chunk = json.loads(line[len("data: ") :])
                     usage = chunk.get("usage") or usage
                     if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                         clock.arrived()
@@ -291,9 +309,7 @@ async def http_run(url: str, model: str, batch: int, tokens: int, label: str, sa
         return await concurrent_streams(batch, label, one, gap_name="chunk gap")
 
 
-async def original_api_run(
-    url: str, model: str, batch: int, tokens: int, label: str, sampling: dict | None = None
-) -> Run:
+async def original_api_run(url: str, model: str, batch: int, tokens: int, label: str, sampling: dict | None = None) -> Run:
     """`batch` new conversations asking STORY at once through the original streaming API
     (`POST /conversations/{id}/generate`, text/plain), measured at the client: what a user of the
     service gets, proxy, ingress, history and handles included. Its body has no min_tokens, so
@@ -302,8 +318,13 @@ async def original_api_run(
 
     params = fixed_length(tokens, sampling)
     body = {
-        "prompt": STORY, "model": model, "sample_len": tokens, "temperature": params.temperature,
-        "top_p": params.top_p, "repeat_penalty": params.repeat_penalty, "repeat_last_n": params.repeat_last_n,
+        "prompt": STORY,
+        "model": model,
+        "sample_len": tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "repeat_penalty": params.repeat_penalty,
+        "repeat_last_n": params.repeat_last_n,
     }
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
 
@@ -337,8 +358,12 @@ def llama_cpp_model(gguf: Path, threads: int, context: int):
         return None
     # llama-cpp-python takes the repeat penalty's window per model, not per request.
     return Llama(
-        str(gguf), n_ctx=context, n_threads=threads, n_threads_batch=threads,
-        last_n_tokens_size=ORIGINAL_DEFAULTS["repeat_last_n"], verbose=False,
+        str(gguf),
+        n_ctx=context,
+        n_threads=threads,
+        n_threads_batch=threads,
+        last_n_tokens_size=ORIGINAL_DEFAULTS["repeat_last_n"],
+        verbose=False,
     )
 
 
@@ -350,8 +375,13 @@ async def llama_cpp_run(
     original) and the same fixed length: EOS gets a logit bias of -inf."""
     params = fixed_length(tokens, sampling)
     options = {
-        "temperature": params.temperature, "top_p": params.top_p, "top_k": 0, "min_p": 0.0,
-        "repeat_penalty": params.repeat_penalty, "logit_bias": {eos: -math.inf for eos in eos_ids}, "seed": 0,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": 0,
+        "min_p": 0.0,
+        "repeat_penalty": params.repeat_penalty,
+        "logit_bias": {eos: -math.inf for eos in eos_ids},
+        "seed": 0,
     }
 
     # The bias is a Python logits processor in llama-cpp-python: one numpy pass over the logits
@@ -461,8 +491,11 @@ async def compare_format(
     # default) only the first one computes it; the second pass shows the engine without.
     for prefix_caching in (True, False):
         engine = BatchedEngine(
-            loaded, weights=fmt, max_batch_size=streams,
-            max_context=max(len(prompt_ids) + tokens, len(question_ids) + ANSWER_TOKENS) + 8, prefix_caching=prefix_caching,
+            loaded,
+            weights=fmt,
+            max_batch_size=streams,
+            max_context=max(len(prompt_ids) + tokens, len(question_ids) + ANSWER_TOKENS) + 8,
+            prefix_caching=prefix_caching,
         )
         name = "batched engine" + ("" if prefix_caching else " (no prefix cache)")
         await engine_run(engine, prompt_ids, 1, 4, "warm-up")
@@ -563,8 +596,10 @@ async def measure_what_users_get(
     while the baselines or the Serve app run, and llama.cpp runs in a process of its own."""
     served = served_model()
     fmt = served.resolved_weights("cpu", run_in_fresh_thread(cpu_has_fast_int8))
-    print(f"== what users get: {served.name} as serve_config.yaml serves it ({fmt} weights), "
-          f"greedy and the original API's defaults {ORIGINAL_DEFAULTS}")
+    print(
+        f"== what users get: {served.name} as serve_config.yaml serves it ({fmt} weights), "
+        f"greedy and the original API's defaults {ORIGINAL_DEFAULTS}"
+    )
     runs: dict[tuple[str, str], Run] = {}
 
     def record(what: str, sampling_name: str, run: Run) -> None:
@@ -574,7 +609,11 @@ async def measure_what_users_get(
     int8_model = run_in_fresh_thread(torch_dynamic_int8, loaded.model)
     for name, sampling in SAMPLINGS.items():
         what = f"transformers + torch dynamic int8, batch {streams}"
-        record(what, name, run_in_fresh_thread(transformers_run, int8_model, prompt_ids, streams, tokens, f"{what}, {name}", sampling))
+        record(
+            what,
+            name,
+            run_in_fresh_thread(transformers_run, int8_model, prompt_ids, streams, tokens, f"{what}, {name}", sampling),
+        )
     del int8_model
 
     gguf, eos_ids = packaged_gguf(served), eos_token_ids(loaded)
@@ -598,8 +637,10 @@ async def measure_what_users_get(
         params = SamplingParams(max_tokens=tokens, **(sampling or GREEDY))  # as users send it: no min_tokens
         step_s, sampling_s = run_in_fresh_thread(decode_step_times, loaded, fmt, prompt_ids, params, streams)
         shares[name] = sampling_s / step_s
-        print(f"decode step of {streams} rows, {name}: {step_s * 1e3:.1f} ms, of which sampling {sampling_s * 1e3:.2f} ms "
-              f"({shares[name]:.0%})")
+        print(
+            f"decode step of {streams} rows, {name}: {step_s * 1e3:.1f} ms, of which sampling {sampling_s * 1e3:.2f} ms "
+            f"({shares[name]:.0%})"
+        )
 
     print("starting the Serve app (serve_config.yaml) on a free port ...")
     with running_app() as url:
@@ -650,7 +691,8 @@ async def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads (default 2)")
     parser.add_argument("--streams", type=int, default=16, help="concurrent streams and batch size (default 16)")
     parser.add_argument(
-        "--formats", default="fp32,int8,int4",
+        "--formats",
+        default="fp32,int8,int4",
         help="weight formats to compare with transformers, comma-separated; '' for none (default fp32,int8,int4)",
     )
     args = parser.parse_args()
@@ -661,8 +703,10 @@ async def main() -> None:
     loaded = run_in_fresh_thread(load_model, served_model())
     prompt_ids, question_ids = chat_prompt(loaded, STORY), chat_prompt(loaded, QUESTION)
     int4_kernel = "ours (AVX2)" if run_in_fresh_thread(cpu_kernels.load) else "torch's"
-    print(f"SmolLM2-135M, {args.threads} threads, prompt {len(prompt_ids)} tokens, {tokens} new tokens per request, "
-          f"int4 kernel: {int4_kernel}\n")
+    print(
+        f"SmolLM2-135M, {args.threads} threads, prompt {len(prompt_ids)} tokens, {tokens} new tokens per request, "
+        f"int4 kernel: {int4_kernel}\n"
+    )
     for fmt in filter(None, args.formats.split(",")):
         await compare_format(loaded, fmt, prompt_ids, question_ids, tokens, args.streams)
     runs, shares = await measure_what_users_get(loaded, prompt_ids, tokens, args.threads, args.streams)

@@ -49,8 +49,12 @@ def transformers_run(loaded: LoadedModel, prompt_ids: list[int], batch: int, tok
         torch.cuda.synchronize()
         started = time.perf_counter()
         out = loaded.model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens, min_new_tokens=tokens,
-            pad_token_id=loaded.tokenizer.pad_token_id, **generate_options(sampling),
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            pad_token_id=loaded.tokenizer.pad_token_id,
+            **generate_options(sampling),
         )
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
@@ -112,15 +116,21 @@ async def main() -> None:
     device = torch.device("cuda")
     loaded = LoadedModel(
         ModelConfig(name="smollm2-random", source={"kind": "tiny_random", "shape": "smollm2"}, device="cuda"),
-        model.to(device, torch.bfloat16).eval(), tokenizer, device, 2048,
+        model.to(device, torch.bfloat16).eval(),
+        tokenizer,
+        device,
+        2048,
     )
+
     def chat(question: str) -> list[int]:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
         return ids if isinstance(ids, list) else ids["input_ids"]
 
     prompt_ids = chat(QUESTION)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; SmolLM2-135M shape, random weights, bf16; "
-          f"prompt {len(prompt_ids)} tokens, {args.tokens} new tokens per request\n")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}; SmolLM2-135M shape, random weights, bf16; "
+        f"prompt {len(prompt_ids)} tokens, {args.tokens} new tokens per request\n"
+    )
 
     theirs: dict[tuple[str, int], Run] = {}
     if not args.skip_transformers:
@@ -130,13 +140,17 @@ async def main() -> None:
         for batch in streams:
             for name, sampling in SAMPLINGS.items():
                 theirs[name, batch] = transformers_run(loaded, prompt_ids, batch, args.tokens, sampling)
-                print(f"transformers generate, {name}, {batch} stream(s): {theirs[name, batch].tokens_per_s:.0f} tok/s", flush=True)
+                print(
+                    f"transformers generate, {name}, {batch} stream(s): {theirs[name, batch].tokens_per_s:.0f} tok/s", flush=True
+                )
 
     started = time.perf_counter()
     engine = BatchedEngine(loaded, weights="bf16", max_batch_size=max(streams), max_context=2048)
     assert engine._graphs is not None
-    print(f"engine ready in {time.perf_counter() - started:.1f} s (KV cache {engine._cache.size_bytes / 2**30:.2f} GiB, "
-          f"graphs {engine._graphs.sizes})")
+    print(
+        f"engine ready in {time.perf_counter() - started:.1f} s (KV cache {engine._cache.size_bytes / 2**30:.2f} GiB, "
+        f"graphs {engine._graphs.sizes})"
+    )
     step_tps = {(name, b): graph_step_tps(engine, b, sampling) for name, sampling in SAMPLINGS.items() for b in streams}
     await engine_run(engine, prompt_ids, 1, 4, "warm-up")
     ours: dict[tuple[str, str, int], Run] = {}  # (sampling, how, streams)
@@ -183,14 +197,17 @@ async def main() -> None:
             line("  transformers generate", [f"{theirs[name, b].tokens_per_s:.0f}" for b in streams])
             line("  ours / transformers", [f"{overlapped[b].tokens_per_s / theirs[name, b].tokens_per_s:.1f}x" for b in streams])
         line("  TTFT p95 ms", [f"{percentile(overlapped[b].ttft_s, 95) * 1e3:.1f}" for b in streams])
-        line("  ITL p50 / p95 ms", [
-            f"{percentile(overlapped[b].itl_s, 50) * 1e3:.1f}/{percentile(overlapped[b].itl_s, 95) * 1e3:.1f}" for b in streams
-        ])
+        line(
+            "  ITL p50 / p95 ms",
+            [f"{percentile(overlapped[b].itl_s, 50) * 1e3:.1f}/{percentile(overlapped[b].itl_s, 95) * 1e3:.1f}" for b in streams],
+        )
     line("TTFT p95 ms, new chats", [f"{percentile(new_chats[b].ttft_s, 95) * 1e3:.1f}" for b in streams])
     greedy, sampled = SAMPLINGS
-    line("sampling / greedy", [
-        f"{ours[sampled, 'overlapped', b].tokens_per_s / ours[greedy, 'overlapped', b].tokens_per_s:.2f}" for b in streams
-    ])
+    line(
+        "sampling / greedy",
+        [f"{ours[sampled, 'overlapped', b].tokens_per_s / ours[greedy, 'overlapped', b].tokens_per_s:.2f}" for b in streams],
+    )
+
 
 if __name__ == "__main__":
     asyncio.run(main())

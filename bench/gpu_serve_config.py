@@ -34,11 +34,18 @@ def main() -> None:
     rates: list[float | None] = [float(r) for r in args.chunks_per_s.split(",")] if args.chunks_per_s else [None]
     app["args"]["models"] = [
         {
-            **packaged, "name": "smollm2-random" if rate is None else f"smollm2-random-{rate:g}", "aliases": [],
-            "source": {"kind": "tiny_random", "shape": "smollm2"}, "device": "cuda", "num_gpus": 1 / len(rates),
+            **packaged,
+            "name": "smollm2-random" if rate is None else f"smollm2-random-{rate:g}",
+            "aliases": [],
+            "source": {"kind": "tiny_random", "shape": "smollm2"},
+            "device": "cuda",
+            "num_gpus": 1 / len(rates),
             # Of the GPU's free memory when the replica starts; the rest is left to a benchmark's own engine.
-            "gpu_memory_fraction": 0.7 / len(rates), "max_batch_size": 256, "max_ongoing_requests": 300,
-            "max_queued_requests": 300, "replica_chunks_per_s": rate,
+            "gpu_memory_fraction": 0.7 / len(rates),
+            "max_batch_size": 256,
+            "max_ongoing_requests": 300,
+            "max_queued_requests": 300,
+            "replica_chunks_per_s": rate,
         }
         for rate in rates
     ]

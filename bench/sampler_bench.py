@@ -37,7 +37,11 @@ SETTINGS = {
     "top_k 40": SamplingParams(temperature=0.8, top_k=40, repeat_penalty=1.0),
     # OpenAI's penalties and a logit bias (10 tokens): the variant that does everything on a GPU.
     "OpenAI + penalties": SamplingParams(
-        temperature=0.7, top_p=1.0, repeat_penalty=1.0, presence_penalty=0.5, frequency_penalty=0.5,
+        temperature=0.7,
+        top_p=1.0,
+        repeat_penalty=1.0,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
         logit_bias=tuple((token, -5.0) for token in range(10)),
     ),
 }
@@ -134,8 +138,10 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     modules = {"sampler": sampler, **{path.stem: load_module(path) for path in args.module}}
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"{name}, torch {torch.__version__}; vocabulary {args.vocab}, history {args.context}; us per draw"
-          f" ({'CUDA graph replay' if device.type == 'cuda' else 'eager'}), the logits' copy subtracted\n")
+    print(
+        f"{name}, torch {torch.__version__}; vocabulary {args.vocab}, history {args.context}; us per draw"
+        f" ({'CUDA graph replay' if device.type == 'cuda' else 'eager'}), the logits' copy subtracted\n"
+    )
     print(f"{'setting':<20}{'implementation':<34}" + "".join(f"{b:>10}" for b in batches))
     for setting, params in SETTINGS.items():
         for module_name, module in modules.items():

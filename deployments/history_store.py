@@ -131,9 +131,7 @@ class HistoryStore:
 
     async def get_conversation(self, conversation_id: int) -> Conversation:
         summary = await self._summary(conversation_id)
-        async with self.db.execute(
-            "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
-        ) as cursor:
+        async with self.db.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)) as cursor:
             rows = [dict(row) async for row in cursor]
         for row in rows:
             row["parameters"] = json.loads(row["parameters"]) if row["parameters"] else None
@@ -200,8 +198,18 @@ class HistoryStore:
                 cursor = await self.db.execute(
                     "INSERT INTO messages (conversation_id, role, content, model, parameters, status, error,"
                     " prompt_tokens, completion_tokens, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (conversation_id, role, content, model, json.dumps(parameters) if parameters else None,
-                     status, error, prompt_tokens, completion_tokens, _as_text(now)),
+                    (
+                        conversation_id,
+                        role,
+                        content,
+                        model,
+                        json.dumps(parameters) if parameters else None,
+                        status,
+                        error,
+                        prompt_tokens,
+                        completion_tokens,
+                        _as_text(now),
+                    ),
                 )
             except aiosqlite.IntegrityError:  # the foreign key: no such conversation (or deleted meanwhile)
                 await self.db.rollback()
@@ -213,8 +221,15 @@ class HistoryStore:
             )
             await self.db.commit()
             return Message(
-                id=_inserted_id(cursor), role=role, content=content, model=model, parameters=parameters,
-                status=status, error=error, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                id=_inserted_id(cursor),
+                role=role,
+                content=content,
+                model=model,
+                parameters=parameters,
+                status=status,
+                error=error,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
                 created_at=now,
             )
         finally:

@@ -46,10 +46,14 @@ class LLMServer:
         if config.engine == "batched":
             stream_chunks_per_s, replica_chunks_per_s = config.resolved_chunks_per_s(self.loaded.device.type)
             self.engine = BatchedEngine(
-                self.loaded, weights=config.resolved_weights(self.loaded.device.type, cpu_has_fast_int8()),
+                self.loaded,
+                weights=config.resolved_weights(self.loaded.device.type, cpu_has_fast_int8()),
                 max_batch_size=config.max_batch_size,
-                max_chunks_per_s=replica_chunks_per_s, max_stream_chunks_per_s=stream_chunks_per_s, cuda_graphs=config.cuda_graphs,
-                gpu_memory_fraction=config.gpu_memory_fraction, prefill_chunk_tokens=config.prefill_chunk_tokens,
+                max_chunks_per_s=replica_chunks_per_s,
+                max_stream_chunks_per_s=stream_chunks_per_s,
+                cuda_graphs=config.cuda_graphs,
+                gpu_memory_fraction=config.gpu_memory_fraction,
+                prefill_chunk_tokens=config.prefill_chunk_tokens,
             )
             # The engine keeps its own copy of the weights; transformers' (SmolLM2 fp32: 0.5 GB) can go.
             self.loaded = dataclasses.replace(self.loaded, model=None)
@@ -88,7 +92,7 @@ class LLMServer:
         until the prompt fits; if even the last message alone does not fit, that is an error."""
         tokenizer, budget = self.loaded.tokenizer, self.loaded.context_length - max_tokens
         system = messages[:1] if messages and messages[0]["role"] == "system" else []
-        turns = messages[len(system):]
+        turns = messages[len(system) :]
 
         def encode(start: int) -> list[int]:
             text = tokenizer.apply_chat_template(system + turns[start:], add_generation_prompt=True, tokenize=False)

@@ -188,8 +188,13 @@ class _LlamaShape(TypedDict, total=False):
 RANDOM_MODEL_SHAPES: dict[str, _LlamaShape] = {
     "tiny": _LlamaShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
     "smollm2": _LlamaShape(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, rms_norm_eps=1e-5,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        rms_norm_eps=1e-5,
     ),
 }
 SMOLLM2_VOCAB = 49152
@@ -286,6 +291,10 @@ def load_model(config: ModelConfig, cache_dir: Path | None = None) -> LoadedMode
     context_length = config.context_length or model.config.max_position_embeddings
     logger.info(
         "Loaded model '%s' on %s (%s, context %d tokens) in %.1f s",
-        config.name, device, config.dtype, context_length, time.monotonic() - started,
+        config.name,
+        device,
+        config.dtype,
+        context_length,
+        time.monotonic() - started,
     )
     return LoadedModel(config, model, tokenizer, device, context_length)

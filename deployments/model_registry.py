@@ -223,4 +223,3 @@ class ModelRegistry:
             return self._by_name[requested]
         except KeyError:
             raise UnknownModelError(requested, [m.name for m in self.models]) from None
-

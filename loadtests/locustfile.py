@@ -28,8 +28,12 @@ PROMPT = os.environ.get("LOAD_PROMPT", "Tell me a short story about a lighthouse
 
 def record(name: str, seconds: float, length: int = 0, exception: Exception | None = None) -> None:
     events.request.fire(
-        request_type="STREAM", name=name, response_time=seconds * 1000, response_length=length,
-        exception=exception, context={},
+        request_type="STREAM",
+        name=name,
+        response_time=seconds * 1000,
+        response_length=length,
+        exception=exception,
+        context={},
     )
 
 
@@ -44,8 +48,11 @@ class ChatUser(HttpUser):
         body = {"prompt": PROMPT, "sample_len": SAMPLE_LEN, "model": MODEL}
         sent = time.perf_counter()
         with self.client.post(
-            f"/conversations/{self.conversation_id}/generate", json=body, stream=True,
-            name="/conversations/[id]/generate", catch_response=True,
+            f"/conversations/{self.conversation_id}/generate",
+            json=body,
+            stream=True,
+            name="/conversations/[id]/generate",
+            catch_response=True,
         ) as response:
             if response.status_code != 200:
                 response.failure(f"{response.status_code}: {response.text[:200]}")

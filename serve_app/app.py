@@ -62,15 +62,23 @@ def _model_deployment(model: ModelConfig, settings: AppSettings) -> Application:
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     settings = AppSettings.model_validate(args or {}).resolved()
-    history = _deployment(HistoryDeployment).options(
-        ray_actor_options={"num_cpus": settings.history_num_cpus, "resources": settings.history_resources},
-        max_ongoing_requests=settings.history_max_ongoing_requests,
-        graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
-    ).bind(settings.database_path)
+    history = (
+        _deployment(HistoryDeployment)
+        .options(
+            ray_actor_options={"num_cpus": settings.history_num_cpus, "resources": settings.history_resources},
+            max_ongoing_requests=settings.history_max_ongoing_requests,
+            graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
+        )
+        .bind(settings.database_path)
+    )
     models = {model.name: _model_deployment(model, settings) for model in settings.models}
-    return _deployment(Ingress).options(
-        ray_actor_options={"num_cpus": settings.ingress_num_cpus},
-        max_ongoing_requests=settings.ingress_max_ongoing_requests,
-        graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
-        **_replicas(settings.ingress_num_replicas, settings.ingress_autoscaling_config),
-    ).bind(settings, models, history)
+    return (
+        _deployment(Ingress)
+        .options(
+            ray_actor_options={"num_cpus": settings.ingress_num_cpus},
+            max_ongoing_requests=settings.ingress_max_ongoing_requests,
+            graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
+            **_replicas(settings.ingress_num_replicas, settings.ingress_autoscaling_config),
+        )
+        .bind(settings, models, history)
+    )

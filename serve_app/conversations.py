@@ -51,9 +51,12 @@ LOCAL_REPLICA = "local"
 
 # Serve's deployment status -> what a user of the model cares about.
 MODEL_STATE: dict[str, ModelState] = {
-    "HEALTHY": "ready", "UPSCALING": "ready", "DOWNSCALING": "ready",
+    "HEALTHY": "ready",
+    "UPSCALING": "ready",
+    "DOWNSCALING": "ready",
     "UPDATING": "loading",
-    "UNHEALTHY": "failed", "DEPLOY_FAILED": "failed",
+    "UNHEALTHY": "failed",
+    "DEPLOY_FAILED": "failed",
 }
 
 
@@ -205,8 +208,7 @@ class ConversationService:
         status = await asyncio.to_thread(serve.status)
         deployments = status.applications[app_name].deployments
         return {
-            name: MODEL_STATE.get(deployments[handle.deployment_name].status, "loading")
-            for name, handle in self.models.items()
+            name: MODEL_STATE.get(deployments[handle.deployment_name].status, "loading") for name, handle in self.models.items()
         }
 
     async def _broadcast(self, method: str, *args) -> dict[str, list]:
@@ -306,7 +308,9 @@ class ConversationService:
         """Starts generating and waits for the first output, so every error that can reject the
         request (prompt too long, model down) is raised here, before any byte is sent."""
         request = GenerationRequest(
-            messages=messages, prompt=prompt, params=params,
+            messages=messages,
+            prompt=prompt,
+            params=params,
             request_id=turn_request_id(record.conversation_id) if record else None,
             affinity_key=affinity_key(record, messages, prompt),
         )
@@ -323,7 +327,11 @@ class ConversationService:
             # Not waited for here: a write (SQLite's commit) took 9-14 ms of the 25-40 ms to the
             # first byte. `outputs` waits for it before it stores the answer, which must follow it.
             prompt_stored = self._write_surely(
-                self.history.append_message.remote, record.conversation_id, "user", record.prompt, model=model.name,
+                self.history.append_message.remote,
+                record.conversation_id,
+                "user",
+                record.prompt,
+                model=model.name,
                 parameters=record.parameters,
             )
         return Turn(model, first, stream, record, prompt_stored, claim_renewed_at=started)
@@ -374,12 +382,19 @@ class ConversationService:
                 turn.stream.cancel()
             if turn.record is not None:
                 answer = dict(
-                    model=turn.model.name, parameters=turn.record.parameters, status=status, error=error,
-                    prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens,
-                    replace_after=turn.record.replace_after, ends_turn=turn.record.claim,
+                    model=turn.model.name,
+                    parameters=turn.record.parameters,
+                    status=status,
+                    error=error,
+                    prompt_tokens=output.prompt_tokens,
+                    completion_tokens=output.completion_tokens,
+                    replace_after=turn.record.replace_after,
+                    ends_turn=turn.record.claim,
                 )
                 content = "".join(pieces)
-                await asyncio.shield(self._write_surely(self._store_answer, turn.record.conversation_id, content, answer, turn.prompt_stored))
+                await asyncio.shield(
+                    self._write_surely(self._store_answer, turn.record.conversation_id, content, answer, turn.prompt_stored)
+                )
 
     async def abandon(self, turn: Turn) -> None:
         """Ends a started turn whose outputs no one will read (another choice of its request

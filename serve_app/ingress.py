@@ -189,8 +189,13 @@ def _conversation_links(conversation_id: str) -> dict[str, Any]:
     its id (`conversation_id`: where the id is), so client generators and schema-driven tests
     (tests/e2e/test_fuzz.py) chain the calls."""
     targets = {
-        "get": "/get", "rename": "/patch", "delete": "/delete", "export": "~1export/get",
-        "generate": "~1generate/post", "regenerate": "~1regenerate/post", "stop": "~1stop/post",
+        "get": "/get",
+        "rename": "/patch",
+        "delete": "/delete",
+        "export": "~1export/get",
+        "generate": "~1generate/post",
+        "regenerate": "~1regenerate/post",
+        "stop": "~1stop/post",
     }
     path_item = "#/paths/~1conversations~1{conversation_id}"
     return {
@@ -214,9 +219,7 @@ def _require_api_key(app: FastAPI, api_key: str) -> None:
         given = request.headers.get("authorization", "").encode()
         if not hmac.compare_digest(given, expected):
             message = "missing or wrong API key: send `Authorization: Bearer <key>`"
-            return JSONResponse(
-                _error_body(request, 401, message), status_code=401, headers={"WWW-Authenticate": "Bearer"}
-            )
+            return JSONResponse(_error_body(request, 401, message), status_code=401, headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
 
@@ -271,7 +274,8 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         return await service.list_summaries() if detail else await service.list_ids()
 
     @app.get(
-        "/conversations/start", tags=["conversations"],
+        "/conversations/start",
+        tags=["conversations"],
         responses={200: {"links": _conversation_links("$response.body")}},
     )
     async def start_conversation() -> int:
@@ -279,7 +283,9 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         return (await service.create()).id
 
     @app.post(
-        "/conversations", status_code=201, tags=["conversations"],
+        "/conversations",
+        status_code=201,
+        tags=["conversations"],
         responses={201: {"links": _conversation_links("$response.body#/id")}},
     )
     async def create_conversation() -> ConversationSummary:
@@ -316,10 +322,12 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         "/conversations/{conversation_id}/generate",
         tags=["conversations"],
         response_class=TextStreamResponse,
-        responses={200: {
-            "description": "The answer, streamed as it is generated.",
-            "links": _conversation_links("$request.path.conversation_id"),
-        }},
+        responses={
+            200: {
+                "description": "The answer, streamed as it is generated.",
+                "links": _conversation_links("$request.path.conversation_id"),
+            }
+        },
     )
     async def generate(conversation_id: str, body: GenerateRequest) -> TextStreamResponse:
         """Appends `prompt` to the conversation and streams the model's answer as plain text."""
@@ -337,10 +345,12 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         "/conversations/{conversation_id}/regenerate",
         tags=["conversations"],
         response_class=TextStreamResponse,
-        responses={200: {
-            "description": "The new answer, streamed.",
-            "links": _conversation_links("$request.path.conversation_id"),
-        }},
+        responses={
+            200: {
+                "description": "The new answer, streamed.",
+                "links": _conversation_links("$request.path.conversation_id"),
+            }
+        },
     )
     async def regenerate(conversation_id: str, body: RegenerateRequest | None = None) -> TextStreamResponse:
         """Answers the last prompt again (optionally with other parameters or another model);

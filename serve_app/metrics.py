@@ -34,8 +34,11 @@ class ServiceMetrics:
             "chat_turns", "Generations finished, by model and how they ended", ["model", "status"], registry=self.registry
         )
         self.ttft = Histogram(
-            "chat_time_to_first_token_seconds", "From request to the first output", ["model"],
-            buckets=TTFT_BUCKETS_S, registry=self.registry,
+            "chat_time_to_first_token_seconds",
+            "From request to the first output",
+            ["model"],
+            buckets=TTFT_BUCKETS_S,
+            registry=self.registry,
         )
         self.tokens = Counter("chat_generated_tokens", "Tokens generated", ["model"], registry=self.registry)
         self.prompt_tokens = Counter("chat_prompt_tokens", "Prompt tokens read", ["model"], registry=self.registry)
@@ -69,11 +72,12 @@ def stream_gauges(stats_by_model: dict[str, list[EngineStats]]) -> Iterator[Metr
     gauges = (
         ("chat_active_streams", "Streams being decoded, all replicas", lambda s: s.active_requests),
         ("chat_queued_streams", "Streams waiting for a slot, all replicas", lambda s: s.queued_requests),
-        ("chat_replica_requests", "Requests the model's replicas have received since they started",
-         lambda s: s.total_requests),
-        ("chat_prompt_tokens_reused",
-         "Prompt tokens the model's replicas took from their prefix cache instead of computing, since they started",
-         lambda s: s.reused_prompt_tokens),
+        ("chat_replica_requests", "Requests the model's replicas have received since they started", lambda s: s.total_requests),
+        (
+            "chat_prompt_tokens_reused",
+            "Prompt tokens the model's replicas took from their prefix cache instead of computing, since they started",
+            lambda s: s.reused_prompt_tokens,
+        ),
     )
     for name, documentation, read in gauges:
         gauge = GaugeMetricFamily(name, documentation, labels=["model"])

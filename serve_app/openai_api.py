@@ -177,13 +177,24 @@ class ResponseDraft:
         return ResponseOutputMessage(id=self.message_id, status=status, content=content)
 
     def render(
-        self, status: ResponseStatus, output: list[ResponseOutputMessage] | None = None, usage: ResponseUsage | None = None,
+        self,
+        status: ResponseStatus,
+        output: list[ResponseOutputMessage] | None = None,
+        usage: ResponseUsage | None = None,
         error: ResponseError | None = None,
     ) -> ResponseObject:
         return ResponseObject(
-            id=self.id, created_at=self.created_at, status=status, model=self.model, output=output or [], usage=usage,
-            error=error, instructions=self.body.instructions, max_output_tokens=self.body.max_output_tokens,
-            temperature=self.params.temperature, top_p=self.params.top_p,
+            id=self.id,
+            created_at=self.created_at,
+            status=status,
+            model=self.model,
+            output=output or [],
+            usage=usage,
+            error=error,
+            instructions=self.body.instructions,
+            max_output_tokens=self.body.max_output_tokens,
+            temperature=self.params.temperature,
+            top_p=self.params.top_p,
             incomplete_details=ResponseIncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None,
         )
 
@@ -191,7 +202,8 @@ class ResponseDraft:
         """The whole response: "incomplete" when it ran out of `max_output_tokens` (or of the context)."""
         status: MessageStatusOut = "incomplete" if finish_reason_of(last) == "length" else "completed"
         usage = ResponseUsage(
-            input_tokens=last.prompt_tokens, output_tokens=last.completion_tokens,
+            input_tokens=last.prompt_tokens,
+            output_tokens=last.completion_tokens,
             total_tokens=last.prompt_tokens + last.completion_tokens,
         )
         return self.render(status, [self.message(status, text)], usage)
@@ -235,7 +247,9 @@ async def response_events(service: ConversationService, turn: Turn, draft: Respo
 
 
 def create_openai_router(service: ConversationService) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["openai"], responses={code: {"model": OpenAIErrorResponse} for code in (400, 404, 503)})
+    router = APIRouter(
+        prefix="/v1", tags=["openai"], responses={code: {"model": OpenAIErrorResponse} for code in (400, 404, 503)}
+    )
 
     @router.get("/models")
     async def list_models() -> ModelList:
@@ -260,7 +274,16 @@ def create_openai_router(service: ConversationService) -> APIRouter:
         if conversation_id is not None and body.messages[-1].role != "user":
             raise InvalidRequestError("with a conversation_id, the last message must be the user's new prompt")
         stored = body.model_dump(
-            include={"max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty"},
+            include={
+                "max_tokens",
+                "max_completion_tokens",
+                "temperature",
+                "top_p",
+                "top_k",
+                "seed",
+                "stop",
+                "repetition_penalty",
+            },
             exclude_none=True,
         ) | {"model": model.name}
         if conversation_id is None:
@@ -275,9 +298,14 @@ def create_openai_router(service: ConversationService) -> APIRouter:
         if not body.stream:
             answers = await collect(service, turns)
             return ChatCompletion(
-                id=request_id, created=created, model=model.name, usage=usage_of(*(last for _, last in answers)),
+                id=request_id,
+                created=created,
+                model=model.name,
+                usage=usage_of(*(last for _, last in answers)),
                 choices=[
-                    ChatCompletionChoice(index=index, message=ChatCompletionMessage(content=text), finish_reason=finish_reason_of(last))
+                    ChatCompletionChoice(
+                        index=index, message=ChatCompletionMessage(content=text), finish_reason=finish_reason_of(last)
+                    )
                     for index, (text, last) in enumerate(answers)
                 ],
             )
@@ -285,7 +313,9 @@ def create_openai_router(service: ConversationService) -> APIRouter:
         def chunk(index: int, text: str | None, finish_reason: FinishReasonOut | None) -> ChatCompletionChunk:
             delta = ChatDelta(content=text) if text is not None else ChatDelta()
             return ChatCompletionChunk(
-                id=request_id, created=created, model=model.name,
+                id=request_id,
+                created=created,
+                model=model.name,
                 choices=[ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish_reason)],
             )
 
@@ -296,7 +326,9 @@ def create_openai_router(service: ConversationService) -> APIRouter:
             # OpenAI's first chunk of each choice carries the role only.
             for index in range(len(turns)):
                 first = ChatCompletionChunk(
-                    id=request_id, created=created, model=model.name,
+                    id=request_id,
+                    created=created,
+                    model=model.name,
                     choices=[ChatCompletionChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))],
                 )
                 yield format_sse_event(data_str=first.model_dump_json())

@@ -76,9 +76,7 @@ class GenerationParameters(RequestModel):
     sample_len: int | None = Field(
         default=None, ge=1, le=MAX_SAMPLE_LEN, description=f"Most tokens to generate (default {DEFAULT_SAMPLE_LEN})."
     )
-    temperature: float | None = Field(
-        default=None, ge=0.0, le=5.0, description=f"0 is greedy (default {DEFAULT_TEMPERATURE})."
-    )
+    temperature: float | None = Field(default=None, ge=0.0, le=5.0, description=f"0 is greedy (default {DEFAULT_TEMPERATURE}).")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, description=f"Nucleus sampling (default {DEFAULT_TOP_P}).")
     repeat_penalty: float | None = Field(
         default=None, gt=0.0, le=10.0, description=f"1 disables it (default {DEFAULT_REPEAT_PENALTY})."
@@ -235,11 +233,15 @@ class _OpenAISamplingRequest(RequestModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: Annotated[
         str | list[str] | None,
-        WithJsonSchema({"anyOf": [
-            {"type": "string", "minLength": 1},
-            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_STRINGS},
-            {"type": "null"},
-        ]}),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_STRINGS},
+                    {"type": "null"},
+                ]
+            }
+        ),
     ] = Field(default=None, description=f"Up to {MAX_STOP_STRINGS} stop strings.")
     n: int = Field(default=1, ge=1, le=MAX_CHOICES, description="Choices to generate for the prompt.")
     stream: bool = False
@@ -258,10 +260,13 @@ class _OpenAISamplingRequest(RequestModel):
     )
     min_tokens: int = Field(default=0, ge=0, le=MAX_SAMPLE_LEN)
     ignore_eos: bool = False
-    logit_bias: Annotated[
-        dict[Annotated[str, StringConstraints(pattern=TOKEN_ID_KEY)], Annotated[float, Field(ge=-100.0, le=100.0)]],
-        Field(max_length=MAX_LOGIT_BIAS),
-    ] | None = Field(
+    logit_bias: (
+        Annotated[
+            dict[Annotated[str, StringConstraints(pattern=TOKEN_ID_KEY)], Annotated[float, Field(ge=-100.0, le=100.0)]],
+            Field(max_length=MAX_LOGIT_BIAS),
+        ]
+        | None
+    ) = Field(
         default=None,
         description=f"Token id -> a value in [-100, 100] added to its logit; -100 bans the token. At most {MAX_LOGIT_BIAS}.",
     )
@@ -390,10 +395,14 @@ class CompletionRequest(_OpenAISamplingRequest):
     # The schema states what `_one_prompt` accepts (the type alone would allow "" and batches).
     prompt: Annotated[
         str | list[str],
-        WithJsonSchema({"anyOf": [
-            {"type": "string", "minLength": 1},
-            {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
-        ]}),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+                ]
+            }
+        ),
     ] = Field(description="One prompt (a list of exactly one string is accepted too).")
     # Not implemented (see NOTHING_ASKED).
     logprobs: Unsupported[Literal[0]] = Field(default=None, description=NOTHING_ASKED)
@@ -445,7 +454,9 @@ class ResponsesRequest(_OpenAISamplingRequest):
 
     model_config = ConfigDict(
         extra="ignore",
-        json_schema_extra={"examples": [{"model": "SmolLM2-135M-Instruct", "input": "What is the capital of France?", "max_output_tokens": 64}]},
+        json_schema_extra={
+            "examples": [{"model": "SmolLM2-135M-Instruct", "input": "What is the capital of France?", "max_output_tokens": 64}]
+        },
     )
 
     input: str | list[ResponseInputMessage] = Field(description="The prompt, or the conversation so far (text messages).")

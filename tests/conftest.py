@@ -24,8 +24,12 @@ TEST_MODELS = [
     {"name": "tiny-random", "source": {"kind": "tiny_random"}, "num_cpus": 0.2, "torch_threads": 1},
     # One request at a time and one waiting: for backpressure tests.
     {
-        "name": "tiny-narrow", "source": {"kind": "tiny_random"}, "num_cpus": 0.1, "torch_threads": 1,
-        "max_ongoing_requests": 1, "max_queued_requests": 1,
+        "name": "tiny-narrow",
+        "source": {"kind": "tiny_random"},
+        "num_cpus": 0.1,
+        "torch_threads": 1,
+        "max_ongoing_requests": 1,
+        "max_queued_requests": 1,
     },
 ]
 

@@ -176,18 +176,29 @@ class BatchedEngine:
             initial_capacity = INITIAL_CAPACITY
         self._rope = rope_table(w, self.max_context)
         self._cache = KVCache(
-            len(w.layers), self.max_batch_size, w.n_kv_heads, self.max_context, w.head_dim, w.dtype,
-            self.device, initial_capacity,
+            len(w.layers),
+            self.max_batch_size,
+            w.n_kv_heads,
+            self.max_context,
+            w.head_dim,
+            w.dtype,
+            self.device,
+            initial_capacity,
         )
         self._sampling = SlotSampling.empty(self.max_batch_size + 1, self.max_context, self.device)  # + the scratch row
         self._eos_tensor = torch.tensor(self._eos_ids, dtype=torch.long, device=self.device)
         self._graphs = (
             DecodeGraphs(w, self._cache, self._rope, self._sampling, self._eos_tensor, self.max_batch_size)
-            if self.use_cuda_graphs else None
+            if self.use_cuda_graphs
+            else None
         )
         logger.info(
             "Batched engine on %s: %s weights, batch %d, context %d, KV cache %.0f MiB%s, CUDA graphs %s",
-            self.device, weights, self.max_batch_size, self.max_context, self._cache.size_bytes / 2**20,
+            self.device,
+            weights,
+            self.max_batch_size,
+            self.max_context,
+            self._cache.size_bytes / 2**20,
             "" if self.device.type == "cuda" else " (grows with the longest request)",
             "on" if self._graphs else "off",
         )
@@ -207,7 +218,12 @@ class BatchedEngine:
         if fits < self.max_context:
             logger.warning(
                 "KV cache: %d requests x %d tokens do not fit %.1f GiB (%s of %.1f GiB free); context cut to %d tokens",
-                self.max_batch_size, self.max_context, budget / 2**30, self.gpu_memory_fraction, free / 2**30, fits,
+                self.max_batch_size,
+                self.max_context,
+                budget / 2**30,
+                self.gpu_memory_fraction,
+                free / 2**30,
+                fits,
             )
         return min(self.max_context, fits)
 
@@ -255,7 +271,9 @@ class BatchedEngine:
     def stats(self) -> EngineStats:
         active = sum(s is not None for s in self._slots)
         return EngineStats(
-            active_requests=active, queued_requests=len(self._waiting), total_requests=self._total,
+            active_requests=active,
+            queued_requests=len(self._waiting),
+            total_requests=self._total,
             reused_prompt_tokens=self.reused_prompt_tokens,
         )
 
@@ -422,7 +440,10 @@ class BatchedEngine:
             self._advance(seq, token, interval)
 
     def _launch(
-        self, decode: list[DecodeRow], chunks: list[tuple[PromptChunk, list[int]]], needs: Needs,
+        self,
+        decode: list[DecodeRow],
+        chunks: list[tuple[PromptChunk, list[int]]],
+        needs: Needs,
         previous: torch.Tensor | None,
     ) -> tuple[Draft, torch.Tensor]:
         """Queues one step (`decode` rows, then `chunks`; `previous`: the ids the rows' previous
@@ -449,7 +470,9 @@ class BatchedEngine:
         step queued before it, if any): a request with a row there continues from the id that
         row drafts, read on the device. Requests whose drafted id is predictably their last
         (max_tokens, the context) sit this step out."""
-        previous_row = {} if previous is None else {seq: row for row, seq in enumerate(previous.seqs) if seq not in previous.stale}
+        previous_row = (
+            {} if previous is None else {seq: row for row, seq in enumerate(previous.seqs) if seq not in previous.stale}
+        )
         decode: list[DecodeRow] = []
         seqs = []
         for seq in self._running():
@@ -477,7 +500,8 @@ class BatchedEngine:
         drafted, _ = launched.fetch.wait()
         tokens = finish(launched.draft, launched.fetch)
         valid = [
-            (seq, token) for seq, position, token in zip(launched.seqs, launched.positions, tokens)
+            (seq, token)
+            for seq, position, token in zip(launched.seqs, launched.positions, tokens)
             if self._slots[seq.slot] is seq and seq not in launched.stale and position == seq.length - 1
         ]
         if drafted != tokens and self._launched is not None:

@@ -27,12 +27,24 @@ from torch.nn.attention.bias import causal_lower_right
 
 @triton.jit
 def _cached_attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, slots_ptr, positions_ptr,
-    stride_q_token, stride_q_head,
-    stride_kv_row, stride_kv_head, stride_kv_position,
-    stride_out_token, stride_out_head,
-    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    slots_ptr,
+    positions_ptr,
+    stride_q_token,
+    stride_q_head,
+    stride_kv_row,
+    stride_kv_head,
+    stride_kv_position,
+    stride_out_token,
+    stride_out_head,
+    GROUPS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     token = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -86,11 +98,24 @@ def cached_attention(
     # The [G, N, D] products live in registers: keep them around 8K elements.
     block_n = max(16, min(64, 8192 // (block_g * block_d)))
     _cached_attention_kernel[(n_tokens, n_kv_heads)](
-        q, k_cache, v_cache, out, slots, positions,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), out.stride(1),
-        GROUPS=groups, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
+        q,
+        k_cache,
+        v_cache,
+        out,
+        slots,
+        positions,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        GROUPS=groups,
+        HEAD_DIM=head_dim,
+        BLOCK_G=block_g,
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
     )
     return out
 

@@ -68,7 +68,11 @@ def unpack(codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor) ->
 
 
 def matmul(
-    library: ctypes.CDLL, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor,
+    library: ctypes.CDLL,
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    minimums: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """x fp32 [rows, in] -> fp32 [rows, out] through the kernel (`cpu_kernels.load()`), on torch's
@@ -79,8 +83,16 @@ def matmul(
     out = torch.empty(rows, out_features)
     if rows:
         status = library.int4_matmul(
-            codes.data_ptr(), scales.data_ptr(), minimums.data_ptr(), None if bias is None else bias.data_ptr(),
-            x.data_ptr(), out.data_ptr(), rows, in_features, out_features, torch.get_num_threads(),
+            codes.data_ptr(),
+            scales.data_ptr(),
+            minimums.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            x.data_ptr(),
+            out.data_ptr(),
+            rows,
+            in_features,
+            out_features,
+            torch.get_num_threads(),
         )
         if status:
             raise MemoryError(f"int4 matmul of {rows} rows: out of memory")

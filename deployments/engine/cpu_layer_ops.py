@@ -36,8 +36,14 @@ def _cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, i
 
 
 def rope_and_cache_write(
-    qkv: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int,
+    qkv: torch.Tensor,
+    rope: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
 ) -> torch.Tensor:
     """`torch_layer_ops.rope_and_cache_write` (same arguments, same result) in one C call."""
     n_tokens, head_dim = len(qkv), qkv.shape[1] // (n_heads + 2 * n_kv_heads)
@@ -47,15 +53,30 @@ def rope_and_cache_write(
     table = torch.view_as_real(rope)  # [context, head_dim // 2, 2]: cos, sin (times the scaling)
     assert table.is_contiguous()
     _kernels().rope_and_cache_write(
-        qkv.data_ptr(), qkv.stride(0), table.data_ptr(), positions.data_ptr(), slots.data_ptr(),
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), *_cache_strides(k_cache, v_cache),
-        n_tokens, n_heads, n_kv_heads, head_dim, torch.get_num_threads(),
+        qkv.data_ptr(),
+        qkv.stride(0),
+        table.data_ptr(),
+        positions.data_ptr(),
+        slots.data_ptr(),
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        *_cache_strides(k_cache, v_cache),
+        n_tokens,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        torch.get_num_threads(),
     )
     return q
 
 
 def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
 ) -> torch.Tensor:
     """q [n, n_heads, head_dim] (pre-scaled), one decode token per row: token i attends to
     positions 0..positions[i] of row slots[i] of k/v_cache [rows, n_kv_heads, capacity, head_dim],
@@ -66,9 +87,18 @@ def decode_attention(
     out = torch.empty_like(q)
     if n_tokens:
         status = _kernels().decode_attention(
-            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), *_cache_strides(k_cache, v_cache),
-            slots.data_ptr(), positions.data_ptr(), out.data_ptr(),
-            n_tokens, n_heads, k_cache.shape[1], head_dim, torch.get_num_threads(),
+            q.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            *_cache_strides(k_cache, v_cache),
+            slots.data_ptr(),
+            positions.data_ptr(),
+            out.data_ptr(),
+            n_tokens,
+            n_heads,
+            k_cache.shape[1],
+            head_dim,
+            torch.get_num_threads(),
         )
         if status:
             raise MemoryError(f"decode attention of {n_tokens} rows: out of memory")
@@ -80,8 +110,15 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     x, delta = x.contiguous(), delta.contiguous()
     total, normed = torch.empty_like(x), torch.empty_like(x)
     _kernels().add_rms_norm(
-        x.data_ptr(), delta.data_ptr(), weight.data_ptr(), eps, total.data_ptr(), normed.data_ptr(),
-        len(x), x.shape[1], torch.get_num_threads(),
+        x.data_ptr(),
+        delta.data_ptr(),
+        weight.data_ptr(),
+        eps,
+        total.data_ptr(),
+        normed.data_ptr(),
+        len(x),
+        x.shape[1],
+        torch.get_num_threads(),
     )
     return total, normed
 
@@ -96,15 +133,23 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 class _Int4Linear(ctypes.Structure):
     _fields_ = [
-        ("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("minimums", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-        ("in_features", ctypes.c_int), ("out_features", ctypes.c_int),
+        ("codes", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("minimums", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("in_features", ctypes.c_int),
+        ("out_features", ctypes.c_int),
     ]
 
 
 class _DecodeLayer(ctypes.Structure):
     _fields_ = [
-        ("qkv", _Int4Linear), ("o", _Int4Linear), ("gate_up", _Int4Linear), ("down", _Int4Linear),
-        ("post_attention_norm", ctypes.c_void_p), ("next_norm", ctypes.c_void_p),
+        ("qkv", _Int4Linear),
+        ("o", _Int4Linear),
+        ("gate_up", _Int4Linear),
+        ("down", _Int4Linear),
+        ("post_attention_norm", ctypes.c_void_p),
+        ("next_norm", ctypes.c_void_p),
     ]
 
 
@@ -119,19 +164,38 @@ def decode_layer_table(layers: list[tuple[list[Int4Buffers], torch.Tensor, torch
 
     def linear(codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor, bias: torch.Tensor | None) -> _Int4Linear:
         blocks, groups = codes.shape[:2]
-        return _Int4Linear(codes.data_ptr(), scales.data_ptr(), minimums.data_ptr(), None if bias is None else bias.data_ptr(), groups * 32, blocks * 8)
+        return _Int4Linear(
+            codes.data_ptr(),
+            scales.data_ptr(),
+            minimums.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            groups * 32,
+            blocks * 8,
+        )
 
     table = (_DecodeLayer * len(layers))()
     for entry, (linears, post_attention_norm, next_norm) in zip(table, layers):
-        assert post_attention_norm.dtype == next_norm.dtype == torch.float32 and post_attention_norm.is_contiguous() and next_norm.is_contiguous()
+        assert (
+            post_attention_norm.dtype == next_norm.dtype == torch.float32
+            and post_attention_norm.is_contiguous()
+            and next_norm.is_contiguous()
+        )
         entry.qkv, entry.o, entry.gate_up, entry.down = (linear(*buffers) for buffers in linears)
         entry.post_attention_norm, entry.next_norm = post_attention_norm.data_ptr(), next_norm.data_ptr()
     return table
 
 
 def decode_layers(
-    table: ctypes.Array, x: torch.Tensor, h: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-    kv: torch.Tensor, n_heads: int, intermediate_size: int, eps: float,
+    table: ctypes.Array,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    rope: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    kv: torch.Tensor,
+    n_heads: int,
+    intermediate_size: int,
+    eps: float,
 ) -> torch.Tensor:
     """A step of decode tokens only through every layer of `table` (`decode_layer_table`) in one
     call: x [N, hidden] the residual stream after the embedding, h its first norm; token i at
@@ -144,9 +208,27 @@ def decode_layers(
     table_rope = torch.view_as_real(rope)
     assert table_rope.is_contiguous()
     status = _kernels().decode_layers(
-        table, len(table), x.data_ptr(), h.data_ptr(), table_rope.data_ptr(), positions.data_ptr(), slots.data_ptr(),
-        kv.data_ptr(), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), kv.stride(4),
-        n_tokens, hidden, n_heads, kv.shape[3], kv.shape[5], intermediate_size, eps, torch.get_num_threads(),
+        table,
+        len(table),
+        x.data_ptr(),
+        h.data_ptr(),
+        table_rope.data_ptr(),
+        positions.data_ptr(),
+        slots.data_ptr(),
+        kv.data_ptr(),
+        kv.stride(0),
+        kv.stride(1),
+        kv.stride(2),
+        kv.stride(3),
+        kv.stride(4),
+        n_tokens,
+        hidden,
+        n_heads,
+        kv.shape[3],
+        kv.shape[5],
+        intermediate_size,
+        eps,
+        torch.get_num_threads(),
     )
     if status:
         raise MemoryError(f"decode step of {n_tokens} rows: out of memory")

@@ -74,7 +74,12 @@ def bucket_sizes(max_rows: int) -> list[int]:
 class DecodeGraphs:
     @torch.inference_mode()
     def __init__(
-        self, weights: LlamaWeights, cache: KVCache, rope: torch.Tensor, sampling: SlotSampling, eos_ids: torch.Tensor,
+        self,
+        weights: LlamaWeights,
+        cache: KVCache,
+        rope: torch.Tensor,
+        sampling: SlotSampling,
+        eos_ids: torch.Tensor,
         max_rows: int,
     ):
         started = time.monotonic()
@@ -117,7 +122,10 @@ class DecodeGraphs:
         torch.cuda.synchronize(device)
         logger.info(
             "Captured %d CUDA graphs (decode batches %s, %d sampler variants each) in %.1f s",
-            len(self._graphs), ", ".join(map(str, self.sizes)), len(VARIANTS), time.monotonic() - started,
+            len(self._graphs),
+            ", ".join(map(str, self.sizes)),
+            len(VARIANTS),
+            time.monotonic() - started,
         )
 
     def bucket(self, rows: int) -> int | None:

@@ -227,8 +227,19 @@ class Int8Linear(nn.Module):
         if self._packed is not None and len(rows) >= self._onednn_min_rows:
             zero_point = self._q_max + 1
             out = torch.ops.onednn.qlinear_pointwise(
-                q.add_(zero_point).to(torch.uint8), 1.0, zero_point, self._packed, self.weight_scale, self._zero_points,
-                None, 1.0, 0, torch.float32, "none", [], "",
+                q.add_(zero_point).to(torch.uint8),
+                1.0,
+                zero_point,
+                self._packed,
+                self.weight_scale,
+                self._zero_points,
+                None,
+                1.0,
+                0,
+                torch.float32,
+                "none",
+                [],
+                "",
             )
         else:
             out = torch._int_mm(q.to(torch.int8), self._weight_t) * self.weight_scale
@@ -246,8 +257,19 @@ def _onednn_sums_exactly(activation: int) -> bool:
     zero_point = 128 if activation > 63 else 64
     activations = torch.full((4, 64), activation + zero_point, dtype=torch.uint8)
     out = torch.ops.onednn.qlinear_pointwise(
-        activations, 1.0, zero_point, packed, torch.ones(16), torch.zeros(16, dtype=torch.long),
-        None, 1.0, 0, torch.float32, "none", [], "",
+        activations,
+        1.0,
+        zero_point,
+        packed,
+        torch.ones(16),
+        torch.zeros(16, dtype=torch.long),
+        None,
+        1.0,
+        0,
+        torch.float32,
+        "none",
+        [],
+        "",
     )
     return bool((out == 64 * activation * 127).all())
 
@@ -305,8 +327,10 @@ class Int4Linear(nn.Module):
         weight = linear.weight.detach().float()
         self.out_features, self.in_features = weight.shape
         if not self.fits(linear):
-            raise ValueError(f"int4 weights need in_features divisible by {self.GROUP} and out_features by 16, "
-                             f"not {self.in_features} and {self.out_features}")
+            raise ValueError(
+                f"int4 weights need in_features divisible by {self.GROUP} and out_features by 16, "
+                f"not {self.in_features} and {self.out_features}"
+            )
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         self._kernel = cpu_kernels.load()
         if self._kernel is not None:
@@ -477,8 +501,13 @@ class StepBatch:
             return t.to(device, non_blocking=True)
 
         return StepBatch(
-            moved(self.token_ids), moved(self.slots), moved(self.positions), moved(self.logit_rows), self.n_decode,
-            self.decode_span, self.chunks,
+            moved(self.token_ids),
+            moved(self.slots),
+            moved(self.positions),
+            moved(self.logit_rows),
+            self.n_decode,
+            self.decode_span,
+            self.chunks,
         )
 
 
@@ -489,9 +518,7 @@ def fed_token_ids(host_ids: torch.Tensor, previous_rows: torch.Tensor, previous_
     return torch.where(previous_rows >= 0, previous_tokens[previous_rows.clamp(min=0)], host_ids)
 
 
-def build_step(
-    decode: list[tuple[int, int, int]], chunks: list[tuple[PromptChunk, list[int]]], cuda: bool = False
-) -> StepBatch:
+def build_step(decode: list[tuple[int, int, int]], chunks: list[tuple[PromptChunk, list[int]]], cuda: bool = False) -> StepBatch:
     """`decode`: (slot, position, token id) per running request, slots ascending; `chunks`:
     prompt chunks with their token ids. The step's logits are the decode rows' in order, then
     those of the chunks that end their prompt, in order.
@@ -627,7 +654,13 @@ def layer_ops(w: LlamaWeights, x: torch.Tensor):
 
 
 def attend(
-    q: torch.Tensor, layer_k: torch.Tensor, layer_v: torch.Tensor, batch: StepBatch, shared: StepAttention, w: LlamaWeights, ops,
+    q: torch.Tensor,
+    layer_k: torch.Tensor,
+    layer_v: torch.Tensor,
+    batch: StepBatch,
+    shared: StepAttention,
+    w: LlamaWeights,
+    ops,
 ) -> torch.Tensor:
     """q [N, n_heads, head_dim] -> [N, n_heads * head_dim]. Grouped-query attention without
     copying K/V: each KV head's query group is folded into the query-length dimension."""
@@ -663,7 +696,9 @@ def attend(
     offset = n_decode
     for chunk, bias in zip(batch.chunks, shared.chunk_biases):
         t, end = chunk.length, chunk.start + chunk.length
-        q_chunk = q[offset : offset + t].reshape(t, n_kv, groups, head_dim).permute(1, 2, 0, 3).reshape(1, n_kv, groups * t, head_dim)
+        q_chunk = (
+            q[offset : offset + t].reshape(t, n_kv, groups, head_dim).permute(1, 2, 0, 3).reshape(1, n_kv, groups * t, head_dim)
+        )
         row = slice(chunk.slot, chunk.slot + 1)
         # Padded to whole blocks of query rows: the batched matmul otherwise rounds a row
         # differently with the chunk's length, and a prefix-cache hit, which computes only the
@@ -677,9 +712,7 @@ def attend(
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
-def forward(
-    w: LlamaWeights, cache: KVCache, rope: torch.Tensor, batch: StepBatch
-) -> torch.Tensor:
+def forward(w: LlamaWeights, cache: KVCache, rope: torch.Tensor, batch: StepBatch) -> torch.Tensor:
     """Runs one step, writing every token's K/V into the cache; returns fp32 logits
     [len(batch.logit_rows), vocab]."""
     cache.record_tokens(batch.slots, batch.positions, batch.token_ids)
@@ -688,7 +721,16 @@ def forward(
     if w.decode_table is not None and ops is cpu_layer_ops and not batch.chunks:
         # Decode rows only, int4 on our kernels: every layer in one C call, the same numbers.
         normed = cpu_layer_ops.decode_layers(
-            w.decode_table, x, h, rope, batch.positions, batch.slots, cache.kv, w.n_heads, w.intermediate_size, w.rms_norm_eps,
+            w.decode_table,
+            x,
+            h,
+            rope,
+            batch.positions,
+            batch.slots,
+            cache.kv,
+            w.n_heads,
+            w.intermediate_size,
+            w.rms_norm_eps,
         )[batch.logit_rows]
     else:
         normed = _layers(w, cache, rope, batch, x, h, ops)
@@ -711,7 +753,11 @@ def _layers(
     stream each projection reads, computed with the residual update."""
     shared = step_attention(batch, w, ops)
     for i, (layer, next_norm) in enumerate(zip(w.layers, w.norms_after)):
-        q = ops.rope_and_cache_write(layer.qkv_proj(h), rope, batch.positions, batch.slots, cache.k[i], cache.v[i], w.n_heads, w.n_kv_heads)
-        x, h = ops.add_rms_norm(x, layer.o_proj(attend(q, cache.k[i], cache.v[i], batch, shared, w, ops)), layer.post_attention_norm, w.rms_norm_eps)
+        q = ops.rope_and_cache_write(
+            layer.qkv_proj(h), rope, batch.positions, batch.slots, cache.k[i], cache.v[i], w.n_heads, w.n_kv_heads
+        )
+        x, h = ops.add_rms_norm(
+            x, layer.o_proj(attend(q, cache.k[i], cache.v[i], batch, shared, w, ops)), layer.post_attention_norm, w.rms_norm_eps
+        )
         x, h = ops.add_rms_norm(x, layer.down_proj(ops.silu_and_mul(layer.gate_up_proj(h))), next_norm, w.rms_norm_eps)
     return h[batch.logit_rows]

@@ -21,10 +21,22 @@ import triton.language as tl
 
 @triton.jit
 def _rope_and_cache_write_kernel(
-    qkv_ptr, rope_ptr, positions_ptr, slots_ptr, q_ptr, k_ptr, v_ptr,
-    stride_qkv_token, stride_rope_position,
-    stride_cache_row, stride_cache_head, stride_cache_position,
-    N_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
+    qkv_ptr,
+    rope_ptr,
+    positions_ptr,
+    slots_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    stride_qkv_token,
+    stride_rope_position,
+    stride_cache_row,
+    stride_cache_head,
+    stride_cache_position,
+    N_HEADS: tl.constexpr,
+    N_KV_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     token = tl.program_id(0)
     head = tl.program_id(1)  # q heads, then k heads, then v heads, as in the QKV projection's output
@@ -57,8 +69,14 @@ def _rope_and_cache_write_kernel(
 
 
 def rope_and_cache_write(
-    qkv: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int,
+    qkv: torch.Tensor,
+    rope: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
 ) -> torch.Tensor:
     """qkv [N, (n_heads + 2 * n_kv_heads) * head_dim], the QKV projection's output; rope the
     complex64 rotation table [context, head_dim // 2] (`forward.rope_table`). Writes token i's
@@ -70,10 +88,22 @@ def rope_and_cache_write(
     q = qkv.new_empty(n_tokens, n_heads, head_dim)
     table = torch.view_as_real(rope)  # [context, head_dim // 2, 2]: cos, sin (times the scaling)
     _rope_and_cache_write_kernel[(n_tokens, n_heads + 2 * n_kv_heads)](
-        qkv, table, positions, slots, q, k_cache, v_cache,
-        qkv.stride(0), table.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        N_HEADS=n_heads, N_KV_HEADS=n_kv_heads, HALF=head_dim // 2, BLOCK=max(16, triton.next_power_of_2(head_dim // 2)),
+        qkv,
+        table,
+        positions,
+        slots,
+        q,
+        k_cache,
+        v_cache,
+        qkv.stride(0),
+        table.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        N_HEADS=n_heads,
+        N_KV_HEADS=n_kv_heads,
+        HALF=head_dim // 2,
+        BLOCK=max(16, triton.next_power_of_2(head_dim // 2)),
     )
     return q
 
@@ -103,8 +133,16 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _add_rms_norm_kernel(
-    x_ptr, delta_ptr, weight_ptr, sum_ptr, normed_ptr, stride_x, stride_delta, eps,
-    WIDTH: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    delta_ptr,
+    weight_ptr,
+    sum_ptr,
+    normed_ptr,
+    stride_x,
+    stride_delta,
+    eps,
+    WIDTH: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     token = tl.program_id(0)
     i = tl.arange(0, BLOCK)
@@ -126,7 +164,15 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     assert x.stride(1) == 1 and delta.stride(1) == 1
     total, normed = torch.empty_like(x), torch.empty_like(x)
     _add_rms_norm_kernel[(n_tokens,)](
-        x, delta, weight, total, normed, x.stride(0), delta.stride(0), eps,
-        WIDTH=width, BLOCK=triton.next_power_of_2(width),
+        x,
+        delta,
+        weight,
+        total,
+        normed,
+        x.stride(0),
+        delta.stride(0),
+        eps,
+        WIDTH=width,
+        BLOCK=triton.next_power_of_2(width),
     )
     return total, normed

@@ -27,8 +27,15 @@ class KVCache:
     graphs hold the cache's addresses, so it must never move."""
 
     def __init__(
-        self, n_layers: int, max_batch_size: int, n_kv_heads: int, max_context: int, head_dim: int, dtype: torch.dtype,
-        device: torch.device | str = "cpu", initial_capacity: int = INITIAL_CAPACITY,
+        self,
+        n_layers: int,
+        max_batch_size: int,
+        n_kv_heads: int,
+        max_context: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        initial_capacity: int = INITIAL_CAPACITY,
     ):
         self.max_batch_size = max_batch_size
         self.max_context = max_context
@@ -40,9 +47,7 @@ class KVCache:
         # longest row, and a masked position still multiplies its value by a zero weight, so it
         # must not hold NaN garbage.
         capacity = min(initial_capacity, max_context)
-        self.kv = torch.zeros(
-            n_layers, 2, max_batch_size + 1, n_kv_heads, capacity, head_dim, dtype=dtype, device=self.device
-        )
+        self.kv = torch.zeros(n_layers, 2, max_batch_size + 1, n_kv_heads, capacity, head_dim, dtype=dtype, device=self.device)
         self.tokens = torch.zeros(max_batch_size + 1, capacity, dtype=torch.long, device=self.device)
         self._split_layers()
 

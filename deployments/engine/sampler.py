@@ -106,10 +106,23 @@ class SlotSampling:
             sort_below = p.top_p  # sorts when the candidates hold less than the top-p mass
         penalty = p.repeat_penalty if p.penalizes_repeats else 1.0
         floats = (
-            p.temperature, p.temperature or 1.0, max(p.top_p, 1e-9), penalty, sort_below, p.presence_penalty,
+            p.temperature,
+            p.temperature or 1.0,
+            max(p.top_p, 1e-9),
+            penalty,
+            sort_below,
+            p.presence_penalty,
             p.frequency_penalty,
         )  # FLOAT_COLUMNS
-        ints = (p.top_k, p.top_k if fits else k, fits, p.is_filtered, p.repeat_last_n, prompt_tokens - 1, p.min_tokens)  # INT_COLUMNS
+        ints = (
+            p.top_k,
+            p.top_k if fits else k,
+            fits,
+            p.is_filtered,
+            p.repeat_last_n,
+            prompt_tokens - 1,
+            p.min_tokens,
+        )  # INT_COLUMNS
         for value in ints:
             if not -(2**63) <= value < 2**63:
                 raise ValueError(f"{value} does not fit in 64 bits")
@@ -158,8 +171,21 @@ class SlotSampling:
         temperature, divisor, top_p, penalty, sort_below, presence, frequency = self.floats[slots].unbind(1)  # FLOAT_COLUMNS
         top_k, kept, fits, filtered, last_n, last_prompt_position, min_tokens = self.ints[slots].unbind(1)  # INT_COLUMNS
         return _RowSettings(
-            temperature, divisor, top_p, penalty, sort_below, presence, frequency, top_k, kept, fits, filtered, last_n,
-            last_prompt_position, min_tokens, self.u[slots, positions],
+            temperature,
+            divisor,
+            top_p,
+            penalty,
+            sort_below,
+            presence,
+            frequency,
+            top_k,
+            kept,
+            fits,
+            filtered,
+            last_n,
+            last_prompt_position,
+            min_tokens,
+            self.u[slots, positions],
         )
 
 
@@ -282,8 +308,12 @@ def apply_repeat_penalty(
 
 
 def apply_occurrence_penalties(
-    logits: torch.Tensor, history: torch.Tensor, positions: torch.Tensor, last_prompt_position: torch.Tensor,
-    presence: torch.Tensor, frequency: torch.Tensor,
+    logits: torch.Tensor,
+    history: torch.Tensor,
+    positions: torch.Tensor,
+    last_prompt_position: torch.Tensor,
+    presence: torch.Tensor,
+    frequency: torch.Tensor,
 ) -> None:
     """In place on logits [B, vocab]: OpenAI's presence and frequency penalties. Each token the
     row has generated (positions (last_prompt_position, position] of `history`) has its logit
@@ -454,8 +484,6 @@ def _sorted_draw(d: Draft, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return _filtered_draw(p, ids, top_k_set, d.top_p, d.u)
 
 
-def sample(
-    logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: torch.Tensor, eos_ids: torch.Tensor
-) -> list[int]:
+def sample(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: torch.Tensor, eos_ids: torch.Tensor) -> list[int]:
     """logits [B, vocab] fp32 (modified in place) -> one token id per row, on the host."""
     return finish(draw(logits, rows, table, history, eos_ids))

@@ -15,15 +15,23 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 
 def rope_and_cache_write(
-    qkv: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int,
+    qkv: torch.Tensor,
+    rope: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
 ) -> torch.Tensor:
     """qkv [N, (n_heads + 2 * n_kv_heads) * head_dim] -> the rotated queries [N, n_heads,
     head_dim]; token i's rotated keys and its values go to position positions[i] of row slots[i]
     of k/v_cache [rows, n_kv_heads, capacity, head_dim]. rope: complex64 [context, head_dim // 2]."""
     n_tokens, head_dim = len(qkv), qkv.shape[1] // (n_heads + 2 * n_kv_heads)
     # q and k heads side by side get RoPE in one call.
-    qk = apply_rope(qkv[:, : (n_heads + n_kv_heads) * head_dim].reshape(n_tokens, n_heads + n_kv_heads, head_dim), rope[positions])
+    qk = apply_rope(
+        qkv[:, : (n_heads + n_kv_heads) * head_dim].reshape(n_tokens, n_heads + n_kv_heads, head_dim), rope[positions]
+    )
     v = qkv[:, (n_heads + n_kv_heads) * head_dim :].reshape(n_tokens, n_kv_heads, head_dim)
     # index_copy_ into a flat [rows * heads * capacity, head_dim] view: several times faster
     # than advanced-index assignment (cache[slots, :, positions] = k).

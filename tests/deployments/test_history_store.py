@@ -26,7 +26,9 @@ async def test_schema_is_created_in_wal_mode(store):
 
 async def test_a_turn_is_stored_and_read_back(store):
     conversation = await store.create_conversation()
-    await store.append_message(conversation.id, "user", "What is the capital of France?", model="m", parameters={"temperature": 0})
+    await store.append_message(
+        conversation.id, "user", "What is the capital of France?", model="m", parameters={"temperature": 0}
+    )
     await store.append_message(
         conversation.id, "assistant", "Paris.", model="m", parameters={"temperature": 0}, prompt_tokens=12, completion_tokens=3
     )

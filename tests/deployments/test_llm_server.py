@@ -147,7 +147,12 @@ async def test_closing_the_stream_cancels_generation_and_frees_the_engine():
         await asyncio.sleep(0.05)
     assert server.stats().active_requests == 0
     # The engine is free again: a new request completes.
-    outputs = await collect(server, GenerationRequest(messages=[{"role": "user", "content": "hi"}], params=SamplingParams(max_tokens=3, temperature=0, min_tokens=3)))
+    outputs = await collect(
+        server,
+        GenerationRequest(
+            messages=[{"role": "user", "content": "hi"}], params=SamplingParams(max_tokens=3, temperature=0, min_tokens=3)
+        ),
+    )
     assert outputs[-1].completion_tokens == 3
 
 

@@ -17,7 +17,11 @@ def registry() -> ModelRegistry:
     return ModelRegistry(
         [
             ModelConfig(name="SmolLM2-135M-Instruct", aliases=["smollm2"]),
-            ModelConfig(name="Qwen2.5-0.5B-Instruct", aliases=["Qwen0_5b"], source={"kind": "hf", "repo_id": "Qwen/Qwen2.5-0.5B-Instruct", "revision": "v1"}),
+            ModelConfig(
+                name="Qwen2.5-0.5B-Instruct",
+                aliases=["Qwen0_5b"],
+                source={"kind": "hf", "repo_id": "Qwen/Qwen2.5-0.5B-Instruct", "revision": "v1"},
+            ),
         ]
     )
 
@@ -31,7 +35,10 @@ def test_resolves_names_aliases_and_the_default():
 
 
 def test_unknown_model_lists_the_available_ones():
-    with pytest.raises(UnknownModelError, match="model 'gpt-9' is not served here; available models: SmolLM2-135M-Instruct, Qwen2.5-0.5B-Instruct"):
+    with pytest.raises(
+        UnknownModelError,
+        match="model 'gpt-9' is not served here; available models: SmolLM2-135M-Instruct, Qwen2.5-0.5B-Instruct",
+    ):
         registry().resolve("gpt-9")
 
 

@@ -55,8 +55,14 @@ def http(base_url):
 def test_schemathesis_finds_no_server_error_on_any_route(base_url, http, tmp_path):
     ledger = tmp_path / "requests.tsv"
     command = [
-        sys.executable, "-m", "schemathesis.cli", "--config-file", str(Path(__file__).with_name("schemathesis.toml")),
-        "run", f"{base_url}/openapi.json", "--no-color",
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "--config-file",
+        str(Path(__file__).with_name("schemathesis.toml")),
+        "run",
+        f"{base_url}/openapi.json",
+        "--no-color",
     ] + (["--max-examples", os.environ["FUZZ_EXAMPLES"]] if "FUZZ_EXAMPLES" in os.environ else [])
     command += ["--seed", os.environ["FUZZ_SEED"]] if "FUZZ_SEED" in os.environ else []  # replays a failed run
     # Hypothesis keeps caches of its own in ./.hypothesis unless told otherwise.
@@ -102,8 +108,12 @@ BODY_ROUTES = [
 ]
 # A string field of each, for the tests that spoil its encoding.
 TEXT_FIELD = {
-    "/conversations/{id}/generate": "prompt", "/conversations/{id}/regenerate": "model", "/conversations/{id}": "title",
-    "/v1/chat/completions": "model", "/v1/completions": "prompt", "/v1/responses": "input",
+    "/conversations/{id}/generate": "prompt",
+    "/conversations/{id}/regenerate": "model",
+    "/conversations/{id}": "title",
+    "/v1/chat/completions": "model",
+    "/v1/completions": "prompt",
+    "/v1/responses": "input",
 }
 JSON = {"content-type": "application/json"}
 
@@ -204,8 +214,12 @@ def test_a_body_over_one_mib_is_refused_with_413(http, method, path, body):
         ("/conversations/{id}/generate", {"prompt": "a" * (MAX_BODY_BYTES - 100)}, 422, "at most 100000 characters"),
         ("/v1/completions", COMPLETION | {"prompt": "a" * (MAX_BODY_BYTES - 100)}, 400, "has a context of 512 tokens"),
         ("/v1/responses", RESPONSE | {"input": "a" * (MAX_BODY_BYTES - 100)}, 400, "has a context of 512 tokens"),
-        ("/v1/chat/completions", CHAT | {"messages": [{"role": "user", "content": "a" * (MAX_BODY_BYTES - 200)}]}, 400,
-         "has a context of 512 tokens"),
+        (
+            "/v1/chat/completions",
+            CHAT | {"messages": [{"role": "user", "content": "a" * (MAX_BODY_BYTES - 200)}]},
+            400,
+            "has a context of 512 tokens",
+        ),
     ],
 )
 def test_a_prompt_of_almost_one_mib_is_refused_as_too_long(http, path, body, status, message):

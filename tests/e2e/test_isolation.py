@@ -24,8 +24,12 @@ JSON = {"content-type": "application/json"}
 
 # Each poison request, and the status it must get.
 POISON = [
-    ("/v1/chat/completions", json.dumps({"model": TINY, "messages": [{"role": "user", "content": "x"}],
-                                         "top_k": 92081372754769103375368022717890560}), JSON, 400),
+    (
+        "/v1/chat/completions",
+        json.dumps({"model": TINY, "messages": [{"role": "user", "content": "x"}], "top_k": 92081372754769103375368022717890560}),
+        JSON,
+        400,
+    ),
     ("/v1/completions", json.dumps({"model": TINY, "prompt": ""}), JSON, 400),
     ("/v1/completions", json.dumps({"model": TINY, "prompt": [""]}), JSON, 400),
     ("/v1/completions", '{"model": "tiny-random", "prompt": "x", "temperature": NaN}', JSON, 400),
@@ -118,8 +122,13 @@ def test_a_replica_killed_mid_answer_ends_every_stream_cleanly_and_the_model_rec
     """Four streams on the replica (two per API) and one on another model when it is killed."""
     url = serve_app.url
     conversation_ids = [httpx.get(f"{url}/conversations/start").json() for _ in range(2)]
-    chat = {"model": TINY, "messages": [{"role": "user", "content": "Tell me everything."}], "stream": True,
-            "max_tokens": 440, "temperature": 0}
+    chat = {
+        "model": TINY,
+        "messages": [{"role": "user", "content": "Tell me everything."}],
+        "stream": True,
+        "max_tokens": 440,
+        "temperature": 0,
+    }
     smol = {"prompt": "Count from one to twenty.", "model": SMOL, "sample_len": 48, "temperature": 0}
     progress: dict[str, int] = {}
     with ThreadPoolExecutor(5) as pool:
@@ -128,8 +137,7 @@ def test_a_replica_killed_mid_answer_ends_every_stream_cleanly_and_the_model_rec
             for i, conversation_id in enumerate(conversation_ids)
         ]
         events = [
-            pool.submit(openai_stream_events, url, chat, lambda e, i=i: progress.update({f"events{i}": len(e)}))
-            for i in range(2)
+            pool.submit(openai_stream_events, url, chat, lambda e, i=i: progress.update({f"events{i}": len(e)})) for i in range(2)
         ]
         other_model = pool.submit(stream_text, url, httpx.get(f"{url}/conversations/start").json(), smol)
         deadline = time.monotonic() + 60
@@ -159,7 +167,9 @@ def test_a_replica_killed_mid_answer_ends_every_stream_cleanly_and_the_model_rec
         assert (stored[1]["status"], stored[1]["content"]) == ("failed", answer)
         assert stored[1]["error"].startswith("the model's replica stopped while answering")
     # Serve starts a new replica; the model answers again.
-    while httpx.post(f"{url}/v1/completions", json={"model": TINY, "prompt": "hi", "max_tokens": 4}, timeout=60).status_code != 200:
+    while (
+        httpx.post(f"{url}/v1/completions", json={"model": TINY, "prompt": "hi", "max_tokens": 4}, timeout=60).status_code != 200
+    ):
         assert time.monotonic() - killed_at < 120, "the model did not recover within 2 minutes"
         time.sleep(0.5)
     report(f"recovered {time.monotonic() - killed_at:.1f} s after the kill")

@@ -82,13 +82,20 @@ def test_text_completion_whole_and_streamed(client, tokenizer):
     whole = client.completions.create(model=SMOL, prompt=prompt, temperature=0, max_tokens=8)
     assert whole.object == "text_completion" and whole.choices[0].finish_reason == "length"
     assert whole.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"]) and whole.usage.completion_tokens == 8
-    streamed = "".join(c.choices[0].text for c in client.completions.create(model=SMOL, prompt=prompt, temperature=0, max_tokens=8, stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model=SMOL, prompt=prompt, temperature=0, max_tokens=8, stream=True)
+        if c.choices
+    )
     assert streamed == whole.choices[0].text
 
 
 def test_seeded_sampling_is_reproducible(client):
     ask = dict(model=SMOL, messages=[{"role": "user", "content": "Name a colour."}], temperature=1.0, seed=1234, max_tokens=16)
-    assert client.chat.completions.create(**ask).choices[0].message.content == client.chat.completions.create(**ask).choices[0].message.content
+    assert (
+        client.chat.completions.create(**ask).choices[0].message.content
+        == client.chat.completions.create(**ask).choices[0].message.content
+    )
 
 
 def test_unknown_model_is_not_found(client):
@@ -131,7 +138,9 @@ def test_logit_bias_bans_a_token_and_a_token_id_beyond_the_vocabulary_is_a_bad_r
 
 def test_presence_and_frequency_penalties_turn_a_greedy_answer_from_repeating_itself(client, tokenizer):
     def most_repeated_token(**penalties) -> int:
-        answer = client.completions.create(model=SMOL, prompt="hello hello hello hello", temperature=0, max_tokens=24, **penalties)
+        answer = client.completions.create(
+            model=SMOL, prompt="hello hello hello hello", temperature=0, max_tokens=24, **penalties
+        )
         return max(Counter(tokenizer(answer.choices[0].text)["input_ids"]).values())
 
     assert most_repeated_token() > most_repeated_token(presence_penalty=1.5, frequency_penalty=1.0)
@@ -152,8 +161,10 @@ def test_chat_with_a_conversation_id_reads_and_writes_history(client, serve_app)
     assert second.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens
     stored = httpx.get(f"{serve_app.url}/conversations/{conversation_id}").json()["messages"]
     assert [(m["role"], m["content"]) for m in stored] == [
-        ("user", CAPITAL[0]["content"]), ("assistant", first.choices[0].message.content),
-        ("user", "And of Italy?"), ("assistant", second.choices[0].message.content),
+        ("user", CAPITAL[0]["content"]),
+        ("assistant", first.choices[0].message.content),
+        ("user", "And of Italy?"),
+        ("assistant", second.choices[0].message.content),
     ]
 
 
@@ -172,9 +183,17 @@ def test_openapi_schema_lists_every_route(serve_app):
 
     schema = httpx.get(f"{serve_app.url}/openapi.json").json()
     assert set(schema["paths"]) >= {
-        "/conversations", "/conversations/start", "/conversations/{conversation_id}",
-        "/conversations/{conversation_id}/generate", "/conversations/{conversation_id}/export",
-        "/v1/models", "/v1/chat/completions", "/v1/completions", "/healthz", "/readyz", "/models",
+        "/conversations",
+        "/conversations/start",
+        "/conversations/{conversation_id}",
+        "/conversations/{conversation_id}/generate",
+        "/conversations/{conversation_id}/export",
+        "/v1/models",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/healthz",
+        "/readyz",
+        "/models",
     }
 
 
@@ -200,7 +219,12 @@ def test_responses_answer_as_chat_completions_do_whole_and_streamed(client):
     events = list(client.responses.create(**ask, stream=True))
     kinds = [event.type for event in events]
     assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]
-    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed"]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
     assert set(kinds[4:-4]) == {"response.output_text.delta"}
     assert [event.sequence_number for event in events] == list(range(len(events)))
     assert "".join(event.delta for event in events[4:-4]) == whole.output_text == events[-1].response.output_text

@@ -100,7 +100,12 @@ def test_later_turns_see_earlier_ones(client):
 @pytest.mark.parametrize(
     ("path_id", "body", "status", "message_part"),
     [
-        ("{id}", {"prompt": "hi", "model": "no-such-model"}, 404, "available models: SmolLM2-135M-Instruct, tiny-random, tiny-narrow"),
+        (
+            "{id}",
+            {"prompt": "hi", "model": "no-such-model"},
+            404,
+            "available models: SmolLM2-135M-Instruct, tiny-random, tiny-narrow",
+        ),
         ("999999", {"prompt": "hi"}, 404, "conversation '999999' not found"),
         ("not-a-number", {"prompt": "hi"}, 404, "conversation 'not-a-number' not found"),
         ("{id}", {"prompt": "hi", "temperature": -1}, 422, "greater than or equal to 0"),
@@ -132,7 +137,6 @@ def served_requests(client: httpx.Client) -> dict[str, float]:
     """Requests each model's replicas say they received (from their own engine stats)."""
     lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith("chat_replica_requests{")]
     return {line.split('"')[1]: float(line.split()[-1]) for line in lines}
-
 
 
 def test_the_next_turn_of_a_conversation_reuses_the_cached_prompt(client, serve_app):

@@ -86,10 +86,12 @@ def test_a_disconnect_frees_the_replica_within_a_second(client):
 def test_regenerate_replaces_the_last_answer_with_other_parameters(client):
     conversation_id = client.get("/conversations/start").json()
     first = client.post(
-        f"/conversations/{conversation_id}/generate", json={"prompt": "hello", "model": "tiny-random", "sample_len": 12, "seed": 1, "temperature": 1}
+        f"/conversations/{conversation_id}/generate",
+        json={"prompt": "hello", "model": "tiny-random", "sample_len": 12, "seed": 1, "temperature": 1},
     ).text
     again = client.post(
-        f"/conversations/{conversation_id}/regenerate", json={"model": "tiny-random", "sample_len": 12, "seed": 2, "temperature": 1}
+        f"/conversations/{conversation_id}/regenerate",
+        json={"model": "tiny-random", "sample_len": 12, "seed": 2, "temperature": 1},
     )
     assert again.status_code == 200
     stored = messages(client, conversation_id)
@@ -124,10 +126,14 @@ def test_a_full_queue_is_refused_with_503_and_retry_after(serve_app, report):
     for status, retry_after, answer, seconds in results:
         if status == 503:
             assert retry_after == "2"
-            assert answer["error"]["message"] == "model 'tiny-narrow' is overloaded (all replicas busy, queue full); retry shortly"
+            assert (
+                answer["error"]["message"] == "model 'tiny-narrow' is overloaded (all replicas busy, queue full); retry shortly"
+            )
             assert seconds < 1.0, f"refused after {seconds:.2f} s"
         else:
             assert answer["usage"]["completion_tokens"] == 450
     refused = [seconds for status, _, _, seconds in results if status == 503]
-    report(f"overload: {len(results) - len(refused)} of {len(results)} served, {len(refused)} refused with 503 "
-          f"in at most {max(refused):.2f} s")
+    report(
+        f"overload: {len(results) - len(refused)} of {len(results)} served, {len(refused)} refused with 503 "
+        f"in at most {max(refused):.2f} s"
+    )

@@ -18,11 +18,30 @@ def test_locust_reports_time_to_first_token_and_inter_token_latency(serve_app, t
     env = {**os.environ, "LOAD_SAMPLE_LEN": "24"}  # the default model: real text, real chunks
     result = subprocess.run(
         [
-            sys.executable, "-m", "locust", "-f", str(REPO_ROOT / "loadtests" / "locustfile.py"),
-            "--headless", "-u", "2", "-r", "2", "-t", "10s", "--stop-timeout", "90", "--host", serve_app.url,
-            "--csv", str(tmp_path / "run"), "--only-summary",
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(REPO_ROOT / "loadtests" / "locustfile.py"),
+            "--headless",
+            "-u",
+            "2",
+            "-r",
+            "2",
+            "-t",
+            "10s",
+            "--stop-timeout",
+            "90",
+            "--host",
+            serve_app.url,
+            "--csv",
+            str(tmp_path / "run"),
+            "--only-summary",
         ],
-        env=env, capture_output=True, text=True, timeout=240,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     with open(tmp_path / "run_stats.csv") as f:

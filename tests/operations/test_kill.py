@@ -32,13 +32,25 @@ def start_service(directory: Path, port: int) -> subprocess.Popen:
     config = {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{"name": "chat", "route_prefix": "/", "import_path": "serve_app.app:build_app",
-                          "args": {"database_path": "history.sqlite3", "models": [MODEL]}}],
+        "applications": [
+            {
+                "name": "chat",
+                "route_prefix": "/",
+                "import_path": "serve_app.app:build_app",
+                "args": {"database_path": "history.sqlite3", "models": [MODEL]},
+            }
+        ],
     }
     (directory / "serve_config.yaml").write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    service = subprocess.Popen([BIN / "serve", "run", "--address", "local", "serve_config.yaml"], cwd=directory, env=env,
-                               stdout=(directory / "serve.log").open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+    service = subprocess.Popen(
+        [BIN / "serve", "run", "--address", "local", "serve_config.yaml"],
+        cwd=directory,
+        env=env,
+        stdout=(directory / "serve.log").open("a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while True:
         assert service.poll() is None, (directory / "serve.log").read_text()[-3000:]
@@ -107,15 +119,21 @@ def test_every_acknowledged_turn_survives_a_kill_9_of_the_whole_service(report):
             if conversation_id not in stored:
                 stored[conversation_id] = httpx.get(f"{url}/conversations/{conversation_id}", timeout=30).json()["messages"]
         lost = [
-            (conversation_id, prompt) for conversation_id, prompt, answer in acknowledged
+            (conversation_id, prompt)
+            for conversation_id, prompt, answer in acknowledged
             if not any(
-                m["content"] == prompt and i + 1 < len(messages) and messages[i + 1]["content"] == answer
+                m["content"] == prompt
+                and i + 1 < len(messages)
+                and messages[i + 1]["content"] == answer
                 and messages[i + 1]["status"] == "complete"
-                for messages in [stored[conversation_id]] for i, m in enumerate(messages)
+                for messages in [stored[conversation_id]]
+                for i, m in enumerate(messages)
             )
         ]
-        report(f"kill -9 of the whole service: {len(acknowledged)} acknowledged turns, {len(acknowledged) - len(lost)} "
-              f"stored after the restart, {cut} turns cut by the kill")
+        report(
+            f"kill -9 of the whole service: {len(acknowledged)} acknowledged turns, {len(acknowledged) - len(lost)} "
+            f"stored after the restart, {cut} turns cut by the kill"
+        )
         assert len(acknowledged) >= 30 and lost == []
         # The restarted service answers and appends after what survived.
         conversation_id = acknowledged[0][0]

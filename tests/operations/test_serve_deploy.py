@@ -43,11 +43,15 @@ TIMEOUT_S = 300
 
 TINY = {"source": {"kind": "tiny_random"}, "num_cpus": 0.1, "torch_threads": 1, "resources": {"model_node": 0.01}}
 AUTOSCALING = {
-    "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+    "min_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 1,
     # Down only after 15 s below the target: with 3 s, a fresh CI run once timed out waiting for
     # two running replicas, finding one running, one stopping and one starting under the same
     # load (a short dip in ongoing requests between a user's turns can scale down that fast).
-    "upscale_delay_s": 1, "downscale_delay_s": 15, "look_back_period_s": 2,
+    "upscale_delay_s": 1,
+    "downscale_delay_s": 15,
+    "look_back_period_s": 2,
 }
 MODELS = [
     {"name": "tiny-random", **TINY, "num_replicas": 2},
@@ -90,12 +94,18 @@ class Cluster:
         return done.stdout
 
     def _serve(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([BIN / "serve", *args, "--address", self.dashboard], env=ENV, capture_output=True,
-                              text=True, timeout=120)
+        return subprocess.run(
+            [BIN / "serve", *args, "--address", self.dashboard], env=ENV, capture_output=True, text=True, timeout=120
+        )
 
     def ray_list(self, kind: str) -> list[dict]:
-        done = subprocess.run([BIN / "ray", "list", kind, "--format", "json", "--detail", "--limit", "1000",
-                               "--address", self.dashboard], env=ENV, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [BIN / "ray", "list", kind, "--format", "json", "--detail", "--limit", "1000", "--address", self.dashboard],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout)
 
@@ -135,8 +145,13 @@ class Cluster:
 
 
 def start_node(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
-    node = subprocess.Popen([BIN / "ray", "start", "--block", "--disable-usage-stats", *args], cwd=cwd, env=ENV,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    node = subprocess.Popen(
+        [BIN / "ray", "start", "--block", "--disable-usage-stats", *args],
+        cwd=cwd,
+        env=ENV,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 120
     while "Ray runtime started" not in log.read_text():
         assert node.poll() is None and time.monotonic() < deadline, f"ray start failed: {log.read_text()[-3000:]}"
@@ -151,19 +166,48 @@ def cluster():
     port, dashboard_port = free_port(), free_port()
 
     def own_ports() -> list[str]:  # each node's: two nodes share this machine
-        return ["--node-ip-address", "127.0.0.1", "--dashboard-agent-listen-port", str(free_port()),
-                "--metrics-export-port", str(free_port())]
+        return [
+            "--node-ip-address",
+            "127.0.0.1",
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--metrics-export-port",
+            str(free_port()),
+        ]
 
     cluster = Cluster(directory, dashboard=f"http://127.0.0.1:{dashboard_port}", url=f"http://127.0.0.1:{free_port()}")
     try:
-        cluster.nodes.append(start_node(
-            ["--head", "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-             "--ray-client-server-port", str(free_port()), "--temp-dir", str(directory / "ray"), "--num-cpus", "1",
-             "--resources", '{"history_node": 1}', *own_ports()],
-            directory, directory / "head.log"))
-        cluster.nodes.append(start_node(
-            ["--address", f"127.0.0.1:{port}", "--num-cpus", "2", "--resources", '{"model_node": 1}', *own_ports()],
-            directory, directory / "worker.log"))
+        cluster.nodes.append(
+            start_node(
+                [
+                    "--head",
+                    "--port",
+                    str(port),
+                    "--dashboard-host",
+                    "127.0.0.1",
+                    "--dashboard-port",
+                    str(dashboard_port),
+                    "--ray-client-server-port",
+                    str(free_port()),
+                    "--temp-dir",
+                    str(directory / "ray"),
+                    "--num-cpus",
+                    "1",
+                    "--resources",
+                    '{"history_node": 1}',
+                    *own_ports(),
+                ],
+                directory,
+                directory / "head.log",
+            )
+        )
+        cluster.nodes.append(
+            start_node(
+                ["--address", f"127.0.0.1:{port}", "--num-cpus", "2", "--resources", '{"model_node": 1}', *own_ports()],
+                directory,
+                directory / "worker.log",
+            )
+        )
         cluster.deploy(app_config(MODELS, int(cluster.url.rsplit(":", 1)[1])))
         cluster.wait_healthy({"Ingress", "HistoryDeployment", "LLM-tiny-random", "LLM-tiny-autoscaled", "LLM-tiny-idle"})
         yield cluster
@@ -210,15 +254,18 @@ def test_serve_deploy_serves_from_the_nodes_the_resources_choose(cluster, client
     assert "model_node" in placed["LLM-tiny-random"] and "model_node" in placed["LLM-tiny-autoscaled"]
 
 
-
 def test_each_turn_of_a_conversation_finds_its_earlier_turns_on_one_of_two_replicas(cluster, client, report):
     before = prompt_tokens_reused(client, "tiny-random")
 
     async def conversation(index: int, http: httpx.AsyncClient) -> list[int]:
         conversation_id = (await http.get("/conversations/start")).json()
         for turn in range(5):
-            body = {"prompt": f"Conversation {index}, turn {turn}: tell me more.", "model": "tiny-random",
-                    "sample_len": 12, "temperature": 0}
+            body = {
+                "prompt": f"Conversation {index}, turn {turn}: tell me more.",
+                "model": "tiny-random",
+                "sample_len": 12,
+                "temperature": 0,
+            }
             async with http.stream("POST", f"/conversations/{conversation_id}/generate", json=body) as response:
                 assert response.status_code == 200
                 await response.aread()
@@ -280,8 +327,11 @@ def test_a_model_scales_up_under_load_and_back_down_after(cluster, client):
             await asyncio.gather(*users)
 
     asyncio.run(load_until_scaled_up())
-    cluster.wait_for(lambda d: running_replicas(d, "LLM-tiny-autoscaled") == 1 and len(d["LLM-tiny-autoscaled"]["replica_states"]) == 1,
-                     "scale back down to 1 replica", 120)
+    cluster.wait_for(
+        lambda d: running_replicas(d, "LLM-tiny-autoscaled") == 1 and len(d["LLM-tiny-autoscaled"]["replica_states"]) == 1,
+        "scale back down to 1 replica",
+        120,
+    )
 
 
 def test_serve_deploy_of_a_changed_config_under_load_fails_no_request_and_breaks_no_stream(cluster, client, report):
@@ -323,8 +373,12 @@ def test_serve_deploy_of_a_changed_config_under_load_fails_no_request_and_breaks
             await asyncio.to_thread(cluster.deploy, app_config(upgraded, port, ingress_num_replicas=2))
             await asyncio.to_thread(
                 cluster.wait_for,
-                lambda d: "LLM-tiny-added" in d and all(x["status"] == "HEALTHY" for x in d.values())
-                and d["LLM-tiny-random"]["replica_states"] == {"RUNNING": 1} and d["Ingress"]["replica_states"] == {"RUNNING": 2},
+                lambda d: (
+                    "LLM-tiny-added" in d
+                    and all(x["status"] == "HEALTHY" for x in d.values())
+                    and d["LLM-tiny-random"]["replica_states"] == {"RUNNING": 1}
+                    and d["Ingress"]["replica_states"] == {"RUNNING": 2}
+                ),
                 "the upgrade",
             )
             await asyncio.sleep(3)

@@ -47,7 +47,9 @@ def test_the_turns_of_a_conversation_share_an_affinity_key_and_other_conversatio
     assert affinity_key(None, first, None) != affinity_key(None, [system, {"role": "user", "content": "Bye"}], None)
     stored = TurnRecord(conversation_id=7, prompt="Hi", parameters={}, claim="t")
     assert affinity_key(stored, first, None) == affinity_key(stored, later, None) != affinity_key(None, first, None)
-    assert affinity_key(TurnRecord(conversation_id=8, prompt="Hi", parameters={}, claim="t"), first, None) != affinity_key(stored, first, None)
+    assert affinity_key(TurnRecord(conversation_id=8, prompt="Hi", parameters={}, claim="t"), first, None) != affinity_key(
+        stored, first, None
+    )
     # A completion that extends an earlier prompt keeps its key.
     opening = "Once upon a time " * 20
     assert affinity_key(None, None, opening) == affinity_key(None, None, opening + "there was a dragon.")
@@ -68,20 +70,28 @@ def test_ids_beyond_what_sqlite_stores_name_no_conversation(raw):
 
 def test_context_keeps_answered_turns_and_skips_unanswered_or_failed_ones():
     history = [
-        message(1, "user", "q1"), message(2, "assistant", "a1"),
+        message(1, "user", "q1"),
+        message(2, "assistant", "a1"),
         message(3, "user", "lost"),  # no answer: e.g. the service died
-        message(4, "user", "q2"), message(5, "assistant", "", status="failed", error="boom"),
-        message(6, "user", "q3"), message(7, "assistant", "partial", status="stopped"),
+        message(4, "user", "q2"),
+        message(5, "assistant", "", status="failed", error="boom"),
+        message(6, "user", "q3"),
+        message(7, "assistant", "partial", status="stopped"),
     ]
     assert context_messages(history) == [
-        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-        {"role": "user", "content": "q3"}, {"role": "assistant", "content": "partial"},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q3"},
+        {"role": "assistant", "content": "partial"},
     ]
 
 
 def test_markdown_export_names_speakers_and_marks_unfinished_answers():
     conversation = Conversation(
-        id=3, title=None, created_at=NOW, updated_at=NOW,
+        id=3,
+        title=None,
+        created_at=NOW,
+        updated_at=NOW,
         messages=[
             message(1, "user", "Hi"),
             message(2, "assistant", "Hel", model="smol", status="stopped"),
@@ -204,8 +214,15 @@ async def test_a_replica_dying_mid_answer_ends_the_text_stream_with_the_marker_a
 async def test_an_openai_stream_that_fails_ends_with_an_error_event_then_done(history):
     service = service_with(history, FakeStream(outputs("Hel"), error=RuntimeError("CUDA out of memory")))
     turn = await start(service)
-    events = [event async for event in sse_events(service, [turn], lambda index, text, finish: Usage(
-        prompt_tokens=0, completion_tokens=len(text or ""), total_tokens=0), None)]
+    events = [
+        event
+        async for event in sse_events(
+            service,
+            [turn],
+            lambda index, text, finish: Usage(prompt_tokens=0, completion_tokens=len(text or ""), total_tokens=0),
+            None,
+        )
+    ]
     assert [e.startswith(b"data: ") for e in events] == [True, True, True]
     error = json.loads(events[1].decode().removeprefix("data: "))["error"]
     assert error["message"] == "the answer failed: CUDA out of memory" and error["code"] == 503
@@ -224,14 +241,22 @@ async def test_a_second_answer_while_the_conversation_still_answers_is_refused(h
     assert [piece async for piece in service.text_pieces(first)] == ["a", "b"]
     second = await start(service)  # the first answer is stored: the conversation is free again
     assert [piece async for piece in service.text_pieces(second)] == ["c"]
-    assert [(m.role, m.content) for m in await stored(history)] == [("user", "hi"), ("assistant", "ab"), ("user", "hi"), ("assistant", "c")]
+    assert [(m.role, m.content) for m in await stored(history)] == [
+        ("user", "hi"),
+        ("assistant", "ab"),
+        ("user", "hi"),
+        ("assistant", "c"),
+    ]
 
 
-@pytest.mark.parametrize(("failure", "answered_as"), [
-    (FakeStream([], error=BackPressureError(num_queued_requests=1, max_queued_requests=1)), ModelOverloadedError),
-    (FakeStream([], error=ValueError("prompt too long")), ValueError),
-    (RuntimeError("no replica"), RuntimeError),  # raised by the call itself
-])
+@pytest.mark.parametrize(
+    ("failure", "answered_as"),
+    [
+        (FakeStream([], error=BackPressureError(num_queued_requests=1, max_queued_requests=1)), ModelOverloadedError),
+        (FakeStream([], error=ValueError("prompt too long")), ValueError),
+        (RuntimeError("no replica"), RuntimeError),  # raised by the call itself
+    ],
+)
 async def test_a_turn_that_fails_to_start_frees_its_conversation_before_the_error_is_answered(history, failure, answered_as):
     service = service_with(history, failure, FakeStream(outputs("ok", finish="stop")))
     with pytest.raises(answered_as):
@@ -305,7 +330,9 @@ def sse_data(events: list[bytes]) -> list:
 
 
 async def test_choices_stream_each_its_text_and_finish_and_the_usage_counts_the_prompt_once(history):
-    service = service_with(history, FakeStream(outputs("a", "b", finish="stop")), FakeStream(outputs("c", "d", "e", finish="length")))
+    service = service_with(
+        history, FakeStream(outputs("a", "b", finish="stop")), FakeStream(outputs("c", "d", "e", finish="length"))
+    )
     turns = await start_choices(service, service.registry.default, [SamplingParams()] * 2, messages=HI)
 
     def chunk(index, text, finish):
@@ -322,7 +349,9 @@ async def test_choices_stream_each_its_text_and_finish_and_the_usage_counts_the_
 
 async def test_a_choice_that_cannot_start_stops_the_ones_that_did(history):
     started = HangingStream(outputs("a"))
-    service = service_with(history, started, FakeStream([], error=BackPressureError(num_queued_requests=1, max_queued_requests=1)))
+    service = service_with(
+        history, started, FakeStream([], error=BackPressureError(num_queued_requests=1, max_queued_requests=1))
+    )
     with pytest.raises(ModelOverloadedError):
         await start_choices(service, service.registry.default, [SamplingParams()] * 2, messages=HI)
     assert started.is_cancelled
@@ -332,8 +361,12 @@ async def test_a_choice_failing_mid_answer_stops_the_others_and_ends_the_stream_
     running = HangingStream(outputs("a", "b"))
     service = service_with(history, running, FakeStream(outputs("c"), error=ActorDiedError()))
     turns = await start_choices(service, service.registry.default, [SamplingParams()] * 2, messages=HI)
-    events = [event async for event in sse_events(service, turns, lambda index, text, finish: Usage(
-        prompt_tokens=index, completion_tokens=0, total_tokens=0), None)]
+    events = [
+        event
+        async for event in sse_events(
+            service, turns, lambda index, text, finish: Usage(prompt_tokens=index, completion_tokens=0, total_tokens=0), None
+        )
+    ]
     assert events[-1] == b"data: [DONE]\n\n"
     assert sse_data(events)[-1]["error"]["message"].startswith("the model's replica stopped while answering")
     assert running.is_cancelled

@@ -39,11 +39,15 @@ class RecordingHandle:
 
 def test_a_starting_ingress_calls_each_deployment_once_but_no_model_that_may_have_scaled_to_zero():
     tiny = {"kind": "tiny_random"}
-    settings = AppSettings.model_validate({"models": [
-        {"name": "fixed", "source": tiny},
-        {"name": "idle", "source": tiny, "autoscaling_config": {"min_replicas": 0, "max_replicas": 2}},
-        {"name": "scaled", "source": tiny, "autoscaling_config": {"min_replicas": 1, "max_replicas": 2}},
-    ]})
+    settings = AppSettings.model_validate(
+        {
+            "models": [
+                {"name": "fixed", "source": tiny},
+                {"name": "idle", "source": tiny, "autoscaling_config": {"min_replicas": 0, "max_replicas": 2}},
+                {"name": "scaled", "source": tiny, "autoscaling_config": {"min_replicas": 1, "max_replicas": 2}},
+            ]
+        }
+    )
     calls: list[tuple[str, str]] = []
     models = {name: RecordingHandle(name, calls) for name in ("fixed", "idle", "scaled")}
     made = first_calls(settings, models, RecordingHandle("history", calls))
@@ -73,9 +77,7 @@ def test_the_right_key_opens_the_api_and_probes_and_page_stay_open():
     assert client.get("/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     assert client.get("/healthz").status_code == 200
     assert client.get("/").status_code == 200
-    preflight = client.options(
-        "/conversations", headers={"Origin": "null", "Access-Control-Request-Method": "GET"}
-    )
+    preflight = client.options("/conversations", headers={"Origin": "null", "Access-Control-Request-Method": "GET"})
     assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "null"
 
 

@@ -26,10 +26,12 @@ def test_a_scrape_gives_every_ingress_replicas_turns_by_replica_and_the_model_re
     second.turn_finished("m", "complete", prompt_tokens=20, completion_tokens=7)
     second.turn_finished("other", "failed", prompt_tokens=0, completion_tokens=0)
 
-    samples = scraped(render(
-        {"a": first.families(), "b": second.families()},
-        {"m": [stats(2, 1, 30, 100), stats(1, 0, 12, 50)], "idle": []},
-    ))
+    samples = scraped(
+        render(
+            {"a": first.families(), "b": second.families()},
+            {"m": [stats(2, 1, 30, 100), stats(1, 0, 12, 50)], "idle": []},
+        )
+    )
     assert samples[("chat_turns_total", (("model", "m"), ("replica", "a"), ("status", "complete")))] == 1
     assert samples[("chat_turns_total", (("model", "m"), ("replica", "b"), ("status", "complete")))] == 1
     assert samples[("chat_turns_total", (("model", "other"), ("replica", "b"), ("status", "failed")))] == 1

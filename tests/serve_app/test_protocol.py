@@ -35,8 +35,14 @@ def test_zero_values_are_kept_not_replaced_by_defaults():
 def test_stored_parameters_record_what_was_used():
     stored = GenerateRequest(prompt="hi", temperature=0.2).stored_parameters("m", "main")
     assert stored == {
-        "sample_len": 256, "temperature": 0.2, "top_p": 0.9, "repeat_penalty": 1.1,
-        "repeat_last_n": 64, "seed": None, "model": "m", "revision": "main",
+        "sample_len": 256,
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "repeat_penalty": 1.1,
+        "repeat_last_n": 64,
+        "seed": None,
+        "model": "m",
+        "revision": "main",
     }
 
 
@@ -87,7 +93,9 @@ COMPLETION = {"model": "m", "prompt": "hi"}
 
 
 def test_openais_presence_and_frequency_penalties_reach_the_sampling_params_and_null_is_off():
-    params = ChatCompletionRequest.model_validate({**CHAT, "presence_penalty": 0.5, "frequency_penalty": -1.0}).to_sampling_params()
+    params = ChatCompletionRequest.model_validate(
+        {**CHAT, "presence_penalty": 0.5, "frequency_penalty": -1.0}
+    ).to_sampling_params()
     assert (params.presence_penalty, params.frequency_penalty, params.penalizes_occurrences) == (0.5, -1.0, True)
     nulls = CompletionRequest.model_validate({**COMPLETION, "presence_penalty": None, "frequency_penalty": None})
     params = nulls.to_sampling_params()
@@ -147,7 +155,10 @@ def test_openai_features_not_implemented_are_refused_naming_the_field_unless_not
 ):
     request = ChatCompletionRequest if base is CHAT else CompletionRequest
     for nothing in (asks_for_nothing, None):
-        assert request.model_validate({**base, field: nothing}).to_sampling_params() == request.model_validate(base).to_sampling_params()
+        assert (
+            request.model_validate({**base, field: nothing}).to_sampling_params()
+            == request.model_validate(base).to_sampling_params()
+        )
     with pytest.raises(ValidationError) as caught:
         request.model_validate({**base, field: asks_for_something})
     assert caught.value.errors()[0]["loc"] == (field,)
@@ -155,15 +166,24 @@ def test_openai_features_not_implemented_are_refused_naming_the_field_unless_not
 
 
 def test_a_responses_input_becomes_the_chat_messages_it_means():
-    body = ResponsesRequest.model_validate({
-        "model": "m", "instructions": "Be brief.", "max_output_tokens": 9, "temperature": 0,
-        "input": [
-            {"role": "developer", "content": "Use French."},
-            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Capital "}, {"type": "input_text", "text": "of Italy?"}]},
-            {"role": "assistant", "content": [{"type": "output_text", "text": "Rome."}]},
-            {"role": "user", "content": "And France?"},
-        ],
-    })
+    body = ResponsesRequest.model_validate(
+        {
+            "model": "m",
+            "instructions": "Be brief.",
+            "max_output_tokens": 9,
+            "temperature": 0,
+            "input": [
+                {"role": "developer", "content": "Use French."},
+                {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "Capital "}, {"type": "input_text", "text": "of Italy?"}],
+                },
+                {"role": "assistant", "content": [{"type": "output_text", "text": "Rome."}]},
+                {"role": "user", "content": "And France?"},
+            ],
+        }
+    )
     assert body.chat_messages() == [
         {"role": "system", "content": "Be brief."},
         {"role": "system", "content": "Use French."},
@@ -174,7 +194,9 @@ def test_a_responses_input_becomes_the_chat_messages_it_means():
     assert (body.to_sampling_params().max_tokens, body.to_sampling_params().temperature) == (9, 0.0)
     assert ResponsesRequest.model_validate({"model": "m", "input": "Hi"}).chat_messages() == [{"role": "user", "content": "Hi"}]
     with pytest.raises(ValidationError) as caught:
-        ResponsesRequest.model_validate({"model": "m", "input": [{"type": "function_call_output", "call_id": "c", "output": "4"}]})
+        ResponsesRequest.model_validate(
+            {"model": "m", "input": [{"type": "function_call_output", "call_id": "c", "output": "4"}]}
+        )
     assert caught.value.errors()[0]["loc"][0] == "input"
 
 

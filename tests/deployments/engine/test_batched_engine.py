@@ -37,7 +37,9 @@ GREEDY = SamplingParams(max_tokens=24, min_tokens=24, temperature=0)
 def tiny() -> LoadedModel:
     torch.set_num_threads(1)
     model, tokenizer = build_tiny_random_model()
-    return LoadedModel(ModelConfig(name="tiny", source={"kind": "tiny_random"}), model.eval(), tokenizer, torch.device("cpu"), 512)
+    return LoadedModel(
+        ModelConfig(name="tiny", source={"kind": "tiny_random"}), model.eval(), tokenizer, torch.device("cpu"), 512
+    )
 
 
 # Each decode step run and read before the next (the CPU's default), or queued before the last
@@ -49,7 +51,12 @@ OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["step-by-step",
 def engine(tiny, request):
     # Every token its own output (no coalescing), so tests can act between tokens.
     engine = BatchedEngine(
-        tiny, max_batch_size=8, max_context=256, prefill_chunk_tokens=16, max_chunks_per_s=math.inf, max_stream_chunks_per_s=math.inf,
+        tiny,
+        max_batch_size=8,
+        max_context=256,
+        prefill_chunk_tokens=16,
+        max_chunks_per_s=math.inf,
+        max_stream_chunks_per_s=math.inf,
         overlap_steps=request.param,
     )
     yield engine
@@ -370,7 +377,9 @@ async def greedy_alone_and_in_a_mixed_batch(tiny, engine):
     for i, t in enumerate(texts):
         requests.append(run(engine, prompt(tiny, t), GREEDY))
         # Company with other lengths and sampling settings.
-        requests.append(run(engine, prompt(tiny, t * 2), SamplingParams(max_tokens=5 + 7 * i, temperature=1.0, top_p=0.9, top_k=20)))
+        requests.append(
+            run(engine, prompt(tiny, t * 2), SamplingParams(max_tokens=5 + 7 * i, temperature=1.0, top_p=0.9, top_k=20))
+        )
     together = await asyncio.gather(*requests)
     assert [text for text, _ in together[::2]] == alone
 
@@ -404,7 +413,9 @@ async def test_seeded_sampling_repeats_alone_and_in_company(tiny, engine):
     company = [run(engine, prompt(tiny, "other"), SamplingParams(max_tokens=20, temperature=1.0, seed=i)) for i in range(5)]
     in_company, *_ = await asyncio.gather(run(engine, ids, params), *company)
     assert first == second == in_company[0]
-    other_seed, _ = await run(engine, ids, SamplingParams(max_tokens=20, min_tokens=20, temperature=1.0, top_p=0.8, top_k=50, seed=8))
+    other_seed, _ = await run(
+        engine, ids, SamplingParams(max_tokens=20, min_tokens=20, temperature=1.0, top_p=0.8, top_k=50, seed=8)
+    )
     assert other_seed != first
 
 
@@ -503,7 +514,9 @@ async def test_smollm2_greedy_answer_matches_transformers_token_for_token():
     torch.set_num_threads(2)
     loaded = load_model(ModelConfig(name="smol"))
     tokenizer = loaded.tokenizer
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
+    )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     with torch.inference_mode():
         expected = loaded.model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids) :].tolist()

@@ -45,8 +45,15 @@ def loaded(request) -> LoadedModel:
 
 
 def engine_for(loaded: LoadedModel, **options) -> BatchedEngine:
-    options = {"weights": "fp32", "max_batch_size": 8, "max_context": 256, "prefill_chunk_tokens": 32,
-               "max_chunks_per_s": math.inf, "max_stream_chunks_per_s": math.inf, **options}
+    options = {
+        "weights": "fp32",
+        "max_batch_size": 8,
+        "max_context": 256,
+        "prefill_chunk_tokens": 32,
+        "max_chunks_per_s": math.inf,
+        "max_stream_chunks_per_s": math.inf,
+        **options,
+    }
     return BatchedEngine(loaded, **options)
 
 
@@ -61,11 +68,14 @@ async def answer(engine, prompt_ids: list[int], params: SamplingParams = GREEDY)
 def transformers_greedy(loaded: LoadedModel, prompt_ids: list[int], params: SamplingParams) -> str:
     with torch.inference_mode():
         out = loaded.model.generate(
-            torch.tensor([prompt_ids], device=CUDA), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=CUDA),
-            max_new_tokens=params.max_tokens, min_new_tokens=params.min_tokens, do_sample=False,
+            torch.tensor([prompt_ids], device=CUDA),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=CUDA),
+            max_new_tokens=params.max_tokens,
+            min_new_tokens=params.min_tokens,
+            do_sample=False,
             pad_token_id=loaded.tokenizer.pad_token_id,
         )
-    return loaded.tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+    return loaded.tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)
 
 
 async def test_greedy_matches_transformers_on_the_gpu_with_cuda_graphs(loaded):

@@ -37,8 +37,11 @@ def ops_module(name: str):
 
 # Each module with the dtypes it serves: the C kernels are fp32 only.
 CASES = [
-    ("torch_layer_ops", torch.float32), ("torch_layer_ops", torch.bfloat16), ("cpu_layer_ops", torch.float32),
-    ("fused_layer_ops", torch.float32), ("fused_layer_ops", torch.bfloat16),
+    ("torch_layer_ops", torch.float32),
+    ("torch_layer_ops", torch.bfloat16),
+    ("cpu_layer_ops", torch.float32),
+    ("fused_layer_ops", torch.float32),
+    ("fused_layer_ops", torch.bfloat16),
 ]
 
 
@@ -88,7 +91,9 @@ def test_rope_and_cache_write_rotates_pairs_and_writes_each_tokens_place(name, d
     assert close(q, rotated[:, :n_heads].to(dtype))
     for t in range(n):
         assert close(k_cache[slots[t], :, positions[t]], rotated[t, n_heads : n_heads + n_kv_heads].to(dtype))
-        assert torch.equal(v_cache[slots[t], :, positions[t]], qkv[t, (n_heads + n_kv_heads) * head_dim :].view(n_kv_heads, head_dim))
+        assert torch.equal(
+            v_cache[slots[t], :, positions[t]], qkv[t, (n_heads + n_kv_heads) * head_dim :].view(n_kv_heads, head_dim)
+        )
     # Nowhere else: 5 tokens' places written, every other one still zero.
     assert int((k_cache.abs().sum(-1) > 0).sum()) == int((v_cache.abs().sum(-1) > 0).sum()) == n * n_kv_heads
 
@@ -155,7 +160,10 @@ def test_the_decoder_stack_computes_the_same_with_each_devices_ops(name):
     for each in (torch_layer_ops, ops):
         cache = KVCache(len(w.layers), 3, w.n_kv_heads, 64, w.head_dim, w.dtype, torch.device(DEVICE), 64)
         with torch.inference_mode():
-            hidden = [_layers(w, cache, rope, moved, *embed(w, moved.token_ids), each) for moved in (s.to(torch.device(DEVICE)) for s in steps)]
+            hidden = [
+                _layers(w, cache, rope, moved, *embed(w, moved.token_ids), each)
+                for moved in (s.to(torch.device(DEVICE)) for s in steps)
+            ]
         results.append((hidden, cache.kv))
     (theirs, their_cache), (ours, our_cache) = results
     assert all(close(o, t) for o, t in zip(ours, theirs))
@@ -191,8 +199,15 @@ def test_a_decode_step_in_one_c_call_gives_the_layer_loops_numbers_to_the_bit():
                 _layers(w, cache, rope, prefill, *embed(w, prefill.token_ids), cpu_layer_ops)
         theirs = _layers(w, caches[0], rope, step, *embed(w, step.token_ids), cpu_layer_ops)
         ours = cpu_layer_ops.decode_layers(
-            w.decode_table, *embed(w, step.token_ids), rope, step.positions, step.slots, caches[1].kv, w.n_heads,
-            w.intermediate_size, w.rms_norm_eps,
+            w.decode_table,
+            *embed(w, step.token_ids),
+            rope,
+            step.positions,
+            step.slots,
+            caches[1].kv,
+            w.n_heads,
+            w.intermediate_size,
+            w.rms_norm_eps,
         )
     assert torch.equal(ours, theirs) and ours.abs().sum() > 0
     assert torch.equal(caches[1].kv, caches[0].kv)

@@ -21,8 +21,14 @@ NO_EOS = torch.tensor([], dtype=torch.long)
 
 
 def sample_rows(
-    logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], *, history: torch.Tensor | None = None,
-    positions: list[int] | None = None, prompt_tokens: int = 1, eos_ids: torch.Tensor = NO_EOS,
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    seeds: list[int],
+    *,
+    history: torch.Tensor | None = None,
+    positions: list[int] | None = None,
+    prompt_tokens: int = 1,
+    eos_ids: torch.Tensor = NO_EOS,
 ) -> list[int]:
     """One step over rows 0..B-1 of a fresh table: row i samples logits[i] under params[i]."""
     rows = len(params)
@@ -119,6 +125,7 @@ def test_skipping_what_no_row_needs_changes_no_draw():
         SamplingParams(temperature=0, repeat_penalty=1.0, presence_penalty=1.5, frequency_penalty=0.5),
         SamplingParams(temperature=0.8, top_p=0.9, logit_bias=((int(history[6, -1]), -100.0), (7, 3.0))),
     ]
+
     def tokens(rows: list[int], needs: Needs | None) -> list[int]:
         chosen = [params[r] for r in rows]
         table = SlotSampling.empty(len(rows), 12, logits.device)
@@ -238,7 +245,11 @@ def test_presence_and_frequency_penalties_follow_openais_formula():
     expected = penalized_by_openais_formula(logits, history, positions, last_prompt_positions, presences, frequencies)
     got = logits.clone()
     apply_occurrence_penalties(
-        got, history, torch.tensor(positions), torch.tensor(last_prompt_positions), torch.tensor(presences),
+        got,
+        history,
+        torch.tensor(positions),
+        torch.tensor(last_prompt_positions),
+        torch.tensor(presences),
         torch.tensor(frequencies),
     )
     # Not bit for bit: a token seen n times here loses the frequency penalty n times over, not n times it once.
