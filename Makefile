@@ -5,9 +5,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-# The environment Ray and Serve start in (serve.env: Serve's throughput-optimized mode), exported
-# to every recipe: `serve run`, `ray start` and the tests' own Ray all start in it. A value given
-# on make's command line wins over serve.env's.
+# The environment Ray and Serve start in (serve.env: Serve's throughput-optimized mode and its
+# HAProxy front), exported to every recipe: `serve run`, `ray start` and the tests' own Ray all
+# start in it. A value given on make's command line wins: `make serve RAY_SERVE_ENABLE_HA_PROXY=0`.
 include serve.env
 export $(shell sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=.*/\1/p' serve.env)
 

@@ -10,10 +10,12 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.support import ServeApp, config_app_args, free_port, use_serve_environment
+from tests.support import ServeApp, config_app_args, free_port, own_ports, use_serve_environment
 
-# Before anything starts Ray: Serve then runs as `make serve` runs it.
+# Before anything starts Ray: Serve then runs as `make serve` runs it, its HAProxy front on ports
+# of its own (other tests start services of their own beside it; see `own_ports`).
 use_serve_environment()
+os.environ.update(own_ports())
 
 # Without a GPU, Triton kernels (the GPU attention) run in Triton's interpreter on the CPU. Set
 # before anything imports torch: torch may import Triton, which reads this once.

@@ -33,6 +33,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def own_ports() -> dict[str, str]:
+    """Ports of its own for a service's HAProxy front, where the tests run several side by side:
+    its stats page and metrics (8404, 9101 on every interface), and the Python proxy that it falls
+    back to when no ingress replica is up (8500, 9500). Two services sharing the fallback answer
+    each other's requests: one's HAProxy reaches the other's app whenever its own replica is
+    restarting (seen: a conversation just created was "not found")."""
+    names = (
+        "RAY_SERVE_HAPROXY_STATS_PORT",
+        "RAY_SERVE_HAPROXY_METRICS_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+    )
+    return {name: str(free_port()) for name in names}
+
+
 def config_app_args() -> dict:
     """The `args` of the application in serve_config.yaml, exactly as users run it."""
     config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.support import free_port
+from tests.support import free_port, own_ports
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def start_service(directory: Path, port: int) -> subprocess.Popen:
         ],
     }
     (directory / "serve_config.yaml").write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | own_ports()
     service = subprocess.Popen(
         [BIN / "serve", "run", "--address", "local", "serve_config.yaml"],
         cwd=directory,
@@ -64,12 +64,15 @@ def start_service(directory: Path, port: int) -> subprocess.Popen:
 
 
 def kill_everything(service: subprocess.Popen) -> None:
-    """SIGKILL for `serve run` and every process under it (Ray's GCS, raylet, replicas) at once."""
-    processes = [psutil.Process(service.pid), *psutil.Process(service.pid).children(recursive=True)]
-    for process in processes:
+    """SIGKILL for `serve run` and every process it started (Ray's GCS, raylet, replicas, the
+    HAProxy front) at once: every process of its session, orphans included."""
+    processes = []
+    for process in psutil.process_iter():
         try:
-            process.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
+            if os.getsid(process.pid) == service.pid:
+                process.send_signal(signal.SIGKILL)
+                processes.append(process)
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
             pass
     psutil.wait_procs(processes, timeout=30)
 

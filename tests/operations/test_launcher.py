@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.support import REPO_ROOT, free_port
+from tests.support import REPO_ROOT, free_port, own_ports
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,8 @@ def can_bind(port: int) -> bool:
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm to the process group"])
 def test_stopping_the_launcher_leaves_no_process_and_no_bound_port(tmp_path: Path, how: str, report):
-    port, stats_port, metrics_port = free_port(), free_port(), free_port()
+    port, ports = free_port(), own_ports()
+    stats_port, metrics_port = int(ports["RAY_SERVE_HAPROXY_STATS_PORT"]), int(ports["RAY_SERVE_HAPROXY_METRICS_PORT"])
     config = {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
@@ -63,11 +64,7 @@ def test_stopping_the_launcher_leaves_no_process_and_no_bound_port(tmp_path: Pat
     }
     (tmp_path / "serve_config.yaml").write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= {
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
-    }
+    env |= {"RAY_SERVE_ENABLE_HA_PROXY": "1", **ports}
     launcher = subprocess.Popen(
         [sys.executable, "-m", "serve_app.launcher", str(tmp_path / "serve_config.yaml")],
         cwd=REPO_ROOT,

@@ -31,14 +31,14 @@ import psutil
 import pytest
 import yaml
 
-from tests.support import free_port, prompt_tokens_reused
+from tests.support import free_port, own_ports, prompt_tokens_reused
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 # Ray 2.60 starts clusters with token authentication; its CLIs send the token from
 # ~/.ray/auth_token only when told to.
-ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "token"}
+ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "token", **own_ports()}
 TIMEOUT_S = 300
 
 TINY = {"source": {"kind": "tiny_random"}, "num_cpus": 0.1, "torch_threads": 1, "resources": {"model_node": 0.01}}
@@ -338,6 +338,7 @@ def test_serve_deploy_of_a_changed_config_under_load_fails_no_request_and_breaks
     """Fewer replicas of one model with other limits, a new model, and a second ingress replica,
     while four users stream."""
     counts = {"complete": 0, "refused": 0, "broken": 0}
+    refusals: list[str] = []
     upgrading = True
 
     async def user(index: int, http: httpx.AsyncClient) -> None:
@@ -348,6 +349,8 @@ def test_serve_deploy_of_a_changed_config_under_load_fails_no_request_and_breaks
                 async with http.stream("POST", f"/conversations/{conversation_id}/generate", json=body) as response:
                     text = (await response.aread()).decode()
                 counts["refused" if response.status_code != 200 else "broken" if "[error]" in text else "complete"] += 1
+                if response.status_code != 200:
+                    refusals.append(f"{response.status_code}: {text[:200]}")
             except httpx.HTTPError:
                 counts["broken"] += 1
 
@@ -387,7 +390,7 @@ def test_serve_deploy_of_a_changed_config_under_load_fails_no_request_and_breaks
 
     asyncio.run(upgrade_under_load())
     report(f"upgrade under load: {counts}; /metrics scraped {len(scrapes)} times, {len(failed_scrapes)} failed")
-    assert counts["refused"] == 0 and counts["broken"] == 0, counts
+    assert counts["refused"] == 0 and counts["broken"] == 0, (counts, refusals[:3])
     assert failed_scrapes == [], failed_scrapes
     assert counts["complete"] >= 8, counts
     conversation_id = client.get("/conversations/start").json()
