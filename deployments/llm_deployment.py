@@ -1,16 +1,18 @@
 """Ray Serve shell around `LLMServer`: one deployment per configured model (the builder names
-it after the model). It only forwards; everything it does is testable without Ray."""
+it after the model). It only forwards; everything it does is testable without Ray. A request's
+outputs but the last go straight to the ingress replica that asked (`output_channel`); the call
+returns the last."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from ray import serve
 
-from deployments.engine.protocol import EngineStats, GenerationOutput, GenerationRequest
+from deployments.engine.protocol import Delivered, EngineStats, GenerationRequest, InvalidRequestError
 from deployments.logs import show_our_logs
 from deployments.model_registry import ModelConfig
+from deployments.output_channel import Outbox, deliver
 
 
 @serve.deployment
@@ -22,10 +24,12 @@ class LLMDeployment:
         from deployments.llm_server import LLMServer
 
         self.server = LLMServer(config, cache_dir)
+        self.outbox = Outbox()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        async for output in self.server.generate(request):
-            yield output
+    async def generate(self, request: GenerationRequest) -> Delivered:
+        if request.reply_to is None:
+            raise InvalidRequestError("a generation request needs reply_to: where its outputs go")
+        return await deliver(self.server.generate(request), self.outbox, request.reply_to)
 
     def cancel(self, request_id: str) -> bool:
         return self.server.cancel(request_id)

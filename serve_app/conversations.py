@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import json
 import logging
 import time
@@ -26,12 +27,13 @@ from prometheus_client.core import Metric
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, RayServeException
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 
 from deployments.engine.protocol import EngineStats, GenerationOutput, GenerationRequest, InvalidRequestError
 from deployments.engine.sampling import SamplingParams
 from deployments.history_store import ConversationNotFoundError
 from deployments.model_registry import ModelConfig, ModelRegistry
+from deployments.output_channel import Inbox, ModelStream
 from deployments.turn_claims import TURN_LEASE_S
 from serve_app.metrics import ServiceMetrics
 from serve_app.protocol import (
@@ -142,7 +144,7 @@ class Turn:
 
     model: ModelConfig
     first: GenerationOutput
-    stream: DeploymentResponseGenerator
+    stream: ModelStream
     record: TurnRecord | None
     # Storing the prompt, under way while the answer streams (see `start_turn`).
     prompt_stored: asyncio.Task | None = None
@@ -192,6 +194,7 @@ class ConversationService:
         models: dict[str, DeploymentHandle],
         history: DeploymentHandle,
         ingress: DeploymentHandle | None = None,
+        inbox: Inbox | None = None,
     ):
         self.registry = registry
         self.models = models
@@ -199,6 +202,9 @@ class ConversationService:
         # The ingress deployment this service runs in, whose every replica counts the turns it
         # relays (None: driven alone, as in tests).
         self.ingress = ingress
+        # Where the model replicas send this replica's outputs (`deployments.output_channel`);
+        # the Ingress starts it on its node. One that is not started takes deliveries in-process (tests).
+        self.inbox = inbox or Inbox()
         self.metrics = ServiceMetrics()
         self._pending_writes: set[asyncio.Task] = set()
 
@@ -336,13 +342,10 @@ class ConversationService:
             )
         return Turn(model, first, stream, record, prompt_stored, claim_renewed_at=started)
 
-    async def _first_output(
-        self, model: ModelConfig, request: GenerationRequest
-    ) -> tuple[DeploymentResponseGenerator, GenerationOutput]:
+    async def _first_output(self, model: ModelConfig, request: GenerationRequest) -> tuple[ModelStream, GenerationOutput]:
         """The model's stream for `request` and its first output (the stream cancelled if that fails)."""
-        handle = self.models[model.name].options(stream=True)
-        # Ray types `remote()` as returning either kind of response; `stream=True` makes it the generator.
-        stream: DeploymentResponseGenerator = handle.generate.remote(request)  # type: ignore[assignment]
+        generate = self.models[model.name].generate
+        stream = self.inbox.stream(lambda reply_to: generate.remote(dataclasses.replace(request, reply_to=reply_to)))
         try:
             return stream, await stream.__anext__()
         except BackPressureError as exc:

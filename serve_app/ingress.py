@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -30,6 +31,7 @@ from deployments.engine.protocol import InvalidRequestError
 from deployments.history_store import ConversationNotFoundError
 from deployments.logs import show_our_logs
 from deployments.model_registry import ModelRegistry, UnknownModelError
+from deployments.output_channel import ChannelError, Inbox
 from deployments.turn_claims import ConversationBusyError
 from serve_app.conversations import (
     ConversationService,
@@ -89,8 +91,8 @@ def _error_response(request: Request, exc: Exception) -> JSONResponse:
     for error_type, code in ERROR_STATUS.items():
         if isinstance(cause, error_type):
             return JSONResponse(_error_body(request, code, str(cause)), status_code=code)
-    # Anything else from Ray: a replica died or could not start; retrying may succeed once
-    # Serve has replaced it.
+    # Anything else from Ray (or the way its outputs come back): a replica died or could not
+    # start; retrying may succeed once Serve has replaced it.
     message = f"a backend replica is unavailable, retry shortly ({type(cause).__name__}: {cause})"
     return JSONResponse(_error_body(request, 503, message), status_code=503, headers={"Retry-After": "5"})
 
@@ -241,7 +243,7 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         allow_methods=["*"],
         allow_headers=["*"],
     )
-    for error_type in (*ERROR_STATUS, RayError, ModelOverloadedError):
+    for error_type in (*ERROR_STATUS, RayError, ChannelError, ModelOverloadedError):
         app.add_exception_handler(error_type, _error_response)
     # Starlette types every handler as taking any Exception; it calls this one with RequestValidationError only.
     app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
@@ -408,7 +410,10 @@ class Ingress:
         self.settings = settings
         context = serve.get_replica_context()
         replicas = serve.get_deployment_handle(context.deployment, context.app_name)
-        self.service = ConversationService(ModelRegistry(settings.models), models, history, replicas)
+        # On the node's address, where model replicas on any node reach it (`output_channel`).
+        inbox = Inbox()
+        await inbox.start(ray.util.get_node_ip_address())
+        self.service = ConversationService(ModelRegistry(settings.models), models, history, replicas, inbox)
         self._first_calls = asyncio.gather(*first_calls(settings, models, history), return_exceptions=True)
 
     def turn_metrics(self) -> tuple[str, list[Metric]]:

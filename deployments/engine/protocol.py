@@ -42,6 +42,26 @@ class Engine(Protocol):
     def shutdown(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class ReplyTo:
+    """Where a request's outputs before its last go: an ingress replica's inbox and the
+    request's stream in it (`deployments.output_channel`)."""
+
+    host: str
+    port: int
+    secret: str
+    stream: int
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """What a model replica's unary call returns: the request's last output (the one with a
+    finish reason), after `sent` outputs went to its `ReplyTo`."""
+
+    last: GenerationOutput
+    sent: int
+
+
 @dataclass
 class GenerationRequest:
     """What the ingress sends a model replica: either chat `messages` (earlier turns and the new
@@ -55,6 +75,8 @@ class GenerationRequest:
     # Requests with the same key go to the same replica while it has room, where the prefix
     # cache holds what they share (`deployments.affinity_router`); None: any replica.
     affinity_key: str | None = None
+    # Where its outputs before the last go (the ingress sets it); the handle call returns the last.
+    reply_to: ReplyTo | None = None
 
 
 class InvalidRequestError(ValueError):

@@ -2,16 +2,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 
 import pytest
 from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 
-from deployments.engine.protocol import GenerationOutput, InvalidRequestError
+from deployments.engine.protocol import Delivered, GenerationOutput, GenerationRequest, InvalidRequestError
 from deployments.engine.sampling import SamplingParams
 from deployments.history_store import ConversationNotFoundError, HistoryStore
 from deployments.model_registry import ModelConfig, ModelRegistry
+from deployments.output_channel import Inbox
 from deployments.turn_claims import TURN_LEASE_S, ConversationBusyError, TurnClaims
 from serve_app import conversations as conversations_module
 from serve_app.conversations import (
@@ -108,34 +110,47 @@ def test_markdown_export_names_speakers_and_marks_unfinished_answers():
 
 
 class FakeStream:
-    """What a model handle's streaming call returns: `outputs`, then `error` if given."""
+    """What a model replica does with one request: its `outputs` but the last go to the
+    request's inbox stream, then the call returns the last (`Delivered`), or, where the outputs
+    end without a finish, raises `error`."""
 
     def __init__(self, outputs: list[GenerationOutput], error: BaseException | None = None):
         self._outputs, self._error = list(outputs), error
         self.is_cancelled = False
 
-    def __aiter__(self):
-        return self
+    async def answer(self, inbox: Inbox, request: GenerationRequest) -> Delivered:
+        assert request.reply_to is not None
+        for sent, output in enumerate(self._outputs):
+            if output.finish_reason is not None:
+                return Delivered(output, sent)
+            inbox.deliver([[request.reply_to.stream, output.text, output.prompt_tokens, output.completion_tokens]])
+            await asyncio.sleep(0)
+        return await self.after_outputs()
 
-    async def __anext__(self) -> GenerationOutput:
-        if self._outputs:
-            return self._outputs.pop(0)
-        if self._error is not None:
-            raise self._error
-        raise StopAsyncIteration
-
-    def cancel(self) -> None:
-        self.is_cancelled = True
+    async def after_outputs(self) -> Delivered:
+        raise self._error or AssertionError("an answer without a finish needs an error")
 
 
 class HangingStream(FakeStream):
-    """A stream that, after its outputs, waits for ever (an answer still being generated)."""
+    """A replica that, after its outputs, goes on answering for ever."""
 
-    async def __anext__(self) -> GenerationOutput:
-        if self._outputs:
-            return self._outputs.pop(0)
+    async def after_outputs(self) -> Delivered:
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
+
+
+class FakeCall:
+    """A unary handle call's response: awaited for the replica's answer, cancellable."""
+
+    def __init__(self, stream: FakeStream, answer: Awaitable[Delivered]):
+        self.stream, self.task = stream, asyncio.ensure_future(answer)
+
+    def __await__(self):
+        return self.task.__await__()
+
+    def cancel(self) -> None:
+        self.stream.is_cancelled = True
+        self.task.cancel()
 
 
 class Remote:
@@ -144,20 +159,17 @@ class Remote:
 
 
 class FakeModel:
-    """A model deployment's handle whose `generate` calls return the given streams in turn."""
+    """A model deployment's handle whose `generate` calls are answered by the given streams in turn."""
 
-    def __init__(self, *streams: FakeStream | BaseException):
-        self._streams = list(streams)
+    def __init__(self, inbox: Inbox, *streams: FakeStream | BaseException):
+        self._inbox, self._streams = inbox, list(streams)
         self.generate = Remote(self._generate)
 
-    def _generate(self, request) -> FakeStream:
+    def _generate(self, request: GenerationRequest) -> FakeCall:
         stream = self._streams.pop(0)
         if isinstance(stream, BaseException):
             raise stream
-        return stream
-
-    def options(self, stream: bool):
-        return self
+        return FakeCall(stream, stream.answer(self._inbox, request))
 
 
 class HistoryHandle:
@@ -186,7 +198,8 @@ async def stored(history: HistoryHandle) -> list[Message]:
 
 def service_with(history: HistoryHandle, *streams: FakeStream | BaseException) -> ConversationService:
     registry = ModelRegistry([ModelConfig(name="m", source={"kind": "tiny_random"})])
-    return ConversationService(registry, {"m": FakeModel(*streams)}, history)
+    inbox = Inbox()  # not started: the fake replicas deliver to it in-process
+    return ConversationService(registry, {"m": FakeModel(inbox, *streams)}, history, inbox=inbox)
 
 
 def outputs(*texts: str, finish: str | None = None) -> list[GenerationOutput]:
