@@ -74,6 +74,8 @@ async def start_choices(
 ) -> list[Turn]:
     """A turn per choice (`n`), started together. If one cannot start, the others are abandoned
     and its error is the request's."""
+    if len(choices) == 1:  # nearly every request: no task to start it in
+        return [await service.start_turn(model, choices[0], **prompt)]
     started = await asyncio.gather(*(service.start_turn(model, params, **prompt) for params in choices), return_exceptions=True)
     turns = [turn for turn in started if isinstance(turn, Turn)]
     if len(turns) < len(started):
@@ -131,33 +133,59 @@ async def collect(service: ConversationService, turns: list[Turn]) -> list[tuple
     return [("".join(texts), lasts[index]) for index, texts in enumerate(pieces)]
 
 
+DONE_EVENT = format_sse_event(data_str="[DONE]")
+# Stands for a chunk's text in `TextEvents`' template: no id or model name holds it.
+TEXT = "\x00"
+
+
+class TextEvents:
+    """The SSE events of one choice's text chunks: `chunk` (a pydantic model whose text is
+    `TEXT`) is rendered once, and each event is that JSON with the text put in. A pydantic model
+    rendered per chunk cost the ingress more than the rest of the chunk's way through it."""
+
+    def __init__(self, chunk: BaseModel):
+        prefix, suffix = chunk.model_dump_json().split(json.dumps(TEXT))
+        self.prefix, self.suffix = f"data: {prefix}".encode(), f"{suffix}\n\n".encode()
+
+    def of(self, text: str) -> bytes:
+        return self.prefix + json.dumps(text, ensure_ascii=False).encode() + self.suffix
+
+
 async def sse_events(
     service: ConversationService,
     turns: list[Turn],
     chunk: Callable[[int, str | None, FinishReasonOut | None], BaseModel],
     usage_chunk: Callable[[Usage], BaseModel] | None,
+    opening: bytes = b"",
 ) -> AsyncGenerator[bytes, None]:
     """OpenAI's stream: `chunk(index, text, finish_reason)` per output of choice `index`, a
     closing chunk with each choice's finish reason, an optional usage chunk, then
     `data: [DONE]`. A failure after the stream started ends it with an error event, then
-    `data: [DONE]` (as vLLM does)."""
+    `data: [DONE]` (as vLLM does). The events of one output go out together, in one write, with
+    `opening` before the first and the stream's end after the last: each write costs the ingress
+    and the front a pass through every layer of both."""
     lasts: list[GenerationOutput] = []
+    text_events: dict[int, TextEvents] = {}
+    pending = [opening]
     try:
         async with aclosing(choice_outputs(service, turns)) as outputs:
             async for index, output in outputs:
                 if output.text:
-                    yield format_sse_event(data_str=chunk(index, output.text, None).model_dump_json())
+                    events = text_events.get(index) or text_events.setdefault(index, TextEvents(chunk(index, TEXT, None)))
+                    pending.append(events.of(output.text))
                 if output.finish_reason is not None:
                     lasts.append(output)
-                    yield format_sse_event(data_str=chunk(index, None, finish_reason_of(output)).model_dump_json())
+                    pending.append(format_sse_event(data_str=chunk(index, None, finish_reason_of(output)).model_dump_json()))
+                if len(lasts) < len(turns) and any(pending):
+                    yield b"".join(pending)
+                    pending = []
     except Exception as exc:  # noqa: BLE001 - logged and stored by `outputs`
         error = {"message": describe_failure(exc), "type": "server_error", "param": None, "code": 503}
-        yield format_sse_event(data_str=json.dumps({"error": error}))
-        yield format_sse_event(data_str="[DONE]")
+        yield b"".join([*pending, format_sse_event(data_str=json.dumps({"error": error})), DONE_EVENT])
         return
     if usage_chunk is not None:
-        yield format_sse_event(data_str=usage_chunk(usage_of(*lasts)).model_dump_json())
-    yield format_sse_event(data_str="[DONE]")
+        pending.append(format_sse_event(data_str=usage_chunk(usage_of(*lasts)).model_dump_json()))
+    yield b"".join([*pending, DONE_EVENT])
 
 
 @dataclass
@@ -214,7 +242,8 @@ async def response_events(service: ConversationService, turn: Turn, draft: Respo
     part added, the text's deltas, then each of those done and the response completed (or
     incomplete: out of tokens). Every event names its type twice (the SSE `event:` field and
     `type`) and carries its `sequence_number`. A failure after the stream started ends it with
-    `response.failed`. Unlike chat completions, no `data: [DONE]`."""
+    `response.failed`. Unlike chat completions, no `data: [DONE]`. The opening events go out in
+    one write, as do the closing ones (see `sse_events`)."""
     numbers = itertools.count()
 
     def event(kind: str, **fields: Any) -> bytes:
@@ -223,10 +252,14 @@ async def response_events(service: ConversationService, turn: Turn, draft: Respo
 
     where = {"item_id": draft.message_id, "output_index": 0, "content_index": 0}
     in_progress = draft.render("in_progress").model_dump(mode="json")
-    yield event("response.created", response=in_progress)
-    yield event("response.in_progress", response=in_progress)
-    yield event("response.output_item.added", output_index=0, item=draft.message("in_progress").model_dump(mode="json"))
-    yield event("response.content_part.added", **where, part=ResponseOutputText(text="").model_dump(mode="json"))
+    yield b"".join(
+        [
+            event("response.created", response=in_progress),
+            event("response.in_progress", response=in_progress),
+            event("response.output_item.added", output_index=0, item=draft.message("in_progress").model_dump(mode="json")),
+            event("response.content_part.added", **where, part=ResponseOutputText(text="").model_dump(mode="json")),
+        ]
+    )
     pieces: list[str] = []
     try:
         async with aclosing(service.outputs(turn)) as outputs:
@@ -240,10 +273,14 @@ async def response_events(service: ConversationService, turn: Turn, draft: Respo
         return
     final = draft.finished("".join(pieces), output)
     item = final.output[0]
-    yield event("response.output_text.done", **where, text=item.content[0].text, logprobs=[])
-    yield event("response.content_part.done", **where, part=item.content[0].model_dump(mode="json"))
-    yield event("response.output_item.done", output_index=0, item=item.model_dump(mode="json"))
-    yield event(f"response.{final.status}", response=final.model_dump(mode="json"))
+    yield b"".join(
+        [
+            event("response.output_text.done", **where, text=item.content[0].text, logprobs=[]),
+            event("response.content_part.done", **where, part=item.content[0].model_dump(mode="json")),
+            event("response.output_item.done", output_index=0, item=item.model_dump(mode="json")),
+            event(f"response.{final.status}", response=final.model_dump(mode="json")),
+        ]
+    )
 
 
 def create_openai_router(service: ConversationService) -> APIRouter:
@@ -322,21 +359,19 @@ def create_openai_router(service: ConversationService) -> APIRouter:
         def usage_chunk(usage: Usage) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=request_id, created=created, model=model.name, choices=[], usage=usage)
 
-        async def events() -> AsyncGenerator[bytes, None]:
-            # OpenAI's first chunk of each choice carries the role only.
-            for index in range(len(turns)):
-                first = ChatCompletionChunk(
-                    id=request_id,
-                    created=created,
-                    model=model.name,
-                    choices=[ChatCompletionChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))],
-                )
-                yield format_sse_event(data_str=first.model_dump_json())
-            async with aclosing(sse_events(service, turns, chunk, usage_chunk if body.include_usage else None)) as rest:
-                async for event in rest:
-                    yield event
-
-        return ServerSentEventsResponse(events())
+        # OpenAI's first chunk of each choice carries the role only.
+        roles = [
+            ChatCompletionChunk(
+                id=request_id,
+                created=created,
+                model=model.name,
+                choices=[ChatCompletionChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))],
+            )
+            for index in range(len(turns))
+        ]
+        opening = b"".join(format_sse_event(data_str=role.model_dump_json()) for role in roles)
+        usage = usage_chunk if body.include_usage else None
+        return ServerSentEventsResponse(sse_events(service, turns, chunk, usage, opening))
 
     @router.post("/completions", response_model=Completion, responses=SSE_RESPONSE)
     async def completions(body: CompletionRequest):

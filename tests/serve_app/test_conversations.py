@@ -26,7 +26,7 @@ from serve_app.conversations import (
     parse_conversation_id,
 )
 from serve_app.openai_api import sse_events, start_choices
-from serve_app.protocol import STREAM_ERROR_MARKER, Conversation, Message, Usage
+from serve_app.protocol import STREAM_ERROR_MARKER, Completion, CompletionChoice, Conversation, Message
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -227,19 +227,12 @@ async def test_a_replica_dying_mid_answer_ends_the_text_stream_with_the_marker_a
 async def test_an_openai_stream_that_fails_ends_with_an_error_event_then_done(history):
     service = service_with(history, FakeStream(outputs("Hel"), error=RuntimeError("CUDA out of memory")))
     turn = await start(service)
-    events = [
-        event
-        async for event in sse_events(
-            service,
-            [turn],
-            lambda index, text, finish: Usage(prompt_tokens=0, completion_tokens=len(text or ""), total_tokens=0),
-            None,
-        )
-    ]
-    assert [e.startswith(b"data: ") for e in events] == [True, True, True]
-    error = json.loads(events[1].decode().removeprefix("data: "))["error"]
+    events = sse_wire([piece async for piece in sse_events(service, [turn], completion_chunk, None)])
+    assert [event[:6] for event in events] == [b"data: "] * 3
+    assert json.loads(events[0][6:])["choices"][0]["text"] == "Hel"
+    error = json.loads(events[1][6:])["error"]
     assert error["message"] == "the answer failed: CUDA out of memory" and error["code"] == 503
-    assert events[2].strip() == b"data: [DONE]"
+    assert events[2] == b"data: [DONE]"
     assert (await stored(history))[-1].status == "failed"
 
 
@@ -338,8 +331,24 @@ async def test_the_answer_streams_while_its_prompt_is_stored_and_is_stored_after
 HI = [{"role": "user", "content": "hi"}]
 
 
-def sse_data(events: list[bytes]) -> list:
-    return [json.loads(event.decode().removeprefix("data: ")) for event in events if event != b"data: [DONE]\n\n"]
+def sse_wire(pieces: list[bytes]) -> list[bytes]:
+    """The events of a stream, as a client reads them off the wire (however they were written)."""
+    wire = b"".join(pieces)
+    assert wire.endswith(b"\n\n")
+    return wire.split(b"\n\n")[:-1]
+
+
+def sse_data(pieces: list[bytes]) -> list:
+    """The JSON of every event but the closing `data: [DONE]`, which must come last."""
+    events = sse_wire(pieces)
+    assert events[-1] == b"data: [DONE]" and b"data: [DONE]" not in events[:-1]
+    return [json.loads(event.removeprefix(b"data: ")) for event in events[:-1]]
+
+
+def completion_chunk(index: int, text: str | None, finish: str | None) -> Completion:
+    return Completion(
+        id="cmpl-1", created=0, model="m", choices=[CompletionChoice(index=index, text=text or "", finish_reason=finish)]
+    )
 
 
 async def test_choices_stream_each_its_text_and_finish_and_the_usage_counts_the_prompt_once(history):
@@ -348,15 +357,12 @@ async def test_choices_stream_each_its_text_and_finish_and_the_usage_counts_the_
     )
     turns = await start_choices(service, service.registry.default, [SamplingParams()] * 2, messages=HI)
 
-    def chunk(index, text, finish):
-        return Usage(prompt_tokens=index, completion_tokens=len(text or ""), total_tokens=0 if finish is None else 1)
-
-    events = [event async for event in sse_events(service, turns, chunk, lambda usage: usage)]
-    assert events[-1] == b"data: [DONE]\n\n"
-    *chunks, usage = sse_data(events)
-    texts = {index: sum(c["completion_tokens"] for c in chunks if c["prompt_tokens"] == index) for index in (0, 1)}
-    finishes = [c["prompt_tokens"] for c in chunks if c["total_tokens"] == 1]
-    assert texts == {0: 2, 1: 3} and sorted(finishes) == [0, 1]
+    pieces = [piece async for piece in sse_events(service, turns, completion_chunk, lambda usage: usage)]
+    *chunks, usage = sse_data(pieces)
+    choices = [chunk["choices"][0] for chunk in chunks]
+    texts = {index: "".join(c["text"] for c in choices if c["index"] == index) for index in (0, 1)}
+    finishes = {c["index"]: c["finish_reason"] for c in choices if c["finish_reason"]}
+    assert texts == {0: "ab", 1: "cde"} and finishes == {0: "stop", 1: "length"}
     assert usage == {"prompt_tokens": 5, "completion_tokens": 2 + 3, "total_tokens": 10}
 
 
@@ -374,12 +380,15 @@ async def test_a_choice_failing_mid_answer_stops_the_others_and_ends_the_stream_
     running = HangingStream(outputs("a", "b"))
     service = service_with(history, running, FakeStream(outputs("c"), error=ActorDiedError()))
     turns = await start_choices(service, service.registry.default, [SamplingParams()] * 2, messages=HI)
-    events = [
-        event
-        async for event in sse_events(
-            service, turns, lambda index, text, finish: Usage(prompt_tokens=index, completion_tokens=0, total_tokens=0), None
-        )
-    ]
-    assert events[-1] == b"data: [DONE]\n\n"
-    assert sse_data(events)[-1]["error"]["message"].startswith("the model's replica stopped while answering")
+    pieces = [piece async for piece in sse_events(service, turns, completion_chunk, None)]
+    assert sse_data(pieces)[-1]["error"]["message"].startswith("the model's replica stopped while answering")
     assert running.is_cancelled
+
+
+async def test_each_output_goes_out_in_one_write_the_opening_with_the_first_the_end_with_the_last(history):
+    service = service_with(history, FakeStream(outputs("Hel", "lo", finish="stop")))
+    turns = await start_choices(service, service.registry.default, [SamplingParams()], messages=HI)
+    pieces = [piece async for piece in sse_events(service, turns, completion_chunk, lambda usage: usage, b"data: {}\n\n")]
+    first, last = pieces
+    assert first.startswith(b"data: {}\n\ndata: ") and first.count(b"\n\n") == 2 and b'"text":"Hel"' in first
+    assert last.count(b"\n\n") == 4 and b'"text":"lo"' in last and last.endswith(b"data: [DONE]\n\n")  # text, finish, usage, done
