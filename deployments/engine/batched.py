@@ -5,7 +5,8 @@ One decode loop runs in its own thread (`_run`). Each step it admits waiting req
 cache slots, drops cancelled ones, then runs `forward` over one decode token per running request
 plus up to `prefill_chunk_tokens` of newcomers' prompts (chunked prefill: a long prompt costs
 running streams a few slower steps, not one long stall), samples, and hands each request its new
-text through `loop.call_soon_threadsafe` into the request's asyncio queue. The caller's event loop
+text into the request's asyncio queue, all of a step's in one `loop.call_soon_threadsafe`
+(`Posts`). The caller's event loop
 never runs torch. On a GPU, while every request is decoding, each step is queued before the last
 one's ids are read (`overlap_steps`): the device computes step t+1 while the host streams step
 t's text, and a row reads its input id from step t's draft on the device.
@@ -65,6 +66,7 @@ class Sequence:
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
+    posts: Posts  # the engine's, through which `send` hands over outputs
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher
     seed: int  # of the request's draws (see `sampler.uniform`)
@@ -89,7 +91,35 @@ class Sequence:
         return (self.prompt_ids + self.generated)[: self.n_prefilled + max(0, len(self.generated) - 1)]
 
     def send(self, item: GenerationOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+        """Hands `item` to the request: at the end of the engine's step (`Posts.deliver`)."""
+        self.posts.add(self, item)
+
+
+class Posts:
+    """What the engine thread has for the requests during one step, handed to their event loops
+    after it in one call per loop: each `call_soon_threadsafe` wakes the loop with a write to its
+    self-pipe, and the loop then runs every request's hand-over in one turn."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[Sequence, GenerationOutput | BaseException]] = []
+
+    def add(self, seq: Sequence, item: GenerationOutput | BaseException) -> None:
+        self._items.append((seq, item))
+
+    def deliver(self) -> None:
+        if not self._items:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, GenerationOutput | BaseException]]] = {}
+        for seq, item in self._items:
+            by_loop.setdefault(seq.loop, []).append((seq.outputs, item))
+        self._items = []
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, GenerationOutput | BaseException]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 @dataclass(eq=False)
@@ -150,6 +180,7 @@ class BatchedEngine:
         self._freed_at = [0] * max_batch_size  # in frees so far, for least-recently-used order
         self._frees = 0
         self._waiting: deque[Sequence] = deque()
+        self._posts = Posts()  # written and delivered by the engine thread only
         self._wakeup = threading.Condition()
         self._is_shut_down = False
         self._total = 0
@@ -244,6 +275,7 @@ class BatchedEngine:
             params=params,
             loop=asyncio.get_running_loop(),
             outputs=asyncio.Queue(),
+            posts=self._posts,
             detokenizer=IncrementalDetokenizer(self._tokenizer),
             stop_matcher=StopStringMatcher(params.stop),
             seed=seed,
@@ -311,9 +343,11 @@ class BatchedEngine:
                     for seq in self._running():
                         seq.send(exc)
                         self._free(seq, keep_cache=False)  # the failed step may have written part of it
+                self._posts.deliver()
         error = EngineShutDownError("the engine shut down")
         for seq in [*self._running(), *self._waiting]:
             seq.send(error)
+        self._posts.deliver()
 
     def _running(self) -> list[Sequence]:
         return [s for s in self._slots if s is not None]

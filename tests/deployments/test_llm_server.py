@@ -7,7 +7,7 @@ import pytest
 
 from deployments.engine.protocol import GenerationRequest, PromptTooLongError
 from deployments.engine.sampling import SamplingParams
-from deployments.llm_server import LLMServer
+from deployments.llm_server import INLINE_ENCODE_CHARS, LLMServer
 from deployments.model_registry import ModelConfig
 
 
@@ -179,22 +179,54 @@ def test_the_prefill_chunk_from_the_config_reaches_the_engine():
     assert (default.engine.prefill_chunk_tokens, chosen.engine.prefill_chunk_tokens) == (256, 8)  # 256: the CPU's default
 
 
-async def test_the_event_loop_keeps_running_while_a_prompt_is_encoded(monkeypatch):
+async def test_the_event_loop_keeps_running_while_a_long_prompt_is_encoded(monkeypatch):
     # The encoding waits for a coroutine on the replica's loop: on the loop's own thread it would
-    # wait in vain (the loop, and every other stream on it, blocked) until its timeout.
+    # wait in vain (the loop, and every other request on it, blocked) until its timeout.
     server = tiny_server()
     loop_ran = threading.Event()
     encode_prompt = server.encode_prompt
 
     def slow_encode_prompt(prompt: str, max_tokens: int) -> list[int]:
         assert loop_ran.wait(timeout=5), "the event loop was blocked while the prompt was encoded"
-        return encode_prompt(prompt, max_tokens)
+        return encode_prompt("hello", max_tokens)
 
     async def meanwhile_on_the_loop() -> None:
         await asyncio.sleep(0.05)
         loop_ran.set()
 
     monkeypatch.setattr(server, "encode_prompt", slow_encode_prompt)
-    request = GenerationRequest(params=SamplingParams(max_tokens=3, min_tokens=3, temperature=0), prompt="hello")
+    long_prompt = "x" * (INLINE_ENCODE_CHARS + 1)
+    request = GenerationRequest(params=SamplingParams(max_tokens=3, min_tokens=3, temperature=0), prompt=long_prompt)
     outputs, _ = await asyncio.gather(collect(server, request), meanwhile_on_the_loop())
     assert outputs[-1].completion_tokens == 3
+
+
+async def test_short_prompts_are_encoded_on_the_loop_unless_a_long_one_is_being_encoded(monkeypatch):
+    server = tiny_server()
+    encoded_on: list[tuple[str, str]] = []
+    long_started, encode_prompt = threading.Event(), server.encode_prompt
+
+    def recording_encode_prompt(prompt: str, max_tokens: int) -> list[int]:
+        encoded_on.append((prompt[:5], threading.current_thread().name))
+        if len(prompt) > INLINE_ENCODE_CHARS:
+            long_started.set()
+            threading.Event().wait(0.2)  # still encoding when the short one comes
+        return encode_prompt("hello", max_tokens)
+
+    monkeypatch.setattr(server, "encode_prompt", recording_encode_prompt)
+    params = SamplingParams(max_tokens=2, min_tokens=2, temperature=0)
+
+    async def short_once_the_long_one_encodes() -> list:
+        await asyncio.to_thread(long_started.wait, 5)
+        return await collect(server, GenerationRequest(params=params, prompt="short"))
+
+    await collect(server, GenerationRequest(params=params, prompt="alone"))
+    await asyncio.gather(
+        collect(server, GenerationRequest(params=params, prompt="y" * (INLINE_ENCODE_CHARS + 1))),
+        short_once_the_long_one_encodes(),
+    )
+    loop_thread = threading.current_thread().name
+    assert encoded_on[0] == ("alone", loop_thread)
+    assert encoded_on[1][0] == "yyyyy" and encoded_on[1][1].startswith("encode-prompt")
+    # While the encoder thread tokenizes, a short prompt waits for it there: never two threads in the tokenizer.
+    assert encoded_on[2][0] == "short" and encoded_on[2][1].startswith("encode-prompt")
