@@ -24,16 +24,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -42,6 +38,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from loadtests.processes import KINDS, cpu_by_kind, own_cpu_s, sample_tree  # noqa: E402
+from loadtests.service import running_service, serve_environment  # noqa: E402
+from loadtests.soak import soak  # noqa: E402
 from loadtests.users import Answer, Users, Window, Workload, percentile, stagger  # noqa: E402
 
 MODEL_NAME = "bench-model"
@@ -160,69 +158,6 @@ def run_engine_alone(spec: dict) -> dict[tuple[str, int], dict]:
 # --- the service through HTTP ---------------------------------------------------------------
 
 
-def serve_environment(front: str | None) -> dict[str, str]:
-    """The environment `make serve` starts the service in (serve.env), with the front asked for
-    (None: serve.env's)."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    for line in (REPO_ROOT / "serve.env").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, value = line.split("=", 1)
-            env[name.strip()] = value.strip()
-    if front is not None:
-        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if front == "haproxy" else "0"
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    return env
-
-
-@contextlib.contextmanager
-def service(model: dict, args: argparse.Namespace) -> Iterator[tuple[str, subprocess.Popen]]:
-    """The service with `model`, started as `make serve` starts it; stopped (SIGTERM) after."""
-    directory = Path(tempfile.mkdtemp(prefix="load-bench-"))
-    port = args.port
-    app_args: dict = {"database_path": str(directory / "history.sqlite3"), "models": [model]}
-    if args.ingress_replicas:
-        app_args["ingress_num_replicas"] = args.ingress_replicas
-    config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{"name": "chat", "route_prefix": "/", "import_path": "serve_app.app:build_app", "args": app_args}],
-    }
-    (directory / "serve_config.yaml").write_text(yaml.safe_dump(config))
-    log = (directory / "serve.log").open("w")
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "serve_app.launcher", str(directory / "serve_config.yaml")],
-        cwd=REPO_ROOT,
-        env=serve_environment(args.front),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(url, launcher, directory / "serve.log")
-        yield url, launcher
-    finally:
-        launcher.send_signal(signal.SIGTERM)
-        launcher.wait(timeout=120)
-
-
-def _wait_ready(url: str, launcher: subprocess.Popen, log: Path, timeout_s: float = 600) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if launcher.poll() is not None:
-            sys.exit(f"the service exited while starting:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    sys.exit(f"the service was not ready after {timeout_s} s:\n{log.read_text()[-3000:]}")
-
-
 async def http_run(url: str, root_pid: int, workload: Workload, users: int, args: argparse.Namespace) -> dict:
     client = Users(url, workload)
     marks: dict[str, object] = {}
@@ -287,6 +222,35 @@ async def profile(root_pid: int, start: float, args: argparse.Namespace, label: 
     await asyncio.gather(*(spy.wait() for spy in spies))
 
 
+async def burst(url: str, users: int, max_tokens: int) -> list[Answer]:
+    client = Users(url, Workload("original", MODEL_NAME, max_tokens))
+    answers = await client.burst(users)
+    await client.stored_tokens(answers)
+    return answers
+
+
+def burst_report(answers: list[Answer]) -> str:
+    """Of a burst: how many were answered (and whether each answer was whole: stored complete,
+    every token asked), how many refused and how fast."""
+    accepted = [a for a in answers if a.status == 200]
+    whole = [a for a in accepted if a.ok]
+    refused = [a.ended - a.sent for a in answers if a.status == 503]
+    other = sorted({a.status for a in answers} - {200, 503})
+    lines = [
+        f"{len(answers)} users asking at once: {len(accepted)} answered ({len(whole)} whole, "
+        f"{sum(a.tokens for a in whole)} tokens stored), {len(refused)} refused with 503, other statuses {other or 'none'}",
+    ]
+    if refused:
+        lines.append(
+            f"  refusals after {min(refused) * 1e3:.0f} ms (fastest), p50 {percentile(refused, 50) * 1e3:.0f} ms, "
+            f"p95 {percentile(refused, 95) * 1e3:.0f} ms, slowest {max(refused) * 1e3:.0f} ms after each user's request"
+        )
+    if accepted:
+        ttft = [t for a in accepted if (t := a.ttft_s) is not None]
+        lines.append(f"  answered: TTFT p50 {percentile(ttft, 50):.2f} s, p95 {percentile(ttft, 95):.2f} s")
+    return "\n".join(lines)
+
+
 # --- the report -------------------------------------------------------------------------------
 
 
@@ -326,9 +290,19 @@ def main() -> None:
     parser.add_argument("--api", default="completions,original", help="completions, chat, original (comma-separated)")
     parser.add_argument("--short", action="store_true", help="1-token answers: the cost per request")
     parser.add_argument("--front", choices=["haproxy", "python"], default=None, help="default: serve.env's")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model setting (YAML value), e.g. replica_chunks_per_s=1000",
+    )
     parser.add_argument("--ingress-replicas", type=int, default=None, help="default: the app's")
     parser.add_argument("--port", type=int, default=8431)
     parser.add_argument("--profile", metavar="DIR", help="py-spy the front, ingress and model processes into DIR")
+    parser.add_argument("--soak", type=float, metavar="MINUTES", help="a soak of MINUTES at --users users (default 64)")
+    parser.add_argument("--soak-window", type=float, default=5.0, help="minutes of warm-up, and of each window compared")
+    parser.add_argument("--burst", type=int, metavar="N", help="N users start a conversation each, then ask at once")
     parser.add_argument("--skip-engine", action="store_true", help="only through HTTP")
     parser.add_argument("--engine-alone", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -336,11 +310,11 @@ def main() -> None:
         print(json.dumps(engine_alone(json.loads(args.engine_alone))))
         return
     if args.front is None:
-        args.front = "haproxy" if serve_environment(None).get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "python"
-    users = [int(u) for u in (args.users or ("32" if args.short else "1,16,64,256")).split(",")]
+        args.front = "haproxy" if serve_environment().get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "python"
+    users = [int(u) for u in (args.users or ("32" if args.short else "64" if args.soak else "1,16,64,256")).split(",")]
     apis = args.api.split(",")
     max_tokens = 1 if args.short else 256
-    model = model_config(args.model, args.device)
+    model = model_config(args.model, args.device) | {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     print(
         f"{cpu_model()}, {os.cpu_count()} cores; model {args.model} on {args.device}; "
         f"{max_tokens}-token answers; front {args.front}; {args.duration:g} s per run after {args.warmup:g} s\n",
@@ -354,8 +328,30 @@ def main() -> None:
         "warmup": args.warmup,
         "duration": args.duration,
     }
+    app_args = {"ingress_num_replicas": args.ingress_replicas} if args.ingress_replicas else {}
+    if args.burst:
+        with running_service([model], args.port, args.front, app_args) as served_app:
+            print(burst_report(asyncio.run(burst(served_app.url, args.burst, max_tokens))))
+        return
+    if args.soak:
+        with running_service([model], args.port, args.front, app_args) as served_app:
+            report = asyncio.run(
+                soak(
+                    served_app.url,
+                    served_app.launcher.pid,
+                    served_app.database,
+                    MODEL_NAME,
+                    users[0],
+                    args.soak * 60,
+                    warmup_s=args.soak_window * 60,
+                    max_tokens=max_tokens,
+                )
+            )
+            print(report.render(window_s=args.soak_window * 60))
+        return
     engine = {} if args.skip_engine else run_engine_alone(spec)
-    with service(model, args) as (url, launcher):
+    with running_service([model], args.port, args.front, app_args) as served_app:
+        url, launcher = served_app.url, served_app.launcher
         for api in apis:
             for count in users:
                 served = asyncio.run(http_run(url, launcher.pid, Workload(api, MODEL_NAME, max_tokens), count, args))

@@ -203,25 +203,29 @@ class Users:
         finally:
             await connection.close()
 
-    async def ask(self, connection: Connection) -> Answer:
+    async def ask(self, connection: Connection, conversation: bytes | None = None) -> Answer:
         """One request of the workload, as its user sees it; never raises for the service's
-        failures, which the answer records."""
+        failures, which the answer records. The original API's request starts a conversation
+        first, unless given one (its id, as the service sent it)."""
         answer = Answer(sent=time.perf_counter())
         try:
             head = self._head
             if self.workload.api == "original":
-                status, created = await connection.request(self._start_head, b"", lambda _: None)
-                if status != 200:
-                    answer.status, answer.error = status, created.decode(errors="replace")[:200]
-                    return answer
-                answer.conversation_id = int(created)
-                head = head.replace(b"{id}", created)
+                if conversation is None:
+                    status, conversation = await connection.request(self._start_head, b"", lambda _: None)
+                    if status != 200:
+                        answer.status, answer.error = status, conversation.decode(errors="replace")[:200]
+                        return answer
+                answer.conversation_id = int(conversation)
+                head = head.replace(b"{id}", conversation)
                 answer.sent = time.perf_counter()
-            clock, chunks = time.perf_counter, answer.chunks
+            clock, chunks, is_original = time.perf_counter, answer.chunks, self.workload.api == "original"
 
             def arrived(piece: bytes) -> None:
-                # Text only: an OpenAI stream's closing events (finish, usage, [DONE]) follow its last text at once.
-                if not (b'"finish_reason":"' in piece or b'"usage":{' in piece or piece.startswith(b"data: [DONE]")):
+                # Text only, not a write of nothing but an OpenAI stream's closing events (finish,
+                # usage, [DONE]), which follow its last text at once: its chunks with text (or the
+                # chat's role) are those whose finish_reason is still null.
+                if is_original or b'"finish_reason":null' in piece:
                     chunks.append(clock())
 
             answer.status, body = await connection.request(head, self._body, arrived)
@@ -235,6 +239,19 @@ class Users:
             answer.error = f"{type(exc).__name__}: {exc}"
         answer.ended = time.perf_counter()
         return answer
+
+    async def burst(self, count: int) -> list[Answer]:
+        """`count` users of the original API who each start a conversation, then all ask at once."""
+        assert self.workload.api == "original", "a burst asks through the original API"
+        connections = [Connection(self.host, self.port) for _ in range(count)]
+        try:
+            started = await asyncio.gather(*(c.request(self._start_head, b"", lambda _: None) for c in connections))
+            if any(status != 200 for status, _ in started):
+                raise HttpError(f"a conversation could not be started: {started[0]}")
+            return await asyncio.gather(*(self.ask(c, created) for c, (_, created) in zip(connections, started)))
+        finally:
+            for connection in connections:
+                await connection.close()
 
     async def stored_tokens(self, answers: list[Answer], concurrency: int = 8) -> None:
         """Fills in each original-API answer's token count from its stored message."""

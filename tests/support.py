@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import yaml
+
+from loadtests.service import free_port, own_ports  # noqa: F401 - the tests' helpers too
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "chat"
@@ -25,27 +26,6 @@ def use_serve_environment() -> None:
         if line.strip() and not line.startswith("#"):
             name, value = line.split("=", 1)
             os.environ.setdefault(name.strip(), value.strip())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def own_ports() -> dict[str, str]:
-    """Ports of its own for a service's HAProxy front, where the tests run several side by side:
-    its stats page and metrics (8404, 9101 on every interface), and the Python proxy that it falls
-    back to when no ingress replica is up (8500, 9500). Two services sharing the fallback answer
-    each other's requests: one's HAProxy reaches the other's app whenever its own replica is
-    restarting (seen: a conversation just created was "not found")."""
-    names = (
-        "RAY_SERVE_HAPROXY_STATS_PORT",
-        "RAY_SERVE_HAPROXY_METRICS_PORT",
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
-    )
-    return {name: str(free_port()) for name in names}
 
 
 def config_app_args() -> dict:

@@ -137,3 +137,10 @@ async def test_users_start_one_by_one_over_the_ramp(server_url):
     assert len(alone) >= 2 and all(later.sent >= earlier.ended for earlier, later in zip(alone, alone[1:]))
     together = [a for a in answers if a.sent > started + 0.3]
     assert any(b.sent < a.ended for a, b in zip(together, together[1:]))  # two users' answers overlap
+
+
+async def test_a_burst_starts_every_conversation_before_anyone_asks(server_url):
+    answers = await Users(server_url, Workload("original", "m")).burst(3)
+    assert len(answers) == 3 and all(a.ok and a.conversation_id == 7 for a in answers)
+    # Asked at once: each question was sent before any answer ended.
+    assert max(a.sent for a in answers) < min(a.ended for a in answers)

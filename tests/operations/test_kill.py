@@ -120,7 +120,9 @@ def test_every_acknowledged_turn_survives_a_kill_9_of_the_whole_service(report):
         stored: dict[int, list[dict]] = {}
         for conversation_id, _, _ in acknowledged:
             if conversation_id not in stored:
-                stored[conversation_id] = httpx.get(f"{url}/conversations/{conversation_id}", timeout=30).json()["messages"]
+                response = httpx.get(f"{url}/conversations/{conversation_id}", timeout=30)
+                assert response.status_code == 200, (response.text, (directory / "serve.log").read_text()[-3000:])
+                stored[conversation_id] = response.json()["messages"]
         lost = [
             (conversation_id, prompt)
             for conversation_id, prompt, answer in acknowledged

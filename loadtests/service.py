@@ -1,0 +1,121 @@
+"""The service as `make serve` starts it (its launcher, serve.env's environment), on a port and
+with models of the caller's, for benchmarks and tests that load it from outside."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 600.0
+
+
+class ServiceFailed(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def own_ports() -> dict[str, str]:
+    """Ports of its own for a service's HAProxy front, where another runs on the machine: its
+    stats page and metrics (8404, 9101 on every interface), and the Python proxy that it falls
+    back to when no ingress replica is up (8500, 9500). Two services sharing the fallback answer
+    each other's requests: one's HAProxy reaches the other's app whenever its own replica is
+    restarting (seen in tests: a conversation just created was "not found")."""
+    names = (
+        "RAY_SERVE_HAPROXY_STATS_PORT",
+        "RAY_SERVE_HAPROXY_METRICS_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+    )
+    return {name: str(free_port()) for name in names}
+
+
+def serve_environment(front: str | None = None, **extra: str) -> dict[str, str]:
+    """The environment `make serve` starts the service in (serve.env over this process's), with
+    the front asked for ("haproxy" or "python"; None: serve.env's) and `extra` on top."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    for line in (REPO_ROOT / "serve.env").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, value = line.split("=", 1)
+            env[name.strip()] = value.strip()
+    if front is not None:
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if front == "haproxy" else "0"
+    # Ray's workers import this repository's packages, whichever checkout runs the benchmark.
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return env | extra
+
+
+@dataclass
+class RunningService:
+    url: str
+    launcher: subprocess.Popen
+    directory: Path
+
+    @property
+    def database(self) -> Path:
+        return self.directory / "history.sqlite3"
+
+
+@contextlib.contextmanager
+def running_service(
+    models: list[dict], port: int, front: str | None = None, app_args: dict | None = None, env: dict[str, str] | None = None
+) -> Iterator[RunningService]:
+    """The service with `models` on `port`, started by `make serve`'s launcher in a directory of
+    its own (its config, log and history database) and on ports of its own (`own_ports`);
+    stopped as Ctrl-C stops it."""
+    directory = Path(tempfile.mkdtemp(prefix="ray-chat-load-"))
+    args = {"database_path": str(directory / "history.sqlite3"), "models": models, **(app_args or {})}
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{"name": "chat", "route_prefix": "/", "import_path": "serve_app.app:build_app", "args": args}],
+    }
+    (directory / "serve_config.yaml").write_text(yaml.safe_dump(config))
+    log = directory / "serve.log"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "serve_app.launcher", str(directory / "serve_config.yaml")],
+        cwd=REPO_ROOT,
+        env=serve_environment(front, **own_ports(), **(env or {})),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    service = RunningService(f"http://127.0.0.1:{port}", launcher, directory)
+    try:
+        _wait_ready(service, log)
+        yield service
+    finally:
+        launcher.send_signal(signal.SIGINT)
+        launcher.wait(timeout=120)
+
+
+def _wait_ready(service: RunningService, log: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if service.launcher.poll() is not None:
+            raise ServiceFailed(f"the service exited while starting:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{service.url}/readyz", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise ServiceFailed(f"the service was not ready after {READY_TIMEOUT_S:.0f} s:\n{log.read_text()[-3000:]}")
