@@ -182,6 +182,17 @@ class ModelConfig(_Strict):
         return self.source.revision if isinstance(self.source, HubSource) else "main"
 
     @property
+    def max_in_flight(self) -> int | None:
+        """Requests one caller (an ingress replica) can have in flight to this model before Serve
+        refuses the next with 503: every replica's `max_ongoing_requests` and the caller's queue
+        of `max_queued_requests` (for an autoscaled model, at its `max_replicas`); None where
+        that is unbounded or not known here (`num_replicas: auto`)."""
+        replicas = (self.autoscaling_config or {}).get("max_replicas") if self.autoscaling_config else self.num_replicas
+        if self.max_queued_requests < 0 or not isinstance(replicas, int):
+            return None
+        return self.max_ongoing_requests * replicas + self.max_queued_requests
+
+    @property
     def may_scale_to_zero(self) -> bool:
         """Autoscaled down to no replica when idle (Serve's `min_replicas` defaults to 1)."""
         return self.autoscaling_config is not None and self.autoscaling_config.get("min_replicas", 1) == 0

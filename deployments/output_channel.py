@@ -185,7 +185,8 @@ class ModelStream:
         self._received = 0
         self._end: _End | None = None
         self._is_over = False
-        self._waiting = asyncio.ensure_future(self._await_call(call))
+        # Done when the handle call is: the model replica's work on the request is over.
+        self.call_ended = asyncio.ensure_future(self._await_call(call))
 
     async def _await_call(self, call: Awaitable[Delivered]) -> None:
         try:
@@ -232,9 +233,9 @@ class ModelStream:
 
     def cancel(self) -> None:
         """Stops the generation (the handle call is cancelled) and forgets the stream."""
-        if not self._waiting.done():
+        if not self.call_ended.done():
             self._call.cancel()
-            self._waiting.cancel()
+            self.call_ended.cancel()
         self._finish()
 
 

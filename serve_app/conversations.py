@@ -12,13 +12,14 @@ its answer is stored a turn holds a claim on its conversation in the history dep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -187,6 +188,30 @@ async def answers_of(deployment: DeploymentHandle, method: str, *args: Any) -> l
     return [answer for answer in answers if not isinstance(answer, Exception)]
 
 
+class Admission:
+    """A request's place among those an ingress replica has in flight to one model
+    (`ConversationService.admit`), given back once: when its generation's handle call ends, or
+    when the request fails before that."""
+
+    def __init__(self, in_flight: dict[str, int], model_name: str):
+        self._in_flight, self._model_name, self._is_held = in_flight, model_name, True
+        in_flight[model_name] += 1
+
+    def release(self, *_: object) -> None:
+        if self._is_held:
+            self._is_held = False
+            self._in_flight[self._model_name] -= 1
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[Admission]:
+        """Releases it if the block fails (once started, a generation releases it when it ends)."""
+        try:
+            yield self
+        except BaseException:
+            self.release()
+            raise
+
+
 class ConversationService:
     def __init__(
         self,
@@ -205,6 +230,8 @@ class ConversationService:
         # Where the model replicas send this replica's outputs (`deployments.output_channel`);
         # the Ingress starts it on its node. One that is not started takes deliveries in-process (tests).
         self.inbox = inbox or Inbox()
+        # Requests this replica has admitted for each model whose generation has not ended (`admit`).
+        self.in_flight: dict[str, int] = {model.name: 0 for model in registry.models}
         self.metrics = ServiceMetrics()
         self._pending_writes: set[asyncio.Task] = set()
 
@@ -266,6 +293,18 @@ class ConversationService:
             raise UnknownRevisionError(model, revision)
         return model
 
+    def admit(self, model: ModelConfig) -> Admission:
+        """A place among the requests this replica has in flight to `model`, or
+        `ModelOverloadedError` at once where Serve would refuse the next one anyway
+        (`ModelConfig.max_in_flight`), before the request does any work. Under a burst, every
+        turn used to claim its conversation in the history and wait for the model's queue
+        before Serve refused it: 256 users asking at once (the packaged model, 2 cores) were
+        refused 0.8-1.4 s after asking (docs/performance.md)."""
+        limit = model.max_in_flight
+        if limit is not None and self.in_flight[model.name] >= limit:
+            raise ModelOverloadedError(model)
+        return Admission(self.in_flight, model.name)
+
     async def conversation_turn(
         self,
         raw_id: str | int,
@@ -276,24 +315,26 @@ class ConversationService:
     ) -> Turn:
         """A turn in a stored conversation: its history goes before `new_messages`, whose last
         (user) message is stored with the answer."""
-        conversation, claim = await self._claim(raw_id)
-        record = TurnRecord(conversation.id, new_messages[-1]["content"], stored_parameters, claim)
-        messages = context_messages(conversation.messages) + new_messages
-        return await self.start_turn(model, params, messages=messages, record=record)
+        with self.admit(model).held() as admission:
+            conversation, claim = await self._claim(raw_id)
+            record = TurnRecord(conversation.id, new_messages[-1]["content"], stored_parameters, claim)
+            messages = context_messages(conversation.messages) + new_messages
+            return await self.start_turn(model, params, messages=messages, record=record, admission=admission)
 
     async def regenerate_turn(
         self, raw_id: str, model: ModelConfig, params: SamplingParams, stored_parameters: dict[str, Any]
     ) -> Turn:
         """Answers the conversation's last prompt again; the new answer replaces the old one."""
-        conversation, claim = await self._claim(raw_id)
-        prompts = [i for i, m in enumerate(conversation.messages) if m.role == "user"]
-        if not prompts:
-            await asyncio.shield(self._tell_history("end_turn", conversation.id, claim))
-            raise InvalidRequestError(f"conversation '{conversation.id}' has no prompt to answer again")
-        last = conversation.messages[prompts[-1]]
-        record = TurnRecord(conversation.id, last.content, stored_parameters, claim, replace_after=last.id)
-        messages = context_messages(conversation.messages[: prompts[-1]]) + [{"role": "user", "content": last.content}]
-        return await self.start_turn(model, params, messages=messages, record=record)
+        with self.admit(model).held() as admission:
+            conversation, claim = await self._claim(raw_id)
+            prompts = [i for i, m in enumerate(conversation.messages) if m.role == "user"]
+            if not prompts:
+                await asyncio.shield(self._tell_history("end_turn", conversation.id, claim))
+                raise InvalidRequestError(f"conversation '{conversation.id}' has no prompt to answer again")
+            last = conversation.messages[prompts[-1]]
+            record = TurnRecord(conversation.id, last.content, stored_parameters, claim, replace_after=last.id)
+            messages = context_messages(conversation.messages[: prompts[-1]]) + [{"role": "user", "content": last.content}]
+            return await self.start_turn(model, params, messages=messages, record=record, admission=admission)
 
     async def _claim(self, raw_id: str | int) -> tuple[Conversation, str]:
         """The conversation, claimed for a new turn (`ConversationBusyError` while it answers),
@@ -310,9 +351,13 @@ class ConversationService:
         messages: list[dict[str, str]] | None = None,
         prompt: str | None = None,
         record: TurnRecord | None = None,
+        admission: Admission | None = None,
     ) -> Turn:
         """Starts generating and waits for the first output, so every error that can reject the
-        request (prompt too long, model down) is raised here, before any byte is sent."""
+        request (prompt too long, model down) is raised here, before any byte is sent. Its place
+        among the model's requests (`admit`; taken here unless given) is held until the
+        generation ends."""
+        admission = admission or self.admit(model)
         request = GenerationRequest(
             messages=messages,
             prompt=prompt,
@@ -322,8 +367,9 @@ class ConversationService:
         )
         started = time.monotonic()
         try:
-            stream, first = await self._first_output(model, request)
+            stream, first = await self._first_output(model, request, admission)
         except BaseException:
+            admission.release()
             if record is not None:  # given back before the error is answered: a retry finds it free
                 await asyncio.shield(self._tell_history("end_turn", record.conversation_id, record.claim))
             raise
@@ -342,10 +388,14 @@ class ConversationService:
             )
         return Turn(model, first, stream, record, prompt_stored, claim_renewed_at=started)
 
-    async def _first_output(self, model: ModelConfig, request: GenerationRequest) -> tuple[ModelStream, GenerationOutput]:
-        """The model's stream for `request` and its first output (the stream cancelled if that fails)."""
+    async def _first_output(
+        self, model: ModelConfig, request: GenerationRequest, admission: Admission
+    ) -> tuple[ModelStream, GenerationOutput]:
+        """The model's stream for `request` and its first output (the stream cancelled if that
+        fails); the admission is released when the handle call ends."""
         generate = self.models[model.name].generate
         stream = self.inbox.stream(lambda reply_to: generate.remote(dataclasses.replace(request, reply_to=reply_to)))
+        stream.call_ended.add_done_callback(admission.release)
         try:
             return stream, await stream.__anext__()
         except BackPressureError as exc:

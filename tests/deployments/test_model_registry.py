@@ -95,3 +95,11 @@ def test_only_an_autoscaled_model_with_min_replicas_zero_may_scale_to_zero():
     assert not model(autoscaling_config={"min_replicas": 1, "max_replicas": 2}).may_scale_to_zero
     assert not model(autoscaling_config={"max_replicas": 2}).may_scale_to_zero  # Serve's default: 1
     assert not model(num_replicas=2).may_scale_to_zero and not model(num_replicas="auto").may_scale_to_zero
+
+
+def test_the_requests_a_caller_may_have_in_flight_before_serve_refuses_the_next():
+    tiny = {"name": "m", "source": {"kind": "tiny_random"}, "max_ongoing_requests": 8, "max_queued_requests": 4}
+    assert ModelConfig(**tiny, num_replicas=2).max_in_flight == 8 * 2 + 4
+    assert ModelConfig(**tiny, autoscaling_config={"min_replicas": 0, "max_replicas": 3}).max_in_flight == 8 * 3 + 4
+    assert ModelConfig(**tiny, num_replicas="auto").max_in_flight is None
+    assert ModelConfig(**{**tiny, "max_queued_requests": -1}).max_in_flight is None  # an unbounded queue

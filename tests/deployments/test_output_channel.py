@@ -132,7 +132,7 @@ async def test_generations_fail_when_the_inbox_goes_away_mid_answer():
     outbox = Outbox()
     stream = inbox.stream(lambda to: Call(deliver(generation(["a"] * 1000, pause_s=0.005), outbox, to)))
     assert (await anext(stream)).text == "a"
-    running = stream._waiting
+    running = stream.call_ended
     await inbox.stop()
     # The ingress replica is gone: its connections close, and the model replica's sends fail.
     with pytest.raises(ChannelError):

@@ -4,6 +4,7 @@ import asyncio
 import json
 from collections.abc import Awaitable
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from ray.exceptions import ActorDiedError
@@ -196,8 +197,8 @@ async def stored(history: HistoryHandle) -> list[Message]:
     return (await history.store.get_conversation(1)).messages
 
 
-def service_with(history: HistoryHandle, *streams: FakeStream | BaseException) -> ConversationService:
-    registry = ModelRegistry([ModelConfig(name="m", source={"kind": "tiny_random"})])
+def service_with(history: HistoryHandle, *streams: FakeStream | BaseException, **model: Any) -> ConversationService:
+    registry = ModelRegistry([ModelConfig(name="m", source={"kind": "tiny_random"}, **model)])
     inbox = Inbox()  # not started: the fake replicas deliver to it in-process
     return ConversationService(registry, {"m": FakeModel(inbox, *streams)}, history, inbox=inbox)
 
@@ -392,3 +393,28 @@ async def test_each_output_goes_out_in_one_write_the_opening_with_the_first_the_
     first, last = pieces
     assert first.startswith(b"data: {}\n\ndata: ") and first.count(b"\n\n") == 2 and b'"text":"Hel"' in first
     assert last.count(b"\n\n") == 4 and b'"text":"lo"' in last and last.endswith(b"data: [DONE]\n\n")  # text, finish, usage, done
+
+
+async def test_a_turn_beyond_what_serve_would_take_is_refused_before_any_work(history):
+    # One replica taking one request, one more queued: Serve would refuse a third.
+    service = service_with(
+        history,
+        HangingStream(outputs("a")),
+        HangingStream(outputs("b")),
+        FakeStream(outputs("c", finish="stop")),
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+    )
+    model = service.registry.default
+    first = await start_choices(service, model, [SamplingParams()], messages=HI)
+    await start_choices(service, model, [SamplingParams()], messages=HI)
+    calls = list(service.models["m"]._streams)
+    with pytest.raises(ModelOverloadedError):
+        await start(service)  # a stored conversation: refused before it is claimed
+    assert history.store.turns.holder(1) is None and service.models["m"]._streams == calls  # no call made
+    with pytest.raises(ModelOverloadedError):
+        await start_choices(service, model, [SamplingParams()], messages=HI)
+    await service.abandon(first[0])  # one generation ends: room for one more
+    await asyncio.sleep(0.01)  # its call's cancellation is seen on the loop's next turns
+    turn = await start(service)
+    assert [piece async for piece in service.text_pieces(turn)] == ["c"]
