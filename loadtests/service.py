@@ -82,15 +82,10 @@ def running_service(
     stopped as Ctrl-C stops it."""
     directory = Path(tempfile.mkdtemp(prefix="ray-chat-load-"))
     args = {"database_path": str(directory / "history.sqlite3"), "models": models, **(app_args or {})}
-    config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{"name": "chat", "route_prefix": "/", "import_path": "serve_app.app:build_app", "args": args}],
-    }
-    (directory / "serve_config.yaml").write_text(yaml.safe_dump(config))
+    config = write_serve_config(directory, port, args)
     log = directory / "serve.log"
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "serve_app.launcher", str(directory / "serve_config.yaml")],
+        [sys.executable, "-m", "serve_app.launcher", str(config)],
         cwd=REPO_ROOT,
         env=serve_environment(front, **own_ports(), **(env or {})),
         stdout=log.open("w"),
@@ -99,23 +94,37 @@ def running_service(
     )
     service = RunningService(f"http://127.0.0.1:{port}", launcher, directory)
     try:
-        _wait_ready(service, log)
+        wait_ready(service.url, launcher, log)
         yield service
     finally:
         launcher.send_signal(signal.SIGINT)
         launcher.wait(timeout=120)
 
 
-def _wait_ready(service: RunningService, log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
+def write_serve_config(directory: Path, port: int, app_args: dict) -> Path:
+    """`directory`/serve_config.yaml: the chat app alone on 127.0.0.1:`port`, built with `app_args`."""
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{"name": "chat", "route_prefix": "/", "import_path": "serve_app.app:build_app", "args": app_args}],
+    }
+    path = directory / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Returns once `url`/readyz answers 200; `ServiceFailed` with the log's end if `process`
+    (what started the service) exits first or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if service.launcher.poll() is not None:
+        if process.poll() is not None:
             raise ServiceFailed(f"the service exited while starting:\n{log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"{service.url}/readyz", timeout=5) as response:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
                 if response.status == 200:
                     return
         except OSError:
             pass
-        time.sleep(1)
-    raise ServiceFailed(f"the service was not ready after {READY_TIMEOUT_S:.0f} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    raise ServiceFailed(f"the service was not ready after {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from loadtests.service import free_port, own_ports  # noqa: F401 - the tests' helpers too
+from loadtests.service import free_port, own_ports, wait_ready, write_serve_config  # noqa: F401 - the tests' helpers too
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "chat"

@@ -12,15 +12,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-import yaml
 
-from tests.support import free_port, own_ports
+from tests.support import free_port, own_ports, wait_ready, write_serve_config
 
 pytestmark = pytest.mark.slow
 
@@ -29,38 +27,19 @@ MODEL = {"name": "tiny-random", "source": {"kind": "tiny_random"}, "num_cpus": 0
 
 
 def start_service(directory: Path, port: int) -> subprocess.Popen:
-    config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [
-            {
-                "name": "chat",
-                "route_prefix": "/",
-                "import_path": "serve_app.app:build_app",
-                "args": {"database_path": "history.sqlite3", "models": [MODEL]},
-            }
-        ],
-    }
-    (directory / "serve_config.yaml").write_text(yaml.safe_dump(config))
+    config = write_serve_config(directory, port, {"database_path": "history.sqlite3", "models": [MODEL]})
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | own_ports()
+    log = directory / "serve.log"
     service = subprocess.Popen(
-        [BIN / "serve", "run", "--address", "local", "serve_config.yaml"],
+        [BIN / "serve", "run", "--address", "local", config.name],
         cwd=directory,
         env=env,
-        stdout=(directory / "serve.log").open("a"),
+        stdout=log.open("a"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 300
-    while True:
-        assert service.poll() is None, (directory / "serve.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "the service did not become ready within 300 s"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                return service
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    wait_ready(f"http://127.0.0.1:{port}", service, log, timeout_s=300)
+    return service
 
 
 def kill_everything(service: subprocess.Popen) -> None:

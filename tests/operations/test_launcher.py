@@ -14,12 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
-import yaml
 
-from tests.support import REPO_ROOT, free_port, own_ports
+from tests.support import REPO_ROOT, free_port, own_ports, wait_ready, write_serve_config
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +36,10 @@ def session_processes(session: int) -> list[str]:
 
 
 def can_bind(port: int) -> bool:
+    """As a server starting again binds it: SO_REUSEADDR, so the connections the service closed
+    (TIME_WAIT) do not count, and a socket still listening does."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("0.0.0.0", port))
         except OSError:
@@ -50,23 +51,11 @@ def can_bind(port: int) -> bool:
 def test_stopping_the_launcher_leaves_no_process_and_no_bound_port(tmp_path: Path, how: str, report):
     port, ports = free_port(), own_ports()
     stats_port, metrics_port = int(ports["RAY_SERVE_HAPROXY_STATS_PORT"]), int(ports["RAY_SERVE_HAPROXY_METRICS_PORT"])
-    config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [
-            {
-                "name": "chat",
-                "route_prefix": "/",
-                "import_path": "serve_app.app:build_app",
-                "args": {"database_path": str(tmp_path / "history.sqlite3"), "models": [MODEL]},
-            }
-        ],
-    }
-    (tmp_path / "serve_config.yaml").write_text(yaml.safe_dump(config))
+    config = write_serve_config(tmp_path, port, {"database_path": str(tmp_path / "history.sqlite3"), "models": [MODEL]})
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env |= {"RAY_SERVE_ENABLE_HA_PROXY": "1", **ports}
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "serve_app.launcher", str(tmp_path / "serve_config.yaml")],
+        [sys.executable, "-m", "serve_app.launcher", str(config)],
         cwd=REPO_ROOT,
         env=env,
         start_new_session=True,
@@ -74,16 +63,7 @@ def test_stopping_the_launcher_leaves_no_process_and_no_bound_port(tmp_path: Pat
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert launcher.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the service did not become ready within 300 s"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_ready(f"http://127.0.0.1:{port}", launcher, tmp_path / "serve.log", timeout_s=300)
         assert any("haproxy" in name for name in session_processes(launcher.pid))  # the front is HAProxy
         started = time.monotonic()
         os.killpg(launcher.pid, signal.SIGINT if how == "ctrl-c" else signal.SIGTERM)
