@@ -272,8 +272,9 @@ def test_rename_typed_while_an_answer_streams_survives_its_end(page, serve_app):
     conversation_id = current_id(page)
     item = page.locator(f'[data-testid="conversation-item"][data-id="{conversation_id}"]')
 
-    set_parameters(page, sample_len=2000, temperature=0.8)
-    send(page, "Write a very long story about a lighthouse keeper and a storm.")
+    # Greedy, this prompt runs to the length asked (2,000 tokens) rather than to an early EOS.
+    set_parameters(page, sample_len=2000)
+    send(page, "Write a very long story about a lighthouse keeper.")
     expect(page.get_by_test_id("stop-button")).to_be_visible()
     item.get_by_test_id("rename-conversation").click()
     page.get_by_test_id("rename-input").fill("Typed while streaming")
@@ -293,11 +294,12 @@ def test_rename_typed_while_an_answer_streams_survives_its_end(page, serve_app):
 
 def test_an_open_export_menu_stays_open_when_an_answer_ends(page, serve_app):
     new_conversation(page)
-    set_parameters(page, sample_len=2000, temperature=0.8)
-    send(page, "Write a very long story about a storm.")
+    # Greedy, this prompt runs to the length asked (2,000 tokens) rather than to an early EOS.
+    set_parameters(page, sample_len=2000, temperature=0, seed=None)
+    send(page, "Write a very long story about a lighthouse keeper.")
     item = page.locator('[data-testid="conversation-item"].active')
     # The title arrives with the first text (one re-render); the answer's end re-renders again.
-    expect(item.get_by_test_id("conversation-title")).to_have_text("Write a very long story about a storm.")
+    expect(item.get_by_test_id("conversation-title")).to_have_text("Write a very long story about a lighthouse keeper.")
     item.get_by_test_id("export-conversation").click()
     expect(item.get_by_test_id("export-json")).to_be_visible()
     end_answer_elsewhere(serve_app, current_id(page))
