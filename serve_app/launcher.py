@@ -31,6 +31,7 @@ import psutil
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 STOP_GRACE_S = 5.0
 KILL_TIMEOUT_S = 2.0
+POLL_S = 0.25
 
 
 def become_subreaper() -> bool:
@@ -83,11 +84,10 @@ def main(argv: list[str]) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop)
+    # A plain sleep between polls: Popen.wait(timeout) polls every 50 ms, 3.5 ms of CPU a second
+    # for as long as the service runs; a signal's handler runs during the sleep all the same.
     while service.poll() is None and (stop_by is None or time.monotonic() < stop_by):
-        try:
-            service.wait(timeout=0.2)
-        except subprocess.TimeoutExpired:
-            pass
+        time.sleep(POLL_S)
     left = end_descendants()
     service.wait()
     if left:
