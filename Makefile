@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 include serve.env
 export $(shell sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=.*/\1/p' serve.env)
 
-.PHONY: install serve deploy undeploy backup lint test test-fast test-gpu bench bench-deps bench-affinity bench-gpu bench-load loadtest fuzz system-deps clean
+.PHONY: install serve deploy undeploy user backup lint test test-fast test-gpu bench bench-deps bench-affinity bench-gpu bench-load loadtest fuzz system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,14 @@ deploy: install
 undeploy: install
 	-RAY_AUTH_MODE=token $(BIN)/serve shutdown --yes
 	$(BIN)/ray stop
+
+# Users and keys for `auth: users` (docs/users.md), on the history database, running or not:
+# `make user NAME=alice` prints alice's new key last; ADMIN=1 makes an admin, ROTATE=1 replaces
+# the user's keys; `make user` alone lists users and keys (first characters only).
+user: install
+	@if [ -z "$(NAME)" ]; then $(BIN)/python -m serve_app.users list; \
+	elif [ -n "$(ROTATE)" ]; then $(BIN)/python -m serve_app.users rotate "$(NAME)"; \
+	else $(BIN)/python -m serve_app.users add "$(NAME)" $(if $(ADMIN),--admin); fi
 
 # A consistent copy of the history database while the service runs (SQLite's online backup).
 DATABASE ?= data/history.sqlite3

@@ -15,11 +15,14 @@ from deployments.logs import show_our_logs
 @serve.deployment(num_replicas=1)
 class HistoryDeployment(HistoryStore):
     # Serve awaits async constructors; mypy holds every `__init__` to returning None.
-    async def __init__(self, database_path: Path):  # type: ignore[misc]
+    async def __init__(self, database_path: Path, owner_of_unowned: str | None = None):  # type: ignore[misc]
         show_our_logs()
         super().__init__(database_path)
         # Opened here, on the replica's event loop, because aiosqlite binds to that loop.
         await self.open()
+        # With users (`auth: users`), conversations made without them get their owner.
+        if owner_of_unowned is not None:
+            await self.adopt_unowned(owner_of_unowned)
 
     def ready(self) -> None:
         """Does nothing: a caller's early first call sets up its way to this replica (see Ingress)."""

@@ -39,3 +39,21 @@ class ConversationSummary(BaseModel):
 
 class Conversation(ConversationSummary):
     messages: list[Message] = []
+
+
+class User(BaseModel):
+    """Someone with keys to the service when it runs with `auth: users`."""
+
+    id: int
+    name: str
+    admin: bool = False
+    created_at: datetime
+
+
+class ApiKeyInfo(BaseModel):
+    """A key as it may be shown: its first characters only (the rest is stored only as a hash)."""
+
+    prefix: str
+    user: str
+    created_at: datetime
+    revoked_at: datetime | None = None

@@ -18,11 +18,13 @@ import aiosqlite
 
 from deployments.history_records import Conversation, ConversationSummary, Message, MessageRole, MessageStatus
 from deployments.turn_claims import TurnClaims
+from deployments.user_accounts import USERS_SCHEMA, UserAccounts
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids of deleted ones never return
     title       TEXT,
+    owner_id    INTEGER REFERENCES users(id),  -- NULL: made without users (auth none or key)
     created_at  TEXT NOT NULL,
     updated_at  TEXT NOT NULL
 );
@@ -41,6 +43,10 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id);
 """
+# Databases written before users existed: their conversations have no owner yet (`adopt_unowned`).
+MIGRATIONS = {"owner_id": "ALTER TABLE conversations ADD COLUMN owner_id INTEGER REFERENCES users(id)"}
+# Only conversations of `owner` (a user id); None: everyone's (auth none or key).
+OWNED = "(:owner IS NULL OR owner_id = :owner)"
 
 TITLE_CHARS = 60
 
@@ -77,7 +83,11 @@ def title_from_prompt(prompt: str) -> str:
     return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
 
 
-class HistoryStore:
+class HistoryStore(UserAccounts):
+    """Conversations, messages, and (`UserAccounts`) users and their keys. A conversation
+    belongs to the user who made it: every method that takes an `owner` (a user id) finds only
+    that user's conversations, and another's is "not found", as one that never existed."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
@@ -91,8 +101,22 @@ class HistoryStore:
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute("PRAGMA synchronous=FULL")
         await self._db.execute("PRAGMA foreign_keys=ON")
-        await self._db.executescript(SCHEMA)
+        await self._db.executescript(USERS_SCHEMA + SCHEMA)
+        async with self._db.execute("PRAGMA table_info(conversations)") as cursor:
+            columns = {row["name"] async for row in cursor}
+        for column, statement in MIGRATIONS.items():
+            if column not in columns:
+                await self._db.execute(statement)
+        await self._db.execute("CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations (owner_id, id)")
         await self._db.commit()
+
+    async def adopt_unowned(self, owner_name: str) -> int:
+        """Gives every conversation without an owner (made before `auth: users`) to the user
+        `owner_name`, an admin made without a key if there is none; how many it took."""
+        owner = await self.ensure_user(owner_name, admin=True)
+        cursor = await self.db.execute("UPDATE conversations SET owner_id = ? WHERE owner_id IS NULL", (owner.id,))
+        await self.db.commit()
+        return cursor.rowcount
 
     async def close(self) -> None:
         if self._db is not None:
@@ -105,45 +129,51 @@ class HistoryStore:
             raise RuntimeError("HistoryStore.open() was not called")
         return self._db
 
-    async def create_conversation(self, title: str | None = None) -> ConversationSummary:
+    async def create_conversation(self, title: str | None = None, owner: int | None = None) -> ConversationSummary:
         now = _now()
         cursor = await self.db.execute(
-            "INSERT INTO conversations (title, created_at, updated_at) VALUES (?, ?, ?)", (title, _as_text(now), _as_text(now))
+            "INSERT INTO conversations (title, owner_id, created_at, updated_at) VALUES (?, ?, ?, ?)",
+            (title, owner, _as_text(now), _as_text(now)),
         )
         await self.db.commit()
         return ConversationSummary(id=_inserted_id(cursor), title=title, created_at=now, updated_at=now)
 
-    async def list_conversation_ids(self) -> list[int]:
-        async with self.db.execute("SELECT id FROM conversations ORDER BY id") as cursor:
+    async def list_conversation_ids(self, owner: int | None = None) -> list[int]:
+        async with self.db.execute(f"SELECT id FROM conversations WHERE {OWNED} ORDER BY id", {"owner": owner}) as cursor:
             return [row["id"] async for row in cursor]
 
-    async def list_conversations(self) -> list[ConversationSummary]:
+    async def list_conversations(self, owner: int | None = None) -> list[ConversationSummary]:
         """Newest activity first."""
-        async with self.db.execute("SELECT * FROM conversations ORDER BY updated_at DESC, id DESC") as cursor:
+        query = f"SELECT id, title, created_at, updated_at FROM conversations WHERE {OWNED} ORDER BY updated_at DESC, id DESC"
+        async with self.db.execute(query, {"owner": owner}) as cursor:
             return [ConversationSummary(**dict(row)) async for row in cursor]
 
-    async def _summary(self, conversation_id: int) -> ConversationSummary:
-        async with self.db.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)) as cursor:
+    async def _summary(self, conversation_id: int, owner: int | None = None) -> ConversationSummary:
+        query = f"SELECT id, title, created_at, updated_at FROM conversations WHERE id = :id AND {OWNED}"
+        async with self.db.execute(query, {"id": conversation_id, "owner": owner}) as cursor:
             row = await cursor.fetchone()
         if row is None:
             raise ConversationNotFoundError(conversation_id)
         return ConversationSummary(**dict(row))
 
-    async def get_conversation(self, conversation_id: int) -> Conversation:
-        summary = await self._summary(conversation_id)
+    async def get_conversation(self, conversation_id: int, owner: int | None = None) -> Conversation:
+        summary = await self._summary(conversation_id, owner)
         async with self.db.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)) as cursor:
             rows = [dict(row) async for row in cursor]
         for row in rows:
             row["parameters"] = json.loads(row["parameters"]) if row["parameters"] else None
         return Conversation(**summary.model_dump(), messages=[Message(**row) for row in rows])
 
-    async def begin_turn(self, conversation_id: int, turn_id: str) -> Conversation:
+    async def begin_turn(self, conversation_id: int, turn_id: str, owner: int | None = None) -> Conversation:
         """The conversation, claimed for one answer by `turn_id` until that answer is stored
         (`append_message(..., ends_turn=turn_id)`) or `end_turn`; `ConversationBusyError` while
-        another answer streams in it."""
+        another answer streams in it. Someone else's conversation is not found before it could
+        be found busy: a 409 would tell them it exists."""
+        if owner is not None:
+            await self._summary(conversation_id, owner)
         self.turns.claim(conversation_id, turn_id)
         try:
-            return await self.get_conversation(conversation_id)
+            return await self.get_conversation(conversation_id, owner)
         except BaseException:
             self.turns.release(conversation_id, turn_id)
             raise
@@ -154,17 +184,20 @@ class HistoryStore:
     async def end_turn(self, conversation_id: int, turn_id: str) -> None:
         self.turns.release(conversation_id, turn_id)
 
-    async def rename_conversation(self, conversation_id: int, title: str) -> ConversationSummary:
+    async def rename_conversation(self, conversation_id: int, title: str, owner: int | None = None) -> ConversationSummary:
         cursor = await self.db.execute(
-            "UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?", (title, _as_text(_now()), conversation_id)
+            f"UPDATE conversations SET title = :title, updated_at = :now WHERE id = :id AND {OWNED}",
+            {"title": title, "now": _as_text(_now()), "id": conversation_id, "owner": owner},
         )
         await self.db.commit()
         if cursor.rowcount == 0:
             raise ConversationNotFoundError(conversation_id)
         return await self._summary(conversation_id)
 
-    async def delete_conversation(self, conversation_id: int) -> None:
-        cursor = await self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+    async def delete_conversation(self, conversation_id: int, owner: int | None = None) -> None:
+        cursor = await self.db.execute(
+            f"DELETE FROM conversations WHERE id = :id AND {OWNED}", {"id": conversation_id, "owner": owner}
+        )
         await self.db.commit()
         if cursor.rowcount == 0:
             raise ConversationNotFoundError(conversation_id)

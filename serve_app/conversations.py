@@ -32,10 +32,12 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.engine.protocol import EngineStats, GenerationOutput, GenerationRequest, InvalidRequestError
 from deployments.engine.sampling import SamplingParams
+from deployments.history_records import User
 from deployments.history_store import ConversationNotFoundError
 from deployments.model_registry import ModelConfig, ModelRegistry
 from deployments.output_channel import Inbox, ModelStream
 from deployments.turn_claims import TURN_LEASE_S
+from deployments.user_accounts import key_hash
 from serve_app.metrics import ServiceMetrics
 from serve_app.protocol import (
     MAX_CONVERSATION_ID,
@@ -261,29 +263,36 @@ class ConversationService:
             return {LOCAL_REPLICA: self.metrics.families()}
         return dict(await answers_of(self.ingress, "turn_metrics") or [])
 
-    async def list_ids(self) -> list[int]:
-        return await self.history.list_conversation_ids.remote()
+    # `owner`: the caller's user id (`auth: users`), whose conversations alone are found; None:
+    # everyone's (`serve_app.auth.Caller.owner`).
 
-    async def list_summaries(self) -> list[ConversationSummary]:
-        return await self.history.list_conversations.remote()
+    async def authenticate(self, key: str) -> User | None:
+        """The user whose live key `key` is; None for an unknown or revoked one."""
+        return await self.history.authenticate.remote(key_hash(key))
 
-    async def create(self) -> ConversationSummary:
-        return await self.history.create_conversation.remote()
+    async def list_ids(self, owner: int | None) -> list[int]:
+        return await self.history.list_conversation_ids.remote(owner)
 
-    async def get(self, raw_id: str | int) -> Conversation:
-        return await self.history.get_conversation.remote(parse_conversation_id(raw_id))
+    async def list_summaries(self, owner: int | None) -> list[ConversationSummary]:
+        return await self.history.list_conversations.remote(owner)
 
-    async def rename(self, raw_id: str, title: str) -> ConversationSummary:
-        return await self.history.rename_conversation.remote(parse_conversation_id(raw_id), title)
+    async def create(self, owner: int | None) -> ConversationSummary:
+        return await self.history.create_conversation.remote(owner=owner)
 
-    async def delete(self, raw_id: str) -> int:
+    async def get(self, raw_id: str | int, owner: int | None) -> Conversation:
+        return await self.history.get_conversation.remote(parse_conversation_id(raw_id), owner)
+
+    async def rename(self, raw_id: str, title: str, owner: int | None) -> ConversationSummary:
+        return await self.history.rename_conversation.remote(parse_conversation_id(raw_id), title, owner)
+
+    async def delete(self, raw_id: str, owner: int | None) -> int:
         conversation_id = parse_conversation_id(raw_id)
-        await self.history.delete_conversation.remote(conversation_id)
+        await self.history.delete_conversation.remote(conversation_id, owner)
         return conversation_id
 
-    async def stop(self, raw_id: str) -> bool:
+    async def stop(self, raw_id: str, owner: int | None) -> bool:
         """Stops the conversation's running generation, on whichever replica runs it."""
-        conversation = await self.get(raw_id)
+        conversation = await self.get(raw_id, owner)
         answers = await self._broadcast("cancel", turn_request_id(conversation.id))
         return any(any(per_replica) for per_replica in answers.values())
 
@@ -308,6 +317,7 @@ class ConversationService:
     async def conversation_turn(
         self,
         raw_id: str | int,
+        owner: int | None,
         new_messages: list[dict[str, str]],
         model: ModelConfig,
         params: SamplingParams,
@@ -316,17 +326,17 @@ class ConversationService:
         """A turn in a stored conversation: its history goes before `new_messages`, whose last
         (user) message is stored with the answer."""
         with self.admit(model).held() as admission:
-            conversation, claim = await self._claim(raw_id)
+            conversation, claim = await self._claim(raw_id, owner)
             record = TurnRecord(conversation.id, new_messages[-1]["content"], stored_parameters, claim)
             messages = context_messages(conversation.messages) + new_messages
             return await self.start_turn(model, params, messages=messages, record=record, admission=admission)
 
     async def regenerate_turn(
-        self, raw_id: str, model: ModelConfig, params: SamplingParams, stored_parameters: dict[str, Any]
+        self, raw_id: str, owner: int | None, model: ModelConfig, params: SamplingParams, stored_parameters: dict[str, Any]
     ) -> Turn:
         """Answers the conversation's last prompt again; the new answer replaces the old one."""
         with self.admit(model).held() as admission:
-            conversation, claim = await self._claim(raw_id)
+            conversation, claim = await self._claim(raw_id, owner)
             prompts = [i for i, m in enumerate(conversation.messages) if m.role == "user"]
             if not prompts:
                 await asyncio.shield(self._tell_history("end_turn", conversation.id, claim))
@@ -336,11 +346,11 @@ class ConversationService:
             messages = context_messages(conversation.messages[: prompts[-1]]) + [{"role": "user", "content": last.content}]
             return await self.start_turn(model, params, messages=messages, record=record, admission=admission)
 
-    async def _claim(self, raw_id: str | int) -> tuple[Conversation, str]:
+    async def _claim(self, raw_id: str | int, owner: int | None) -> tuple[Conversation, str]:
         """The conversation, claimed for a new turn (`ConversationBusyError` while it answers),
         and the claim, which the turn's answer gives back when it is stored."""
         claim = uuid.uuid4().hex
-        conversation = await self.history.begin_turn.remote(parse_conversation_id(raw_id), claim)
+        conversation = await self.history.begin_turn.remote(parse_conversation_id(raw_id), claim, owner)
         return conversation, claim
 
     async def start_turn(

@@ -33,6 +33,7 @@ from deployments.logs import show_our_logs
 from deployments.model_registry import ModelRegistry, UnknownModelError
 from deployments.output_channel import ChannelError, Inbox
 from deployments.turn_claims import ConversationBusyError
+from serve_app.auth import CALLER, Caller, PermissionDeniedError, bearer_key, is_open
 from serve_app.conversations import (
     ConversationService,
     ModelOverloadedError,
@@ -67,10 +68,13 @@ ERROR_STATUS: dict[type[Exception], int] = {
     UnknownModelError: status.HTTP_404_NOT_FOUND,
     UnknownRevisionError: status.HTTP_404_NOT_FOUND,
     ConversationBusyError: status.HTTP_409_CONFLICT,
+    PermissionDeniedError: status.HTTP_403_FORBIDDEN,
     InvalidRequestError: status.HTTP_400_BAD_REQUEST,  # PromptTooLongError among them
 }
 
-_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 503)}
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 503)
+}
 
 
 def _error_body(request: Request, code: int, message: str, param: str | None = None) -> dict:
@@ -206,21 +210,37 @@ def _conversation_links(conversation_id: str) -> dict[str, Any]:
     }
 
 
-OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json")
+UNAUTHORIZED = {
+    "key": "missing or wrong API key: send `Authorization: Bearer <key>`",
+    "users": "missing, wrong or revoked API key: send `Authorization: Bearer <your key>`",
+}
 
 
-def _require_api_key(app: FastAPI, api_key: str) -> None:
-    expected = f"Bearer {api_key}".encode()
+def _require_auth(app: FastAPI, settings: AppSettings, service: ConversationService) -> None:
+    """Every request but the open ones (`auth.is_open`) must carry the shared key (`auth: key`)
+    or a user's live key (`auth: users`, looked up in the history each time, so a revoked key
+    is refused at once everywhere); else 401."""
+    if settings.auth == "none":
+        return
+    shared = f"Bearer {settings.api_key}".encode()
+    message = UNAUTHORIZED[settings.auth or "key"]
 
     @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        path = request.url.path
-        is_open = path == "/" or path.startswith("/static/") or path.startswith(OPEN_PATHS)
-        if is_open or request.method == "OPTIONS":
+    async def authenticate(request: Request, call_next):
+        if is_open(request):
             return await call_next(request)
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
-            message = "missing or wrong API key: send `Authorization: Bearer <key>`"
+        if settings.auth == "key":
+            known = hmac.compare_digest(request.headers.get("authorization", "").encode(), shared)
+        else:
+            key = bearer_key(request)
+            try:
+                user = await service.authenticate(key) if key else None
+            except Exception as exc:  # the history unreachable: 503, as on any route
+                return _error_response(request, exc)
+            if user is not None:
+                request.state.caller = Caller(user.id, user.name, user.admin)
+            known = user is not None
+        if not known:
             return JSONResponse(_error_body(request, 401, message), status_code=401, headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
@@ -233,8 +253,7 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
     )
     app.openapi = _corrected_openapi(app)  # type: ignore[method-assign]
     app.add_middleware(_BodyLimit, max_body_size=MAX_BODY_BYTES)
-    if settings.api_key:
-        _require_api_key(app, settings.api_key)
+    _require_auth(app, settings, service)
     # Added last, so outermost: even a 401 carries the CORS headers the browser needs to read it.
     app.add_middleware(
         CORSMiddleware,
@@ -270,19 +289,23 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         ]
 
     @app.get("/conversations", tags=["conversations"], response_model=list[int] | list[ConversationSummary])
-    async def list_conversations(detail: bool = False):
-        """Ids of all conversations, oldest first (the original's answer); with `?detail=true`,
-        each conversation's id, title and timestamps, most recently active first."""
-        return await service.list_summaries() if detail else await service.list_ids()
+    async def list_conversations(detail: bool = False, all: bool = False, caller: Caller = CALLER):
+        """Ids of the caller's conversations, oldest first (the original's answer); with
+        `?detail=true`, each one's id, title and timestamps, most recently active first. With
+        `auth: users`, `?all=true` lists every user's (admins only)."""
+        if all and not caller.admin:
+            raise PermissionDeniedError("all: only an admin may list every user's conversations")
+        owner = None if all else caller.owner
+        return await service.list_summaries(owner) if detail else await service.list_ids(owner)
 
     @app.get(
         "/conversations/start",
         tags=["conversations"],
         responses={200: {"links": _conversation_links("$response.body")}},
     )
-    async def start_conversation() -> int:
+    async def start_conversation(caller: Caller = CALLER) -> int:
         """Creates a conversation and returns its id (a bare JSON number)."""
-        return (await service.create()).id
+        return (await service.create(caller.owner)).id
 
     @app.post(
         "/conversations",
@@ -290,25 +313,25 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         tags=["conversations"],
         responses={201: {"links": _conversation_links("$response.body#/id")}},
     )
-    async def create_conversation() -> ConversationSummary:
-        return await service.create()
+    async def create_conversation(caller: Caller = CALLER) -> ConversationSummary:
+        return await service.create(caller.owner)
 
     @app.get("/conversations/{conversation_id}", tags=["conversations"])
-    async def get_conversation(conversation_id: str) -> Conversation:
-        return await service.get(conversation_id)
+    async def get_conversation(conversation_id: str, caller: Caller = CALLER) -> Conversation:
+        return await service.get(conversation_id, caller.owner)
 
     @app.patch("/conversations/{conversation_id}", tags=["conversations"])
-    async def rename_conversation(conversation_id: str, body: RenameRequest) -> ConversationSummary:
-        return await service.rename(conversation_id, body.title)
+    async def rename_conversation(conversation_id: str, body: RenameRequest, caller: Caller = CALLER) -> ConversationSummary:
+        return await service.rename(conversation_id, body.title, caller.owner)
 
     @app.get(
         "/conversations/{conversation_id}/export",
         tags=["conversations"],
         responses={200: {"content": {"application/json": {}, "text/markdown": {}}}},
     )
-    async def export_conversation(conversation_id: str, format: ExportFormat = "json") -> Response:
+    async def export_conversation(conversation_id: str, format: ExportFormat = "json", caller: Caller = CALLER) -> Response:
         """The whole conversation as a downloadable JSON document or Markdown transcript."""
-        conversation = await service.get(conversation_id)
+        conversation = await service.get(conversation_id, caller.owner)
         if format == "markdown":
             body, media_type, suffix = conversation_markdown(conversation), "text/markdown; charset=utf-8", "md"
         else:
@@ -317,8 +340,8 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         return Response(body, media_type=media_type, headers={"Content-Disposition": disposition})
 
     @app.delete("/conversations/{conversation_id}", tags=["conversations"])
-    async def delete_conversation(conversation_id: str) -> dict[str, int | bool]:
-        return {"id": await service.delete(conversation_id), "deleted": True}
+    async def delete_conversation(conversation_id: str, caller: Caller = CALLER) -> dict[str, int | bool]:
+        return {"id": await service.delete(conversation_id, caller.owner), "deleted": True}
 
     @app.post(
         "/conversations/{conversation_id}/generate",
@@ -331,11 +354,12 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
             }
         },
     )
-    async def generate(conversation_id: str, body: GenerateRequest) -> TextStreamResponse:
+    async def generate(conversation_id: str, body: GenerateRequest, caller: Caller = CALLER) -> TextStreamResponse:
         """Appends `prompt` to the conversation and streams the model's answer as plain text."""
         model = service.resolve_model(body.model, body.revision)
         turn = await service.conversation_turn(
             conversation_id,
+            caller.owner,
             [{"role": "user", "content": body.prompt}],
             model,
             body.to_sampling_params(),
@@ -354,21 +378,23 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
             }
         },
     )
-    async def regenerate(conversation_id: str, body: RegenerateRequest | None = None) -> TextStreamResponse:
+    async def regenerate(
+        conversation_id: str, body: RegenerateRequest | None = None, caller: Caller = CALLER
+    ) -> TextStreamResponse:
         """Answers the last prompt again (optionally with other parameters or another model);
         the new answer replaces the previous one once it is complete or stopped."""
         body = body or RegenerateRequest()
         model = service.resolve_model(body.model, body.revision)
         turn = await service.regenerate_turn(
-            conversation_id, model, body.to_sampling_params(), body.stored_parameters(model.name, model.revision)
+            conversation_id, caller.owner, model, body.to_sampling_params(), body.stored_parameters(model.name, model.revision)
         )
         return TextStreamResponse(service.text_pieces(turn))
 
     @app.post("/conversations/{conversation_id}/stop", tags=["conversations"])
-    async def stop(conversation_id: str) -> StopResponse:
+    async def stop(conversation_id: str, caller: Caller = CALLER) -> StopResponse:
         """Stops the answer being generated in this conversation within one decode step; the
         partial answer is stored with status "stopped"."""
-        stopped = await service.stop(conversation_id)
+        stopped = await service.stop(conversation_id, caller.owner)
         return StopResponse(id=parse_conversation_id(conversation_id), stopped=stopped)
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from deployments.engine.protocol import GenerationOutput, InvalidRequestError
 from deployments.engine.sampling import SamplingParams
 from deployments.model_registry import ModelConfig
+from serve_app.auth import CALLER, Caller
 from serve_app.conversations import ConversationService, Turn, describe_failure
 from serve_app.protocol import (
     MAX_CONVERSATION_ID,
@@ -305,6 +306,7 @@ def create_openai_router(service: ConversationService) -> APIRouter:
         x_conversation_id: Annotated[
             int | None, Header(ge=1, le=MAX_CONVERSATION_ID, description="Same as the body's `conversation_id`.")
         ] = None,
+        caller: Caller = CALLER,
     ):
         model = service.resolve_model(body.model)
         conversation_id = body.conversation_id if body.conversation_id is not None else x_conversation_id
@@ -329,7 +331,9 @@ def create_openai_router(service: ConversationService) -> APIRouter:
             raise InvalidRequestError("n: a conversation stores one answer a turn; ask for one choice with a conversation_id")
         else:
             turns = [
-                await service.conversation_turn(conversation_id, body.chat_messages(), model, body.to_sampling_params(), stored)
+                await service.conversation_turn(
+                    conversation_id, caller.owner, body.chat_messages(), model, body.to_sampling_params(), stored
+                )
             ]
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.model_registry import ModelConfig, ModelRegistry
+from deployments.user_accounts import NAME_PATTERN
+
+AuthMode = Literal["none", "key", "users"]
 
 
 def _default_models() -> list[ModelConfig]:
@@ -26,10 +30,19 @@ class AppSettings(BaseModel):
     # The original page was opened from a file (Origin: null) or another localhost port.
     cors_origins: list[str] = ["null"]
     cors_origin_regex: str | None = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
-    # When set, every API route requires `Authorization: Bearer <api_key>` (the page, its static
-    # files, /healthz, /readyz and the API docs stay open). Default: $RAY_CHAT_API_KEY, read once
-    # when the application is built.
+    # Who may use the API (the page, its static files, /healthz, /readyz and the API docs stay
+    # open); read once when the application is built, default $RAY_CHAT_AUTH:
+    # - none: anyone who reaches the port (the laptop: serve_config.yaml binds to 127.0.0.1);
+    # - key: one shared key, `Authorization: Bearer <api_key>` (default when `api_key` is set);
+    # - users: each person's own key (`make user NAME=...`); each sees only their own
+    #   conversations (docs/users.md).
+    # validate_default: the environment's value is checked as a configured one is.
+    auth: AuthMode | None = Field(default_factory=lambda: os.environ.get("RAY_CHAT_AUTH") or None, validate_default=True)
+    # The shared key of `auth: key`. Default: $RAY_CHAT_API_KEY.
     api_key: str | None = Field(default_factory=lambda: os.environ.get("RAY_CHAT_API_KEY") or None, min_length=8)
+    # With `auth: users`, conversations made before users existed belong to this user (an
+    # admin, made without a key if missing: `make user NAME=admin ROTATE=1` gives it one).
+    owner_of_unowned: str = Field(default="admin", pattern=NAME_PATTERN)
     # The light deployments take a sliver of a CPU so the model replicas can be scheduled.
     ingress_num_cpus: float = Field(default=0.1, ge=0)
     # Ingress replicas: each relays its streams' chunks and sets up its requests on one core, so
@@ -57,6 +70,15 @@ class AppSettings(BaseModel):
     @model_validator(mode="after")
     def _model_names_are_unique(self):
         ModelRegistry(self.models)
+        return self
+
+    @model_validator(mode="after")
+    def _auth_is_complete(self):
+        if self.auth is None:
+            # Set neither in the config nor in the environment: a key given means it is wanted.
+            object.__setattr__(self, "auth", "key" if self.api_key else "none")
+        if self.auth == "key" and not self.api_key:
+            raise ValueError("auth: key needs api_key (or RAY_CHAT_API_KEY)")
         return self
 
     def resolved(self) -> AppSettings:

@@ -209,7 +209,7 @@ def outputs(*texts: str, finish: str | None = None) -> list[GenerationOutput]:
 
 async def start(service: ConversationService):
     model = service.registry.default
-    return await service.conversation_turn(1, [{"role": "user", "content": "hi"}], model, SamplingParams(), {})
+    return await service.conversation_turn(1, None, [{"role": "user", "content": "hi"}], model, SamplingParams(), {})
 
 
 async def test_a_replica_dying_mid_answer_ends_the_text_stream_with_the_marker_and_stores_why(history):
@@ -276,7 +276,7 @@ async def test_a_turn_that_fails_to_start_frees_its_conversation_before_the_erro
 async def test_regenerating_where_there_is_no_prompt_frees_the_conversation(history):
     service = service_with(history, FakeStream(outputs("ok", finish="stop")))
     with pytest.raises(InvalidRequestError, match="has no prompt to answer again"):
-        await service.regenerate_turn("1", service.registry.default, SamplingParams(), {})
+        await service.regenerate_turn("1", None, service.registry.default, SamplingParams(), {})
     assert history.store.turns.holder(1) is None
 
 

@@ -46,3 +46,18 @@ def test_the_history_replica_takes_many_calls_at_once():
     settings, models, history = build_app({})._bound_deployment.init_args
     assert history._bound_deployment.name == "HistoryDeployment"
     assert history._bound_deployment._deployment_config.max_ongoing_requests == settings.history_max_ongoing_requests == 1024
+
+
+def test_the_auth_mode_comes_from_the_config_the_environment_or_the_key(monkeypatch):
+    monkeypatch.delenv("RAY_CHAT_API_KEY", raising=False)
+    monkeypatch.delenv("RAY_CHAT_AUTH", raising=False)
+    assert AppSettings().auth == "none"
+    assert AppSettings(api_key="shared-key-1").auth == "key"
+    monkeypatch.setenv("RAY_CHAT_AUTH", "users")
+    assert AppSettings().auth == "users"
+    assert AppSettings(auth="none").auth == "none"  # the config wins
+    with pytest.raises(ValueError, match="auth: key needs api_key"):
+        AppSettings(auth="key")
+    monkeypatch.setenv("RAY_CHAT_AUTH", "everyone")
+    with pytest.raises(ValueError, match="auth"):
+        AppSettings()
