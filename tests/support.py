@@ -16,6 +16,22 @@ from loadtests.service import free_port, own_ports, wait_ready, write_serve_conf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "chat"
+# The schema of the release before users (50e4974): conversations without an owner.
+RELEASED_SCHEMA = """
+CREATE TABLE conversations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, title TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL
+);
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')), content TEXT NOT NULL, model TEXT,
+    parameters TEXT, status TEXT NOT NULL DEFAULT 'complete' CHECK (status IN ('complete', 'stopped', 'failed')),
+    error TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, created_at TEXT NOT NULL
+);
+CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
+"""
+# A timestamp as the history store writes them.
+NOW = "2026-12-01T10:00:00.000000+00:00"
 STARTUP_TIMEOUT_S = 600  # the first run converts the packaged GGUF (~20-40 s) on a busy 2-core box
 
 

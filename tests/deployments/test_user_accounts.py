@@ -9,24 +9,7 @@ import pytest
 from deployments.history_store import ConversationNotFoundError, HistoryStore
 from deployments.turn_claims import ConversationBusyError
 from deployments.user_accounts import UserError, key_hash
-
-# The schema of the release before users (50e4974): conversations without an owner.
-RELEASED_SCHEMA = """
-CREATE TABLE conversations (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, title TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL
-);
-CREATE TABLE messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')), content TEXT NOT NULL, model TEXT,
-    parameters TEXT, status TEXT NOT NULL DEFAULT 'complete' CHECK (status IN ('complete', 'stopped', 'failed')),
-    error TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, created_at TEXT NOT NULL
-);
-CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
-"""
-
-
-NOW = "2026-12-01T10:00:00.000000+00:00"
+from tests.support import NOW, RELEASED_SCHEMA
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ import httpx
 import pytest
 
 from loadtests.service import free_port, running_service
-from tests.deployments.test_user_accounts import NOW, RELEASED_SCHEMA
-from tests.support import REPO_ROOT
+from tests.support import NOW, RELEASED_SCHEMA, REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
