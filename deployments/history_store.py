@@ -47,6 +47,7 @@ CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id
 MIGRATIONS = {"owner_id": "ALTER TABLE conversations ADD COLUMN owner_id INTEGER REFERENCES users(id)"}
 # Only conversations of `owner` (a user id); None: everyone's (auth none or key).
 OWNED = "(:owner IS NULL OR owner_id = :owner)"
+SUMMARY = "SELECT id, title, created_at, updated_at FROM conversations"
 
 TITLE_CHARS = 60
 
@@ -144,12 +145,12 @@ class HistoryStore(UserAccounts):
 
     async def list_conversations(self, owner: int | None = None) -> list[ConversationSummary]:
         """Newest activity first."""
-        query = f"SELECT id, title, created_at, updated_at FROM conversations WHERE {OWNED} ORDER BY updated_at DESC, id DESC"
+        query = f"{SUMMARY} WHERE {OWNED} ORDER BY updated_at DESC, id DESC"
         async with self.db.execute(query, {"owner": owner}) as cursor:
             return [ConversationSummary(**dict(row)) async for row in cursor]
 
     async def _summary(self, conversation_id: int, owner: int | None = None) -> ConversationSummary:
-        query = f"SELECT id, title, created_at, updated_at FROM conversations WHERE id = :id AND {OWNED}"
+        query = f"{SUMMARY} WHERE id = :id AND {OWNED}"
         async with self.db.execute(query, {"id": conversation_id, "owner": owner}) as cursor:
             row = await cursor.fetchone()
         if row is None:

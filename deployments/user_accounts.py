@@ -64,16 +64,14 @@ class UserAccounts:
         if not re.match(NAME_PATTERN, name):
             raise UserError(f"a user name is 1-64 letters, digits and . _ @ - (not '{name}')")
         try:
-            cursor = await self.db.execute(
-                "INSERT INTO users (name, admin, created_at) VALUES (?, ?, ?)", (name, int(admin), _now_text())
-            )
+            await self.db.execute("INSERT INTO users (name, admin, created_at) VALUES (?, ?, ?)", (name, int(admin), _now_text()))
         except aiosqlite.IntegrityError:
             await self.db.rollback()
             raise UserError(f"user '{name}' exists already (`rotate` gives it a new key)") from None
-        user_id = cursor.lastrowid
-        key = await self._new_key(user_id)
+        user = await self._user(name)
+        key = await self._new_key(user.id)
         await self.db.commit()
-        return await self._user(name), key
+        return user, key
 
     async def ensure_user(self, name: str, admin: bool) -> User:
         """The user named `name`, created without a key if there is none."""
@@ -129,7 +127,7 @@ class UserAccounts:
         # The index finds the row by the hash; the comparison itself takes the same time for any key.
         if row is None or not hmac.compare_digest(row["hash"], hashed):
             return None
-        return User(id=row["id"], name=row["name"], admin=bool(row["admin"]), created_at=row["created_at"])
+        return User(**dict(row))  # `hash` is not a field: dropped
 
     async def _user(self, name: str) -> User:
         async with self.db.execute("SELECT * FROM users WHERE name = ?", (name,)) as cursor:
@@ -138,7 +136,7 @@ class UserAccounts:
             raise UserError(f"no user '{name}'")
         return User(**dict(row))
 
-    async def _new_key(self, user_id: int | None) -> str:
+    async def _new_key(self, user_id: int) -> str:
         key = KEY_PREFIX + secrets.token_urlsafe(24)  # 192 bits
         await self.db.execute(
             "INSERT INTO api_keys (user_id, prefix, hash, created_at) VALUES (?, ?, ?, ?)",

@@ -19,7 +19,6 @@ OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json")
 @dataclass(frozen=True)
 class Caller:
     user_id: int | None  # None: the one principal of `auth: none` or `key`
-    name: str | None = None
     admin: bool = True
 
     @property

@@ -238,7 +238,7 @@ def _require_auth(app: FastAPI, settings: AppSettings, service: ConversationServ
             except Exception as exc:  # the history unreachable: 503, as on any route
                 return _error_response(request, exc)
             if user is not None:
-                request.state.caller = Caller(user.id, user.name, user.admin)
+                request.state.caller = Caller(user.id, user.admin)
             known = user is not None
         if not known:
             return JSONResponse(_error_body(request, 401, message), status_code=401, headers={"WWW-Authenticate": "Bearer"})
