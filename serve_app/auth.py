@@ -30,8 +30,10 @@ class Caller:
 EVERYONE = Caller(user_id=None)
 
 
-def caller_of(request: Request) -> Caller:
-    """The caller the auth middleware found for this request (FastAPI dependency)."""
+async def caller_of(request: Request) -> Caller:
+    """The caller the auth middleware found for this request (FastAPI dependency). Async so that
+    FastAPI calls it on the event loop: a plain function it would run in its thread pool, a
+    thread hand-off on every request."""
     return getattr(request.state, "caller", EVERYONE)
 
 
