@@ -475,6 +475,17 @@ async function streamAnswer({ model, request, onRefused, retry }) {
 
   let pendingText = null;
   let hasText = false;
+  // A new conversation is titled by its first prompt, which the server stores as the answer
+  // starts, not before its first byte: the list is read again, a few times at most, until then.
+  let titleChecks = 0;
+  let titleCheckedAt = -Infinity;
+  const checkTitle = async () => {
+    if (titleChecks >= 5 || performance.now() - titleCheckedAt < 400) return;
+    titleChecks += 1;
+    titleCheckedAt = performance.now();
+    await refreshConversations();
+    if (state.conversations.find((c) => c.id === state.currentId)?.title) titleChecks = Infinity;
+  };
   const render = () => {
     if (pendingText === null) return;
     setItemText(answerItem, pendingText);
@@ -484,8 +495,8 @@ async function streamAnswer({ model, request, onRefused, retry }) {
   const onText = (soFar) => {
     if (pendingText === null) requestAnimationFrame(render);
     pendingText = soFar;
-    if (!hasText) refreshConversations(); // the server has titled a new conversation by now
     hasText = true;
+    checkTitle();
   };
   try {
     const conversationId = await ensureConversation();
