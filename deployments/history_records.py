@@ -57,3 +57,16 @@ class ApiKeyInfo(BaseModel):
     user: str
     created_at: datetime
     revoked_at: datetime | None = None
+
+
+class UserUsage(BaseModel):
+    """One user's use of the service on one UTC day (`auth: users`)."""
+
+    user: str
+    admin: bool
+    day: str  # YYYY-MM-DD
+    requests: int  # generation requests that have ended
+    prompt_tokens: int
+    completion_tokens: int
+    active_streams: int
+    requests_last_minute: int

@@ -17,6 +17,7 @@ from typing import Any
 import aiosqlite
 
 from deployments.history_records import Conversation, ConversationSummary, Message, MessageRole, MessageStatus
+from deployments.quotas import USAGE_SCHEMA, StreamBook, UserQuotas
 from deployments.turn_claims import TurnClaims
 from deployments.user_accounts import USERS_SCHEMA, UserAccounts
 
@@ -84,16 +85,19 @@ def title_from_prompt(prompt: str) -> str:
     return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
 
 
-class HistoryStore(UserAccounts):
-    """Conversations, messages, and (`UserAccounts`) users and their keys. A conversation
-    belongs to the user who made it: every method that takes an `owner` (a user id) finds only
-    that user's conversations, and another's is "not found", as one that never existed."""
+class HistoryStore(UserAccounts, UserQuotas):
+    """Conversations, messages, (`UserAccounts`) users and their keys, and (`UserQuotas`) their
+    limits and usage. A conversation belongs to the user who made it: every method that takes
+    an `owner` (a user id) finds only that user's conversations, and another's is "not found",
+    as one that never existed."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
         # Which turn answers in which conversation (one at a time each): see `turn_claims`.
         self.turns = TurnClaims()
+        # Each user's streams and recent requests, against their limits: see `quotas`.
+        self.streams = StreamBook()
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +106,7 @@ class HistoryStore(UserAccounts):
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute("PRAGMA synchronous=FULL")
         await self._db.execute("PRAGMA foreign_keys=ON")
-        await self._db.executescript(USERS_SCHEMA + SCHEMA)
+        await self._db.executescript(USERS_SCHEMA + SCHEMA + USAGE_SCHEMA)
         async with self._db.execute("PRAGMA table_info(conversations)") as cursor:
             columns = {row["name"] async for row in cursor}
         for column, statement in MIGRATIONS.items():

@@ -20,6 +20,7 @@ OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json")
 class Caller:
     user_id: int | None  # None: the one principal of `auth: none` or `key`
     admin: bool = True
+    name: str | None = None  # the user's (`auth: users`)
 
     @property
     def owner(self) -> int | None:

@@ -32,10 +32,11 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.engine.protocol import EngineStats, GenerationOutput, GenerationRequest, InvalidRequestError
 from deployments.engine.sampling import SamplingParams
-from deployments.history_records import User
+from deployments.history_records import User, UserUsage
 from deployments.history_store import ConversationNotFoundError
 from deployments.model_registry import ModelConfig, ModelRegistry
 from deployments.output_channel import Inbox, ModelStream
+from deployments.quotas import Limits, QuotaExceededError
 from deployments.turn_claims import TURN_LEASE_S
 from deployments.user_accounts import key_hash
 from serve_app.metrics import ServiceMetrics
@@ -151,8 +152,27 @@ class Turn:
     record: TurnRecord | None
     # Storing the prompt, under way while the answer streams (see `start_turn`).
     prompt_stored: asyncio.Task | None = None
-    # When the turn's claim on its conversation was taken or last renewed (`time.monotonic()`).
+    # When the turn's claim on its conversation (and its request's lease) was taken or last
+    # renewed (`time.monotonic()`).
     claim_renewed_at: float = 0.0
+    lease: StreamLease | None = None
+
+
+@dataclass
+class StreamLease:
+    """A generation request's place among its user's streams (`auth: users`: `deployments.quotas`),
+    held until its response is sent, and the tokens its answers used."""
+
+    user_id: int
+    id: str
+    label: str  # the user's label in the per-user metrics (`Quotas.metrics_label`)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def count(self, last: GenerationOutput) -> None:
+        """Counts one answer (its last output); the `n` answers of a request read one prompt."""
+        self.prompt_tokens = max(self.prompt_tokens, last.prompt_tokens)
+        self.completion_tokens += last.completion_tokens
 
 
 def turn_request_id(conversation_id: int) -> str:
@@ -270,6 +290,27 @@ class ConversationService:
         """The user whose live key `key` is; None for an unknown or revoked one."""
         return await self.history.authenticate.remote(key_hash(key))
 
+    async def begin_stream(self, user_id: int, limits: Limits, label: str) -> StreamLease:
+        """A lease on one of the user's streams, or `QuotaExceededError` (counted) where a limit
+        is reached: asked before any work is queued."""
+        try:
+            lease = await self.history.begin_stream.remote(user_id, limits)
+        except Exception as exc:
+            cause = getattr(exc, "cause", None) or exc
+            if isinstance(cause, QuotaExceededError):
+                self.metrics.user_refused(label, cause.limit)
+            raise
+        return StreamLease(user_id, lease, label)
+
+    def end_stream(self, lease: StreamLease) -> None:
+        """Ends the stream once its response is sent, counting its tokens (a task: a client
+        that went away must not cancel it)."""
+        self.metrics.user_request_ended(lease.label, lease.prompt_tokens, lease.completion_tokens)
+        self._tell_history("end_stream", lease.user_id, lease.id, lease.prompt_tokens, lease.completion_tokens)
+
+    async def usage(self, user_id: int | None) -> list[UserUsage]:
+        return await self.history.usage.remote(user_id)
+
     async def list_ids(self, owner: int | None) -> list[int]:
         return await self.history.list_conversation_ids.remote(owner)
 
@@ -322,6 +363,7 @@ class ConversationService:
         model: ModelConfig,
         params: SamplingParams,
         stored_parameters: dict[str, Any],
+        lease: StreamLease | None = None,
     ) -> Turn:
         """A turn in a stored conversation: its history goes before `new_messages`, whose last
         (user) message is stored with the answer."""
@@ -329,10 +371,16 @@ class ConversationService:
             conversation, claim = await self._claim(raw_id, owner)
             record = TurnRecord(conversation.id, new_messages[-1]["content"], stored_parameters, claim)
             messages = context_messages(conversation.messages) + new_messages
-            return await self.start_turn(model, params, messages=messages, record=record, admission=admission)
+            return await self.start_turn(model, params, messages=messages, record=record, admission=admission, lease=lease)
 
     async def regenerate_turn(
-        self, raw_id: str, owner: int | None, model: ModelConfig, params: SamplingParams, stored_parameters: dict[str, Any]
+        self,
+        raw_id: str,
+        owner: int | None,
+        model: ModelConfig,
+        params: SamplingParams,
+        stored_parameters: dict[str, Any],
+        lease: StreamLease | None = None,
     ) -> Turn:
         """Answers the conversation's last prompt again; the new answer replaces the old one."""
         with self.admit(model).held() as admission:
@@ -344,7 +392,7 @@ class ConversationService:
             last = conversation.messages[prompts[-1]]
             record = TurnRecord(conversation.id, last.content, stored_parameters, claim, replace_after=last.id)
             messages = context_messages(conversation.messages[: prompts[-1]]) + [{"role": "user", "content": last.content}]
-            return await self.start_turn(model, params, messages=messages, record=record, admission=admission)
+            return await self.start_turn(model, params, messages=messages, record=record, admission=admission, lease=lease)
 
     async def _claim(self, raw_id: str | int, owner: int | None) -> tuple[Conversation, str]:
         """The conversation, claimed for a new turn (`ConversationBusyError` while it answers),
@@ -362,6 +410,7 @@ class ConversationService:
         prompt: str | None = None,
         record: TurnRecord | None = None,
         admission: Admission | None = None,
+        lease: StreamLease | None = None,
     ) -> Turn:
         """Starts generating and waits for the first output, so every error that can reject the
         request (prompt too long, model down) is raised here, before any byte is sent. Its place
@@ -396,7 +445,7 @@ class ConversationService:
                 model=model.name,
                 parameters=record.parameters,
             )
-        return Turn(model, first, stream, record, prompt_stored, claim_renewed_at=started)
+        return Turn(model, first, stream, record, prompt_stored, claim_renewed_at=started, lease=lease)
 
     async def _first_output(
         self, model: ModelConfig, request: GenerationRequest, admission: Admission
@@ -441,6 +490,8 @@ class ConversationService:
             if output.finish_reason == "cancelled":
                 status = "stopped"
             self.metrics.turn_finished(turn.model.name, status, output.prompt_tokens, output.completion_tokens)
+            if turn.lease is not None:
+                turn.lease.count(output)
             if status != "complete":
                 turn.stream.cancel()
             if turn.record is not None:
@@ -466,11 +517,15 @@ class ConversationService:
             await anext(outputs)
 
     def _keep_claim(self, turn: Turn) -> None:
-        """Renews the turn's claim on its conversation every third of the claim's lease: an
-        answer may stream for longer than one."""
-        if turn.record is not None and time.monotonic() - turn.claim_renewed_at > TURN_LEASE_S / 3:
-            turn.claim_renewed_at = time.monotonic()
+        """Renews the turn's claim on its conversation and its request's stream lease every third
+        of their lease: an answer may stream for longer than one."""
+        if (turn.record is None and turn.lease is None) or time.monotonic() - turn.claim_renewed_at <= TURN_LEASE_S / 3:
+            return
+        turn.claim_renewed_at = time.monotonic()
+        if turn.record is not None:
             self._tell_history("renew_turn", turn.record.conversation_id, turn.record.claim)
+        if turn.lease is not None:
+            self._tell_history("renew_stream", turn.lease.user_id, turn.lease.id)
 
     async def text_pieces(self, turn: Turn) -> AsyncGenerator[str, None]:
         """The turn as plain text pieces (the original API's stream). A failure after the first

@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import ray
-from fastapi import FastAPI, Request, status
+from fastapi import Depends, FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -32,11 +32,13 @@ from deployments.history_store import ConversationNotFoundError
 from deployments.logs import show_our_logs
 from deployments.model_registry import ModelRegistry, UnknownModelError
 from deployments.output_channel import ChannelError, Inbox
+from deployments.quotas import QuotaExceededError
 from deployments.turn_claims import ConversationBusyError
 from serve_app.auth import CALLER, Caller, PermissionDeniedError, bearer_key, is_open
 from serve_app.conversations import (
     ConversationService,
     ModelOverloadedError,
+    StreamLease,
     UnknownRevisionError,
     conversation_markdown,
     parse_conversation_id,
@@ -50,9 +52,12 @@ from serve_app.protocol import (
     ExportFormat,
     GenerateRequest,
     ModelCard,
+    OpenAIErrorResponse,
     RegenerateRequest,
     RenameRequest,
     StopResponse,
+    UsageEntry,
+    UsageReport,
 )
 from serve_app.settings import AppSettings
 from serve_app.streaming import TextStreamResponse
@@ -62,6 +67,14 @@ FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
 # prompt, 100,000 characters, fits even with every character escaped (`\u00e9`, 6 bytes).
 MAX_BODY_BYTES = 1 << 20
 
+
+class UsageNotKeptError(LookupError):
+    """Usage is counted per user, and the service has none (404)."""
+
+    def __init__(self) -> None:
+        super().__init__("usage is counted per user: the service runs without users (auth: users turns them on)")
+
+
 # Domain errors -> HTTP status, wherever they were raised (here or in a replica).
 ERROR_STATUS: dict[type[Exception], int] = {
     ConversationNotFoundError: status.HTTP_404_NOT_FOUND,
@@ -69,11 +82,12 @@ ERROR_STATUS: dict[type[Exception], int] = {
     UnknownRevisionError: status.HTTP_404_NOT_FOUND,
     ConversationBusyError: status.HTTP_409_CONFLICT,
     PermissionDeniedError: status.HTTP_403_FORBIDDEN,
+    UsageNotKeptError: status.HTTP_404_NOT_FOUND,
     InvalidRequestError: status.HTTP_400_BAD_REQUEST,  # PromptTooLongError among them
 }
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)
 }
 
 
@@ -90,6 +104,11 @@ def _error_response(request: Request, exc: Exception) -> JSONResponse:
     """The one place errors become HTTP responses. Handle calls raise a replica's exception as
     a RayTaskError whose `cause` is the original, so the cause decides the status."""
     cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, QuotaExceededError):
+        body = _error_body(request, 429, str(cause))
+        if "error" in body:  # OpenAI's rate-limit error, which its SDK retries after `Retry-After`
+            body["error"].update(type=cause.counts, code="rate_limit_exceeded")
+        return JSONResponse(body, status_code=429, headers={"Retry-After": str(cause.retry_after_s)})
     if isinstance(cause, ModelOverloadedError):
         return JSONResponse(_error_body(request, 503, str(cause)), status_code=503, headers={"Retry-After": "2"})
     for error_type, code in ERROR_STATUS.items():
@@ -238,11 +257,35 @@ def _require_auth(app: FastAPI, settings: AppSettings, service: ConversationServ
             except Exception as exc:  # the history unreachable: 503, as on any route
                 return _error_response(request, exc)
             if user is not None:
-                request.state.caller = Caller(user.id, user.admin)
+                request.state.caller = Caller(user.id, user.admin, user.name)
             known = user is not None
         if not known:
             return JSONResponse(_error_body(request, 401, message), status_code=401, headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
+
+
+def _stream_leases(settings: AppSettings, service: ConversationService) -> Any:
+    """The dependency that gives a generation route its request's stream lease: with `auth:
+    users`, taken from the caller's limits before the route does any work (429 over a limit) and
+    given back with the tokens used once the response is sent; None otherwise."""
+    if settings.auth != "users":
+
+        async def no_lease() -> None:
+            return None
+
+        return Depends(no_lease)
+    quotas = settings.quotas
+
+    async def stream_lease(caller: Caller = CALLER) -> AsyncIterator[StreamLease]:
+        assert caller.user_id is not None and caller.name is not None  # the auth middleware's
+        label = quotas.metrics_label(caller.user_id, caller.name)
+        lease = await service.begin_stream(caller.user_id, quotas.limits_of(caller.name), label)
+        try:
+            yield lease
+        finally:
+            service.end_stream(lease)
+
+    return Depends(stream_lease)
 
 
 def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
@@ -262,12 +305,13 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         allow_methods=["*"],
         allow_headers=["*"],
     )
-    for error_type in (*ERROR_STATUS, RayError, ChannelError, ModelOverloadedError):
+    for error_type in (*ERROR_STATUS, RayError, ChannelError, ModelOverloadedError, QuotaExceededError):
         app.add_exception_handler(error_type, _error_response)
     # Starlette types every handler as taking any Exception; it calls this one with RequestValidationError only.
     app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     registry = service.registry
+    leases = _stream_leases(settings, service)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -354,7 +398,9 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
             }
         },
     )
-    async def generate(conversation_id: str, body: GenerateRequest, caller: Caller = CALLER) -> TextStreamResponse:
+    async def generate(
+        conversation_id: str, body: GenerateRequest, caller: Caller = CALLER, lease: StreamLease | None = leases
+    ) -> TextStreamResponse:
         """Appends `prompt` to the conversation and streams the model's answer as plain text."""
         model = service.resolve_model(body.model, body.revision)
         turn = await service.conversation_turn(
@@ -364,6 +410,7 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
             model,
             body.to_sampling_params(),
             body.stored_parameters(model.name, model.revision),
+            lease,
         )
         return TextStreamResponse(service.text_pieces(turn))
 
@@ -379,14 +426,22 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         },
     )
     async def regenerate(
-        conversation_id: str, body: RegenerateRequest | None = None, caller: Caller = CALLER
+        conversation_id: str,
+        body: RegenerateRequest | None = None,
+        caller: Caller = CALLER,
+        lease: StreamLease | None = leases,
     ) -> TextStreamResponse:
         """Answers the last prompt again (optionally with other parameters or another model);
         the new answer replaces the previous one once it is complete or stopped."""
         body = body or RegenerateRequest()
         model = service.resolve_model(body.model, body.revision)
         turn = await service.regenerate_turn(
-            conversation_id, caller.owner, model, body.to_sampling_params(), body.stored_parameters(model.name, model.revision)
+            conversation_id,
+            caller.owner,
+            model,
+            body.to_sampling_params(),
+            body.stored_parameters(model.name, model.revision),
+            lease,
         )
         return TextStreamResponse(service.text_pieces(turn))
 
@@ -397,6 +452,17 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         stopped = await service.stop(conversation_id, caller.owner)
         return StopResponse(id=parse_conversation_id(conversation_id), stopped=stopped)
 
+    @app.get("/v1/usage", tags=["users"], responses={404: {"model": OpenAIErrorResponse}})
+    async def usage(all: bool = False, caller: Caller = CALLER) -> UsageReport:
+        """With `auth: users`: the caller's generation requests, tokens, streams and limits today
+        (UTC); `?all=true`: every user's (admins only)."""
+        if caller.user_id is None:
+            raise UsageNotKeptError()
+        if all and not caller.admin:
+            raise PermissionDeniedError("all: only an admin may see every user's usage")
+        rows = await service.usage(None if all else caller.user_id)
+        return UsageReport(data=[UsageEntry(**row.model_dump(), limits=settings.quotas.limits_of(row.user)) for row in rows])
+
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         """Prometheus metrics: turns, TTFT, tokens, active and queued streams per model."""
@@ -405,7 +471,7 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         body = metrics_text(turns, streams)
         return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(create_openai_router(service))
+    app.include_router(create_openai_router(service, leases))
 
     if FRONTEND_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=FRONTEND_DIR), name="static")

@@ -43,6 +43,19 @@ class ServiceMetrics:
         self.tokens = Counter("chat_generated_tokens", "Tokens generated", ["model"], registry=self.registry)
         self.prompt_tokens = Counter("chat_prompt_tokens", "Prompt tokens read", ["model"], registry=self.registry)
 
+        # Per user (`auth: users`), over a bounded label set (`Quotas.metrics_label`).
+        self.user_requests = Counter("chat_user_requests", "Generation requests ended, by user", ["user"], registry=self.registry)
+        self.user_tokens = Counter("chat_user_generated_tokens", "Tokens generated, by user", ["user"], registry=self.registry)
+        self.user_prompt_tokens = Counter(
+            "chat_user_prompt_tokens", "Prompt tokens read, by user", ["user"], registry=self.registry
+        )
+        self.user_refusals = Counter(
+            "chat_user_refusals",
+            "Requests refused by a user's limit, by user and limit",
+            ["user", "limit"],
+            registry=self.registry,
+        )
+
     def turn_started(self, model: str, ttft_s: float) -> None:
         self.ttft.labels(model).observe(ttft_s)
 
@@ -50,6 +63,14 @@ class ServiceMetrics:
         self.turns.labels(model, status).inc()
         self.prompt_tokens.labels(model).inc(prompt_tokens)
         self.tokens.labels(model).inc(completion_tokens)
+
+    def user_request_ended(self, user: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.user_requests.labels(user).inc()
+        self.user_prompt_tokens.labels(user).inc(prompt_tokens)
+        self.user_tokens.labels(user).inc(completion_tokens)
+
+    def user_refused(self, user: str, limit: str) -> None:
+        self.user_refusals.labels(user, limit).inc()
 
     def families(self) -> list[Metric]:
         """This replica's samples, for the replica that answers a scrape to gather (`by_replica`)."""

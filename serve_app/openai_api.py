@@ -23,7 +23,7 @@ from deployments.engine.protocol import GenerationOutput, InvalidRequestError
 from deployments.engine.sampling import SamplingParams
 from deployments.model_registry import ModelConfig
 from serve_app.auth import CALLER, Caller
-from serve_app.conversations import ConversationService, Turn, describe_failure
+from serve_app.conversations import ConversationService, StreamLease, Turn, describe_failure
 from serve_app.protocol import (
     MAX_CONVERSATION_ID,
     ChatCompletion,
@@ -73,8 +73,8 @@ def usage_of(*lasts: GenerationOutput) -> Usage:
 async def start_choices(
     service: ConversationService, model: ModelConfig, choices: list[SamplingParams], **prompt: Any
 ) -> list[Turn]:
-    """A turn per choice (`n`), started together. If one cannot start, the others are abandoned
-    and its error is the request's."""
+    """A turn per choice (`n`), started together (`prompt`: `start_turn`'s keyword arguments).
+    If one cannot start, the others are abandoned and its error is the request's."""
     if len(choices) == 1:  # nearly every request: no task to start it in
         return [await service.start_turn(model, choices[0], **prompt)]
     started = await asyncio.gather(*(service.start_turn(model, params, **prompt) for params in choices), return_exceptions=True)
@@ -284,9 +284,11 @@ async def response_events(service: ConversationService, turn: Turn, draft: Respo
     )
 
 
-def create_openai_router(service: ConversationService) -> APIRouter:
+def create_openai_router(service: ConversationService, leases: Any) -> APIRouter:
+    """The `/v1` routes; `leases`: the dependency that gives a generation its stream lease
+    (`ingress._stream_leases`)."""
     router = APIRouter(
-        prefix="/v1", tags=["openai"], responses={code: {"model": OpenAIErrorResponse} for code in (400, 404, 503)}
+        prefix="/v1", tags=["openai"], responses={code: {"model": OpenAIErrorResponse} for code in (400, 404, 429, 503)}
     )
 
     @router.get("/models")
@@ -307,6 +309,7 @@ def create_openai_router(service: ConversationService) -> APIRouter:
             int | None, Header(ge=1, le=MAX_CONVERSATION_ID, description="Same as the body's `conversation_id`.")
         ] = None,
         caller: Caller = CALLER,
+        lease: StreamLease | None = leases,
     ):
         model = service.resolve_model(body.model)
         conversation_id = body.conversation_id if body.conversation_id is not None else x_conversation_id
@@ -326,13 +329,13 @@ def create_openai_router(service: ConversationService) -> APIRouter:
             exclude_none=True,
         ) | {"model": model.name}
         if conversation_id is None:
-            turns = await start_choices(service, model, body.choices_params(), messages=body.chat_messages())
+            turns = await start_choices(service, model, body.choices_params(), messages=body.chat_messages(), lease=lease)
         elif body.n > 1:
             raise InvalidRequestError("n: a conversation stores one answer a turn; ask for one choice with a conversation_id")
         else:
             turns = [
                 await service.conversation_turn(
-                    conversation_id, caller.owner, body.chat_messages(), model, body.to_sampling_params(), stored
+                    conversation_id, caller.owner, body.chat_messages(), model, body.to_sampling_params(), stored, lease
                 )
             ]
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -378,9 +381,9 @@ def create_openai_router(service: ConversationService) -> APIRouter:
         return ServerSentEventsResponse(sse_events(service, turns, chunk, usage, opening))
 
     @router.post("/completions", response_model=Completion, responses=SSE_RESPONSE)
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, lease: StreamLease | None = leases):
         model = service.resolve_model(body.model)
-        turns = await start_choices(service, model, body.choices_params(), prompt=body.prompt_text)
+        turns = await start_choices(service, model, body.choices_params(), prompt=body.prompt_text, lease=lease)
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def choice(index: int, text: str | None, finish_reason: FinishReasonOut | None) -> CompletionChoice:
@@ -403,11 +406,11 @@ def create_openai_router(service: ConversationService) -> APIRouter:
         return ServerSentEventsResponse(sse_events(service, turns, chunk, usage_chunk if body.include_usage else None))
 
     @router.post("/responses", response_model=ResponseObject, responses=SSE_RESPONSE)
-    async def responses(body: ResponsesRequest):
+    async def responses(body: ResponsesRequest, lease: StreamLease | None = leases):
         """The Responses API for text: `input` and `instructions` in, one message of text out."""
         model = service.resolve_model(body.model)
         params = body.to_sampling_params()
-        turn = await service.start_turn(model, params, messages=body.chat_messages())
+        turn = await service.start_turn(model, params, messages=body.chat_messages(), lease=lease)
         draft = ResponseDraft(body, model.name, params)
         if not body.stream:
             [(text, last)] = await collect(service, [turn])

@@ -33,7 +33,9 @@ from deployments.history_records import (  # noqa: F401 - part of this module's 
     Message,
     MessageRole,
     MessageStatus,
+    UserUsage,
 )
+from deployments.quotas import Limits
 
 # Defaults of the original API, shared by every route that samples.
 DEFAULT_SAMPLE_LEN = 256
@@ -645,3 +647,14 @@ class OpenAIErrorDetail(BaseModel):
 
 class OpenAIErrorResponse(BaseModel):
     error: OpenAIErrorDetail
+
+
+class UsageEntry(UserUsage):
+    limits: Limits  # the user's limits now (`quotas` in the settings); null: unlimited
+
+
+class UsageReport(BaseModel):
+    """`GET /v1/usage`: the caller's usage today (UTC), or with `?all=true` every user's (admins)."""
+
+    object: Literal["list"] = "list"
+    data: list[UsageEntry]

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.model_registry import ModelConfig, ModelRegistry
+from deployments.quotas import Quotas
 from deployments.user_accounts import NAME_PATTERN
 
 AuthMode = Literal["none", "key", "users"]
@@ -43,6 +44,9 @@ class AppSettings(BaseModel):
     # With `auth: users`, conversations made before users existed belong to this user (an
     # admin, made without a key if missing: `make user NAME=admin ROTATE=1` gives it one).
     owner_of_unowned: str = Field(default="admin", pattern=NAME_PATTERN)
+    # With `auth: users`: each user's limits (streams at once, requests per minute, generated
+    # tokens per day), defaults and overrides by name (`deployments.quotas.Quotas`, docs/users.md).
+    quotas: Quotas = Quotas()
     # The light deployments take a sliver of a CPU so the model replicas can be scheduled.
     ingress_num_cpus: float = Field(default=0.1, ge=0)
     # Ingress replicas: each relays its streams' chunks and sets up its requests on one core, so

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.service import free_port, own_ports, wait_ready, write_serve_config  # noqa: F401 - the tests' helpers too
 
@@ -88,3 +89,16 @@ def prompt_tokens_reused(client: httpx.Client, model: str) -> float:
         if line.startswith(f'chat_prompt_tokens_reused{{model="{model}"}}'):
             return float(line.split()[-1])
     return 0.0
+
+
+def metric_by_replica(client: httpx.Client, name: str, **labels: str) -> dict[str, float]:
+    """`name`'s series with these labels (`/metrics`), summed per ingress replica (label `replica`)."""
+    response = client.get("/metrics")
+    assert response.status_code == 200, response.text
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                replica = sample.labels.get("replica", "")
+                values[replica] = values.get(replica, 0.0) + sample.value
+    return values

@@ -7,7 +7,8 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import metric_by_replica
 
 pytestmark = pytest.mark.slow
 
@@ -22,16 +23,9 @@ def client(serve_app):
 
 
 def metric(client: httpx.Client, name: str, **labels) -> float:
-    """The sum of `name`'s series with these labels: turn metrics have one series per ingress
-    replica (label `replica`), summed as a Prometheus query would."""
-    response = client.get("/metrics")
-    assert response.status_code == 200, response.text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
+    """The sum of `name`'s series with these labels over the ingress replicas, as a Prometheus
+    query would sum them."""
+    return sum(metric_by_replica(client, name, **labels).values())
 
 
 def messages(client: httpx.Client, conversation_id: int) -> list[dict]:

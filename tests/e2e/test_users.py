@@ -1,24 +1,30 @@
 """`auth: users` against the real service, started as `RAY_CHAT_AUTH=users make serve` starts it
-(the launcher, serve.env, HAProxy), on a database the release before users wrote: every
-conversation route, listed from the app's own route table, keeps one user's conversations from
-another; every API route wants a live key; `make user`'s CLI works while the service runs."""
+(the launcher, serve.env, HAProxy) with two ingress replicas, on a database the release before
+users wrote: every conversation route, listed from the app's own route table, keeps one user's
+conversations from another; every API route wants a live key; `make user`'s CLI works while the
+service runs; each user's limits hold across both ingress replicas."""
 
 from __future__ import annotations
 
 import sqlite3
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
 
 from loadtests.service import free_port, running_service
-from tests.support import NOW, RELEASED_SCHEMA, REPO_ROOT
+from tests.support import NOW, RELEASED_SCHEMA, REPO_ROOT, metric_by_replica
 
 pytestmark = pytest.mark.slow
 
 TINY = "tiny-random"
-MODELS = [{"name": TINY, "source": {"kind": "tiny_random"}, "num_cpus": 0.2, "torch_threads": 1}]
+SLOW = "random-135m"  # SmolLM2-135M's shape, random: its answers stream for seconds on a CPU
+MODELS = [
+    {"name": TINY, "source": {"kind": "tiny_random"}, "num_cpus": 0.2, "torch_threads": 1},
+    {"name": SLOW, "source": {"kind": "tiny_random", "shape": "smollm2"}, "num_cpus": 0.2, "torch_threads": 1},
+]
 # A valid request to each route that names a conversation; a route added without an entry here fails the test.
 CONVERSATION_ROUTES = {
     ("get", "/conversations/{conversation_id}"): None,
@@ -28,6 +34,14 @@ CONVERSATION_ROUTES = {
     ("post", "/conversations/{conversation_id}/generate"): {"prompt": "hi", "model": TINY, "sample_len": 4},
     ("post", "/conversations/{conversation_id}/regenerate"): {"model": TINY, "sample_len": 4},
     ("post", "/conversations/{conversation_id}/stop"): None,
+}
+# Each quota test's user has one limit of its own; everyone else has the defaults.
+QUOTAS = {
+    "users": {
+        "streamer": {"concurrent_streams": 2},
+        "hurried": {"requests_per_minute": 3},
+        "wordy": {"tokens_per_day": 20},
+    }
 }
 OPEN = ("/", "/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
 
@@ -57,7 +71,7 @@ def released_database(path) -> None:
 def service(tmp_path_factory):
     database = tmp_path_factory.mktemp("users") / "history.sqlite3"
     released_database(database)
-    app_args = {"database_path": str(database)}
+    app_args = {"database_path": str(database), "ingress_num_replicas": 2, "quotas": QUOTAS}
     with running_service(MODELS, free_port(), app_args=app_args, env={"RAY_CHAT_AUTH": "users"}) as running:
         yield running, database
 
@@ -123,3 +137,77 @@ def test_every_api_route_wants_a_live_key_and_a_revoked_one_is_refused_at_once(s
             assert response.headers["www-authenticate"] == "Bearer"
     for path in ("/", "/healthz", "/readyz", "/static/app.js"):
         assert httpx.get(f"{running.url}{path}").status_code == 200
+
+
+def completion(client: httpx.Client, max_tokens: int, **extra) -> httpx.Response:
+    body = {"model": TINY, "prompt": "count", "max_tokens": max_tokens, "ignore_eos": True, **extra}
+    return client.post("/v1/completions", json=body)
+
+
+def assert_rate_limited(response: httpx.Response, limit: str, counts: str) -> int:
+    """The 429 of a `/v1` request over `limit`: OpenAI's rate-limit error; its `Retry-After`."""
+    assert response.status_code == 429, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == (counts, "rate_limit_exceeded")
+    assert f"`{limit}`" in error["message"]
+    return int(response.headers["retry-after"])
+
+
+def test_streams_at_once_are_limited_per_user_across_both_ingress_replicas(service):
+    running, database = service
+    streamer = client(running.url, users_cli(database, "add", "streamer"))
+    other = client(running.url, users_cli(database, "add", "bystander"))
+    long = {"model": SLOW, "prompt": "count", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    with (
+        streamer.stream("POST", "/v1/completions", json=long) as first,
+        streamer.stream("POST", "/v1/completions", json=long) as second,
+    ):
+        # Kept: an iterator dropped would close its connection, and the server would end its stream.
+        readers = [stream.iter_bytes() for stream in (first, second)]
+        for stream, reader in zip((first, second), readers):
+            assert stream.status_code == 200
+            next(reader)  # streaming: both hold a place
+        assert assert_rate_limited(completion(streamer, 2), "concurrent_streams", "requests") == 1
+        conversation_id = streamer.get("/conversations/start").json()
+        refused = streamer.post(f"/conversations/{conversation_id}/generate", json={"prompt": "hi", "model": TINY})
+        assert refused.status_code == 429 and "`concurrent_streams`" in refused.json()["detail"]
+        assert refused.headers["retry-after"] == "1"
+        assert streamer.get(f"/conversations/{conversation_id}").json()["messages"] == []  # refused before any work
+        assert completion(other, 2).status_code == 200  # someone else's streams are theirs
+    # Closed by the client: each place is given back once its response ends.
+    deadline = time.monotonic() + 30
+    while (answer := completion(streamer, 2)).status_code == 429 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert answer.status_code == 200
+    # The two streams were relayed by different ingress replicas: the limit held across them.
+    ended = metric_by_replica(streamer, "chat_user_requests_total", user="streamer")
+    assert len(ended) == 2, ended
+    assert sum(metric_by_replica(streamer, "chat_user_refusals_total", user="streamer", limit="concurrent_streams").values()) == 2
+
+
+def test_requests_per_minute_are_limited_across_both_ingress_replicas(service):
+    running, database = service
+    hurried = client(running.url, users_cli(database, "add", "hurried"))
+    for _ in range(3):
+        assert completion(hurried, 1).status_code == 200
+    retry_after = assert_rate_limited(completion(hurried, 1), "requests_per_minute", "requests")
+    assert 1 <= retry_after <= 60
+    assert len(metric_by_replica(hurried, "chat_user_requests_total", user="hurried")) == 2  # both replicas counted
+
+
+def test_generated_tokens_per_day_are_limited_and_usage_shows_them(service):
+    running, database = service
+    wordy = client(running.url, users_cli(database, "add", "wordy"))
+    for _ in range(2):  # 15 generated, under 20: allowed; 30: over, and the next is refused
+        answer = completion(wordy, 15)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 15
+    retry_after = assert_rate_limited(completion(wordy, 1), "tokens_per_day", "tokens")
+    assert 1 <= retry_after <= 86400
+    [usage] = wordy.get("/v1/usage").json()["data"]
+    assert (usage["user"], usage["requests"], usage["completion_tokens"], usage["active_streams"]) == ("wordy", 2, 30, 0)
+    assert usage["limits"] == {"concurrent_streams": 16, "requests_per_minute": None, "tokens_per_day": 20}
+    assert wordy.get("/v1/usage?all=true").status_code == 403
+    admin = client(running.url, users_cli(database, "rotate", "admin"))
+    everyone = {row["user"]: row for row in admin.get("/v1/usage?all=true").json()["data"]}
+    assert everyone["wordy"]["completion_tokens"] == 30 and "admin" in everyone
+    assert sum(metric_by_replica(admin, "chat_user_generated_tokens_total", user="wordy").values()) == 30
