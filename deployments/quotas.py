@@ -62,9 +62,9 @@ class Quotas(Limits):
     """Everyone's limits (the fields of `Limits`), with `users` overriding some of them by name:
     `{alice: {tokens_per_day: null}}` lifts only alice's daily limit."""
 
-    # By default no one may hold more of a model's batch than this, so no one's flood takes
-    # another's slots (docs/users.md has the measurement).
-    concurrent_streams: int | None = Field(default=16, gt=0)
+    # By default no one holds more than half the packaged model's batch (`max_batch_size` 16),
+    # so one user's flood leaves the others room (docs/users.md#fairness measures it).
+    concurrent_streams: int | None = Field(default=8, gt=0)
     users: dict[UserName, Limits] = {}
     # Users whose id is at most this have their own series in the per-user metrics; the others
     # share `user="_other"`, so a service with thousands of users keeps a bounded label set.
@@ -92,7 +92,9 @@ class QuotaExceededError(RuntimeError):
 
     def __init__(self, limit: LimitName, allowed: int, retry_after_s: int):
         self.limit, self.allowed, self.retry_after_s = limit, allowed, retry_after_s
-        super().__init__(f"rate limit reached: {allowed} {self.WHAT[limit]} per user (`{limit}`); retry in {retry_after_s} s")
+        super().__init__(
+            f"rate limit reached: {self.WHAT[limit]}, at most {allowed} per user (`{limit}`); retry in {retry_after_s} s"
+        )
 
     @property
     def counts(self) -> Literal["requests", "tokens"]:

@@ -11,7 +11,7 @@ export class ApiError extends Error {
   }
 
   get isRetryable() {
-    return this.status === 0 || this.status === 503 || this.status === 502 || this.status === 504;
+    return [0, 429, 502, 503, 504].includes(this.status);
   }
 }
 
@@ -53,28 +53,43 @@ async function errorFromResponse(response) {
     const reason = (detail || "The server is busy or a model is still loading").replace(/\.$/, "");
     const wait = retryAfterS ? `Retry in ${retryAfterS} s.` : "Retry in a moment.";
     message = `${reason[0].toUpperCase()}${reason.slice(1)}. ${wait}`;
+  } else if (response.status === 429) {
+    // One of this user's limits; the server's message names it and says when to retry.
+    const reason = detail || `You have reached a limit of this server. Retry in ${retryAfterS || 1} s`;
+    message = `${reason[0].toUpperCase()}${reason.slice(1).replace(/\.$/, "")}.`;
   }
   return new ApiError(message, { status: response.status, retryAfterS });
 }
 
 const API_KEY_STORAGE = "ray-chat.apiKey";
 
-/** The API key this browser keeps for servers that require one (`api_key` in the config). */
+/** The API key this browser keeps for servers that require one (`auth: key` or `users`). */
 export const apiKey = () => localStorage.getItem(API_KEY_STORAGE) || "";
 
-/** Asks the person for the server's API key and keeps it; false if they cancel. */
-function askForApiKey(wasRejected) {
-  const question = wasRejected
-    ? "That API key was not accepted. Enter the server's API key:"
-    : "This server requires an API key. Enter it (it stays in this browser):";
-  const key = window.prompt(question, "");
-  if (!key) return false;
-  localStorage.setItem(API_KEY_STORAGE, key.trim());
+/** Forgets the key: the next request that needs one asks for it again. */
+export const signOut = () => localStorage.removeItem(API_KEY_STORAGE);
+
+// How the page asks the person for a key: `ask(wasRejected)` resolves to the key, or null if
+// they would rather not (`onKeyNeeded`). Without a page, no one is asked.
+let askForKey = async () => null;
+let asking = null; // the question being asked: every request refused meanwhile waits for its answer
+
+export function onKeyNeeded(ask) {
+  askForKey = ask;
+}
+
+/** After a 401 to a request sent with `sentKey`: true once there is another key to try. */
+async function keyAfterRefusal(sentKey) {
+  if (apiKey() !== sentKey) return true; // another request got a new key meanwhile
+  asking ??= askForKey(Boolean(sentKey)).finally(() => (asking = null));
+  const key = ((await asking) || "").trim();
+  if (!key) return apiKey() !== sentKey;
+  localStorage.setItem(API_KEY_STORAGE, key);
   return true;
 }
 
-/** fetch() that turns network failures and non-2xx answers into ApiError, and sends (asking
- * for it once on a 401) the API key when the server requires one. */
+/** fetch() that turns network failures and non-2xx answers into ApiError, and sends the API key
+ * when the server requires one (asking the person for it on a 401, `onKeyNeeded`). */
 async function request(path, { method = "GET", body, signal, headers = {} } = {}) {
   for (;;) {
     const key = apiKey();
@@ -94,7 +109,7 @@ async function request(path, { method = "GET", body, signal, headers = {} } = {}
       if (error.name === "AbortError") throw error;
       throw new ApiError(NETWORK_MESSAGE);
     }
-    if (response.status === 401 && askForApiKey(Boolean(key))) continue;
+    if (response.status === 401 && (await keyAfterRefusal(key))) continue;
     if (!response.ok) throw await errorFromResponse(response);
     return response;
   }
@@ -103,6 +118,17 @@ async function request(path, { method = "GET", body, signal, headers = {} } = {}
 const json = async (path, options) => (await request(path, options)).json();
 
 export const listModels = () => json("/models");
+
+/** The name of the user whose key this browser sends (`auth: users`); null where the server has
+ * no users (one shared key). */
+export async function userName() {
+  try {
+    return (await json("/v1/usage")).data[0]?.user ?? null;
+  } catch (error) {
+    if (error.status === 404) return null;
+    throw error;
+  }
+}
 
 /** {ready: bool, models: {name: "ready"|"loading"|"failed"}} (models is empty when all ready). */
 export async function readiness() {

@@ -39,6 +39,12 @@ const ui = {
   send: $("#send-button"),
   stop: $("#stop-button"),
   confirmDialog: $("#confirm-delete-dialog"),
+  signInDialog: $("#sign-in-dialog"),
+  signInKey: $("#sign-in-key"),
+  signInError: $("#sign-in-error"),
+  account: $("#account"),
+  accountName: $("#account-name"),
+  signOut: $("#sign-out"),
   confirmTitle: $("#confirm-title"),
   messageTemplate: $("#message-template"),
   conversationTemplate: $("#conversation-template"),
@@ -669,6 +675,48 @@ document.addEventListener("keydown", (event) => {
   for (const menu of document.querySelectorAll(".export-menu[open]")) menu.open = false;
 });
 
+// ---------------------------------------------------------------- signing in
+
+/** Asks for an API key in the sign-in dialog (`api.onKeyNeeded`); null if cancelled. */
+function askForKey(wasRejected) {
+  ui.signInError.hidden = !wasRejected;
+  ui.signInKey.value = "";
+  ui.signInDialog.returnValue = "";
+  ui.signInDialog.showModal();
+  return new Promise((resolve) => {
+    ui.signInDialog.addEventListener(
+      "close",
+      () => {
+        const key = ui.signInDialog.returnValue === "sign-in" ? ui.signInKey.value.trim() : "";
+        ui.signInKey.value = "";
+        if (key) setTimeout(showAccount); // once api.js has kept the key
+        resolve(key || null);
+      },
+      { once: true },
+    );
+  });
+}
+
+/** Who is signed in, at the foot of the sidebar, with the way out; nothing without a key. */
+async function showAccount() {
+  ui.account.hidden = !api.apiKey();
+  if (ui.account.hidden) return;
+  try {
+    const name = await api.userName();
+    ui.accountName.textContent = name ? `Signed in as ${name}` : "Signed in with a key";
+  } catch {
+    ui.accountName.textContent = "Signed in";
+  }
+}
+
+ui.signOut.addEventListener("click", () => {
+  api.signOut();
+  localStorage.removeItem(CONVERSATION_KEY); // the next person starts on a new conversation
+  location.replace(location.pathname); // a fresh page, which asks for a key again
+});
+
+api.onKeyNeeded(askForKey);
+
 // ---------------------------------------------------------------- start
 
 async function start() {
@@ -681,6 +729,7 @@ async function start() {
     return;
   }
   pollReadiness();
+  showAccount();
   await refreshConversations();
   const remembered = Number(localStorage.getItem(CONVERSATION_KEY)) || null;
   const id = idFromHash() || (state.conversations.some((c) => c.id === remembered) ? remembered : null);

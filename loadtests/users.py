@@ -83,6 +83,7 @@ class Answer:
     tokens: int = 0  # the answer's completion tokens (usage, or stored for `original`)
     error: str | None = None
     conversation_id: int | None = None
+    retry_after_s: float | None = None  # of a 429: when the service said to ask again
 
     @property
     def ok(self) -> bool:
@@ -107,6 +108,7 @@ class Connection:
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.headers: dict[bytes, bytes] = {}  # of the last response, names in lower case
 
     async def request(self, head: bytes, body: bytes, on_chunk: Callable[[bytes], None]) -> tuple[int, bytes]:
         """Sends one request (`head` ends with the blank line) and reads its response; `on_chunk`
@@ -118,7 +120,7 @@ class Connection:
             self.writer.write(head + body)
             status_line, _, headers = (await self.reader.readuntil(b"\r\n\r\n")).partition(b"\r\n")
             status = int(status_line.split(b" ", 2)[1])
-            fields = {
+            self.headers = fields = {
                 name.strip().lower(): value.strip()
                 for name, _, value in (line.partition(b":") for line in headers.split(b"\r\n") if line)
             }
@@ -199,7 +201,9 @@ class Users:
         connection = Connection(self.host, self.port)
         try:
             while time.perf_counter() < stop_at:
-                answers.append(await self.ask(connection))
+                answers.append(answer := await self.ask(connection))
+                if answer.retry_after_s is not None:  # over a limit: wait as OpenAI's SDKs do
+                    await asyncio.sleep(min(answer.retry_after_s, max(0.0, stop_at - time.perf_counter())))
         finally:
             await connection.close()
 
@@ -231,6 +235,8 @@ class Users:
             answer.status, body = await connection.request(head, self._body, arrived)
             if answer.status != 200:
                 answer.error = body.decode(errors="replace")[:200]
+                if answer.status == 429:
+                    answer.retry_after_s = float(connection.headers.get(b"retry-after", b"1"))
             elif self.workload.api != "original":
                 answer.tokens, answer.error = openai_outcome(body)
             elif b"\n[error] " in body:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,3 +104,15 @@ def metric_by_replica(client: httpx.Client, name: str, **labels: str) -> dict[st
                 replica = sample.labels.get("replica", "")
                 values[replica] = values.get(replica, 0.0) + sample.value
     return values
+
+
+def users_cli(database, *args: str) -> str:
+    """`make user`'s CLI; its last line (the key, where it prints one)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "serve_app.users", "--database", str(database), *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip().splitlines()[-1]

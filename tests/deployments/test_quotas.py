@@ -41,7 +41,7 @@ def test_streams_at_once_are_counted_per_user_and_freed_when_they_end():
     first, _ = book.start(1, limits), book.start(1, limits)
     refusal = refused(book, 1, limits)
     assert (refusal.limit, refusal.allowed, refusal.retry_after_s, refusal.counts) == ("concurrent_streams", 2, 1, "requests")
-    assert "2 streams at once" in str(refusal) and "`concurrent_streams`" in str(refusal)
+    assert "streams at once, at most 2 per user" in str(refusal) and "`concurrent_streams`" in str(refusal)
     book.start(2, limits)  # another user's streams are theirs
     book.end(1, first)
     book.start(1, limits)
@@ -106,7 +106,7 @@ def test_overrides_replace_only_the_limits_they_name():
     assert quotas.limits_of("alice") == Limits(concurrent_streams=4, requests_per_minute=60, tokens_per_day=10)
     assert quotas.limits_of("bob") == Limits(concurrent_streams=4)
     assert [quotas.metrics_label(i, name) for i, name in ((1, "a"), (2, "b"), (3, "c"))] == ["a", "b", OTHER_USERS]
-    assert Quotas().limits_of("anyone").concurrent_streams == 16  # the default that keeps a flood to its share
+    assert Quotas().limits_of("anyone").concurrent_streams == 8  # the default that keeps a flood to its share
     with pytest.raises(ValidationError, match="concurrent_streams"):
         Quotas(concurrent_streams=0)
     with pytest.raises(ValidationError, match="users"):

@@ -7,15 +7,13 @@ service runs; each user's limits hold across both ingress replicas."""
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
 from loadtests.service import free_port, running_service
-from tests.support import NOW, RELEASED_SCHEMA, REPO_ROOT, metric_by_replica
+from tests.support import NOW, RELEASED_SCHEMA, metric_by_replica, users_cli
 
 pytestmark = pytest.mark.slow
 
@@ -44,18 +42,6 @@ QUOTAS = {
     }
 }
 OPEN = ("/", "/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
-
-
-def users_cli(database, *args: str) -> str:
-    """`make user`'s CLI; its last line (the key, where it prints one)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "serve_app.users", "--database", str(database), *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return done.stdout.strip().splitlines()[-1]
 
 
 def released_database(path) -> None:
@@ -205,7 +191,7 @@ def test_generated_tokens_per_day_are_limited_and_usage_shows_them(service):
     assert 1 <= retry_after <= 86400
     [usage] = wordy.get("/v1/usage").json()["data"]
     assert (usage["user"], usage["requests"], usage["completion_tokens"], usage["active_streams"]) == ("wordy", 2, 30, 0)
-    assert usage["limits"] == {"concurrent_streams": 16, "requests_per_minute": None, "tokens_per_day": 20}
+    assert usage["limits"] == {"concurrent_streams": 8, "requests_per_minute": None, "tokens_per_day": 20}
     assert wordy.get("/v1/usage?all=true").status_code == 403
     admin = client(running.url, users_cli(database, "rotate", "admin"))
     everyone = {row["user"]: row for row in admin.get("/v1/usage?all=true").json()["data"]}

@@ -1,0 +1,110 @@
+"""Fairness between users (`auth: users`): the time to first token of one user's single stream on
+an idle service, and again while another user floods it with many streams, in one run.
+
+The service runs as `RAY_CHAT_AUTH=users make serve` runs it, with two users made by `make user`'s
+CLI. "bob" sends one streamed request at a time (a new one as soon as the last ended); first
+alone, then while "alice" runs --flood closed-loop streams, which wait `Retry-After` when refused
+(429), as OpenAI's SDKs do. Printed: bob's TTFT p50/p95 idle and under the flood, their ratio,
+and what alice got (tokens/s, answers, 429s).
+
+    .venv/bin/python bench/fairness_bench.py [--model packaged|tiny] [--flood 64]
+        [--concurrent-streams 8|none] [--duration 30]
+
+--concurrent-streams sets `quotas.concurrent_streams` for everyone (`none`: no limit), to see
+what the limit buys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.load_bench import MODEL_NAME, cpu_model, model_config  # noqa: E402
+from loadtests.service import REPO_ROOT, running_service  # noqa: E402
+from loadtests.users import Answer, Users, Workload, percentile  # noqa: E402
+
+
+def new_key(database: Path, name: str) -> str:
+    """A user made by `make user`'s CLI; its key."""
+    done = subprocess.run(
+        [sys.executable, "-m", "serve_app.users", "--database", str(database), "add", name],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip().splitlines()[-1]
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def ttft_line(label: str, answers: list[Answer]) -> tuple[str, float]:
+    ttft = [t for a in answers if a.ok and (t := a.ttft_s) is not None]
+    p50 = percentile(ttft, 50)
+    failed = sum(not a.ok for a in answers)
+    text = f"  bob {label:<12} TTFT p50 {p50 * 1e3:7.1f} ms, p95 {percentile(ttft, 95) * 1e3:7.1f} ms ({len(ttft)} answers"
+    return text + (f", {failed} failed)" if failed else ")"), p50
+
+
+async def measure(url: str, alice: str, bob: str, args: argparse.Namespace) -> None:
+    workload = Workload("completions", MODEL_NAME, args.max_tokens)
+    single = Users(url, workload, bearer(bob))
+    await single.run(1, 3.0)  # warm-up: the first requests set up connections and caches
+    idle = await single.run(1, args.duration)
+
+    flood = Users(url, workload, bearer(alice))
+    flooding = asyncio.create_task(flood.run(args.flood, args.duration + 2 * args.warmup))
+    await asyncio.sleep(args.warmup)
+    started = time.perf_counter()
+    loaded = await single.run(1, args.duration)
+    ended = time.perf_counter()
+    flooded = await flooding
+
+    idle_text, idle_p50 = ttft_line("idle", idle)
+    loaded_text, loaded_p50 = ttft_line("under flood", loaded)
+    print(idle_text)
+    print(loaded_text)
+    print(f"  ratio (under flood / idle, p50): {loaded_p50 / idle_p50:.2f}x")
+    during = [a for a in flooded if started <= a.ended < ended]
+    served = [a for a in during if a.ok]
+    limited = sum(a.status == 429 for a in during)
+    tokens = sum(a.tokens for a in served)
+    print(
+        f"  alice's {args.flood} streams in the same window: {tokens / (ended - started):.0f} tok/s, "
+        f"{len(served)} answers, {limited} refused with 429, {len(during) - len(served) - limited} other failures"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "packaged"], default="packaged")
+    parser.add_argument("--flood", type=int, default=64, help="alice's concurrent streams")
+    parser.add_argument("--concurrent-streams", default="8", help="quotas.concurrent_streams, or none")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds bob asks, idle and under the flood")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of flood before bob asks")
+    parser.add_argument("--port", type=int, default=8432)
+    args = parser.parse_args()
+    limit = None if args.concurrent_streams == "none" else int(args.concurrent_streams)
+    print(
+        f"{cpu_model()}, {os.cpu_count()} cores; model {args.model}; {args.max_tokens}-token answers, "
+        f"original sampling; alice floods with {args.flood} streams; concurrent_streams {limit}\n",
+        flush=True,
+    )
+    app_args = {"quotas": {"concurrent_streams": limit}}
+    with running_service([model_config(args.model, "cpu")], args.port, app_args=app_args, env={"RAY_CHAT_AUTH": "users"}) as app:
+        alice, bob = new_key(app.database, "alice"), new_key(app.database, "bob")
+        asyncio.run(measure(app.url, alice, bob, args))
+
+
+if __name__ == "__main__":
+    main()
