@@ -4,7 +4,7 @@ an idle service, and again while another user floods it with many streams, in on
 The service runs as `RAY_CHAT_AUTH=users make serve` runs it, with two users made by `make user`'s
 CLI. "bob" sends one streamed request at a time (a new one as soon as the last ended); first
 alone, then while "alice" runs --flood closed-loop streams, which wait `Retry-After` when refused
-(429), as OpenAI's SDKs do. Printed: bob's TTFT p50/p95 idle and under the flood, their ratio,
+(429), as OpenAI's SDKs do, from a process of their own. Printed: bob's TTFT p50/p95 idle and under the flood, their ratio,
 and what alice got (tokens/s, answers, 429s).
 
     .venv/bin/python bench/fairness_bench.py [--model packaged|tiny] [--flood 64]
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -55,32 +56,44 @@ def ttft_line(label: str, answers: list[Answer]) -> tuple[str, float]:
     return text + (f", {failed} failed)" if failed else ")"), p50
 
 
+def flood(url: str, key: str, workload: Workload, users: int, seconds: float, results: multiprocessing.Queue) -> None:
+    """alice's streams, in a process of their own: in bob's event loop, handling them would
+    delay the arrival times bob's TTFT is read from."""
+    answers = asyncio.run(Users(url, workload, bearer(key)).run(users, seconds))
+    results.put([(a.ended, a.ok, a.status, a.tokens) for a in answers])
+
+
 async def measure(url: str, alice: str, bob: str, args: argparse.Namespace) -> None:
     workload = Workload("completions", MODEL_NAME, args.max_tokens)
     single = Users(url, workload, bearer(bob))
     await single.run(1, 3.0)  # warm-up: the first requests set up connections and caches
     idle = await single.run(1, args.duration)
 
-    flood = Users(url, workload, bearer(alice))
-    flooding = asyncio.create_task(flood.run(args.flood, args.duration + 2 * args.warmup))
+    results: multiprocessing.Queue = multiprocessing.Queue()
+    flooding = multiprocessing.Process(
+        target=flood, args=(url, alice, workload, args.flood, args.duration + 2 * args.warmup, results)
+    )
+    flooding.start()
     await asyncio.sleep(args.warmup)
     started = time.perf_counter()
     loaded = await single.run(1, args.duration)
     ended = time.perf_counter()
-    flooded = await flooding
+    flooded = await asyncio.to_thread(results.get)
+    flooding.join()
 
     idle_text, idle_p50 = ttft_line("idle", idle)
     loaded_text, loaded_p50 = ttft_line("under flood", loaded)
     print(idle_text)
     print(loaded_text)
     print(f"  ratio (under flood / idle, p50): {loaded_p50 / idle_p50:.2f}x")
-    during = [a for a in flooded if started <= a.ended < ended]
-    served = [a for a in during if a.ok]
-    limited = sum(a.status == 429 for a in during)
-    tokens = sum(a.tokens for a in served)
+    # perf_counter is the system's monotonic clock: the same in both processes.
+    during = [(ok, status, tokens) for when, ok, status, tokens in flooded if started <= when < ended]
+    served = sum(ok for ok, _, _ in during)
+    limited = sum(status == 429 for _, status, _ in during)
+    tokens = sum(tokens for ok, _, tokens in during if ok)
     print(
         f"  alice's {args.flood} streams in the same window: {tokens / (ended - started):.0f} tok/s, "
-        f"{len(served)} answers, {limited} refused with 429, {len(during) - len(served) - limited} other failures"
+        f"{served} answers, {limited} refused with 429, {len(during) - served - limited} other failures"
     )
 
 

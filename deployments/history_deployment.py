@@ -10,14 +10,15 @@ from ray import serve
 
 from deployments.history_store import HistoryStore
 from deployments.logs import show_our_logs
+from deployments.quotas import Quotas
 
 
 @serve.deployment(num_replicas=1)
 class HistoryDeployment(HistoryStore):
     # Serve awaits async constructors; mypy holds every `__init__` to returning None.
-    async def __init__(self, database_path: Path, owner_of_unowned: str | None = None):  # type: ignore[misc]
+    async def __init__(self, database_path: Path, owner_of_unowned: str | None = None, quotas: Quotas | None = None):  # type: ignore[misc]
         show_our_logs()
-        super().__init__(database_path)
+        super().__init__(database_path, quotas)
         # Opened here, on the replica's event loop, because aiosqlite binds to that loop.
         await self.open()
         # With users (`auth: users`), conversations made without them get their owner.

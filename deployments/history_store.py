@@ -17,7 +17,7 @@ from typing import Any
 import aiosqlite
 
 from deployments.history_records import Conversation, ConversationSummary, Message, MessageRole, MessageStatus
-from deployments.quotas import USAGE_SCHEMA, StreamBook, UserQuotas
+from deployments.quotas import USAGE_SCHEMA, Quotas, StreamBook, UserQuotas
 from deployments.turn_claims import TurnClaims
 from deployments.user_accounts import USERS_SCHEMA, UserAccounts
 
@@ -91,13 +91,14 @@ class HistoryStore(UserAccounts, UserQuotas):
     an `owner` (a user id) finds only that user's conversations, and another's is "not found",
     as one that never existed."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, quotas: Quotas | None = None):
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
         # Which turn answers in which conversation (one at a time each): see `turn_claims`.
         self.turns = TurnClaims()
         # Each user's streams and recent requests, against their limits: see `quotas`.
         self.streams = StreamBook()
+        self.quotas = quotas or Quotas()
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

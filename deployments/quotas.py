@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 import aiosqlite
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from deployments.history_records import UserUsage
+from deployments.history_records import User, UserUsage
 from deployments.turn_claims import TURN_LEASE_S
 from deployments.user_accounts import NAME_PATTERN
 
@@ -90,8 +90,9 @@ class QuotaExceededError(RuntimeError):
         "tokens_per_day": "generated tokens per day (UTC)",
     }
 
-    def __init__(self, limit: LimitName, allowed: int, retry_after_s: int):
+    def __init__(self, limit: LimitName, allowed: int, retry_after_s: int, user: str = ""):
         self.limit, self.allowed, self.retry_after_s = limit, allowed, retry_after_s
+        self.user = user  # the user's label in the per-user metrics (`Quotas.metrics_label`)
         super().__init__(
             f"rate limit reached: {self.WHAT[limit]}, at most {allowed} per user (`{limit}`); retry in {retry_after_s} s"
         )
@@ -103,7 +104,7 @@ class QuotaExceededError(RuntimeError):
 
     def __reduce__(self):
         # Raised in the history replica and pickled to the ingress.
-        return type(self), (self.limit, self.allowed, self.retry_after_s)
+        return type(self), (self.limit, self.allowed, self.retry_after_s, self.user)
 
 
 class StreamBook:
@@ -166,13 +167,31 @@ def seconds_to_tomorrow() -> int:
 
 
 class UserQuotas:
-    """The limits and usage part of the history store (mixed into `HistoryStore`, on its connection)."""
+    """The limits and usage part of the history store (mixed into `HistoryStore`, on its
+    connection, with its users: `UserAccounts`)."""
 
     streams: StreamBook
+    quotas: Quotas
 
     @property
     def db(self) -> aiosqlite.Connection:
         raise NotImplementedError  # the store's open connection
+
+    async def authenticate(self, hashed: bytes) -> User | None:
+        raise NotImplementedError  # `UserAccounts.authenticate`
+
+    async def admit_user(self, hashed: bytes, streams: bool) -> tuple[User, str | None] | None:
+        """The user whose live key hashes to `hashed` (None: no such key) and, for a generation
+        request (`streams`), a lease on one of their streams, within their limits
+        (`QuotaExceededError`): the one call an ingress makes to let a request in."""
+        user = await self.authenticate(hashed)
+        if user is None or not streams:
+            return None if user is None else (user, None)
+        try:
+            return user, await self.begin_stream(user.id, self.quotas.limits_of(user.name))
+        except QuotaExceededError as refusal:
+            refusal.user = self.quotas.metrics_label(user.id, user.name)
+            raise
 
     async def begin_stream(self, user_id: int, limits: Limits) -> str:
         """A lease on one of the user's streams for a generation request; `QuotaExceededError`

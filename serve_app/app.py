@@ -78,7 +78,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
             logging_config=INNER_CALL_LOGGING,
         )
-        .bind(settings.database_path, settings.owner_of_unowned if settings.auth == "users" else None)
+        .bind(settings.database_path, settings.owner_of_unowned if settings.auth == "users" else None, settings.quotas)
     )
     models = {model.name: _model_deployment(model, settings) for model in settings.models}
     return (

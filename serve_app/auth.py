@@ -2,8 +2,8 @@
 
 With `auth: none` or `key` the service has one principal, who sees every conversation; with
 `auth: users` each key belongs to a user (`deployments.user_accounts`), who sees only their own.
-The ingress resolves the key once per request (`Ingress` middleware) and the routes read the
-caller from the request's state.
+The ingress resolves the key once per request (`ingress`: a middleware for the shared key, an
+app-wide dependency for users) and the routes read the caller from the request's state.
 """
 
 from __future__ import annotations
@@ -50,6 +50,10 @@ def is_open(request: Request) -> bool:
 def bearer_key(request: Request) -> str | None:
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     return key.strip() or None if scheme == "Bearer" else None
+
+
+class UnauthorizedError(PermissionError):
+    """No key, or not a live one (401 with `WWW-Authenticate: Bearer`)."""
 
 
 class PermissionDeniedError(PermissionError):

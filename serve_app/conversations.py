@@ -36,7 +36,7 @@ from deployments.history_records import User, UserUsage
 from deployments.history_store import ConversationNotFoundError
 from deployments.model_registry import ModelConfig, ModelRegistry
 from deployments.output_channel import Inbox, ModelStream
-from deployments.quotas import Limits, QuotaExceededError
+from deployments.quotas import QuotaExceededError, Quotas
 from deployments.turn_claims import TURN_LEASE_S
 from deployments.user_accounts import key_hash
 from serve_app.metrics import ServiceMetrics
@@ -286,21 +286,21 @@ class ConversationService:
     # `owner`: the caller's user id (`auth: users`), whose conversations alone are found; None:
     # everyone's (`serve_app.auth.Caller.owner`).
 
-    async def authenticate(self, key: str) -> User | None:
-        """The user whose live key `key` is; None for an unknown or revoked one."""
-        return await self.history.authenticate.remote(key_hash(key))
-
-    async def begin_stream(self, user_id: int, limits: Limits, label: str) -> StreamLease:
-        """A lease on one of the user's streams, or `QuotaExceededError` (counted) where a limit
-        is reached: asked before any work is queued."""
+    async def admit_user(self, key: str, streams: bool, quotas: Quotas) -> tuple[User, StreamLease | None] | None:
+        """The user whose live key `key` is (None for an unknown or revoked one) and, for a
+        generation request (`streams`), a lease on one of their streams, or `QuotaExceededError`
+        (counted) over one of their limits: one history call, before any work is queued."""
         try:
-            lease = await self.history.begin_stream.remote(user_id, limits)
+            admitted = await self.history.admit_user.remote(key_hash(key), streams)
         except Exception as exc:
             cause = getattr(exc, "cause", None) or exc
             if isinstance(cause, QuotaExceededError):
-                self.metrics.user_refused(label, cause.limit)
+                self.metrics.user_refused(cause.user, cause.limit)
             raise
-        return StreamLease(user_id, lease, label)
+        if admitted is None:
+            return None
+        user, lease = admitted
+        return user, StreamLease(user.id, lease, quotas.metrics_label(user.id, user.name)) if lease else None
 
     def end_stream(self, lease: StreamLease) -> None:
         """Ends the stream once its response is sent, counting its tokens (a task: a client

@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import Metric
@@ -34,7 +35,7 @@ from deployments.model_registry import ModelRegistry, UnknownModelError
 from deployments.output_channel import ChannelError, Inbox
 from deployments.quotas import QuotaExceededError
 from deployments.turn_claims import ConversationBusyError
-from serve_app.auth import CALLER, Caller, PermissionDeniedError, bearer_key, is_open
+from serve_app.auth import CALLER, Caller, PermissionDeniedError, UnauthorizedError, bearer_key, is_open
 from serve_app.conversations import (
     ConversationService,
     ModelOverloadedError,
@@ -104,6 +105,8 @@ def _error_response(request: Request, exc: Exception) -> JSONResponse:
     """The one place errors become HTTP responses. Handle calls raise a replica's exception as
     a RayTaskError whose `cause` is the original, so the cause decides the status."""
     cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, UnauthorizedError):
+        return JSONResponse(_error_body(request, 401, str(cause)), status_code=401, headers={"WWW-Authenticate": "Bearer"})
     if isinstance(cause, QuotaExceededError):
         body = _error_body(request, 429, str(cause))
         if "error" in body:  # OpenAI's rate-limit error, which its SDK retries after `Retry-After`
@@ -235,68 +238,70 @@ UNAUTHORIZED = {
 }
 
 
-def _require_auth(app: FastAPI, settings: AppSettings, service: ConversationService) -> None:
-    """Every request but the open ones (`auth.is_open`) must carry the shared key (`auth: key`)
-    or a user's live key (`auth: users`, looked up in the history each time, so a revoked key
-    is refused at once everywhere); else 401."""
-    if settings.auth == "none":
-        return
+def _require_shared_key(app: FastAPI, settings: AppSettings) -> None:
+    """`auth: key`: every request but the open ones (`auth.is_open`) must carry the shared key; else 401."""
     shared = f"Bearer {settings.api_key}".encode()
-    message = UNAUTHORIZED[settings.auth or "key"]
 
     @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if is_open(request):
+    async def check_shared_key(request: Request, call_next):
+        if is_open(request) or hmac.compare_digest(request.headers.get("authorization", "").encode(), shared):
             return await call_next(request)
-        if settings.auth == "key":
-            known = hmac.compare_digest(request.headers.get("authorization", "").encode(), shared)
-        else:
-            key = bearer_key(request)
-            try:
-                user = await service.authenticate(key) if key else None
-            except Exception as exc:  # the history unreachable: 503, as on any route
-                return _error_response(request, exc)
-            if user is not None:
-                request.state.caller = Caller(user.id, user.admin, user.name)
-            known = user is not None
-        if not known:
-            return JSONResponse(_error_body(request, 401, message), status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
+        return _error_response(request, UnauthorizedError(UNAUTHORIZED["key"]))
 
 
-def _stream_leases(settings: AppSettings, service: ConversationService) -> Any:
-    """The dependency that gives a generation route its request's stream lease: with `auth:
-    users`, taken from the caller's limits before the route does any work (429 over a limit) and
-    given back with the tokens used once the response is sent; None otherwise."""
-    if settings.auth != "users":
+async def no_lease() -> None:
+    return None
 
-        async def no_lease() -> None:
-            return None
 
-        return Depends(no_lease)
-    quotas = settings.quotas
+def _user_admission(settings: AppSettings, service: ConversationService) -> tuple[list[Any], Any]:
+    """`auth: users`: the app's dependency that lets a request in, and the one that gives a
+    generation route its request's stream lease. Every route but the open ones wants a user's
+    live key, looked up in the history each time (a revoked key is refused at once everywhere),
+    else 401; a generation request also takes a lease on one of its user's streams in the same
+    history call, refused (429) over a limit before any work is queued, and given back with the
+    tokens used once the response is sent."""
 
-    async def stream_lease(caller: Caller = CALLER) -> AsyncIterator[StreamLease]:
-        assert caller.user_id is not None and caller.name is not None  # the auth middleware's
-        label = quotas.metrics_label(caller.user_id, caller.name)
-        lease = await service.begin_stream(caller.user_id, quotas.limits_of(caller.name), label)
+    async def lease_of(request: Request) -> StreamLease | None:
+        return request.state.lease
+
+    leasing: dict[int, bool] = {}  # id(route) -> whether it takes a lease (`lease_of`); routes live as long as the app
+
+    async def admit(request: Request) -> AsyncIterator[None]:
+        if is_open(request):
+            yield
+            return
+        route: APIRoute = request.scope["route"]
+        streams = leasing.get(id(route))
+        if streams is None:
+            streams = leasing[id(route)] = any(dependant.call is lease_of for dependant in route.dependant.dependencies)
+        key = bearer_key(request)
+        admitted = await service.admit_user(key, streams, settings.quotas) if key else None
+        if admitted is None:
+            raise UnauthorizedError(UNAUTHORIZED["users"])
+        user, lease = admitted
+        request.state.caller, request.state.lease = Caller(user.id, user.admin, user.name), lease
         try:
-            yield lease
+            yield
         finally:
-            service.end_stream(lease)
+            if lease is not None:
+                service.end_stream(lease)
 
-    return Depends(stream_lease)
+    return [Depends(admit)], Depends(lease_of)
 
 
 def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
+    # Who may use which route (`auth`); `leases` gives a generation route its stream lease.
+    admission, leases = _user_admission(settings, service) if settings.auth == "users" else ([], Depends(no_lease))
     app = FastAPI(
         title="ray-chat",
         summary="Multi-model streaming chat on Ray Serve",
         responses=_ERROR_RESPONSES,
+        dependencies=admission,
     )
     app.openapi = _corrected_openapi(app)  # type: ignore[method-assign]
     app.add_middleware(_BodyLimit, max_body_size=MAX_BODY_BYTES)
-    _require_auth(app, settings, service)
+    if settings.auth == "key":
+        _require_shared_key(app, settings)
     # Added last, so outermost: even a 401 carries the CORS headers the browser needs to read it.
     app.add_middleware(
         CORSMiddleware,
@@ -305,13 +310,12 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         allow_methods=["*"],
         allow_headers=["*"],
     )
-    for error_type in (*ERROR_STATUS, RayError, ChannelError, ModelOverloadedError, QuotaExceededError):
+    for error_type in (*ERROR_STATUS, RayError, ChannelError, ModelOverloadedError, QuotaExceededError, UnauthorizedError):
         app.add_exception_handler(error_type, _error_response)
     # Starlette types every handler as taking any Exception; it calls this one with RequestValidationError only.
     app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     registry = service.registry
-    leases = _stream_leases(settings, service)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

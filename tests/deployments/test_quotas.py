@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from deployments.history_store import HistoryStore
 from deployments.quotas import OTHER_USERS, Limits, QuotaExceededError, Quotas, StreamBook, today
+from deployments.user_accounts import key_hash
 
 
 class Clock:
@@ -165,3 +166,28 @@ async def test_counts_survive_a_restart_of_the_history(store, tmp_path):
             await reopened.begin_stream(alice.id, Limits(tokens_per_day=50))
     finally:
         await reopened.close()
+
+
+async def test_one_call_lets_a_request_in_with_its_lease_or_says_which_limit(tmp_path):
+    store = HistoryStore(tmp_path / "history.sqlite3", Quotas(users={"alice": Limits(concurrent_streams=1)}, metrics_users=1))
+    await store.open()
+    try:
+        alice, key = await store.add_user("alice")
+        bob, bobs_key = await store.add_user("bob")
+        assert await store.admit_user(key_hash("rc-unknown"), streams=True) is None
+        assert await store.admit_user(key_hash(key), streams=False) == (alice, None)  # reading: no stream
+        admitted = await store.admit_user(key_hash(key), streams=True)
+        assert admitted is not None and admitted[0] == alice and admitted[1]
+        with pytest.raises(QuotaExceededError) as refusal:
+            await store.admit_user(key_hash(key), streams=True)
+        assert (refusal.value.limit, refusal.value.user) == ("concurrent_streams", "alice")
+        assert pickle.loads(pickle.dumps(refusal.value)).user == "alice"
+        assert (await store.admit_user(key_hash(key), streams=False)) == (alice, None)  # still reads
+        # bob, past `metrics_users`, is counted under the shared label; the default limit is his.
+        for _ in range(Quotas().concurrent_streams or 0):
+            await store.admit_user(key_hash(bobs_key), streams=True)
+        with pytest.raises(QuotaExceededError) as refusal:
+            await store.admit_user(key_hash(bobs_key), streams=True)
+        assert (refusal.value.allowed, refusal.value.user) == (8, OTHER_USERS)
+    finally:
+        await store.close()
