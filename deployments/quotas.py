@@ -180,10 +180,11 @@ class UserQuotas:
     async def authenticate(self, hashed: bytes) -> User | None:
         raise NotImplementedError  # `UserAccounts.authenticate`
 
-    async def admit_user(self, hashed: bytes, streams: bool) -> tuple[User, str | None] | None:
+    async def admit_user(self, hashed: bytes, streams: bool) -> tuple[User, str | QuotaExceededError | None] | None:
         """The user whose live key hashes to `hashed` (None: no such key) and, for a generation
-        request (`streams`), a lease on one of their streams, within their limits
-        (`QuotaExceededError`): the one call an ingress makes to let a request in."""
+        request (`streams`), a lease on one of their streams, or the `QuotaExceededError` of the
+        limit it would pass: the one call an ingress makes to let a request in. The refusal is
+        returned, not raised: Serve would log each one with its traceback."""
         user = await self.authenticate(hashed)
         if user is None or not streams:
             return None if user is None else (user, None)
@@ -191,7 +192,7 @@ class UserQuotas:
             return user, await self.begin_stream(user.id, self.quotas.limits_of(user.name))
         except QuotaExceededError as refusal:
             refusal.user = self.quotas.metrics_label(user.id, user.name)
-            raise
+            return user, refusal
 
     async def begin_stream(self, user_id: int, limits: Limits) -> str:
         """A lease on one of the user's streams for a generation request; `QuotaExceededError`

@@ -290,16 +290,13 @@ class ConversationService:
         """The user whose live key `key` is (None for an unknown or revoked one) and, for a
         generation request (`streams`), a lease on one of their streams, or `QuotaExceededError`
         (counted) over one of their limits: one history call, before any work is queued."""
-        try:
-            admitted = await self.history.admit_user.remote(key_hash(key), streams)
-        except Exception as exc:
-            cause = getattr(exc, "cause", None) or exc
-            if isinstance(cause, QuotaExceededError):
-                self.metrics.user_refused(cause.user, cause.limit)
-            raise
+        admitted = await self.history.admit_user.remote(key_hash(key), streams)
         if admitted is None:
             return None
         user, lease = admitted
+        if isinstance(lease, QuotaExceededError):
+            self.metrics.user_refused(lease.user, lease.limit)
+            raise lease
         return user, StreamLease(user.id, lease, quotas.metrics_label(user.id, user.name)) if lease else None
 
     def end_stream(self, lease: StreamLease) -> None:
