@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,20 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.load_bench import MODEL_NAME, cpu_model, model_config  # noqa: E402
-from loadtests.service import REPO_ROOT, running_service  # noqa: E402
+from loadtests.service import new_user_key, running_service  # noqa: E402
 from loadtests.users import Answer, Users, Workload, percentile  # noqa: E402
-
-
-def new_key(database: Path, name: str) -> str:
-    """A user made by `make user`'s CLI; its key."""
-    done = subprocess.run(
-        [sys.executable, "-m", "serve_app.users", "--database", str(database), "add", name],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return done.stdout.strip().splitlines()[-1]
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -115,7 +102,7 @@ def main() -> None:
     )
     app_args = {"quotas": {"concurrent_streams": limit}}
     with running_service([model_config(args.model, "cpu")], args.port, app_args=app_args, env={"RAY_CHAT_AUTH": "users"}) as app:
-        alice, bob = new_key(app.database, "alice"), new_key(app.database, "bob")
+        alice, bob = new_user_key(app.database, "alice"), new_user_key(app.database, "bob")
         asyncio.run(measure(app.url, alice, bob, args))
 
 

@@ -10,7 +10,7 @@ proxy or HAProxy; ingress; model replica; history; controller; Ray's own; the lo
 
     .venv/bin/python bench/load_bench.py [--model tiny|packaged] [--device cpu|cuda]
         [--users 1,16,64,256] [--duration 30] [--api completions,original] [--short]
-        [--front haproxy|python] [--ingress-replicas N]
+        [--front haproxy|python] [--ingress-replicas N] [--auth none|users]
 
 --model tiny: a tiny random model, whose forward pass costs almost nothing, so the stack's own
 cost shows; --model packaged: the packaged SmolLM2 as serve_config.yaml serves it (what a
@@ -38,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from loadtests.processes import KINDS, cpu_by_kind, own_cpu_s, sample_tree  # noqa: E402
-from loadtests.service import running_service, serve_environment  # noqa: E402
+from loadtests.service import new_user_key, running_service, serve_environment  # noqa: E402
 from loadtests.soak import soak  # noqa: E402
 from loadtests.users import Answer, Users, Window, Workload, percentile, stagger  # noqa: E402
 
@@ -159,7 +159,7 @@ def run_engine_alone(spec: dict) -> dict[tuple[str, int], dict]:
 
 
 async def http_run(url: str, root_pid: int, workload: Workload, users: int, args: argparse.Namespace) -> dict:
-    client = Users(url, workload)
+    client = Users(url, workload, args.headers)
     marks: dict[str, object] = {}
 
     async def sample_window(start: float, end: float) -> None:
@@ -298,6 +298,9 @@ def main() -> None:
         help="a model setting (YAML value), e.g. replica_chunks_per_s=1000",
     )
     parser.add_argument("--ingress-replicas", type=int, default=None, help="default: the app's")
+    parser.add_argument(
+        "--auth", choices=["none", "users"], default="none", help="users: every request with a user's key (its lookup and lease)"
+    )
     parser.add_argument("--port", type=int, default=8431)
     parser.add_argument("--profile", metavar="DIR", help="py-spy the front, ingress and model processes into DIR")
     parser.add_argument("--soak", type=float, metavar="MINUTES", help="a soak of MINUTES at --users users (default 64)")
@@ -328,13 +331,19 @@ def main() -> None:
         "warmup": args.warmup,
         "duration": args.duration,
     }
-    app_args = {"ingress_num_replicas": args.ingress_replicas} if args.ingress_replicas else {}
+    if args.auth == "users" and (args.burst or args.soak):
+        parser.error("--auth users measures the closed-loop runs, not --burst or --soak")
+    app_args: dict = {"ingress_num_replicas": args.ingress_replicas} if args.ingress_replicas else {}
+    env, args.headers = {"RAY_CHAT_AUTH": args.auth}, {}
+    if args.auth == "users":
+        # One person sends the whole load: what a key's lookup and a stream's lease cost, not the limit.
+        app_args["quotas"] = {"concurrent_streams": None}
     if args.burst:
-        with running_service([model], args.port, args.front, app_args) as served_app:
+        with running_service([model], args.port, args.front, app_args, env) as served_app:
             print(burst_report(asyncio.run(burst(served_app.url, args.burst, max_tokens))))
         return
     if args.soak:
-        with running_service([model], args.port, args.front, app_args) as served_app:
+        with running_service([model], args.port, args.front, app_args, env) as served_app:
             report = asyncio.run(
                 soak(
                     served_app.url,
@@ -350,8 +359,10 @@ def main() -> None:
             print(report.render(window_s=args.soak_window * 60))
         return
     engine = {} if args.skip_engine else run_engine_alone(spec)
-    with running_service([model], args.port, args.front, app_args) as served_app:
+    with running_service([model], args.port, args.front, app_args, env) as served_app:
         url, launcher = served_app.url, served_app.launcher
+        if args.auth == "users":
+            args.headers = {"Authorization": f"Bearer {new_user_key(served_app.database, 'bench')}"}
         for api in apis:
             for count in users:
                 served = asyncio.run(http_run(url, launcher.pid, Workload(api, MODEL_NAME, max_tokens), count, args))

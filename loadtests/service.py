@@ -101,6 +101,18 @@ def running_service(
         launcher.wait(timeout=120)
 
 
+def new_user_key(database: Path, name: str) -> str:
+    """A user made by `make user`'s CLI in the service's `database` (`auth: users`); its key."""
+    done = subprocess.run(
+        [sys.executable, "-m", "serve_app.users", "--database", str(database), "add", name],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip().splitlines()[-1]
+
+
 def write_serve_config(directory: Path, port: int, app_args: dict) -> Path:
     """`directory`/serve_config.yaml: the chat app alone on 127.0.0.1:`port`, built with `app_args`."""
     config = {

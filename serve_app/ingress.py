@@ -45,7 +45,7 @@ from serve_app.conversations import (
     parse_conversation_id,
 )
 from serve_app.metrics import render as metrics_text
-from serve_app.openai_api import create_openai_router
+from serve_app.openai_api import OPENAI_ERROR_CODES, create_openai_router
 from serve_app.protocol import (
     Conversation,
     ConversationSummary,
@@ -456,7 +456,7 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         stopped = await service.stop(conversation_id, caller.owner)
         return StopResponse(id=parse_conversation_id(conversation_id), stopped=stopped)
 
-    @app.get("/v1/usage", tags=["users"], responses={404: {"model": OpenAIErrorResponse}})
+    @app.get("/v1/usage", tags=["users"], responses={code: {"model": OpenAIErrorResponse} for code in OPENAI_ERROR_CODES})
     async def usage(all: bool = False, caller: Caller = CALLER) -> UsageReport:
         """With `auth: users`: the caller's generation requests, tokens, streams and limits today
         (UTC); `?all=true`: every user's (admins only)."""

@@ -54,6 +54,8 @@ from serve_app.protocol import (
 from serve_app.streaming import ServerSentEventsResponse
 
 STARTED_AT = int(time.time())
+# The statuses whose bodies are OpenAI's error under /v1 (`ingress._error_body`; a 422 is answered as a 400).
+OPENAI_ERROR_CODES = (400, 401, 403, 404, 409, 413, 429, 503)
 SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "With `stream: true`: chunks as server-sent events."}
 }
@@ -288,7 +290,7 @@ def create_openai_router(service: ConversationService, leases: Any) -> APIRouter
     """The `/v1` routes; `leases`: the dependency that gives a generation its stream lease
     (`ingress._stream_leases`)."""
     router = APIRouter(
-        prefix="/v1", tags=["openai"], responses={code: {"model": OpenAIErrorResponse} for code in (400, 404, 429, 503)}
+        prefix="/v1", tags=["openai"], responses={code: {"model": OpenAIErrorResponse} for code in OPENAI_ERROR_CODES}
     )
 
     @router.get("/models")

@@ -1,12 +1,16 @@
-"""What the schemathesis CLI run of tests/e2e/test_fuzz.py loads (`SCHEMATHESIS_HOOKS`): every
+"""What the schemathesis CLI runs of tests/e2e/test_fuzz.py load (`SCHEMATHESIS_HOOKS`): every
 generating request pointed at the tiny model with a few tokens, a check that streams end as
-their protocol says, and one line per request (route, status, whether its id came from a link)
-in the file named by `FUZZ_LEDGER`, from which the test counts them."""
+their protocol says, and one line per request (route, status, whether its id came from a link,
+whether it was another user's) in the file named by `FUZZ_LEDGER`, from which the test counts
+them. For the run as the wrong user (`auth: users`), `FUZZ_FOREIGN_IDS` names another user's
+conversations, which half the requests that take an id are sent to, and `FUZZ_SECRET` what
+those conversations hold, which no response may show."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 
 import schemathesis
 
@@ -25,6 +29,9 @@ GENERATING_PATHS = {
     "/v1/completions",
     "/v1/responses",
 }
+FOREIGN_IDS = [int(part) for part in os.environ.get("FUZZ_FOREIGN_IDS", "").split(",") if part]
+SECRET = os.environ.get("FUZZ_SECRET")
+AIMED: set[int] = set()  # id() of the cases sent to a foreign id, until their answer is logged
 # The Responses API's stream ends with the response's last state, not with `data: [DONE]`.
 RESPONSE_ENDS = {"response.completed", "response.incomplete"}
 
@@ -52,9 +59,22 @@ def keep_generation_cheap(case: schemathesis.Case) -> None:
         case.body["sample_len" if case.path.startswith("/conversations/") else "max_tokens"] = CHEAP_TOKENS
 
 
+def aim_at_foreign_ids(case: schemathesis.Case) -> None:
+    """Half the requests that name a conversation name one of another user's instead."""
+    if not FOREIGN_IDS or random.random() < 0.5:
+        return
+    if "conversation_id" in (case.path_parameters or {}):
+        case.path_parameters["conversation_id"] = random.choice(FOREIGN_IDS)
+        AIMED.add(id(case))
+    elif case.path == "/v1/chat/completions" and isinstance(case.body, dict):
+        case.body["conversation_id"] = random.choice(FOREIGN_IDS)
+        AIMED.add(id(case))
+
+
 @schemathesis.hook
 def before_call(context, case: schemathesis.Case, kwargs: dict) -> None:
     keep_generation_cheap(case)
+    aim_at_foreign_ids(case)
 
 
 @schemathesis.hook
@@ -62,9 +82,11 @@ def after_call(context, case: schemathesis.Case, response: schemathesis.Response
     if "FUZZ_LEDGER" in os.environ:
         # Generated ids are strings (the path parameter's type); ids from the schema's links are the
         # integers the app answered with.
-        linked = isinstance((case.path_parameters or {}).get("conversation_id"), int)
+        whose = "foreign" if id(case) in AIMED else "own"
+        AIMED.discard(id(case))
+        linked = whose == "own" and isinstance((case.path_parameters or {}).get("conversation_id"), int)
         with open(os.environ["FUZZ_LEDGER"], "a") as ledger:
-            ledger.write(f"{case.operation.label}\t{response.status_code}\t{'linked' if linked else ''}\n")
+            ledger.write(f"{case.operation.label}\t{response.status_code}\t{'linked' if linked else ''}\t{whose}\n")
 
 
 @schemathesis.check
@@ -93,4 +115,12 @@ def streams_end_cleanly(ctx, response: schemathesis.Response, case: schemathesis
             raise AssertionError(f"the event stream failed: {errors}")
     elif content_type.startswith("text/plain") and case.path in GENERATING_PATHS and STREAM_ERROR_MARKER in response.text:
         raise AssertionError(f"the text stream failed: {response.text[-300:]!r}")
+    return True
+
+
+@schemathesis.check
+def shows_no_other_users_content(ctx, response: schemathesis.Response, case: schemathesis.Case) -> bool | None:
+    """No answer holds what another user's conversations hold (`FUZZ_SECRET`)."""
+    if SECRET and SECRET in response.text:
+        raise AssertionError(f"another user's content in the answer to {case.operation.label}: {response.text[:300]!r}")
     return True

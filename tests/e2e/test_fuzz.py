@@ -17,15 +17,17 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections import Counter
 from pathlib import Path
 
 import httpx
 import pytest
 
+from loadtests.service import free_port, running_service
 from serve_app.ingress import MAX_BODY_BYTES
 from tests.e2e.fuzz_hooks import CHEAP_MODEL, CHEAP_TOKENS
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, users_cli
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +54,9 @@ def http(base_url):
         yield client
 
 
-def test_schemathesis_finds_no_server_error_on_any_route(base_url, http, tmp_path):
+def schemathesis_run(base_url: str, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Counter:
+    """A schemathesis CLI run against the app at `base_url` (schemathesis.toml, fuzz_hooks.py),
+    which must find nothing; each (route, status, linked, whose id) with the number of requests."""
     ledger = tmp_path / "requests.tsv"
     command = [
         sys.executable,
@@ -63,22 +67,73 @@ def test_schemathesis_finds_no_server_error_on_any_route(base_url, http, tmp_pat
         "run",
         f"{base_url}/openapi.json",
         "--no-color",
+        *args,
     ] + (["--max-examples", os.environ["FUZZ_EXAMPLES"]] if "FUZZ_EXAMPLES" in os.environ else [])
     command += ["--seed", os.environ["FUZZ_SEED"]] if "FUZZ_SEED" in os.environ else []  # replays a failed run
     # Hypothesis keeps caches of its own in ./.hypothesis unless told otherwise.
-    env = os.environ | {"FUZZ_LEDGER": str(ledger), "HYPOTHESIS_STORAGE_DIRECTORY": str(tmp_path / "hypothesis")}
+    env = os.environ | {"FUZZ_LEDGER": str(ledger), "HYPOTHESIS_STORAGE_DIRECTORY": str(tmp_path / "hypothesis")} | (env or {})
     run = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stdout[-30_000:] + run.stderr[-5_000:]
+    return Counter(tuple(line.split("\t")) for line in ledger.read_text().splitlines())
 
-    answers = Counter(tuple(line.split("\t")) for line in ledger.read_text().splitlines())
-    routes = {label for label, _, _ in answers}
+
+def assert_every_route_was_fuzzed(http: httpx.Client, answers: Counter) -> None:
+    routes = {label for label, *_ in answers}
     paths = http.get("/openapi.json").json()["paths"]
     operations = {f"{method.upper()} {path}" for path, item in paths.items() for method in item}
     assert routes >= operations, f"routes never fuzzed: {operations - routes}"
     assert sum(answers.values()) >= MIN_REQUESTS, answers
     # The links carried real ids into every route that needs one, and answers were generated.
-    assert ROUTES_NEEDING_AN_ID <= {label for label, _, linked in answers if linked}, answers
-    assert answers["POST /conversations/{conversation_id}/generate", "200", "linked"] > 0, answers
+    assert ROUTES_NEEDING_AN_ID <= {label for label, _, linked, _ in answers if linked}, answers
+    assert answers["POST /conversations/{conversation_id}/generate", "200", "linked", "own"] > 0, answers
+
+
+def test_schemathesis_finds_no_server_error_on_any_route(base_url, http, tmp_path):
+    assert_every_route_was_fuzzed(http, schemathesis_run(base_url, tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# With users (`auth: users`): a valid key, then the wrong user's.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def users_app():
+    models = [{"name": CHEAP_MODEL, "source": {"kind": "tiny_random"}, "num_cpus": 0.2, "torch_threads": 1}]
+    with running_service(models, free_port(), env={"RAY_CHAT_AUTH": "users"}) as running:
+        yield running
+
+
+def test_schemathesis_with_a_users_key_finds_no_server_error(users_app, tmp_path):
+    key = users_cli(users_app.database, "add", "fuzzer")
+    answers = schemathesis_run(users_app.url, tmp_path, "-H", f"Authorization: Bearer {key}")
+    with httpx.Client(base_url=users_app.url, headers={"Authorization": f"Bearer {key}"}, timeout=REQUEST_TIMEOUT_S) as http:
+        assert_every_route_was_fuzzed(http, answers)
+    assert not any(status == "401" for _, status, *_ in answers), answers
+
+
+def test_schemathesis_as_the_wrong_user_never_sees_another_users_conversations(users_app, tmp_path):
+    """carol's conversations hold a secret; bob's fuzzing sends half its requests that name a
+    conversation to hers. None may answer with her content (`shows_no_other_users_content`),
+    none may succeed, and hers are unchanged after."""
+    carol = httpx.Client(
+        base_url=users_app.url,
+        headers={"Authorization": f"Bearer {users_cli(users_app.database, 'add', 'carol')}"},
+        timeout=REQUEST_TIMEOUT_S,
+    )
+    secret = f"carols-secret-{uuid.uuid4().hex}"
+    ids = [carol.get("/conversations/start").json() for _ in range(3)]
+    for conversation_id in ids:
+        prompt = {"prompt": f"{secret} {conversation_id}", "model": CHEAP_MODEL, "sample_len": CHEAP_TOKENS}
+        assert carol.post(f"/conversations/{conversation_id}/generate", json=prompt).status_code == 200
+    before = [carol.get(f"/conversations/{conversation_id}").json() for conversation_id in ids]
+    bob = users_cli(users_app.database, "add", "bob")
+    env = {"FUZZ_FOREIGN_IDS": ",".join(map(str, ids)), "FUZZ_SECRET": secret}
+    answers = schemathesis_run(users_app.url, tmp_path, "-H", f"Authorization: Bearer {bob}", "--max-examples", "10", env=env)
+    foreign = {(label, status): count for (label, status, _, whose), count in answers.items() if whose == "foreign"}
+    assert sum(foreign.values()) >= 50, answers
+    assert all(status.startswith("4") for _, status in foreign), foreign
+    assert [carol.get(f"/conversations/{conversation_id}").json() for conversation_id in ids] == before
 
 
 # ---------------------------------------------------------------------------------------------
