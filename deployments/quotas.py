@@ -2,7 +2,7 @@
 
 They are kept by the history deployment, the one process every ingress replica asks, so a limit
 holds however many ingress replicas there are. A generation request starts a stream there before
-any work is queued (`begin_stream`) and ends it when its response has been sent (`end_stream`,
+any work is queued (`begin_stream`) and ends it when its last answer has ended (`end_stream`,
 with the tokens it used). Streams are leases, like turn claims (`turn_claims`): one an ingress
 replica never ends (it died) lapses unless renewed. The requests of the last minute are kept in
 memory (a restart of the history replica forgets at most a minute of them); each day's counts

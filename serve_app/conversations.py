@@ -161,18 +161,23 @@ class Turn:
 @dataclass
 class StreamLease:
     """A generation request's place among its user's streams (`auth: users`: `deployments.quotas`),
-    held until its response is sent, and the tokens its answers used."""
+    held until its last answer has ended, and the tokens its answers used."""
 
     user_id: int
     id: str
     label: str  # the user's label in the per-user metrics (`Quotas.metrics_label`)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    answers: int = 0  # its answers started and not ended
+    ended: bool = False
 
-    def count(self, last: GenerationOutput) -> None:
-        """Counts one answer (its last output); the `n` answers of a request read one prompt."""
+    def count(self, last: GenerationOutput) -> bool:
+        """Counts one answer as it ends (its last output); the `n` answers of a request read one
+        prompt. True when it was the request's last one."""
         self.prompt_tokens = max(self.prompt_tokens, last.prompt_tokens)
         self.completion_tokens += last.completion_tokens
+        self.answers -= 1
+        return self.answers == 0
 
 
 def turn_request_id(conversation_id: int) -> str:
@@ -299,11 +304,18 @@ class ConversationService:
             raise lease
         return user, StreamLease(user.id, lease, quotas.metrics_label(user.id, user.name)) if lease else None
 
-    def end_stream(self, lease: StreamLease) -> None:
-        """Ends the stream once its response is sent, counting its tokens (a task: a client
-        that went away must not cancel it)."""
+    async def end_stream(self, lease: StreamLease) -> None:
+        """Ends the request's stream, once, counting its tokens: when its last answer has ended,
+        before the response's last bytes go out, so that the client's next request finds its
+        place free (else when the request ends without an answer). The history call runs in a
+        task that a client going away does not cancel."""
+        if lease.ended:
+            return
+        lease.ended = True
         self.metrics.user_request_ended(lease.label, lease.prompt_tokens, lease.completion_tokens)
-        self._tell_history("end_stream", lease.user_id, lease.id, lease.prompt_tokens, lease.completion_tokens)
+        await asyncio.shield(
+            self._tell_history("end_stream", lease.user_id, lease.id, lease.prompt_tokens, lease.completion_tokens)
+        )
 
     async def usage(self, user_id: int | None) -> list[UserUsage]:
         return await self.history.usage.remote(user_id)
@@ -442,6 +454,8 @@ class ConversationService:
                 model=model.name,
                 parameters=record.parameters,
             )
+        if lease is not None:
+            lease.answers += 1
         return Turn(model, first, stream, record, prompt_stored, claim_renewed_at=started, lease=lease)
 
     async def _first_output(
@@ -487,8 +501,6 @@ class ConversationService:
             if output.finish_reason == "cancelled":
                 status = "stopped"
             self.metrics.turn_finished(turn.model.name, status, output.prompt_tokens, output.completion_tokens)
-            if turn.lease is not None:
-                turn.lease.count(output)
             if status != "complete":
                 turn.stream.cancel()
             if turn.record is not None:
@@ -506,6 +518,9 @@ class ConversationService:
                 await asyncio.shield(
                     self._write_surely(self._store_answer, turn.record.conversation_id, content, answer, turn.prompt_stored)
                 )
+            # Last: a cancelled request is cancelled again at each await here, and the answer comes first.
+            if turn.lease is not None and turn.lease.count(output):
+                await self.end_stream(turn.lease)
 
     async def abandon(self, turn: Turn) -> None:
         """Ends a started turn whose outputs no one will read (another choice of its request

@@ -259,7 +259,7 @@ def _user_admission(settings: AppSettings, service: ConversationService) -> tupl
     live key, looked up in the history each time (a revoked key is refused at once everywhere),
     else 401; a generation request also takes a lease on one of its user's streams in the same
     history call, refused (429) over a limit before any work is queued, and given back with the
-    tokens used once the response is sent."""
+    tokens used as its last answer ends (`ConversationService.end_stream`)."""
 
     async def lease_of(request: Request) -> StreamLease | None:
         return request.state.lease
@@ -283,8 +283,8 @@ def _user_admission(settings: AppSettings, service: ConversationService) -> tupl
         try:
             yield
         finally:
-            if lease is not None:
-                service.end_stream(lease)
+            if lease is not None:  # ended already if an answer was started (`outputs`)
+                await service.end_stream(lease)
 
     return [Depends(admit)], Depends(lease_of)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -33,12 +34,14 @@ CONVERSATION_ROUTES = {
     ("post", "/conversations/{conversation_id}/regenerate"): {"model": TINY, "sample_len": 4},
     ("post", "/conversations/{conversation_id}/stop"): None,
 }
+SERIAL_STREAMS = 4
 # Each quota test's user has one limit of its own; everyone else has the defaults.
 QUOTAS = {
     "users": {
         "streamer": {"concurrent_streams": 2},
         "hurried": {"requests_per_minute": 3},
         "wordy": {"tokens_per_day": 20},
+        "serial": {"concurrent_streams": SERIAL_STREAMS},
     }
 }
 OPEN = ("/", "/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
@@ -201,3 +204,25 @@ def test_generated_tokens_per_day_are_limited_and_usage_shows_them(service):
     everyone = {row["user"]: row for row in admin.get("/v1/usage?all=true").json()["data"]}
     assert everyone["wordy"]["completion_tokens"] == 30 and "admin" in everyone
     assert sum(metric_by_replica(admin, "chat_user_generated_tokens_total", user="wordy").values()) == 30
+
+
+def test_an_answer_that_has_ended_frees_its_place_for_the_next_request_at_once(service):
+    """As many clients as the user may have streams, each sending its next request the moment the
+    last answer's last byte arrived: every one is let in (the place is given back before those
+    bytes are sent), streamed or not, through either ingress replica."""
+    running, database = service
+    key = users_cli(database, "add", "serial")
+
+    def one_client(index: int) -> list[int]:
+        with client(running.url, key) as serial:
+            conversation_id = serial.get("/conversations/start").json()
+            statuses = []
+            for turn in range(8):
+                statuses.append(completion(serial, 3, stream=bool(turn % 2)).status_code)
+                body = {"prompt": "go", "model": TINY, "sample_len": 3}
+                statuses.append(serial.post(f"/conversations/{conversation_id}/generate", json=body).status_code)
+            return statuses
+
+    with ThreadPoolExecutor(SERIAL_STREAMS) as pool:
+        statuses = [status for each in pool.map(one_client, range(SERIAL_STREAMS)) for status in each]
+    assert statuses == [200] * len(statuses), statuses
