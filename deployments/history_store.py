@@ -9,6 +9,7 @@ history never holds half-written rows.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -99,6 +100,8 @@ class HistoryStore(UserAccounts, UserQuotas):
         # Each user's streams and recent requests, against their limits: see `quotas`.
         self.streams = StreamBook()
         self.quotas = quotas or Quotas()
+        self._unwritten: dict[tuple[int, str], tuple[int, int, int]] = {}
+        self._writing: asyncio.Task | None = None
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +129,10 @@ class HistoryStore(UserAccounts, UserQuotas):
 
     async def close(self) -> None:
         if self._db is not None:
+            if self._writing is not None:
+                self._writing.cancel()
+                self._writing = None
+            await self.write_usage()
             await self._db.close()
             self._db = None
 

@@ -6,11 +6,12 @@ any work is queued (`begin_stream`) and ends it when its last answer has ended (
 with the tokens it used). Streams are leases, like turn claims (`turn_claims`): one an ingress
 replica never ends (it died) lapses unless renewed. The requests of the last minute are kept in
 memory (a restart of the history replica forgets at most a minute of them); each day's counts
-per user are in SQLite (`usage`), so a restart forgets no tokens.
+per user are in SQLite (`usage`), written within a second of each request's end.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 import time
@@ -41,6 +42,9 @@ CREATE TABLE IF NOT EXISTS usage (
 OTHER_USERS = "_other"
 LimitName = Literal["concurrent_streams", "requests_per_minute", "tokens_per_day"]
 WINDOW_S = 60.0
+# How long the history keeps a day's new counts before writing them (`UserQuotas.end_stream`);
+# what a kill -9 of the history replica can lose of them.
+USAGE_WRITE_S = 1.0
 
 
 class Limits(BaseModel):
@@ -172,6 +176,10 @@ class UserQuotas:
 
     streams: StreamBook
     quotas: Quotas
+    # (user id, day) -> (requests, prompt tokens, generated tokens) counted and not written yet,
+    # and the task that writes them.
+    _unwritten: dict[tuple[int, str], tuple[int, int, int]]
+    _writing: asyncio.Task | None
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -198,11 +206,13 @@ class UserQuotas:
         """A lease on one of the user's streams for a generation request; `QuotaExceededError`
         when a limit is reached."""
         if limits.tokens_per_day is not None:
+            day = today()
             async with self.db.execute(
-                "SELECT completion_tokens FROM usage WHERE user_id = ? AND day = ?", (user_id, today())
+                "SELECT completion_tokens FROM usage WHERE user_id = ? AND day = ?", (user_id, day)
             ) as cursor:
                 row = await cursor.fetchone()
-            if row is not None and row["completion_tokens"] >= limits.tokens_per_day:
+            generated = (row["completion_tokens"] if row is not None else 0) + self._unwritten.get((user_id, day), (0, 0, 0))[2]
+            if generated >= limits.tokens_per_day:
                 raise QuotaExceededError("tokens_per_day", limits.tokens_per_day, seconds_to_tomorrow())
         return self.streams.start(user_id, limits)
 
@@ -210,19 +220,38 @@ class UserQuotas:
         self.streams.renew(user_id, lease)
 
     async def end_stream(self, user_id: int, lease: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """Ends the stream and counts the request and its tokens in the day's usage."""
+        """Ends the stream and counts the request and its tokens in the day's usage, written
+        within `USAGE_WRITE_S` with every other count of that time in one commit: a commit per
+        request was most of what `auth: users` cost a short request."""
         self.streams.end(user_id, lease)
-        await self.db.execute(
-            "INSERT INTO usage (user_id, day, requests, prompt_tokens, completion_tokens) VALUES (?, ?, 1, ?, ?)"
-            " ON CONFLICT (user_id, day) DO UPDATE SET requests = requests + 1,"
+        key = (user_id, today())
+        requests, prompt, completion = self._unwritten.get(key, (0, 0, 0))
+        self._unwritten[key] = (requests + 1, prompt + prompt_tokens, completion + completion_tokens)
+        if self._writing is None:
+            self._writing = asyncio.create_task(self._write_usage_soon())
+
+    async def _write_usage_soon(self) -> None:
+        await asyncio.sleep(USAGE_WRITE_S)
+        self._writing = None
+        await self.write_usage()
+
+    async def write_usage(self) -> None:
+        """Writes the counts not written yet (`end_stream`)."""
+        counts, self._unwritten = self._unwritten, {}
+        if not counts:
+            return
+        await self.db.executemany(
+            "INSERT INTO usage (user_id, day, requests, prompt_tokens, completion_tokens) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (user_id, day) DO UPDATE SET requests = requests + excluded.requests,"
             " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
             " completion_tokens = completion_tokens + excluded.completion_tokens",
-            (user_id, today(), prompt_tokens, completion_tokens),
+            [(user_id, day, *numbers) for (user_id, day), numbers in counts.items()],
         )
         await self.db.commit()
 
     async def usage(self, user_id: int | None = None, day: str | None = None) -> list[UserUsage]:
         """The day's usage (default today, UTC) of one user, or of every user (None), by name."""
+        await self.write_usage()
         day = day or today()
         query = (
             "SELECT users.id, users.name AS user, users.admin, COALESCE(usage.requests, 0) AS requests,"

@@ -3,6 +3,7 @@ counts in a real SQLite file."""
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import sqlite3
 
@@ -10,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.history_store import HistoryStore
-from deployments.quotas import OTHER_USERS, Limits, QuotaExceededError, Quotas, StreamBook, today
+from deployments.quotas import OTHER_USERS, USAGE_WRITE_S, Limits, QuotaExceededError, Quotas, StreamBook, today
 from deployments.user_accounts import key_hash
 
 
@@ -190,3 +191,17 @@ async def test_one_call_lets_a_request_in_with_its_lease_or_says_which_limit(tmp
         assert isinstance(refusal, QuotaExceededError) and (refusal.allowed, refusal.user) == (8, OTHER_USERS)
     finally:
         await store.close()
+
+
+async def test_counts_are_written_within_a_second_in_one_commit(store):
+    alice, _ = await store.add_user("alice")
+    for tokens in (5, 7):
+        await store.end_stream(alice.id, await store.begin_stream(alice.id, Limits()), 1, tokens)
+
+    def stored() -> list[tuple]:
+        with sqlite3.connect(store.path) as db:
+            return db.execute("SELECT requests, completion_tokens FROM usage").fetchall()
+
+    assert stored() == []  # not yet: a commit per request is what it saves
+    await asyncio.sleep(USAGE_WRITE_S + 0.3)
+    assert stored() == [(2, 12)]
