@@ -23,14 +23,6 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-async def store(tmp_path):
-    store = HistoryStore(tmp_path / "history.sqlite3")
-    await store.open()
-    yield store
-    await store.close()
-
-
 def refused(book: StreamBook, user_id: int, limits: Limits) -> QuotaExceededError:
     with pytest.raises(QuotaExceededError) as refusal:
         book.start(user_id, limits)

@@ -12,14 +12,6 @@ from deployments.user_accounts import UserError, key_hash
 from tests.support import NOW, RELEASED_SCHEMA
 
 
-@pytest.fixture
-async def store(tmp_path):
-    store = HistoryStore(tmp_path / "history.sqlite3")
-    await store.open()
-    yield store
-    await store.close()
-
-
 async def test_a_key_names_its_user_until_revoked_and_only_its_hash_is_stored(store):
     alice, key = await store.add_user("alice")
     assert key.startswith("rc-") and len(key) >= 3 + 32  # 192 random bits, base64url
