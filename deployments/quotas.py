@@ -94,9 +94,8 @@ class QuotaExceededError(RuntimeError):
         "tokens_per_day": "generated tokens per day (UTC)",
     }
 
-    def __init__(self, limit: LimitName, allowed: int, retry_after_s: int, user: str = ""):
+    def __init__(self, limit: LimitName, allowed: int, retry_after_s: int):
         self.limit, self.allowed, self.retry_after_s = limit, allowed, retry_after_s
-        self.user = user  # the user's label in the per-user metrics (`Quotas.metrics_label`)
         super().__init__(
             f"rate limit reached: {self.WHAT[limit]}, at most {allowed} per user (`{limit}`); retry in {retry_after_s} s"
         )
@@ -108,7 +107,7 @@ class QuotaExceededError(RuntimeError):
 
     def __reduce__(self):
         # Raised in the history replica and pickled to the ingress.
-        return type(self), (self.limit, self.allowed, self.retry_after_s, self.user)
+        return type(self), (self.limit, self.allowed, self.retry_after_s)
 
 
 class StreamBook:
@@ -199,7 +198,6 @@ class UserQuotas:
         try:
             return user, await self.begin_stream(user.id, self.quotas.limits_of(user.name))
         except QuotaExceededError as refusal:
-            refusal.user = self.quotas.metrics_label(user.id, user.name)
             return user, refusal
 
     async def begin_stream(self, user_id: int, limits: Limits) -> str:
@@ -221,8 +219,8 @@ class UserQuotas:
 
     async def end_stream(self, user_id: int, lease: str, prompt_tokens: int, completion_tokens: int) -> None:
         """Ends the stream and counts the request and its tokens in the day's usage, written
-        within `USAGE_WRITE_S` with every other count of that time in one commit: a commit per
-        request was most of what `auth: users` cost a short request."""
+        within `USAGE_WRITE_S` with every other count of that time in one commit, rather than a
+        commit (an fsync: `synchronous=FULL`) per request."""
         self.streams.end(user_id, lease)
         key = (user_id, today())
         requests, prompt, completion = self._unwritten.get(key, (0, 0, 0))

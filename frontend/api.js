@@ -34,6 +34,9 @@ function describeDetail(detail) {
   return null;
 }
 
+/** The server's message as a sentence: capitalized, one full stop. */
+const sentence = (text) => `${text[0].toUpperCase()}${text.slice(1).replace(/\.$/, "")}.`;
+
 async function errorFromResponse(response) {
   let detail = null;
   try {
@@ -50,13 +53,11 @@ async function errorFromResponse(response) {
   let message = detail || `The server answered ${response.status} ${response.statusText}.`;
   if (response.status === 503) {
     // Overloaded, or a model (re)loading: both pass, so say when to retry.
-    const reason = (detail || "The server is busy or a model is still loading").replace(/\.$/, "");
     const wait = retryAfterS ? `Retry in ${retryAfterS} s.` : "Retry in a moment.";
-    message = `${reason[0].toUpperCase()}${reason.slice(1)}. ${wait}`;
+    message = `${sentence(detail || "The server is busy or a model is still loading")} ${wait}`;
   } else if (response.status === 429) {
     // One of this user's limits; the server's message names it and says when to retry.
-    const reason = detail || `You have reached a limit of this server. Retry in ${retryAfterS || 1} s`;
-    message = `${reason[0].toUpperCase()}${reason.slice(1).replace(/\.$/, "")}.`;
+    message = sentence(detail || `You have reached a limit of this server. Retry in ${retryAfterS || 1} s`);
   }
   return new ApiError(message, { status: response.status, retryAfterS });
 }

@@ -299,10 +299,11 @@ class ConversationService:
         if admitted is None:
             return None
         user, lease = admitted
+        label = quotas.metrics_label(user.id, user.name)
         if isinstance(lease, QuotaExceededError):
-            self.metrics.user_refused(lease.user, lease.limit)
+            self.metrics.user_refused(label, lease.limit)
             raise lease
-        return user, StreamLease(user.id, lease, quotas.metrics_label(user.id, user.name)) if lease else None
+        return user, StreamLease(user.id, lease, label) if lease else None
 
     async def end_stream(self, lease: StreamLease) -> None:
         """Ends the request's stream, once, counting its tokens: when its last answer has ended,

@@ -264,16 +264,12 @@ def _user_admission(settings: AppSettings, service: ConversationService) -> tupl
     async def lease_of(request: Request) -> StreamLease | None:
         return request.state.lease
 
-    leasing: dict[int, bool] = {}  # id(route) -> whether it takes a lease (`lease_of`); routes live as long as the app
-
     async def admit(request: Request) -> AsyncIterator[None]:
         if is_open(request):
             yield
             return
-        route: APIRoute = request.scope["route"]
-        streams = leasing.get(id(route))
-        if streams is None:
-            streams = leasing[id(route)] = any(dependant.call is lease_of for dependant in route.dependant.dependencies)
+        route: APIRoute = request.scope["route"]  # the matched one: a generation route takes a lease
+        streams = any(dependant.call is lease_of for dependant in route.dependant.dependencies)
         key = bearer_key(request)
         admitted = await service.admit_user(key, streams, settings.quotas) if key else None
         if admitted is None:

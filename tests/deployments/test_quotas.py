@@ -162,7 +162,7 @@ async def test_counts_survive_a_restart_of_the_history(store, tmp_path):
 
 
 async def test_one_call_lets_a_request_in_with_its_lease_or_says_which_limit(tmp_path):
-    store = HistoryStore(tmp_path / "history.sqlite3", Quotas(users={"alice": Limits(concurrent_streams=1)}, metrics_users=1))
+    store = HistoryStore(tmp_path / "history.sqlite3", Quotas(users={"alice": Limits(concurrent_streams=1)}))
     await store.open()
     try:
         alice, key = await store.add_user("alice")
@@ -173,14 +173,13 @@ async def test_one_call_lets_a_request_in_with_its_lease_or_says_which_limit(tmp
         assert admitted is not None and admitted[0] == alice and admitted[1]
         _, refusal = await store.admit_user(key_hash(key), streams=True)
         assert isinstance(refusal, QuotaExceededError)
-        assert (refusal.limit, refusal.user) == ("concurrent_streams", "alice")
-        assert pickle.loads(pickle.dumps(refusal)).user == "alice"
+        assert (refusal.limit, refusal.allowed) == ("concurrent_streams", 1)
         assert (await store.admit_user(key_hash(key), streams=False)) == (alice, None)  # still reads
-        # bob, past `metrics_users`, is counted under the shared label; the default limit is his.
+        # bob has the default limit.
         for _ in range(Quotas().concurrent_streams or 0):
             await store.admit_user(key_hash(bobs_key), streams=True)
         _, refusal = await store.admit_user(key_hash(bobs_key), streams=True)
-        assert isinstance(refusal, QuotaExceededError) and (refusal.allowed, refusal.user) == (8, OTHER_USERS)
+        assert isinstance(refusal, QuotaExceededError) and (refusal.limit, refusal.allowed) == ("concurrent_streams", 8)
     finally:
         await store.close()
 
