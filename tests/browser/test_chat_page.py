@@ -62,7 +62,8 @@ def end_answer_elsewhere(serve_app, conversation_id: int) -> None:
 
 def test_answer_streams_in_and_conversation_survives_reload(page, serve_app):
     new_conversation(page)
-    set_parameters(page, sample_len=48, temperature=0, seed=None)
+    # Long enough to be seen growing: 48 tokens once streamed in under two 150 ms samples.
+    set_parameters(page, sample_len=128, temperature=0, seed=None)
     # Shift+Enter is a new line, not a send.
     prompt_input = page.get_by_test_id("prompt-input")
     prompt_input.fill("Explain in two sentences what a GPU is.")
@@ -80,7 +81,7 @@ def test_answer_streams_in_and_conversation_survives_reload(page, serve_app):
         lengths.append(len(answer.get_by_test_id("message-content").inner_text()))
         if not is_streaming:
             break
-        page.wait_for_timeout(150)
+        page.wait_for_timeout(50)
     growing = sorted(set(length for length in lengths if length > 0))
     assert len(growing) >= 3, f"the answer did not grow over time: {lengths}"
     wait_for_answer(page)
