@@ -121,7 +121,7 @@ bench-load: install
 # The benchmark's llama.cpp baseline (llama-cpp-python compiles llama.cpp: ~5 min). Not part of
 # `make test` or CI; `make bench` skips llama.cpp without it.
 bench-deps: install
-	$(BIN)/pip install --quiet llama-cpp-python==0.3.36
+	$(BIN)/pip install --quiet llama-cpp-python==0.3.36 xgrammar==0.2.9
 
 # Schema-driven fuzzing, heavier than `make test` runs it (tests/e2e/test_fuzz.py): FUZZ_EXAMPLES
 # random cases per route instead of 25, against the real app on the tiny models (300: ~3,900

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,9 @@ def _error_response(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(_error_body(request, 503, str(cause)), status_code=503, headers={"Retry-After": "2"})
     for error_type, code in ERROR_STATUS.items():
         if isinstance(cause, error_type):
-            return JSONResponse(_error_body(request, code, str(cause)), status_code=code)
+            # A bad parameter's message starts with its name ("response_format: ..."): OpenAI's `param`.
+            param = re.match(r"[a-z_][a-z_.]*(?=: )", str(cause)) if code == 400 else None
+            return JSONResponse(_error_body(request, code, str(cause), param and param[0]), status_code=code)
     # Anything else from Ray (or the way its outputs come back): a replica died or could not
     # start; retrying may succeed once Serve has replaced it.
     message = f"a backend replica is unavailable, retry shortly ({type(cause).__name__}: {cause})"

@@ -226,6 +226,9 @@ class ResponseDraft:
             max_output_tokens=self.body.max_output_tokens,
             temperature=self.params.temperature,
             top_p=self.params.top_p,
+            text={"format": self.body.text.format.model_dump(by_alias=True, exclude_none=True)}
+            if self.body.text and self.body.text.format
+            else {"format": {"type": "text"}},
             incomplete_details=ResponseIncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None,
         )
 

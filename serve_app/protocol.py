@@ -9,6 +9,7 @@ returns; the history store produces them directly.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -24,7 +25,7 @@ from pydantic import (
     field_validator,
 )
 
-from deployments.engine.sampling import MAX_LOGIT_BIAS, SamplingParams
+from deployments.engine.sampling import MAX_LOGIT_BIAS, Constraint, SamplingParams
 
 # The history's records are response bodies too, served as the history deployment returns them.
 from deployments.history_records import (  # noqa: F401 - part of this module's protocol
@@ -219,6 +220,48 @@ class TextResponseFormat(RequestModel):
     type: Literal["text"]
 
 
+class JsonObjectFormat(RequestModel):
+    """JSON mode: the answer is one JSON object."""
+
+    type: Literal["json_object"]
+
+
+# The schemas' names, as OpenAI allows them.
+SCHEMA_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class JsonSchemaSpec(RequestModel):
+    name: str = Field(pattern=SCHEMA_NAME)
+    description: str | None = None
+    # `schema` would shadow pydantic's BaseModel.schema.
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema", description="A JSON schema; none: any JSON.")
+    strict: bool | None = Field(default=None, description="Accepted; every answer follows the schema either way.")
+
+
+class JsonSchemaFormat(RequestModel):
+    """Structured outputs: the answer is JSON that validates against the schema."""
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextResponseFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
+def json_constraint(schema: dict[str, Any] | None, field: str) -> Constraint:
+    """The constraint of a JSON schema (`None`: any JSON value), named by its request `field`."""
+    # The schema's own key order is the order the answer's keys come in: not sorted.
+    return Constraint(json_schema=json.dumps(schema if schema is not None else {}), field=field)
+
+
+def format_constraint(fmt: TextResponseFormat | JsonObjectFormat | JsonSchemaFormat | None, field: str) -> Constraint | None:
+    if isinstance(fmt, JsonObjectFormat):
+        return json_constraint({"type": "object"}, field)
+    if isinstance(fmt, JsonSchemaFormat):
+        return json_constraint(fmt.json_schema.json_schema, field)
+    return None
+
+
 # logit_bias's keys: token ids in decimal without leading zeros, so no two keys name one token.
 TOKEN_ID_KEY = r"^(0|[1-9][0-9]{0,9})$"
 
@@ -314,7 +357,12 @@ class _OpenAISamplingRequest(RequestModel):
             stop=self.stop_strings,
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
+            constraint=self.constraint(),
         )
+
+    def constraint(self) -> Constraint | None:
+        """What the answer must match (structured outputs); None: free text."""
+        return None
 
     def choices_params(self) -> list[SamplingParams]:
         """One `SamplingParams` per choice (`n`). A seeded request's choices draw under seed,
@@ -373,7 +421,9 @@ class ChatCompletionRequest(_OpenAISamplingRequest):
     tool_choice: Unsupported[Literal["none", "auto"]] = Field(default=None, description=NOTHING_ASKED)
     functions: Unsupported[EmptyList] = Field(default=None, description=NOTHING_ASKED)
     function_call: Unsupported[Literal["none", "auto"]] = Field(default=None, description=NOTHING_ASKED)
-    response_format: Unsupported[TextResponseFormat] = Field(default=None, description=NOTHING_ASKED)
+    response_format: ResponseFormat | None = Field(
+        default=None, description="`json_object` or `json_schema`: decoding follows the JSON grammar, so the answer parses."
+    )
     conversation_id: int | None = Field(
         default=None,
         ge=1,
@@ -383,6 +433,9 @@ class ChatCompletionRequest(_OpenAISamplingRequest):
 
     def to_sampling_params(self) -> SamplingParams:
         return self._sampling_params(self.max_completion_tokens or self.max_tokens)
+
+    def constraint(self) -> Constraint | None:
+        return format_constraint(self.response_format, "response_format")
 
     def chat_messages(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text} for m in self.messages]
@@ -411,6 +464,9 @@ class CompletionRequest(_OpenAISamplingRequest):
     echo: Unsupported[Literal[False]] = Field(default=None, description=NOTHING_ASKED)
     best_of: Unsupported[Literal[1]] = Field(default=None, description=NOTHING_ASKED)
     suffix: Unsupported[Annotated[str, Field(max_length=0)]] = Field(default=None, description=NOTHING_ASKED)
+    response_format: ResponseFormat | None = Field(
+        default=None, description="Ours, as vLLM's: `json_object` or `json_schema`, as in chat completions."
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -428,6 +484,9 @@ class CompletionRequest(_OpenAISamplingRequest):
     def to_sampling_params(self) -> SamplingParams:
         return self._sampling_params(self.max_tokens or 16)  # OpenAI's default for completions
 
+    def constraint(self) -> Constraint | None:
+        return format_constraint(self.response_format, "response_format")
+
 
 class ResponseInputText(RequestModel):
     type: Literal["input_text", "output_text"]  # output_text: an earlier answer's, sent back
@@ -444,8 +503,25 @@ class ResponseInputMessage(RequestModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class ResponseJsonSchemaFormat(RequestModel):
+    """The Responses API's structured outputs: `json_schema`'s fields, flat."""
+
+    type: Literal["json_schema"]
+    name: str = Field(pattern=SCHEMA_NAME)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseTextOptions(RequestModel):
-    format: Unsupported[TextResponseFormat] = Field(default=None, description=NOTHING_ASKED)
+    format: Annotated[TextResponseFormat | JsonObjectFormat | ResponseJsonSchemaFormat, Field(discriminator="type")] | None = (
+        Field(default=None, description="`json_object` or `json_schema`: decoding follows the JSON grammar.")
+    )
+
+    def constraint(self) -> Constraint | None:
+        if isinstance(self.format, ResponseJsonSchemaFormat):
+            return json_constraint(self.format.json_schema, "text.format")
+        return format_constraint(self.format, "text.format")
 
 
 class ResponsesRequest(_OpenAISamplingRequest):
@@ -487,6 +563,9 @@ class ResponsesRequest(_OpenAISamplingRequest):
 
     def to_sampling_params(self) -> SamplingParams:
         return self._sampling_params(self.max_output_tokens or self.max_tokens)
+
+    def constraint(self) -> Constraint | None:
+        return self.text.constraint() if self.text else None
 
     def chat_messages(self) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.instructions}] if self.instructions else []

@@ -30,11 +30,13 @@ from collections import deque
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 
+import llguidance
 import torch
 
 from deployments.engine.cuda_graphs import DecodeGraphs, DecodeRow
 from deployments.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from deployments.engine.forward import PromptChunk, build_step, extract_weights, fed_token_ids, forward, rope_table
+from deployments.engine.grammar import Grammars, Masks
 from deployments.engine.kv_cache import INITIAL_CAPACITY, KVCache
 from deployments.engine.prefix_index import PrefixIndex, common_prefix
 from deployments.engine.protocol import (
@@ -43,6 +45,7 @@ from deployments.engine.protocol import (
     GenerationOutput,
     InvalidRequestError,
     PromptTooLongError,
+    check_constraint,
     check_logit_bias,
 )
 from deployments.engine.sampler import Draft, Fetch, Needs, SlotEntry, SlotSampling, StepRows, draw, finish
@@ -70,6 +73,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher
     seed: int  # of the request's draws (see `sampler.uniform`)
+    matcher: llguidance.LLMatcher | None = None  # its constraint's state (see `grammar`)
     slot: int = -1
     n_prefilled: int = 0  # prompt tokens already in the cache
     generated: list[int] = field(default_factory=list)
@@ -218,6 +222,8 @@ class BatchedEngine:
         )
         self._sampling = SlotSampling.empty(self.max_batch_size + 1, self.max_context, self.device)  # + the scratch row
         self._eos_tensor = torch.tensor(self._eos_ids, dtype=torch.long, device=self.device)
+        self._grammars = Grammars(self._tokenizer, w.embed.shape[0], self._eos_ids)
+        self._masks = Masks(w.embed.shape[0], self.max_batch_size)
         self._graphs = (
             DecodeGraphs(w, self._cache, self._rope, self._sampling, self._eos_tensor, self.max_batch_size)
             if self.use_cuda_graphs
@@ -269,6 +275,7 @@ class BatchedEngine:
                 "tokens, with room needed for at least one new token; shorten the prompt"
             )
         check_logit_bias(params, self._weights.embed.shape[0])
+        matcher = None if params.constraint is None else await self._matcher(params)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = Sequence(
             prompt_ids=list(prompt_token_ids),
@@ -279,6 +286,7 @@ class BatchedEngine:
             detokenizer=IncrementalDetokenizer(self._tokenizer),
             stop_matcher=StopStringMatcher(params.stop),
             seed=seed,
+            matcher=matcher,
         )
         with self._wakeup:
             if self._is_shut_down:
@@ -299,6 +307,16 @@ class BatchedEngine:
             seq.is_cancelled = True
             with self._wakeup:
                 self._wakeup.notify()
+
+    async def _matcher(self, params: SamplingParams) -> llguidance.LLMatcher:
+        """A matcher for the request's constraint: compiled in a worker thread the first time
+        (a large schema takes 100 ms or more, and the caller's loop serves other requests)."""
+        check_constraint(params)
+        constraint = params.constraint
+        assert constraint is not None
+        if self._grammars.is_compiled(constraint):
+            return self._grammars.matcher(constraint)
+        return await asyncio.to_thread(self._grammars.matcher, constraint)
 
     def stats(self) -> EngineStats:
         active = sum(s is not None for s in self._slots)
@@ -435,15 +453,16 @@ class BatchedEngine:
                 self._free(seq)
         if self._launched is not None:
             launched, self._launched = self._launched, None
-            if all(s.is_prefilled for s in self._running()):
+            if all(s.is_prefilled and s.matcher is None for s in self._running()):
                 # Steady decoding: the next step is queued before this one's ids are read, so
                 # the device computes it while the host streams this one's text.
                 self._launched = self._launch_decode(launched)
             self._complete(launched)
             return  # else newcomers are admitted and planned with every row's ids on the host
         decoding = [s for s in self._running() if s.is_prefilled]
+        completing: list[Sequence] = []
         # Prompt chunks go to newcomers in arrival-slot order, up to the step's token budget.
-        chunks, completing, budget = [], [], self.prefill_chunk_tokens
+        chunks, budget = [], self.prefill_chunk_tokens
         computing = PrefixIndex()
         cached = self._cached_prefixes() if self.prefix_caching and len(decoding) < len(self._running()) else PrefixIndex()
         for seq in self._running():
@@ -460,14 +479,18 @@ class BatchedEngine:
             computing.add(seq.prompt_ids[: seq.n_prefilled], seq.slot)
             if is_last:
                 completing.append(seq)
-        if not chunks and self.overlap_steps:
+        sampled = decoding + completing  # the rows whose logits the step samples, in order
+        constrained = [row for row, seq in enumerate(sampled) if seq.matcher is not None]
+        if not chunks and self.overlap_steps and not constrained:
             self._launched = self._launch_decode(None)
             return
         if not decoding and not chunks:
             return
         decode = [(s.slot, s.length - 1, s.generated[-1], -1) for s in decoding]
-        sampled = decoding + completing
-        draft, _ = self._launch(decode, chunks, Needs.of(s.params for s in sampled), None)
+        masks = None
+        if constrained:  # each constrained row's allowed tokens, after the last token it took
+            masks = constrained, self._masks.fill([m for row in constrained if (m := sampled[row].matcher) is not None])
+        draft, _ = self._launch(decode, chunks, Needs.of(s.params for s in sampled), None, masks)
         tokens = finish(draft)  # the one transfer back per step: the chosen ids
         interval = self._chunk_interval(len(sampled))
         for seq, token in zip(sampled, tokens):
@@ -479,11 +502,13 @@ class BatchedEngine:
         chunks: list[tuple[PromptChunk, list[int]]],
         needs: Needs,
         previous: torch.Tensor | None,
+        masks: tuple[list[int], torch.Tensor] | None = None,
     ) -> tuple[Draft, torch.Tensor]:
         """Queues one step (`decode` rows, then `chunks`; `previous`: the ids the rows' previous
         rows read, see `DecodeRow`) -> its draft of one id per decode row and completed prompt
-        (sampled as `needs` says), and those ids by row on the device."""
-        if self._graphs is not None and not chunks and self._graphs.bucket(len(decode)):
+        (sampled as `needs` says), and those ids by row on the device. `masks`: the constrained
+        rows (by logit row) and their bitmasks (see `grammar.Masks`); such a step runs eagerly."""
+        if self._graphs is not None and not chunks and masks is None and self._graphs.bucket(len(decode)):
             if previous is not None and previous is not self._graphs.previous:
                 self._graphs.previous[: len(previous)].copy_(previous)  # an eager step's ids
             return self._graphs.decode(decode, needs), self._graphs.previous  # forward pass and sampling, replayed
@@ -495,6 +520,8 @@ class BatchedEngine:
             previous_rows = [row[3] for row in decode] + [-1] * (len(batch.token_ids) - len(decode))
             batch.token_ids = fed_token_ids(batch.token_ids, torch.tensor(previous_rows, device=self.device), previous)
         logits = forward(self._weights, self._cache, self._rope, batch)
+        if masks is not None:
+            self._masks.apply(logits, *masks)
         rows = StepRows(batch.slots[batch.logit_rows], batch.positions[batch.logit_rows], needs)
         draft = draw(logits, rows, self._sampling, self._cache.tokens[:, :longest], self._eos_tensor)
         return draft, draft.tokens
@@ -569,11 +596,16 @@ class BatchedEngine:
         finish: FinishReason | None = None
         # Like OpenAI's usage, the completion count leaves out the EOS token that ends it.
         completion_tokens = len(seq.generated)
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            logger.error("a constrained answer took a token its grammar refused: %s", seq.matcher.get_error())
         if seq.stop_matcher.is_stopped:
             finish = "stop"
         elif token in self._eos_ids and not seq.params.ignore_eos:
             finish = "stop"
             completion_tokens -= 1
+        elif seq.matcher is not None and seq.matcher.is_stopped():
+            finish = "stop"  # the grammar is complete: nothing but EOS could follow (ignore_eos or not)
+            completion_tokens -= token in self._eos_ids
         elif self._at_length_limit(seq):
             finish = "length"
         if finish is not None and not seq.stop_matcher.is_stopped:

@@ -92,5 +92,13 @@ def check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
         raise InvalidRequestError(f"logit_bias: token id {beyond[0]} is not among the model's {vocab_size} token ids")
 
 
+def check_constraint(params: SamplingParams) -> None:
+    """InvalidRequestError if `params` constrain the answer (`constraint`) and also ask for
+    what a constraint cannot allow: min_tokens (once the grammar is complete only EOS may
+    follow, and min_tokens would forbid it)."""
+    if params.constraint is not None and params.min_tokens:
+        raise InvalidRequestError(f"min_tokens: cannot be combined with {params.constraint.field}")
+
+
 class PromptTooLongError(InvalidRequestError):
     """The prompt (plus room for the answer) does not fit the model's context."""

@@ -11,6 +11,7 @@ import threading
 from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 
+import llguidance
 import torch
 from transformers import (
     AsyncTextIteratorStreamer,
@@ -22,7 +23,8 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from deployments.engine.protocol import EngineStats, FinishReason, GenerationOutput, check_logit_bias
+from deployments.engine.grammar import Grammars, Masks
+from deployments.engine.protocol import EngineStats, FinishReason, GenerationOutput, check_constraint, check_logit_bias
 from deployments.engine.sampling import SamplingParams
 from deployments.model_loader import LoadedModel, eos_token_ids
 
@@ -67,6 +69,30 @@ class OccurrencePenalty(LogitsProcessor):
         return penalized  # type: ignore[return-value]  # transformers types scores as the legacy FloatTensor
 
 
+class GrammarMask(LogitsProcessor):
+    """A constrained request's allowed next tokens (see `grammar`): every other token's score
+    is -inf. Its matcher takes each new token in `GrammarComplete`."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
+        self._matcher, self._masks = matcher, Masks(vocab_size, 1)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._masks.apply(scores, [0], self._masks.fill([self._matcher]))
+        return scores
+
+
+class GrammarComplete(StoppingCriteria):
+    """Feeds each new token to the request's matcher; stops once its grammar is complete."""
+
+    def __init__(self, matcher: llguidance.LLMatcher):
+        self._matcher = matcher
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        self._matcher.consume_token(int(input_ids[0, -1]))
+        done = torch.tensor([self._matcher.is_stopped()], device=input_ids.device)
+        return done  # type: ignore[return-value]  # see _StopWhenCancelled
+
+
 class _StopWhenCancelled(StoppingCriteria):
     def __init__(self, cancelled: threading.Event):
         self._cancelled = cancelled
@@ -89,6 +115,8 @@ class ReferenceEngine:
         self._model = model
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference-engine")
         self._eos_ids = eos_token_ids(loaded)
+        self._vocab_size = model.get_output_embeddings().weight.shape[0]
+        self._grammars = Grammars(loaded.tokenizer, self._vocab_size, self._eos_ids)
         self._active = 0
         self._waiting = 0
         self._total = 0
@@ -99,7 +127,9 @@ class ReferenceEngine:
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _generate_blocking(self, prompt_ids: list[int], params: SamplingParams, streamer, cancelled) -> torch.Tensor:
+    def _generate_blocking(
+        self, prompt_ids: list[int], params: SamplingParams, streamer, cancelled, matcher: llguidance.LLMatcher | None
+    ) -> torch.Tensor:
         model, tokenizer = self._model, self._loaded.tokenizer
         if params.seed is not None:
             torch.manual_seed(params.seed)
@@ -110,6 +140,10 @@ class ReferenceEngine:
             processors.append(RecentRepetitionPenalty(params.repeat_penalty, params.repeat_last_n))
         if params.penalizes_occurrences:
             processors.append(OccurrencePenalty(params.presence_penalty, params.frequency_penalty, len(prompt_ids)))
+        stopping = StoppingCriteriaList([_StopWhenCancelled(cancelled)])
+        if matcher is not None:
+            processors.append(GrammarMask(matcher, self._vocab_size))  # last: after bias and penalties
+            stopping.append(GrammarComplete(matcher))
         input_ids = torch.tensor([prompt_ids], device=self._loaded.device)
         with torch.inference_mode():
             return model.generate(
@@ -122,7 +156,7 @@ class ReferenceEngine:
                 top_p=params.top_p if not params.is_greedy else None,
                 top_k=params.top_k if not params.is_greedy else None,
                 logits_processor=processors,
-                stopping_criteria=StoppingCriteriaList([_StopWhenCancelled(cancelled)]),
+                stopping_criteria=stopping,
                 stop_strings=list(params.stop) or None,
                 tokenizer=tokenizer,
                 streamer=streamer,
@@ -130,7 +164,9 @@ class ReferenceEngine:
             )
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncGenerator[GenerationOutput, None]:
-        check_logit_bias(params, self._model.get_output_embeddings().weight.shape[0])
+        check_logit_bias(params, self._vocab_size)
+        check_constraint(params)
+        matcher = None if params.constraint is None else self._grammars.matcher(params.constraint)
         tokenizer = self._loaded.tokenizer
         streamer = AsyncTextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancelled = threading.Event()
@@ -142,7 +178,7 @@ class ReferenceEngine:
             self._waiting -= 1
             self._active += 1
             try:
-                return self._generate_blocking(prompt_token_ids, params, streamer, cancelled)
+                return self._generate_blocking(prompt_token_ids, params, streamer, cancelled, matcher)
             except BaseException:
                 streamer.end()  # unblock the reader; the future carries the error
                 raise

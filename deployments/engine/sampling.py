@@ -13,6 +13,16 @@ MAX_LOGIT_BIAS = 300  # tokens one request may bias
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """What an answer must match, token by token (see `engine.grammar`): a JSON schema (its JSON
+    text) or a Lark grammar (llguidance's dialect)."""
+
+    json_schema: str | None = None  # OpenAI's json_object is '{"type": "object"}'
+    lark: str | None = None
+    field: str = "response_format"  # the request field it came from, named in errors
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
     # 0 means greedy decoding.
@@ -35,6 +45,8 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     min_tokens: int = 0
     ignore_eos: bool = False
+    # Decoding follows this grammar (structured outputs, tool calls); None: free text.
+    constraint: Constraint | None = None
     # The room kept for the answer when a prompt is fitted to the model's context (a chat's
     # oldest turns dropped, a prompt refused as too long); None: all of `max_tokens`. Less where
     # `max_tokens` only bounds an answer the client left unbounded (OpenAI's APIs: until the

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
-from deployments.engine.sampling import SamplingParams
+from deployments.engine.sampling import Constraint, SamplingParams
 from serve_app.protocol import (
     MAX_SEED,
     ChatCompletionRequest,
@@ -143,7 +145,6 @@ def test_logit_bias_keys_become_token_ids_and_bad_ones_are_refused_naming_the_fi
         (CHAT, "tool_choice", "none", "required"),
         (CHAT, "functions", [], [{"name": "f"}]),
         (CHAT, "function_call", "auto", {"name": "f"}),
-        (CHAT, "response_format", {"type": "text"}, {"type": "json_object"}),
         (COMPLETION, "logprobs", 0, 5),
         (COMPLETION, "echo", False, True),
         (COMPLETION, "best_of", 1, 2),
@@ -209,3 +210,22 @@ def test_openai_answers_left_unbounded_run_until_the_context_ends_keeping_the_us
     assert (bounded.max_tokens, bounded.answer_room) == (5000, 5000)
     assert CompletionRequest.model_validate(COMPLETION).to_sampling_params().answer_room == 16  # OpenAI's default there
     assert GenerateRequest(prompt="hi").to_sampling_params().answer_room == 256  # the original API's sample_len
+
+
+def test_a_response_format_becomes_the_constraint_its_answer_follows():
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
+    json_schema = {"type": "json_schema", "json_schema": {"name": "pair", "schema": schema, "strict": True}}
+    for request, body in ((ChatCompletionRequest, CHAT), (CompletionRequest, COMPLETION)):
+        assert request.model_validate({**body, "response_format": {"type": "text"}}).to_sampling_params().constraint is None
+        json_object = request.model_validate({**body, "response_format": {"type": "json_object"}}).to_sampling_params()
+        assert json_object.constraint == Constraint(json_schema='{"type": "object"}', field="response_format")
+        constraint = request.model_validate({**body, "response_format": json_schema}).to_sampling_params().constraint
+        assert constraint is not None and json.loads(constraint.json_schema) == schema
+        assert list(json.loads(constraint.json_schema)["properties"]) == ["b", "a"]  # the order the answer's keys take
+    text = {"format": {"type": "json_schema", "name": "pair", "schema": schema}}
+    response = ResponsesRequest.model_validate({"model": "m", "input": "hi", "text": text}).to_sampling_params()
+    assert response.constraint is not None and response.constraint.field == "text.format"
+    for bad in ({"type": "xml"}, {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}, {"type": "json_schema"}):
+        with pytest.raises(ValidationError) as caught:
+            ChatCompletionRequest.model_validate({**CHAT, "response_format": bad})
+        assert caught.value.errors()[0]["loc"][0] == "response_format"

@@ -2,9 +2,40 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
 
 from deployments.engine.batched import BatchedEngine
+from deployments.model_loader import LoadedModel, build_tiny_random_model
+from deployments.model_registry import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedModel:
+    torch.set_num_threads(1)
+    model, tokenizer = build_tiny_random_model()
+    return LoadedModel(
+        ModelConfig(name="tiny", source={"kind": "tiny_random"}), model.eval(), tokenizer, torch.device("cpu"), 512
+    )
+
+
+@pytest.fixture(params=[False, True], ids=["step-by-step", "overlapped"])
+def engine(tiny, request):
+    """Steps run one by one and overlapped; every token its own output (no coalescing), so
+    tests can act between tokens."""
+    engine = BatchedEngine(
+        tiny,
+        max_batch_size=8,
+        max_context=256,
+        prefill_chunk_tokens=16,
+        max_chunks_per_s=math.inf,
+        max_stream_chunks_per_s=math.inf,
+        overlap_steps=request.param,
+    )
+    yield engine
+    engine.shutdown()
 
 
 @pytest.fixture

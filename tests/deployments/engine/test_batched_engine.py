@@ -26,50 +26,12 @@ from deployments.engine.protocol import InvalidRequestError, PromptTooLongError
 from deployments.engine.reference import ReferenceEngine
 from deployments.engine.sampler import CANDIDATES
 from deployments.engine.sampling import SamplingParams
-from deployments.model_loader import LoadedModel, build_tiny_random_model, load_model
+from deployments.model_loader import load_model
 from deployments.model_registry import ModelConfig
+from tests.deployments.engine.helpers import OVERLAP, prompt, run
 from tests.support import REPO_ROOT
 
 GREEDY = SamplingParams(max_tokens=24, min_tokens=24, temperature=0)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> LoadedModel:
-    torch.set_num_threads(1)
-    model, tokenizer = build_tiny_random_model()
-    return LoadedModel(
-        ModelConfig(name="tiny", source={"kind": "tiny_random"}), model.eval(), tokenizer, torch.device("cpu"), 512
-    )
-
-
-# Each decode step run and read before the next (the CPU's default), or queued before the last
-# one is read (`overlap_steps`, a GPU's default): every engine test runs both ways on the CPU.
-OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["step-by-step", "overlapped"])
-
-
-@pytest.fixture(params=[False, True], ids=["step-by-step", "overlapped"])
-def engine(tiny, request):
-    # Every token its own output (no coalescing), so tests can act between tokens.
-    engine = BatchedEngine(
-        tiny,
-        max_batch_size=8,
-        max_context=256,
-        prefill_chunk_tokens=16,
-        max_chunks_per_s=math.inf,
-        max_stream_chunks_per_s=math.inf,
-        overlap_steps=request.param,
-    )
-    yield engine
-    engine.shutdown()
-
-
-def prompt(tiny: LoadedModel, text: str) -> list[int]:
-    return tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-async def run(engine, prompt_ids, params):
-    outputs = [o async for o in engine.generate(prompt_ids, params)]
-    return "".join(o.text for o in outputs), outputs
 
 
 def test_forward_matches_transformers_with_chunked_prefill_and_batched_decode(tiny):
