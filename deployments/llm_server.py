@@ -10,10 +10,11 @@ import bisect
 import dataclasses
 import functools
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,6 +33,7 @@ from deployments.engine.sampling import SamplingParams
 from deployments.engine.torch_threads import run_in_fresh_thread
 from deployments.model_loader import LoadedModel, load_model
 from deployments.model_registry import ModelConfig
+from deployments.tool_prompt import template_knows_tools, with_tools_in_text
 
 logger = logging.getLogger(__name__)
 
@@ -92,16 +94,26 @@ class LLMServer:
         except InvalidRequestError as exc:  # a context too short for it: the first answer pays
             logger.info("%s: no warm-up answer (%s)", self.config.name, exc)
 
-    def encode_chat(self, messages: list[dict[str, str]], max_tokens: int) -> list[int]:
-        """Token ids of `messages` under the chat template, leaving `max_tokens` of room for the
-        answer. Whole turns are dropped from the oldest end (a leading system message is kept)
-        until the prompt fits; if even the last message alone does not fit, that is an error."""
+    def encode_chat(
+        self, messages: list[dict[str, Any]], max_tokens: int, tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """Token ids of `messages` (and `tools`, see `tool_prompt`) under the chat template,
+        leaving `max_tokens` of room for the answer. Whole turns are dropped from the oldest end
+        (a leading system message is kept) until the prompt fits; if even the last message alone
+        does not fit, that is an error."""
         tokenizer, budget = self.loaded.tokenizer, self.loaded.context_length - max_tokens
+        has_tool_turns = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+        # transformers' type for tools: a list of schemas or functions.
+        template_tools: list[dict | Callable] | None = list(tools) if tools else None
+        if (tools or has_tool_turns) and not template_knows_tools(tokenizer.chat_template):
+            messages, template_tools = with_tools_in_text(messages, tools or []), None
         system = messages[:1] if messages and messages[0]["role"] == "system" else []
         turns = messages[len(system) :]
 
         def encode(start: int) -> list[int]:
-            text = tokenizer.apply_chat_template(system + turns[start:], add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(
+                system + turns[start:], tools=template_tools, add_generation_prompt=True, tokenize=False
+            )
             return tokenizer(text, add_special_tokens=False)["input_ids"]
 
         # Where the kept turns may start: the first message or a later user message (a turn is a
@@ -140,8 +152,8 @@ class LLMServer:
         """The engine's outputs; a `cancel(request_id)` ends the stream after the current decode
         step with a last output whose finish reason is "cancelled"."""
         if request.messages is not None:
-            encode = functools.partial(self.encode_chat, request.messages, request.params.answer_room)
-            chars = sum(len(message["content"]) for message in request.messages)
+            encode = functools.partial(self.encode_chat, request.messages, request.params.answer_room, request.tools)
+            chars = sum(len(message.get("content") or "") for message in request.messages)
         else:
             encode = functools.partial(self.encode_prompt, request.prompt or "", request.params.answer_room)
             chars = len(request.prompt or "")

@@ -188,7 +188,7 @@ def turn_request_id(conversation_id: int) -> str:
 PROMPT_AFFINITY_CHARS = 256
 
 
-def affinity_key(record: TurnRecord | None, messages: list[dict[str, str]] | None, prompt: str | None) -> str:
+def affinity_key(record: TurnRecord | None, messages: list[dict[str, Any]] | None, prompt: str | None) -> str:
     """What the model deployment's router keeps on one replica (where its prefix cache holds the
     earlier turns): a stored conversation by its id; a stateless chat by its messages up to the
     first user message, which every later turn repeats; a completion by its opening."""
@@ -416,8 +416,9 @@ class ConversationService:
         model: ModelConfig,
         params: SamplingParams,
         *,
-        messages: list[dict[str, str]] | None = None,
+        messages: list[dict[str, Any]] | None = None,
         prompt: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
         record: TurnRecord | None = None,
         admission: Admission | None = None,
         lease: StreamLease | None = None,
@@ -430,6 +431,7 @@ class ConversationService:
         request = GenerationRequest(
             messages=messages,
             prompt=prompt,
+            tools=tools,
             params=params,
             request_id=turn_request_id(record.conversation_id) if record else None,
             affinity_key=affinity_key(record, messages, prompt),

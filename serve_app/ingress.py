@@ -117,13 +117,19 @@ def _error_response(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(_error_body(request, 503, str(cause)), status_code=503, headers={"Retry-After": "2"})
     for error_type, code in ERROR_STATUS.items():
         if isinstance(cause, error_type):
-            # A bad parameter's message starts with its name ("response_format: ..."): OpenAI's `param`.
-            param = re.match(r"[a-z_][a-z_.]*(?=: )", str(cause)) if code == 400 else None
-            return JSONResponse(_error_body(request, code, str(cause), param and param[0]), status_code=code)
+            # A bad parameter's message starts with its name: OpenAI's `param`.
+            param = _named_field(str(cause)) if code == 400 else None
+            return JSONResponse(_error_body(request, code, str(cause), param), status_code=code)
     # Anything else from Ray (or the way its outputs come back): a replica died or could not
     # start; retrying may succeed once Serve has replaced it.
     message = f"a backend replica is unavailable, retry shortly ({type(cause).__name__}: {cause})"
     return JSONResponse(_error_body(request, 503, message), status_code=503, headers={"Retry-After": "5"})
+
+
+def _named_field(message: str) -> str | None:
+    """The field a message starts with ("tool_choice: ...", after pydantic's "Value error, ")."""
+    named = re.match(r"(?:Value error, )?([a-z_][a-z_.]*)(?=: )", message)
+    return named and named[1]
 
 
 async def _invalid_request(request: Request, exc: RequestValidationError) -> Response:
@@ -132,7 +138,8 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> Res
         return JSONResponse(_error_body(request, 400, "the request body is not valid JSON"), status_code=400)
     if request.url.path.startswith("/v1/"):
         # OpenAI answers bad parameters with 400 and one message; name the first bad field.
-        fields = [".".join(str(part) for part in error["loc"][1:]) or "body" for error in errors]
+        # A check across fields (a model validator) has no location: its message names the field.
+        fields = [".".join(str(part) for part in error["loc"][1:]) or _named_field(error["msg"]) or "body" for error in errors]
         message = "; ".join(f"{field}: {error['msg']}" for field, error in zip(fields, errors))
         return JSONResponse(_error_body(request, 400, message, fields[0]), status_code=400)
     # ASCII JSON: an echoed input may hold a lone surrogate ("\ud800"), which UTF-8 cannot encode (a 500).

@@ -6,6 +6,7 @@ OpenAI's chunk and event shapes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -49,9 +50,13 @@ from serve_app.protocol import (
     ResponsesRequest,
     ResponseStatus,
     ResponseUsage,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallFunction,
     Usage,
 )
 from serve_app.streaming import ServerSentEventsResponse
+from serve_app.tool_calls import Call, CallSplitter, calls_in_text, forced_calls
 
 STARTED_AT = int(time.time())
 # The statuses whose bodies are OpenAI's error under /v1 (`ingress._error_body`; a 422 is answered as a 400).
@@ -189,6 +194,68 @@ async def sse_events(
     if usage_chunk is not None:
         pending.append(format_sse_event(data_str=usage_chunk(usage_of(*lasts)).model_dump_json()))
     yield b"".join([*pending, DONE_EVENT])
+
+
+def tool_answer(
+    text: str, last: GenerationOutput, forced: bool, names: set[str]
+) -> tuple[ChatCompletionMessage, FinishReasonOut | None]:
+    """An answer of a request with tools: its calls (`tool_calls`, finish reason "tool_calls")
+    and the text that is not a call. A forced call is the whole answer once its grammar is
+    complete; cut short (max_tokens, a stop string), it is returned as text."""
+    calls: list[Call] = []
+    content: str | None = text
+    if forced:
+        if last.finish_reason == "stop":
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                calls, content = forced_calls(text), None
+    else:
+        content, calls = calls_in_text(text, names)
+    tool_calls = [ToolCall(id=c.id, function=ToolCallFunction(name=c.name, arguments=c.arguments)) for c in calls]
+    if calls and not content:
+        content = None
+    return ChatCompletionMessage(content=content, tool_calls=tool_calls or None), "tool_calls" if calls else finish_reason_of(
+        last
+    )
+
+
+async def tool_answer_events(
+    service: ConversationService,
+    turn: Turn,
+    chunk: Callable[[ChatDelta, FinishReasonOut | None], BaseModel],
+    usage_chunk: Callable[[Usage], BaseModel] | None,
+    forced: bool,
+    names: set[str],
+) -> AsyncGenerator[bytes, None]:
+    """The stream of a request with tools: its text as it comes up to where a call may start
+    (none of it when the call is forced), then the rest of its text, its calls (one
+    `delta.tool_calls` chunk each, whole), its finish reason and usage, then `data: [DONE]`."""
+
+    def event(delta: ChatDelta, finish: FinishReasonOut | None = None) -> bytes:
+        return format_sse_event(data_str=chunk(delta, finish).model_dump_json(exclude_none=True))
+
+    splitter, pieces = CallSplitter(), []
+    yield event(ChatDelta(role="assistant", content=""))
+    try:
+        async with aclosing(service.outputs(turn)) as outputs:
+            async for output in outputs:
+                pieces.append(output.text)
+                text = "" if forced else splitter.feed(output.text)
+                if text:
+                    yield event(ChatDelta(content=text))
+    except Exception as exc:  # noqa: BLE001 - logged and stored by `outputs`
+        error = {"message": describe_failure(exc), "type": "server_error", "param": None, "code": 503}
+        yield b"".join([format_sse_event(data_str=json.dumps({"error": error})), DONE_EVENT])
+        return
+    message, finish = tool_answer("".join(pieces) if forced else splitter.held, output, forced, names)
+    closing = [event(ChatDelta(content=message.content))] if message.content else []
+    closing += [
+        event(ChatDelta(tool_calls=[ToolCallDelta(index=index, **call.model_dump())]))
+        for index, call in enumerate(message.tool_calls or [])
+    ]
+    closing.append(event(ChatDelta(), finish))
+    if usage_chunk is not None:
+        closing.append(format_sse_event(data_str=usage_chunk(usage_of(output)).model_dump_json()))
+    yield b"".join([*closing, DONE_EVENT])
 
 
 @dataclass
@@ -333,8 +400,18 @@ def create_openai_router(service: ConversationService, leases: Any) -> APIRouter
             },
             exclude_none=True,
         ) | {"model": model.name}
+        tools = body.tool_definitions
+        has_tool_turns = any(m.role == "tool" or m.tool_calls for m in body.messages)
+        if conversation_id is not None and (tools or has_tool_turns):
+            raise InvalidRequestError(
+                "conversation_id: a conversation stores text turns only; send a tool-using chat's history in messages"
+            )
+        if tools and body.n > 1:
+            raise InvalidRequestError("n: a request with tools has one choice")
         if conversation_id is None:
-            turns = await start_choices(service, model, body.choices_params(), messages=body.chat_messages(), lease=lease)
+            turns = await start_choices(
+                service, model, body.choices_params(), messages=body.chat_messages(), tools=tools, lease=lease
+            )
         elif body.n > 1:
             raise InvalidRequestError("n: a conversation stores one answer a turn; ask for one choice with a conversation_id")
         else:
@@ -344,6 +421,12 @@ def create_openai_router(service: ConversationService, leases: Any) -> APIRouter
                 )
             ]
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        names = {tool["function"]["name"] for tool in tools or []}
+        if tools and not body.stream:
+            [(text, last)] = await collect(service, turns)
+            message, finish = tool_answer(text, last, body.calls_forced, names)
+            choice = ChatCompletionChoice(message=message, finish_reason=finish)
+            return ChatCompletion(id=request_id, created=created, model=model.name, usage=usage_of(last), choices=[choice])
         if not body.stream:
             answers = await collect(service, turns)
             return ChatCompletion(
@@ -370,6 +453,15 @@ def create_openai_router(service: ConversationService, leases: Any) -> APIRouter
 
         def usage_chunk(usage: Usage) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=request_id, created=created, model=model.name, choices=[], usage=usage)
+
+        if tools:
+
+            def delta_chunk(delta: ChatDelta, finish_reason: FinishReasonOut | None) -> ChatCompletionChunk:
+                choice = ChatCompletionChunkChoice(delta=delta, finish_reason=finish_reason)
+                return ChatCompletionChunk(id=request_id, created=created, model=model.name, choices=[choice])
+
+            usage = usage_chunk if body.include_usage else None
+            return ServerSentEventsResponse(tool_answer_events(service, turns[0], delta_chunk, usage, body.calls_forced, names))
 
         # OpenAI's first chunk of each choice carries the role only.
         roles = [

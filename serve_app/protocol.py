@@ -23,6 +23,7 @@ from pydantic import (
     WithJsonSchema,
     WrapValidator,
     field_validator,
+    model_validator,
 )
 
 from deployments.engine.sampling import MAX_LOGIT_BIAS, Constraint, SamplingParams
@@ -37,6 +38,7 @@ from deployments.history_records import (  # noqa: F401 - part of this module's 
     UserUsage,
 )
 from deployments.quotas import Limits
+from serve_app.tool_calls import forced_constraint
 
 # Defaults of the original API, shared by every route that samples.
 DEFAULT_SAMPLE_LEN = 256
@@ -187,7 +189,7 @@ MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16  # `n`: each choice takes a row of a model replica's batch
 
 ModelState = Literal["loading", "ready", "failed"]
-FinishReasonOut = Literal["stop", "length"]
+FinishReasonOut = Literal["stop", "length", "tool_calls"]
 
 
 class StreamOptions(BaseModel):
@@ -387,13 +389,86 @@ class ChatContentPart(RequestModel):
     text: str
 
 
+# Tools' names, as OpenAI allows them.
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class FunctionDefinition(RequestModel):
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="A JSON schema of the arguments (an object).")
+    strict: bool | None = Field(default=None, description="Accepted; a forced call's arguments follow the schema either way.")
+
+
+class ToolDefinition(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(RequestModel):
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ToolCallFunction(RequestModel):
+    name: str
+    arguments: str  # JSON text of an object
+
+
+class ToolCall(RequestModel):
+    """A call the assistant made: in an answer, and sent back in the history."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(RequestModel):
-    role: MessageRole
-    content: str | list[ChatContentPart]
+    role: MessageRole | Literal["tool"]
+    content: str | list[ChatContentPart] | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, description="An assistant's calls.")
+    tool_call_id: str | None = Field(default=None, description="A tool's result: the call it answers.")
+
+    @model_validator(mode="after")
+    def _has_what_its_role_needs(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content: required (only an assistant's message with tool_calls may have none)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant's message has them")
+        for call in self.tool_calls or []:
+            try:
+                arguments = json.loads(call.function.arguments)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"tool_calls: the arguments of {call.function.name} are not JSON: {exc}") from None
+            if not isinstance(arguments, dict):
+                raise ValueError(f"tool_calls: the arguments of {call.function.name} must be a JSON object")
+        return self
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as chat templates take it (a call's arguments as an object)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)},
+                }
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatCompletionRequest(_OpenAISamplingRequest):
@@ -417,8 +492,14 @@ class ChatCompletionRequest(_OpenAISamplingRequest):
     # Not implemented (see NOTHING_ASKED).
     logprobs: Unsupported[Literal[False]] = Field(default=None, description=NOTHING_ASKED)
     top_logprobs: Unsupported[Literal[0]] = Field(default=None, description=NOTHING_ASKED)
-    tools: Unsupported[EmptyList] = Field(default=None, description=NOTHING_ASKED)
-    tool_choice: Unsupported[Literal["none", "auto"]] = Field(default=None, description=NOTHING_ASKED)
+    tools: list[ToolDefinition] | None = Field(default=None, max_length=128, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None,
+        description='Default "auto" with tools. "required" or a named function: the answer is a call, its arguments valid.',
+    )
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="With tool_choice required: several calls at once (default true)."
+    )
     functions: Unsupported[EmptyList] = Field(default=None, description=NOTHING_ASKED)
     function_call: Unsupported[Literal["none", "auto"]] = Field(default=None, description=NOTHING_ASKED)
     response_format: ResponseFormat | None = Field(
@@ -434,11 +515,40 @@ class ChatCompletionRequest(_OpenAISamplingRequest):
     def to_sampling_params(self) -> SamplingParams:
         return self._sampling_params(self.max_completion_tokens or self.max_tokens)
 
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError("tools: two tools have the same name")
+        choice = self.tool_choice
+        if (choice == "required" or isinstance(choice, NamedToolChoice)) and not names:
+            raise ValueError("tool_choice: asks for a call, but there are no tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: names {choice.function.name!r}, which is not among the tools")
+        if self.calls_forced and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format: cannot be combined with a forced tool call (tool_choice)")
+        return self
+
     def constraint(self) -> Constraint | None:
+        tools = self.tool_definitions
+        if tools is not None and self.calls_forced:
+            name = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+            return forced_constraint(tools, name, self.parallel_tool_calls is not False)
         return format_constraint(self.response_format, "response_format")
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text} for m in self.messages]
+    def chat_messages(self) -> list[dict[str, Any]]:
+        return [m.template_message() for m in self.messages]
+
+    @property
+    def tool_definitions(self) -> list[dict[str, Any]] | None:
+        """The tools the prompt offers (none with tool_choice "none"), as templates take them."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+
+    @property
+    def calls_forced(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
 
 
 class CompletionRequest(_OpenAISamplingRequest):
@@ -580,9 +690,14 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class ToolCallDelta(ToolCall):
+    index: int
+
+
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionChoice(BaseModel):
@@ -604,6 +719,7 @@ class ChatCompletion(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatCompletionChunkChoice(BaseModel):

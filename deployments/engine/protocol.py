@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from deployments.engine.sampling import SamplingParams
 
@@ -67,8 +67,11 @@ class GenerationRequest:
     """What the ingress sends a model replica: either chat `messages` (earlier turns and the new
     prompt, rendered with the model's chat template) or a raw `prompt` (text completion)."""
 
-    messages: list[dict[str, str]] | None = None  # [{"role": ..., "content": ...}], oldest first
+    # [{"role": ..., "content": ...}], oldest first; an assistant's may have OpenAI's "tool_calls"
+    # (arguments as objects), a "tool" message a "tool_call_id".
+    messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
+    tools: list[dict[str, Any]] | None = None  # OpenAI's tool definitions, for the chat template
     params: SamplingParams = field(default_factory=SamplingParams)
     # Lets `cancel(request_id)` stop it from anywhere (e.g. a stop button on another connection).
     request_id: str | None = None

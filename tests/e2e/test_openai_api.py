@@ -114,7 +114,6 @@ def test_unknown_model_is_not_found(client):
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         # Not implemented: refused rather than answered without.
         ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "weather", "parameters": {}}}]}, "tools"),
         # Refused by the model's replica, which compiles the schema: still a 400 naming the field.
         (
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},

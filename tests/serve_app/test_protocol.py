@@ -141,8 +141,6 @@ def test_logit_bias_keys_become_token_ids_and_bad_ones_are_refused_naming_the_fi
     [
         (CHAT, "logprobs", False, True),
         (CHAT, "top_logprobs", 0, 5),
-        (CHAT, "tools", [], [{"type": "function", "function": {"name": "f"}}]),
-        (CHAT, "tool_choice", "none", "required"),
         (CHAT, "functions", [], [{"name": "f"}]),
         (CHAT, "function_call", "auto", {"name": "f"}),
         (COMPLETION, "logprobs", 0, 5),

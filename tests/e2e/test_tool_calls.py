@@ -1,0 +1,163 @@
+"""Tool calls through the official `openai` SDK and LangChain against the real app and the
+packaged model (whose chat template has no tools: the Hermes-format fallback)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Literal
+
+import openai
+import pydantic
+import pytest
+from langchain_openai import ChatOpenAI
+
+pytestmark = pytest.mark.slow
+
+SMOL = "SmolLM2-135M-Instruct"
+ASK = [{"role": "user", "content": "What is the weather like in Paris today, in celsius?"}]
+
+
+class WeatherArguments(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    city: Annotated[str, pydantic.Field(max_length=40)]
+    unit: Literal["celsius", "fahrenheit"]
+
+
+class TimeArguments(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    timezone: Annotated[str, pydantic.Field(max_length=40)]
+
+
+def tool(name: str, description: str, arguments: type[pydantic.BaseModel]) -> dict:
+    return {
+        "type": "function",
+        "function": {"name": name, "description": description, "parameters": arguments.model_json_schema()},
+    }
+
+
+TOOLS = [
+    tool("get_weather", "The current weather in a city.", WeatherArguments),
+    tool("get_time", "The current time in a timezone.", TimeArguments),
+]
+VALIDATORS = {"get_weather": WeatherArguments, "get_time": TimeArguments}
+
+
+@pytest.fixture(scope="module")
+def client(serve_app):
+    with openai.OpenAI(base_url=f"{serve_app.url}/v1", api_key="unused", max_retries=0, timeout=300) as client:
+        yield client
+
+
+def valid_calls(calls) -> list[tuple[str, pydantic.BaseModel]]:
+    """Each call's name and its arguments, validated against its tool's schema (raises if not)."""
+    return [(call.function.name, VALIDATORS[call.function.name].model_validate_json(call.function.arguments)) for call in calls]
+
+
+def test_a_required_call_always_names_a_tool_and_its_arguments_validate(client):
+    def ask(seed: int):
+        return client.chat.completions.create(
+            model=SMOL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0.8, seed=seed
+        ).choices[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        choices = list(pool.map(ask, range(10)))
+    for choice in choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert valid_calls(choice.message.tool_calls)
+        assert all(call.id.startswith("call_") and call.type == "function" for call in choice.message.tool_calls)
+
+
+def test_a_streamed_call_reassembles_into_the_whole_one(client):
+    asked = dict(model=SMOL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0.8, seed=4)
+    whole = client.chat.completions.create(**asked).choices[0].message.tool_calls
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in client.chat.completions.create(**asked, stream=True):
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            call = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+            call["name"] += delta.function.name or ""
+            call["arguments"] += delta.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
+        (c.function.name, json.loads(c.function.arguments)) for c in whole
+    ]
+
+
+def test_a_named_function_is_the_one_called_and_one_call_without_parallel_calls(client):
+    named = {"type": "function", "function": {"name": "get_time"}}
+    choice = client.chat.completions.create(
+        model=SMOL, messages=ASK, tools=TOOLS, tool_choice=named, temperature=0.8, seed=1
+    ).choices[0]
+    [(name, arguments)] = valid_calls(choice.message.tool_calls)
+    assert name == "get_time" and isinstance(arguments, TimeArguments)
+    single = client.chat.completions.create(
+        model=SMOL, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=0
+    ).choices[0]
+    assert len(valid_calls(single.message.tool_calls)) == 1
+
+
+def test_a_tool_round_trip_answers_from_the_tools_result(client):
+    first = client.chat.completions.create(model=SMOL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0)
+    message = first.choices[0].message
+    result = {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "Sunny, 21 degrees celsius."}
+    history = [*ASK, message.model_dump(exclude_none=True), result]
+    second = client.chat.completions.create(model=SMOL, messages=history, tools=TOOLS, temperature=0, max_tokens=64)
+    answer = second.choices[0]
+    assert answer.finish_reason in ("stop", "length") and answer.message.tool_calls is None
+    assert "21" in answer.message.content  # it read the result
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+
+
+def test_tool_requests_that_cannot_run_are_bad_requests_naming_the_field(client):
+    cases = [
+        (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
+        (dict(tool_choice="required"), "tool_choice"),
+        (dict(tools=[TOOLS[0], TOOLS[0]]), "tools"),
+        (
+            dict(
+                tools=[tool("bad", "", WeatherArguments) | {"function": {"name": "bad", "parameters": {"type": "objectx"}}}],
+                tool_choice="required",
+            ),
+            "tools",
+        ),
+        (dict(tools=TOOLS, extra_body={"conversation_id": 1}), "conversation_id"),
+    ]
+    for extra, field in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model=SMOL, messages=ASK, **extra)
+        assert caught.value.body["param"] == field, caught.value.message
+
+
+def test_langchain_gets_structured_output_and_tool_calls(serve_app):
+    chat = ChatOpenAI(model=SMOL, base_url=f"{serve_app.url}/v1", api_key="unused", temperature=0, max_retries=0)
+
+    class City(pydantic.BaseModel):
+        name: Annotated[str, pydantic.Field(max_length=40)]
+        country: Annotated[str, pydantic.Field(max_length=40)]
+
+    city = chat.with_structured_output(City, method="json_schema").invoke("Name a city in France.")
+    assert isinstance(city, City)
+    message = chat.bind_tools(TOOLS, tool_choice="get_weather").invoke(ASK[0]["content"])
+    [call] = message.tool_calls
+    assert call["name"] == "get_weather" and WeatherArguments.model_validate(call["args"])
+
+
+def test_auto_gives_the_models_call_or_its_text_whole_and_streamed_alike(client, report):
+    # The packaged 135M model answers this in words (its template has no tools, and it was not
+    # trained on calls); reading calls out of text is tested in tests/serve_app/test_tool_calls.py.
+    asked = dict(model=SMOL, messages=ASK, tools=TOOLS, temperature=0, max_tokens=96)
+    whole = client.chat.completions.create(**asked).choices[0]
+    streamed_text, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(**asked, stream=True):
+        delta = chunk.choices[0].delta
+        streamed_text += delta.content or ""
+        for call in delta.tool_calls or []:
+            calls[call.index] = (call.function.name, json.loads(call.function.arguments))
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == whole.finish_reason and streamed_text == (whole.message.content or "")
+    assert list(calls.values()) == [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls or []]
+    assert (finish == "tool_calls") == bool(calls)
+    assert "<tool_call>" not in streamed_text or not calls  # a call read out of the text is not also text
+    report(f"auto: finish {finish}, calls {list(calls.values())}, text {streamed_text[:80]!r}")
