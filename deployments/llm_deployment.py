@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ray import serve
 
-from deployments.engine.protocol import Delivered, EngineStats, GenerationRequest, InvalidRequestError
+from deployments.engine.protocol import Delivered, EngineStats, GenerationRequest, InvalidRequestError, TokenizeRequest
 from deployments.logs import show_our_logs
 from deployments.model_registry import ModelConfig
 from deployments.output_channel import Outbox, deliver
@@ -36,3 +36,9 @@ class LLMDeployment:
 
     def stats(self) -> EngineStats:
         return self.server.stats()
+
+    def tokenize(self, request: TokenizeRequest) -> tuple[list[int], int]:
+        return self.server.tokenize(request)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.server.detokenize(tokens)

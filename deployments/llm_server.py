@@ -27,6 +27,7 @@ from deployments.engine.protocol import (
     GenerationRequest,
     InvalidRequestError,
     PromptTooLongError,
+    TokenizeRequest,
 )
 from deployments.engine.reference import ReferenceEngine
 from deployments.engine.sampling import SamplingParams
@@ -102,11 +103,7 @@ class LLMServer:
         (a leading system message is kept) until the prompt fits; if even the last message alone
         does not fit, that is an error."""
         tokenizer, budget = self.loaded.tokenizer, self.loaded.context_length - max_tokens
-        has_tool_turns = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
-        # transformers' type for tools: a list of schemas or functions.
-        template_tools: list[dict | Callable] | None = list(tools) if tools else None
-        if (tools or has_tool_turns) and not template_knows_tools(tokenizer.chat_template):
-            messages, template_tools = with_tools_in_text(messages, tools or []), None
+        messages, template_tools = self._template_inputs(messages, tools)
         system = messages[:1] if messages and messages[0]["role"] == "system" else []
         turns = messages[len(system) :]
 
@@ -134,6 +131,36 @@ class LLMServer:
         if fitting is None:
             raise PromptTooLongError(self._too_long(len(encode(starts[-1])), max_tokens))
         return fitting
+
+    def _template_inputs(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> tuple[list[dict[str, Any]], list[dict | Callable] | None]:
+        """The messages and tools to render: as given for a template that reads tools, else the
+        tools, calls and results written into the messages (`tool_prompt`)."""
+        has_tool_turns = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+        if (tools or has_tool_turns) and not template_knows_tools(self.loaded.tokenizer.chat_template):
+            return with_tools_in_text(messages, tools or []), None
+        return messages, list(tools) if tools else None  # transformers' type: schemas or functions
+
+    def tokenize(self, request: TokenizeRequest) -> tuple[list[int], int]:
+        """The token ids of `request`'s text, rendered as a generation renders it (the whole
+        conversation: none of it dropped to fit the context), and the model's context length."""
+        tokenizer = self.loaded.tokenizer
+        text: Any = request.prompt or ""  # transformers types the template's text as any of its outputs
+        if request.messages is not None:
+            messages, tools = self._template_inputs(request.messages, request.tools)
+            text = tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=request.add_generation_prompt, tokenize=False
+            )
+        return tokenizer(text, add_special_tokens=request.add_special_tokens)["input_ids"], self.loaded.context_length
+
+    def detokenize(self, tokens: list[int]) -> str:
+        vocabulary = len(self.loaded.tokenizer)
+        beyond = [token for token in tokens if not 0 <= token < vocabulary]
+        if beyond:
+            raise InvalidRequestError(f"tokens: {beyond[0]} is not among the model's {vocabulary} token ids")
+        # transformers types `decode` as str | list[str]: a list only for a batch of sequences.
+        return self.loaded.tokenizer.decode(tokens)  # type: ignore[return-value]
 
     def encode_prompt(self, prompt: str, max_tokens: int) -> list[int]:
         ids = self.loaded.tokenizer(prompt)["input_ids"]

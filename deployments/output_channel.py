@@ -49,6 +49,13 @@ class ChannelError(ConnectionError):
     """The connection to an ingress replica's inbox failed: the request cannot be relayed."""
 
 
+def output_entry(stream: int, output: GenerationOutput) -> list:
+    """An output's entry in a frame (`Inbox.deliver` reads it): the finish travels in the call's
+    answer instead."""
+    entry = [stream, output.text, output.prompt_tokens, output.completion_tokens]
+    return entry if output.logprobs is None else [*entry, output.logprobs]
+
+
 def _frame(payload: Any) -> bytes:
     data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
     return _LENGTH.pack(len(data)) + data
@@ -107,11 +114,12 @@ class Inbox:
         self._streams.pop(stream, None)
 
     def deliver(self, outputs: list[list]) -> None:
-        """One frame's outputs: `[stream, text, prompt_tokens, completion_tokens]` each."""
-        for stream, text, prompt_tokens, completion_tokens in outputs:
+        """One frame's outputs: `[stream, text, prompt_tokens, completion_tokens]` each, and the
+        output's logprobs after them where it has some."""
+        for stream, text, prompt_tokens, completion_tokens, *logprobs in outputs:
             queue = self._streams.get(stream)
             if queue is not None:
-                queue.put_nowait(GenerationOutput(text, prompt_tokens, completion_tokens))
+                queue.put_nowait(GenerationOutput(text, prompt_tokens, completion_tokens, None, *logprobs))
 
 
 class _InboxProtocol(asyncio.Protocol):
@@ -272,7 +280,7 @@ class _Link:
         `ChannelError` once the connection has failed."""
         if self.error is not None:
             raise self.error
-        self.pending.append([stream, output.text, output.prompt_tokens, output.completion_tokens])
+        self.pending.append(output_entry(stream, output))
         if not self.flush_scheduled and self.writer is not None:
             self.flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)

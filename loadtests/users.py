@@ -40,6 +40,7 @@ class Workload:
     model: str
     max_tokens: int = 256
     prompt: str = PROMPT
+    extra: dict = field(default_factory=dict)  # more fields of an OpenAI request (response_format, logprobs, ...)
 
     def body(self) -> dict:
         """The JSON body of one request (for `original`, of its generate call)."""
@@ -62,8 +63,8 @@ class Workload:
             "stream_options": {"include_usage": True},
         }
         if self.api == "chat":
-            return body | {"messages": [{"role": "user", "content": self.prompt}]}
-        return body | {"prompt": self.prompt}
+            return body | {"messages": [{"role": "user", "content": self.prompt}]} | self.extra
+        return body | {"prompt": self.prompt} | self.extra
 
     @property
     def path(self) -> str:

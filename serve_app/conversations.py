@@ -30,7 +30,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from deployments.engine.protocol import EngineStats, GenerationOutput, GenerationRequest, InvalidRequestError
+from deployments.engine.protocol import EngineStats, GenerationOutput, GenerationRequest, InvalidRequestError, TokenizeRequest
 from deployments.engine.sampling import SamplingParams
 from deployments.history_records import User, UserUsage
 from deployments.history_store import ConversationNotFoundError
@@ -346,6 +346,14 @@ class ConversationService:
         conversation = await self.get(raw_id, owner)
         answers = await self._broadcast("cancel", turn_request_id(conversation.id))
         return any(any(per_replica) for per_replica in answers.values())
+
+    async def tokenize(self, model: ModelConfig, request: TokenizeRequest) -> tuple[list[int], int]:
+        """`request`'s token ids under `model`'s tokenizer and template, and its context length
+        (a model replica's)."""
+        return await self.models[model.name].tokenize.remote(request)
+
+    async def detokenize(self, model: ModelConfig, tokens: list[int]) -> str:
+        return await self.models[model.name].detokenize.remote(tokens)
 
     def resolve_model(self, name: str | None, revision: str | None = None) -> ModelConfig:
         model = self.registry.resolve(name)

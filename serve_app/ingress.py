@@ -46,7 +46,7 @@ from serve_app.conversations import (
     parse_conversation_id,
 )
 from serve_app.metrics import render as metrics_text
-from serve_app.openai_api import OPENAI_ERROR_CODES, create_openai_router
+from serve_app.openai_api import OPENAI_ERROR_CODES, create_openai_router, create_tokenizer_router
 from serve_app.protocol import (
     Conversation,
     ConversationSummary,
@@ -482,6 +482,7 @@ def create_app(settings: AppSettings, service: ConversationService) -> FastAPI:
         return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(create_openai_router(service, leases))
+    app.include_router(create_tokenizer_router(service))
 
     if FRONTEND_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=FRONTEND_DIR), name="static")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import time
@@ -34,9 +35,13 @@ from serve_app.protocol import (
     ChatCompletionMessage,
     ChatCompletionRequest,
     ChatDelta,
+    ChoiceLogprobs,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
+    DetokenizeBody,
+    Detokenized,
     FinishReasonOut,
     MessageStatusOut,
     ModelList,
@@ -50,6 +55,8 @@ from serve_app.protocol import (
     ResponsesRequest,
     ResponseStatus,
     ResponseUsage,
+    TokenizeBody,
+    Tokenized,
     ToolCall,
     ToolCallDelta,
     ToolCallFunction,
@@ -131,14 +138,23 @@ async def choice_outputs(service: ConversationService, turns: list[Turn]) -> Asy
 
 
 async def collect(service: ConversationService, turns: list[Turn]) -> list[tuple[str, GenerationOutput]]:
-    """Each choice's whole answer and its last output (finish reason, exact token counts)."""
+    """Each choice's whole answer and its last output (finish reason, exact token counts), which
+    carries the whole answer's logprobs if they were asked."""
     pieces: list[list[str]] = [[] for _ in turns]
+    logprobs: list[list] = [[] for _ in turns]
     lasts: dict[int, GenerationOutput] = {}
     async with aclosing(choice_outputs(service, turns)) as outputs:
         async for index, output in outputs:
             pieces[index].append(output.text)
+            logprobs[index] += output.logprobs or []
             lasts[index] = output
-    return [("".join(texts), lasts[index]) for index, texts in enumerate(pieces)]
+    return [
+        (
+            "".join(texts),
+            lasts[index] if lasts[index].logprobs is None else dataclasses.replace(lasts[index], logprobs=logprobs[index]),
+        )
+        for index, texts in enumerate(pieces)
+    ]
 
 
 DONE_EVENT = format_sse_event(data_str="[DONE]")
@@ -162,11 +178,11 @@ class TextEvents:
 async def sse_events(
     service: ConversationService,
     turns: list[Turn],
-    chunk: Callable[[int, str | None, FinishReasonOut | None], BaseModel],
+    chunk: Callable[[int, str | None, FinishReasonOut | None, list | None], BaseModel],
     usage_chunk: Callable[[Usage], BaseModel] | None,
     opening: bytes = b"",
 ) -> AsyncGenerator[bytes, None]:
-    """OpenAI's stream: `chunk(index, text, finish_reason)` per output of choice `index`, a
+    """OpenAI's stream: `chunk(index, text, finish_reason, logprobs)` per output of choice `index`, a
     closing chunk with each choice's finish reason, an optional usage chunk, then
     `data: [DONE]`. A failure after the stream started ends it with an error event, then
     `data: [DONE]` (as vLLM does). The events of one output go out together, in one write, with
@@ -178,12 +194,16 @@ async def sse_events(
     try:
         async with aclosing(choice_outputs(service, turns)) as outputs:
             async for index, output in outputs:
-                if output.text:
-                    events = text_events.get(index) or text_events.setdefault(index, TextEvents(chunk(index, TEXT, None)))
+                if output.logprobs:  # rendered whole: the template has no place for them
+                    pending.append(format_sse_event(data_str=chunk(index, output.text, None, output.logprobs).model_dump_json()))
+                elif output.text:
+                    events = text_events.get(index) or text_events.setdefault(index, TextEvents(chunk(index, TEXT, None, None)))
                     pending.append(events.of(output.text))
                 if output.finish_reason is not None:
                     lasts.append(output)
-                    pending.append(format_sse_event(data_str=chunk(index, None, finish_reason_of(output)).model_dump_json()))
+                    pending.append(
+                        format_sse_event(data_str=chunk(index, None, finish_reason_of(output), None).model_dump_json())
+                    )
                 if len(lasts) < len(turns) and any(pending):
                     yield b"".join(pending)
                     pending = []
@@ -436,19 +456,25 @@ def create_openai_router(service: ConversationService, leases: Any) -> APIRouter
                 usage=usage_of(*(last for _, last in answers)),
                 choices=[
                     ChatCompletionChoice(
-                        index=index, message=ChatCompletionMessage(content=text), finish_reason=finish_reason_of(last)
+                        index=index,
+                        message=ChatCompletionMessage(content=text),
+                        finish_reason=finish_reason_of(last),
+                        logprobs=None if last.logprobs is None else ChoiceLogprobs.of(last.logprobs),
                     )
                     for index, (text, last) in enumerate(answers)
                 ],
             )
 
-        def chunk(index: int, text: str | None, finish_reason: FinishReasonOut | None) -> ChatCompletionChunk:
+        def chunk(
+            index: int, text: str | None, finish_reason: FinishReasonOut | None, logprobs: list | None
+        ) -> ChatCompletionChunk:
             delta = ChatDelta(content=text) if text is not None else ChatDelta()
+            scored = None if logprobs is None else ChoiceLogprobs.of(logprobs)
             return ChatCompletionChunk(
                 id=request_id,
                 created=created,
                 model=model.name,
-                choices=[ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish_reason)],
+                choices=[ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=scored)],
             )
 
         def usage_chunk(usage: Usage) -> ChatCompletionChunk:
@@ -483,22 +509,30 @@ def create_openai_router(service: ConversationService, leases: Any) -> APIRouter
         turns = await start_choices(service, model, body.choices_params(), prompt=body.prompt_text, lease=lease)
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def choice(index: int, text: str | None, finish_reason: FinishReasonOut | None) -> CompletionChoice:
-            return CompletionChoice(index=index, text=text or "", finish_reason=finish_reason)
+        offsets = [0] * body.n  # of the next streamed token's text, per choice
+
+        def choice(
+            index: int, text: str | None, finish_reason: FinishReasonOut | None, logprobs: list | None
+        ) -> CompletionChoice:
+            scored = None
+            if logprobs is not None:
+                scored = CompletionLogprobs.of(logprobs, offsets[index])
+                offsets[index] += sum(len(piece) for piece, _, _ in logprobs)
+            return CompletionChoice(index=index, text=text or "", finish_reason=finish_reason, logprobs=scored)
 
         def completion(choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
             return Completion(id=request_id, created=created, model=model.name, choices=choices, usage=usage)
 
         if not body.stream:
             answers = await collect(service, turns)
-            choices = [choice(index, text, finish_reason_of(last)) for index, (text, last) in enumerate(answers)]
+            choices = [choice(index, text, finish_reason_of(last), last.logprobs) for index, (text, last) in enumerate(answers)]
             return completion(choices, usage_of(*(last for _, last in answers)))
 
         def usage_chunk(usage: Usage) -> Completion:
             return completion([], usage)
 
-        def chunk(index: int, text: str | None, finish_reason: FinishReasonOut | None) -> Completion:
-            return completion([choice(index, text, finish_reason)])
+        def chunk(index: int, text: str | None, finish_reason: FinishReasonOut | None, logprobs: list | None) -> Completion:
+            return completion([choice(index, text, finish_reason, logprobs)])
 
         return ServerSentEventsResponse(sse_events(service, turns, chunk, usage_chunk if body.include_usage else None))
 
@@ -513,5 +547,22 @@ def create_openai_router(service: ConversationService, leases: Any) -> APIRouter
             [(text, last)] = await collect(service, [turn])
             return draft.finished(text, last)
         return ServerSentEventsResponse(response_events(service, turn, draft))
+
+    return router
+
+
+def create_tokenizer_router(service: ConversationService) -> APIRouter:
+    """vLLM's `/tokenize` and `/detokenize`, at the root as vLLM serves them: a client counts a
+    prompt's tokens, chat template and tools included, before it sends it."""
+    router = APIRouter(tags=["openai"])
+
+    @router.post("/tokenize")
+    async def tokenize(body: TokenizeBody) -> Tokenized:
+        tokens, context = await service.tokenize(service.resolve_model(body.model), body.request())
+        return Tokenized(count=len(tokens), max_model_len=context, tokens=tokens)
+
+    @router.post("/detokenize")
+    async def detokenize(body: DetokenizeBody) -> Detokenized:
+        return Detokenized(prompt=await service.detokenize(service.resolve_model(body.model), body.tokens))
 
     return router

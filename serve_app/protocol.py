@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from deployments.engine.protocol import TokenizeRequest
 from deployments.engine.sampling import MAX_LOGIT_BIAS, Constraint, SamplingParams
 
 # The history's records are response bodies too, served as the history deployment returns them.
@@ -360,7 +361,12 @@ class _OpenAISamplingRequest(RequestModel):
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
             constraint=self.constraint(),
+            logprobs=self.asked_logprobs(),
         )
+
+    def asked_logprobs(self) -> int | None:
+        """How many alternatives each token's logprobs list (0: its own only); None: no logprobs."""
+        return None
 
     def constraint(self) -> Constraint | None:
         """What the answer must match (structured outputs); None: free text."""
@@ -490,8 +496,8 @@ class ChatCompletionRequest(_OpenAISamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_SAMPLE_LEN)
     # Not implemented (see NOTHING_ASKED).
-    logprobs: Unsupported[Literal[False]] = Field(default=None, description=NOTHING_ASKED)
-    top_logprobs: Unsupported[Literal[0]] = Field(default=None, description=NOTHING_ASKED)
+    logprobs: bool | None = Field(default=None, description="Each answer token's log-probability, from the model's logits.")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="With logprobs: the most likely tokens' too.")
     tools: list[ToolDefinition] | None = Field(default=None, max_length=128, description="Functions the model may call.")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         default=None,
@@ -527,7 +533,14 @@ class ChatCompletionRequest(_OpenAISamplingRequest):
             raise ValueError(f"tool_choice: names {choice.function.name!r}, which is not among the tools")
         if self.calls_forced and self.response_format is not None and self.response_format.type != "text":
             raise ValueError("response_format: cannot be combined with a forced tool call (tool_choice)")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
+        if self.logprobs and self.tools and self.tool_choice != "none":
+            raise ValueError("logprobs: not given with tools")
         return self
+
+    def asked_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def constraint(self) -> Constraint | None:
         tools = self.tool_definitions
@@ -551,6 +564,55 @@ class ChatCompletionRequest(_OpenAISamplingRequest):
         return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
 
 
+class TokenizeBody(RequestModel):
+    """vLLM's /tokenize: a `prompt`, or chat `messages` (and `tools`) rendered with the model's
+    chat template as a chat completion renders them."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi!"}]}]},
+    )
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    tools: list[ToolDefinition] | None = Field(default=None, max_length=128)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = Field(
+        default=None, description="Default: true for a prompt, false for messages, as a generation encodes each."
+    )
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeBody:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("prompt: give either a prompt or messages")
+        return self
+
+    def request(self) -> TokenizeRequest:
+        return TokenizeRequest(
+            messages=None if self.messages is None else [m.template_message() for m in self.messages],
+            prompt=self.prompt,
+            tools=None if not self.tools else [tool.model_dump(exclude_none=True) for tool in self.tools],
+            add_special_tokens=self.messages is None if self.add_special_tokens is None else self.add_special_tokens,
+            add_generation_prompt=self.add_generation_prompt,
+        )
+
+
+class Tokenized(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeBody(RequestModel):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=MAX_SAMPLE_LEN * 64)
+
+
+class Detokenized(BaseModel):
+    prompt: str
+
+
 class CompletionRequest(_OpenAISamplingRequest):
     model_config = ConfigDict(
         extra="ignore",
@@ -570,7 +632,9 @@ class CompletionRequest(_OpenAISamplingRequest):
         ),
     ] = Field(description="One prompt (a list of exactly one string is accepted too).")
     # Not implemented (see NOTHING_ASKED).
-    logprobs: Unsupported[Literal[0]] = Field(default=None, description=NOTHING_ASKED)
+    logprobs: int | None = Field(
+        default=None, ge=0, le=5, description="Each answer token's log-probability and this many most likely tokens'."
+    )
     echo: Unsupported[Literal[False]] = Field(default=None, description=NOTHING_ASKED)
     best_of: Unsupported[Literal[1]] = Field(default=None, description=NOTHING_ASKED)
     suffix: Unsupported[Annotated[str, Field(max_length=0)]] = Field(default=None, description=NOTHING_ASKED)
@@ -593,6 +657,9 @@ class CompletionRequest(_OpenAISamplingRequest):
 
     def to_sampling_params(self) -> SamplingParams:
         return self._sampling_params(self.max_tokens or 16)  # OpenAI's default for completions
+
+    def asked_logprobs(self) -> int | None:
+        return self.logprobs
 
     def constraint(self) -> Constraint | None:
         return format_constraint(self.response_format, "response_format")
@@ -700,11 +767,66 @@ class ChatCompletionMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]  # the token's text in UTF-8
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """Chat completions' logprobs of a choice's tokens (of a chunk's, streamed)."""
+
+    content: list[ChatTokenLogprob]
+    refusal: None = None
+
+    @classmethod
+    def of(cls, entries: list) -> ChoiceLogprobs:
+        """From the engine's entries (`deployments.engine.protocol.TokenLogprob`)."""
+
+        def top(text: str, logprob: float) -> TopLogprob:
+            return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+        return cls(
+            content=[
+                ChatTokenLogprob(**top(text, logprob).model_dump(), top_logprobs=[top(t, lp) for t, lp in alternatives])
+                for text, logprob, alternatives in entries
+            ]
+        )
+
+
+class CompletionLogprobs(BaseModel):
+    """Completions' (legacy) logprobs: per token its text, log-probability, most likely tokens
+    and where its text starts in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+    @classmethod
+    def of(cls, entries: list, offset: int = 0) -> CompletionLogprobs:
+        """From the engine's entries; `offset`: where the first token's text starts."""
+        offsets = []
+        for text, _, _ in entries:
+            offsets.append(offset)
+            offset += len(text)
+        return cls(
+            tokens=[text for text, _, _ in entries],
+            token_logprobs=[logprob for _, logprob, _ in entries],
+            top_logprobs=[dict(alternatives) for _, _, alternatives in entries],
+            text_offset=offsets,
+        )
+
+
 class ChatCompletionChoice(BaseModel):
     index: int = 0
     message: ChatCompletionMessage
     finish_reason: FinishReasonOut | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -726,7 +848,7 @@ class ChatCompletionChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: FinishReasonOut | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -742,7 +864,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReasonOut | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

@@ -45,10 +45,11 @@ from deployments.engine.protocol import (
     GenerationOutput,
     InvalidRequestError,
     PromptTooLongError,
+    TokenLogprob,
     check_constraint,
     check_logit_bias,
 )
-from deployments.engine.sampler import Draft, Fetch, Needs, SlotEntry, SlotSampling, StepRows, draw, finish
+from deployments.engine.sampler import Draft, Fetch, Needs, SlotEntry, SlotSampling, StepLogprobs, StepRows, draw, finish
 from deployments.engine.sampling import SamplingParams
 from deployments.model_loader import LoadedModel, eos_token_ids
 from deployments.model_registry import WeightFormat
@@ -79,7 +80,14 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     is_cancelled: bool = False
     unsent_text: str = ""  # held back to coalesce chunks, see `BatchedEngine._advance`
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens since the last output
     last_sent: float = -math.inf  # time.monotonic() of the last output sent
+
+    @property
+    def steps_alone(self) -> bool:
+        """Whether each of its steps must be read before the next is queued, and run eagerly:
+        its grammar's mask needs its last token on the host; its logprobs, the step's logits."""
+        return self.matcher is not None or self.params.logprobs is not None
 
     @property
     def is_prefilled(self) -> bool:
@@ -178,6 +186,7 @@ class BatchedEngine:
         self.max_chunks_per_s = max_chunks_per_s
         self.max_stream_chunks_per_s = max_stream_chunks_per_s
         self._eos_ids = eos_token_ids(loaded)
+        self._token_texts: dict[int, str] = {}
         self._slots: list[Sequence | None] = [None] * max_batch_size
         # What a free slot's cache row still holds from its last request (see `_reuse_prefix`).
         self._left_in_slot: list[list[int]] = [[] for _ in range(max_batch_size)]
@@ -453,7 +462,7 @@ class BatchedEngine:
                 self._free(seq)
         if self._launched is not None:
             launched, self._launched = self._launched, None
-            if all(s.is_prefilled and s.matcher is None for s in self._running()):
+            if all(s.is_prefilled and not s.steps_alone for s in self._running()):
                 # Steady decoding: the next step is queued before this one's ids are read, so
                 # the device computes it while the host streams this one's text.
                 self._launched = self._launch_decode(launched)
@@ -481,7 +490,8 @@ class BatchedEngine:
                 completing.append(seq)
         sampled = decoding + completing  # the rows whose logits the step samples, in order
         constrained = [row for row, seq in enumerate(sampled) if seq.matcher is not None]
-        if not chunks and self.overlap_steps and not constrained:
+        scored = [row for row, seq in enumerate(sampled) if seq.params.logprobs is not None]
+        if not chunks and self.overlap_steps and not constrained and not scored:
             self._launched = self._launch_decode(None)
             return
         if not decoding and not chunks:
@@ -490,11 +500,13 @@ class BatchedEngine:
         masks = None
         if constrained:  # each constrained row's allowed tokens, after the last token it took
             masks = constrained, self._masks.fill([m for row in constrained if (m := sampled[row].matcher) is not None])
-        draft, _ = self._launch(decode, chunks, Needs.of(s.params for s in sampled), None, masks)
+        top = max((sampled[row].params.logprobs or 0 for row in scored), default=0)
+        draft, _, scores = self._launch(decode, chunks, Needs.of(s.params for s in sampled), None, masks, (scored, top))
         tokens = finish(draft)  # the one transfer back per step: the chosen ids
+        logprobs = dict(zip(scored, scores.of([tokens[row] for row in scored]))) if scores is not None else {}
         interval = self._chunk_interval(len(sampled))
-        for seq, token in zip(sampled, tokens):
-            self._advance(seq, token, interval)
+        for row, (seq, token) in enumerate(zip(sampled, tokens)):
+            self._advance(seq, token, interval, logprobs.get(row))
 
     def _launch(
         self,
@@ -503,15 +515,19 @@ class BatchedEngine:
         needs: Needs,
         previous: torch.Tensor | None,
         masks: tuple[list[int], torch.Tensor] | None = None,
-    ) -> tuple[Draft, torch.Tensor]:
+        scored: tuple[list[int], int] = ([], 0),
+    ) -> tuple[Draft, torch.Tensor, StepLogprobs | None]:
         """Queues one step (`decode` rows, then `chunks`; `previous`: the ids the rows' previous
         rows read, see `DecodeRow`) -> its draft of one id per decode row and completed prompt
         (sampled as `needs` says), and those ids by row on the device. `masks`: the constrained
-        rows (by logit row) and their bitmasks (see `grammar.Masks`); such a step runs eagerly."""
-        if self._graphs is not None and not chunks and masks is None and self._graphs.bucket(len(decode)):
+        rows (by logit row) and their bitmasks (see `grammar.Masks`); `scored`: the rows whose
+        logprobs are asked (by logit row) and how many alternatives the most asking one wants,
+        whose `StepLogprobs` are then returned too. Such steps run eagerly."""
+        rows, top = scored
+        if self._graphs is not None and not chunks and masks is None and not rows and self._graphs.bucket(len(decode)):
             if previous is not None and previous is not self._graphs.previous:
                 self._graphs.previous[: len(previous)].copy_(previous)  # an eager step's ids
-            return self._graphs.decode(decode, needs), self._graphs.previous  # forward pass and sampling, replayed
+            return self._graphs.decode(decode, needs), self._graphs.previous, None  # forward pass and sampling, replayed
         longest = max([p + 1 for _, p, _, _ in decode] + [c.start + c.length for c, _ in chunks])
         self._cache.reserve(longest)
         batch = build_step([row[:3] for row in decode], chunks, cuda=self.device.type == "cuda")
@@ -520,11 +536,13 @@ class BatchedEngine:
             previous_rows = [row[3] for row in decode] + [-1] * (len(batch.token_ids) - len(decode))
             batch.token_ids = fed_token_ids(batch.token_ids, torch.tensor(previous_rows, device=self.device), previous)
         logits = forward(self._weights, self._cache, self._rope, batch)
+        # Before bias, penalties, masks and temperature change the logits (in place).
+        scores = StepLogprobs(logits, rows, top) if rows else None
         if masks is not None:
             self._masks.apply(logits, *masks)
-        rows = StepRows(batch.slots[batch.logit_rows], batch.positions[batch.logit_rows], needs)
-        draft = draw(logits, rows, self._sampling, self._cache.tokens[:, :longest], self._eos_tensor)
-        return draft, draft.tokens
+        step_rows = StepRows(batch.slots[batch.logit_rows], batch.positions[batch.logit_rows], needs)
+        draft = draw(logits, step_rows, self._sampling, self._cache.tokens[:, :longest], self._eos_tensor)
+        return draft, draft.tokens, scores
 
     def _launch_decode(self, previous: _Launched | None) -> _Launched | None:
         """Queues a decode step for every running request without waiting for `previous` (the
@@ -550,7 +568,7 @@ class BatchedEngine:
         if not seqs:
             return None
         needs = Needs.of(s.params for s in seqs)
-        draft, tokens = self._launch(decode, [], needs, None if previous is None else previous.tokens)
+        draft, tokens, _ = self._launch(decode, [], needs, None if previous is None else previous.tokens)
         if self._graphs is not None and tokens is self._graphs.previous and needs.sampled:
             draft = draft.clone()  # the next replay overwrites the graph's output, and `finish` may sort it
         return _Launched(seqs, [p for _, p, _, _ in decode], draft, Fetch.start(draft), tokens)
@@ -588,11 +606,20 @@ class BatchedEngine:
         """Whether `seq`, with `pending` more tokens than it has, is at max_tokens or the context."""
         return len(seq.generated) + pending >= seq.params.max_tokens or seq.length + pending >= self.max_context
 
-    def _advance(self, seq: Sequence, token: int, interval: float) -> None:
-        """Appends one token; sends the request its new text if `interval` seconds passed since
-        the last send (or this is its first), and the finish if it is done."""
+    def _advance(
+        self, seq: Sequence, token: int, interval: float, logprobs: tuple[float, list[tuple[int, float]]] | None = None
+    ) -> None:
+        """Appends one token (with its logprobs, if asked: its own and its alternatives'); sends
+        the request its new text if `interval` seconds passed since the last send (or this is
+        its first), and the finish if it is done."""
         seq.generated.append(token)
-        text = seq.stop_matcher.feed(seq.detokenizer.add(token))
+        piece = seq.detokenizer.add(token)
+        # Like the usage, without the EOS that ends the answer.
+        if logprobs is not None and (token not in self._eos_ids or seq.params.ignore_eos):
+            logprob, top = logprobs
+            alternatives = [[self._token_text(t), lp] for t, lp in top[: seq.params.logprobs]]
+            seq.unsent_logprobs.append([piece, logprob, alternatives])
+        text = seq.stop_matcher.feed(piece)
         finish: FinishReason | None = None
         # Like OpenAI's usage, the completion count leaves out the EOS token that ends it.
         completion_tokens = len(seq.generated)
@@ -619,5 +646,14 @@ class BatchedEngine:
         seq.unsent_text += text
         now = time.monotonic()
         if finish is not None or (seq.unsent_text and now - seq.last_sent >= interval):
-            seq.send(GenerationOutput(seq.unsent_text, len(seq.prompt_ids), completion_tokens, finish))
-            seq.unsent_text, seq.last_sent = "", now
+            logprobs_out = seq.unsent_logprobs if seq.params.logprobs is not None else None
+            seq.send(GenerationOutput(seq.unsent_text, len(seq.prompt_ids), completion_tokens, finish, logprobs_out))
+            seq.unsent_text, seq.unsent_logprobs, seq.last_sent = "", [], now
+
+    def _token_text(self, token: int) -> str:
+        """A token's text on its own, as a logprob's alternative shows it (kept: at most the
+        vocabulary's texts, and a few decodes a token saved for every request asking)."""
+        if token not in self._token_texts:
+            # transformers types `decode` as str | list[str]: a list only for a batch of sequences.
+            self._token_texts[token] = self._tokenizer.decode([token])  # type: ignore[assignment]
+        return self._token_texts[token]

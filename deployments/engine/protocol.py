@@ -18,12 +18,19 @@ from deployments.engine.sampling import SamplingParams
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
+# A generated token's log-probability (`SamplingParams.logprobs`): its text (what it added to the
+# answer, so the texts join into it), its log-probability, and the most likely tokens' (text,
+# log-probability), most likely first. Lists, not tuples: they cross to the ingress as JSON.
+TokenLogprob = list  # [str, float, list[[str, float]]]
+
+
 @dataclass
 class GenerationOutput:
     text: str  # new text since the previous output
     prompt_tokens: int
     completion_tokens: int  # generated so far
     finish_reason: FinishReason | None = None  # set on the last output only
+    logprobs: list[TokenLogprob] | None = None  # of the tokens generated since the previous output, if asked
 
 
 @dataclass
@@ -80,6 +87,18 @@ class GenerationRequest:
     affinity_key: str | None = None
     # Where its outputs before the last go (the ingress sets it); the handle call returns the last.
     reply_to: ReplyTo | None = None
+
+
+@dataclass
+class TokenizeRequest:
+    """Text to count in tokens as a generation would: chat `messages` (and `tools`) under the
+    chat template, or a raw `prompt` (vLLM's /tokenize)."""
+
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = False
+    add_generation_prompt: bool = True
 
 
 class InvalidRequestError(ValueError):

@@ -24,7 +24,14 @@ from transformers import (
 )
 
 from deployments.engine.grammar import Grammars, Masks
-from deployments.engine.protocol import EngineStats, FinishReason, GenerationOutput, check_constraint, check_logit_bias
+from deployments.engine.protocol import (
+    EngineStats,
+    FinishReason,
+    GenerationOutput,
+    InvalidRequestError,
+    check_constraint,
+    check_logit_bias,
+)
 from deployments.engine.sampling import SamplingParams
 from deployments.model_loader import LoadedModel, eos_token_ids
 
@@ -166,6 +173,8 @@ class ReferenceEngine:
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncGenerator[GenerationOutput, None]:
         check_logit_bias(params, self._vocab_size)
         check_constraint(params)
+        if params.logprobs is not None:
+            raise InvalidRequestError("logprobs: the reference engine does not give them; serve the model with engine: batched")
         matcher = None if params.constraint is None else self._grammars.matcher(params.constraint)
         tokenizer = self._loaded.tokenizer
         streamer = AsyncTextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

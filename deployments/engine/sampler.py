@@ -287,6 +287,27 @@ class Draft:
         return self._map(torch.clone)
 
 
+class StepLogprobs:
+    """Log-probabilities of a step: the log-softmax of the raw logits (before bias, penalties,
+    masks and temperature, as OpenAI and vLLM report them) of the rows that ask, computed on the
+    logits' device, and each such row's `top` most likely tokens. Rows that do not ask pay
+    nothing."""
+
+    def __init__(self, logits: torch.Tensor, rows: list[int], top: int):
+        self._logprobs = logits[torch.tensor(rows, device=logits.device)].float().log_softmax(dim=-1)
+        self._top = self._logprobs.topk(top, dim=-1) if top else None
+
+    def of(self, tokens: list[int]) -> list[tuple[float, list[tuple[int, float]]]]:
+        """Per row, the log-probability of its chosen token (`tokens`, by row) and its top
+        tokens' (id, log-probability), most likely first."""
+        chosen = torch.tensor(tokens, device=self._logprobs.device)[:, None]
+        logprobs = self._logprobs.gather(1, chosen)[:, 0].tolist()
+        if self._top is None:
+            return [(logprob, []) for logprob in logprobs]
+        values, ids = self._top
+        return [(logprob, list(zip(i, v))) for logprob, i, v in zip(logprobs, ids.tolist(), values.tolist())]
+
+
 def apply_repeat_penalty(
     logits: torch.Tensor, history: torch.Tensor, positions: torch.Tensor, penalty: torch.Tensor, last_n: torch.Tensor
 ) -> None:

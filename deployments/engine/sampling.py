@@ -47,6 +47,9 @@ class SamplingParams:
     ignore_eos: bool = False
     # Decoding follows this grammar (structured outputs, tool calls); None: free text.
     constraint: Constraint | None = None
+    # Log-probabilities of each generated token and of its `logprobs` most likely alternatives
+    # (0: the token's own only), from the model's logits before any sampling setting; None: none.
+    logprobs: int | None = None
     # The room kept for the answer when a prompt is fitted to the model's context (a chat's
     # oldest turns dropped, a prompt refused as too long); None: all of `max_tokens`. Less where
     # `max_tokens` only bounds an answer the client left unbounded (OpenAI's APIs: until the

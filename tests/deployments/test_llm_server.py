@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from deployments.engine.protocol import GenerationRequest, PromptTooLongError
+from deployments.engine.protocol import GenerationRequest, InvalidRequestError, PromptTooLongError, TokenizeRequest
 from deployments.engine.sampling import SamplingParams
 from deployments.llm_server import INLINE_ENCODE_CHARS, LLMServer
 from deployments.model_registry import ModelConfig
@@ -230,3 +230,18 @@ async def test_short_prompts_are_encoded_on_the_loop_unless_a_long_one_is_being_
     assert encoded_on[1][0] == "yyyyy" and encoded_on[1][1].startswith("encode-prompt")
     # While the encoder thread tokenizes, a short prompt waits for it there: never two threads in the tokenizer.
     assert encoded_on[2][0] == "short" and encoded_on[2][1].startswith("encode-prompt")
+
+
+def test_a_count_is_what_a_generation_encodes_and_tools_reach_a_template_without_them_as_text():
+    server = tiny_server()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    for offered in (None, tools):
+        tokens, context = server.tokenize(TokenizeRequest(messages=messages, tools=offered))
+        assert tokens == server.encode_chat(messages, 16, offered) and context == 512
+    with_tools = decoded(server, server.tokenize(TokenizeRequest(messages=messages, tools=tools))[0])
+    assert "Be brief." in with_tools and '"name": "get_weather"' in with_tools and "<tool_call>" in with_tools
+    prompt, _ = server.tokenize(TokenizeRequest(prompt="Paris is", add_special_tokens=True))
+    assert prompt == server.encode_prompt("Paris is", 16) and server.detokenize(prompt) == "Paris is"
+    with pytest.raises(InvalidRequestError, match="tokens: 100000 is not among"):
+        server.detokenize([1, 100000])

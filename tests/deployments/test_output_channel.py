@@ -54,6 +54,18 @@ async def test_outputs_arrive_in_order_and_the_last_comes_from_the_call(inbox):
     await outbox.close()
 
 
+async def test_an_outputs_logprobs_cross_with_it(inbox):
+    async def scored() -> AsyncIterator[GenerationOutput]:
+        yield GenerationOutput("Pa", 3, 1, logprobs=[["Pa", -0.5, [["Pa", -0.5], ["Lo", -1.25]]]])
+        yield GenerationOutput("ris", 3, 2)  # none with this one
+        yield GenerationOutput("", 3, 3, "stop", logprobs=[["ris", -0.125, []]])
+
+    outbox = Outbox()
+    outputs = await read_all(inbox.stream(lambda to: Call(deliver(scored(), outbox, to))))
+    assert [o.logprobs for o in outputs] == [[["Pa", -0.5, [["Pa", -0.5], ["Lo", -1.25]]]], None, [["ris", -0.125, []]]]
+    await outbox.close()
+
+
 async def test_the_last_output_waits_for_the_earlier_ones_still_on_the_way(inbox):
     delivered_first: asyncio.Future[Delivered] = asyncio.get_running_loop().create_future()
     stream = inbox.stream(lambda to: Call(delivered_first))

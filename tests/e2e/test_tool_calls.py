@@ -43,20 +43,14 @@ TOOLS = [
 VALIDATORS = {"get_weather": WeatherArguments, "get_time": TimeArguments}
 
 
-@pytest.fixture(scope="module")
-def client(serve_app):
-    with openai.OpenAI(base_url=f"{serve_app.url}/v1", api_key="unused", max_retries=0, timeout=300) as client:
-        yield client
-
-
 def valid_calls(calls) -> list[tuple[str, pydantic.BaseModel]]:
     """Each call's name and its arguments, validated against its tool's schema (raises if not)."""
     return [(call.function.name, VALIDATORS[call.function.name].model_validate_json(call.function.arguments)) for call in calls]
 
 
-def test_a_required_call_always_names_a_tool_and_its_arguments_validate(client):
+def test_a_required_call_always_names_a_tool_and_its_arguments_validate(sdk):
     def ask(seed: int):
-        return client.chat.completions.create(
+        return sdk.chat.completions.create(
             model=SMOL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0.8, seed=seed
         ).choices[0]
 
@@ -68,12 +62,12 @@ def test_a_required_call_always_names_a_tool_and_its_arguments_validate(client):
         assert all(call.id.startswith("call_") and call.type == "function" for call in choice.message.tool_calls)
 
 
-def test_a_streamed_call_reassembles_into_the_whole_one(client):
+def test_a_streamed_call_reassembles_into_the_whole_one(sdk):
     asked = dict(model=SMOL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0.8, seed=4)
-    whole = client.chat.completions.create(**asked).choices[0].message.tool_calls
+    whole = sdk.chat.completions.create(**asked).choices[0].message.tool_calls
     calls: dict[int, dict] = {}
     finish = None
-    for chunk in client.chat.completions.create(**asked, stream=True):
+    for chunk in sdk.chat.completions.create(**asked, stream=True):
         for delta in chunk.choices[0].delta.tool_calls or []:
             call = calls.setdefault(delta.index, {"name": "", "arguments": ""})
             call["name"] += delta.function.name or ""
@@ -85,32 +79,32 @@ def test_a_streamed_call_reassembles_into_the_whole_one(client):
     ]
 
 
-def test_a_named_function_is_the_one_called_and_one_call_without_parallel_calls(client):
+def test_a_named_function_is_the_one_called_and_one_call_without_parallel_calls(sdk):
     named = {"type": "function", "function": {"name": "get_time"}}
-    choice = client.chat.completions.create(
+    choice = sdk.chat.completions.create(
         model=SMOL, messages=ASK, tools=TOOLS, tool_choice=named, temperature=0.8, seed=1
     ).choices[0]
     [(name, arguments)] = valid_calls(choice.message.tool_calls)
     assert name == "get_time" and isinstance(arguments, TimeArguments)
-    single = client.chat.completions.create(
+    single = sdk.chat.completions.create(
         model=SMOL, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=0
     ).choices[0]
     assert len(valid_calls(single.message.tool_calls)) == 1
 
 
-def test_a_tool_round_trip_answers_from_the_tools_result(client):
-    first = client.chat.completions.create(model=SMOL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0)
+def test_a_tool_round_trip_answers_from_the_tools_result(sdk):
+    first = sdk.chat.completions.create(model=SMOL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0)
     message = first.choices[0].message
     result = {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "Sunny, 21 degrees celsius."}
     history = [*ASK, message.model_dump(exclude_none=True), result]
-    second = client.chat.completions.create(model=SMOL, messages=history, tools=TOOLS, temperature=0, max_tokens=64)
+    second = sdk.chat.completions.create(model=SMOL, messages=history, tools=TOOLS, temperature=0, max_tokens=64)
     answer = second.choices[0]
     assert answer.finish_reason in ("stop", "length") and answer.message.tool_calls is None
     assert "21" in answer.message.content  # it read the result
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
 
 
-def test_tool_requests_that_cannot_run_are_bad_requests_naming_the_field(client):
+def test_tool_requests_that_cannot_run_are_bad_requests_naming_the_field(sdk):
     cases = [
         (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
         (dict(tool_choice="required"), "tool_choice"),
@@ -126,7 +120,7 @@ def test_tool_requests_that_cannot_run_are_bad_requests_naming_the_field(client)
     ]
     for extra, field in cases:
         with pytest.raises(openai.BadRequestError) as caught:
-            client.chat.completions.create(model=SMOL, messages=ASK, **extra)
+            sdk.chat.completions.create(model=SMOL, messages=ASK, **extra)
         assert caught.value.body["param"] == field, caught.value.message
 
 
@@ -144,13 +138,13 @@ def test_langchain_gets_structured_output_and_tool_calls(serve_app):
     assert call["name"] == "get_weather" and WeatherArguments.model_validate(call["args"])
 
 
-def test_auto_gives_the_models_call_or_its_text_whole_and_streamed_alike(client, report):
+def test_auto_gives_the_models_call_or_its_text_whole_and_streamed_alike(sdk, report):
     # The packaged 135M model answers this in words (its template has no tools, and it was not
     # trained on calls); reading calls out of text is tested in tests/serve_app/test_tool_calls.py.
     asked = dict(model=SMOL, messages=ASK, tools=TOOLS, temperature=0, max_tokens=96)
-    whole = client.chat.completions.create(**asked).choices[0]
+    whole = sdk.chat.completions.create(**asked).choices[0]
     streamed_text, calls, finish = "", {}, None
-    for chunk in client.chat.completions.create(**asked, stream=True):
+    for chunk in sdk.chat.completions.create(**asked, stream=True):
         delta = chunk.choices[0].delta
         streamed_text += delta.content or ""
         for call in delta.tool_calls or []:

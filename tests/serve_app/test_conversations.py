@@ -14,7 +14,7 @@ from deployments.engine.protocol import Delivered, GenerationOutput, GenerationR
 from deployments.engine.sampling import SamplingParams
 from deployments.history_store import ConversationNotFoundError, HistoryStore
 from deployments.model_registry import ModelConfig, ModelRegistry
-from deployments.output_channel import Inbox
+from deployments.output_channel import Inbox, output_entry
 from deployments.turn_claims import TURN_LEASE_S, ConversationBusyError, TurnClaims
 from serve_app import conversations as conversations_module
 from serve_app.conversations import (
@@ -27,7 +27,7 @@ from serve_app.conversations import (
     parse_conversation_id,
 )
 from serve_app.openai_api import sse_events, start_choices
-from serve_app.protocol import STREAM_ERROR_MARKER, Completion, CompletionChoice, Conversation, Message
+from serve_app.protocol import STREAM_ERROR_MARKER, Completion, CompletionChoice, CompletionLogprobs, Conversation, Message
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -124,7 +124,7 @@ class FakeStream:
         for sent, output in enumerate(self._outputs):
             if output.finish_reason is not None:
                 return Delivered(output, sent)
-            inbox.deliver([[request.reply_to.stream, output.text, output.prompt_tokens, output.completion_tokens]])
+            inbox.deliver([output_entry(request.reply_to.stream, output)])
             await asyncio.sleep(0)
         return await self.after_outputs()
 
@@ -346,10 +346,26 @@ def sse_data(pieces: list[bytes]) -> list:
     return [json.loads(event.removeprefix(b"data: ")) for event in events[:-1]]
 
 
-def completion_chunk(index: int, text: str | None, finish: str | None) -> Completion:
-    return Completion(
-        id="cmpl-1", created=0, model="m", choices=[CompletionChoice(index=index, text=text or "", finish_reason=finish)]
-    )
+def completion_chunk(index: int, text: str | None, finish: str | None, logprobs: list | None) -> Completion:
+    scored = None if logprobs is None else CompletionLogprobs.of(logprobs)
+    choice = CompletionChoice(index=index, text=text or "", finish_reason=finish, logprobs=scored)
+    return Completion(id="cmpl-1", created=0, model="m", choices=[choice])
+
+
+async def test_an_outputs_logprobs_go_out_in_its_chunk(history):
+    scored = [
+        GenerationOutput("Pa", 3, 1, logprobs=[["Pa", -0.5, [["Pa", -0.5]]]]),
+        GenerationOutput("ris", 3, 2, "stop", logprobs=[["ris", -0.25, [["ris", -0.25]]]]),
+    ]
+    service = service_with(history, FakeStream(scored))
+    turns = await start_choices(service, service.registry.default, [SamplingParams(logprobs=1)], messages=HI)
+    chunks = sse_data([piece async for piece in sse_events(service, turns, completion_chunk, None)])
+    choices = [chunk["choices"][0] for chunk in chunks]
+    assert [(c["text"], c["logprobs"] and c["logprobs"]["tokens"]) for c in choices] == [
+        ("Pa", ["Pa"]),
+        ("ris", ["ris"]),
+        ("", None),  # the finish
+    ]
 
 
 async def test_choices_stream_each_its_text_and_finish_and_the_usage_counts_the_prompt_once(history):

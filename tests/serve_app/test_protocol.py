@@ -139,11 +139,8 @@ def test_logit_bias_keys_become_token_ids_and_bad_ones_are_refused_naming_the_fi
 @pytest.mark.parametrize(
     ("base", "field", "asks_for_nothing", "asks_for_something"),
     [
-        (CHAT, "logprobs", False, True),
-        (CHAT, "top_logprobs", 0, 5),
         (CHAT, "functions", [], [{"name": "f"}]),
         (CHAT, "function_call", "auto", {"name": "f"}),
-        (COMPLETION, "logprobs", 0, 5),
         (COMPLETION, "echo", False, True),
         (COMPLETION, "best_of", 1, 2),
         (COMPLETION, "suffix", "", "}"),

@@ -1,0 +1,115 @@
+"""What structured outputs and logprobs cost users: closed-loop streams of chat completions
+through HTTP, the service as `make serve` runs it, the original API's sampling (temperature 0.7,
+top_p 0.9, repetition penalty 1.1), in one run:
+
+- plain: every stream free text;
+- constrained: every stream held to a typical schema (`response_format` json_schema: a person
+  with a nested address, an enum, an integer, a boolean and a list);
+- logprobs: every stream with `logprobs` and `top_logprobs` 5;
+- mixed: half the streams plain, half constrained, side by side: the plain half's tokens/s per
+  stream against the plain run's.
+
+Rounds alternate the runs (machines are noisy); printed: tokens/s of each run and the ratios
+the issue asks for, per round and over all rounds.
+
+    .venv/bin/python bench/structured_bench.py [--model packaged|tiny] [--users 16] [--duration 30] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.load_bench import MODEL_NAME, cpu_model, model_config  # noqa: E402
+from loadtests.service import free_port, running_service  # noqa: E402
+from loadtests.users import Answer, Users, Workload  # noqa: E402
+
+SHORT = {"type": "string", "maxLength": 40}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": SHORT,
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "role": {"enum": ["admin", "editor", "viewer"]},
+        "active": {"type": "boolean"},
+        "address": {
+            "type": "object",
+            "properties": {"city": SHORT, "zip_code": {"type": "string", "maxLength": 10}},
+            "required": ["city", "zip_code"],
+            "additionalProperties": False,
+        },
+        "tags": {"type": "array", "items": SHORT, "maxItems": 5},
+    },
+    "required": ["name", "age", "role", "active", "address", "tags"],
+    "additionalProperties": False,
+}
+PROMPT = "Describe a fictional person: name, age, role, whether active, address and a few tags, as JSON."
+EXTRAS = {
+    "plain": {},
+    "constrained": {"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}},
+    "logprobs": {"logprobs": True, "top_logprobs": 5},
+}
+
+
+def tokens_per_s(answers: list[Answer], seconds: float) -> float:
+    return sum(a.tokens for a in answers if a.ok) / seconds
+
+
+async def measure(url: str, kinds: list[str], users: int, seconds: float, max_tokens: int) -> list[list[Answer]]:
+    """`users` streams split evenly over `kinds`, all at once; each kind's answers."""
+    groups = [Users(url, Workload("chat", MODEL_NAME, max_tokens, PROMPT, EXTRAS[kind])) for kind in kinds]
+    results = await asyncio.gather(*(g.run(users // len(kinds), seconds) for g in groups))
+    for kind, answers in zip(kinds, results):
+        failed = [a for a in answers if not a.ok]
+        if failed:
+            raise RuntimeError(f"{len(failed)} {kind} requests failed: {failed[0].error}")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "packaged"], default="packaged")
+    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    args = parser.parse_args()
+    print(f"{args.model} model, {args.users} streams of chat completions, {args.duration:.0f} s each; CPU: {cpu_model()}")
+    totals: dict[str, float] = {}
+    with running_service([model_config(args.model, "cpu")], free_port()) as service:
+        for round_number in range(1, args.rounds + 1):
+            rates = {}
+            for kind in ("plain", "constrained", "logprobs"):
+                asyncio.run(measure(service.url, [kind], args.users, args.warmup, args.max_tokens))
+                [answers] = asyncio.run(measure(service.url, [kind], args.users, args.duration, args.max_tokens))
+                rates[kind] = tokens_per_s(answers, args.duration)
+            asyncio.run(measure(service.url, ["plain", "constrained"], args.users, args.warmup, args.max_tokens))
+            plain, constrained = asyncio.run(
+                measure(service.url, ["plain", "constrained"], args.users, args.duration, args.max_tokens)
+            )
+            # Per stream: half the streams are plain here.
+            rates["mixed: plain half"] = tokens_per_s(plain, args.duration) * 2
+            rates["mixed: constrained half"] = tokens_per_s(constrained, args.duration) * 2
+            for kind, rate in rates.items():
+                totals[kind] = totals.get(kind, 0.0) + rate
+            print(f"round {round_number}: " + ", ".join(f"{kind} {rate:.0f} tok/s" for kind, rate in rates.items()))
+            print(f"  {ratios(rates)}")
+    print(f"all rounds: {ratios(totals)}")
+
+
+def ratios(rates: dict[str, float]) -> str:
+    plain = rates["plain"]
+    return (
+        f"constrained / plain {rates['constrained'] / plain:.2f} (target >= 0.85), "
+        f"logprobs / plain {rates['logprobs'] / plain:.2f} (>= 0.9), "
+        f"plain streams beside constrained ones / plain {rates['mixed: plain half'] / plain:.2f} (>= 0.95)"
+    )
+
+
+if __name__ == "__main__":
+    main()

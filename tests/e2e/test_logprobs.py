@@ -1,0 +1,54 @@
+"""Logprobs through the official `openai` SDK against the real app and the packaged model."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SMOL = "SmolLM2-135M-Instruct"
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_chat_logprobs_list_each_token_with_its_most_likely_alternatives_whole_and_streamed(sdk):
+    asked = dict(model=SMOL, messages=CAPITAL, temperature=0, max_tokens=32, logprobs=True, top_logprobs=5)
+    whole = sdk.chat.completions.create(**asked)
+    choice = whole.choices[0]
+    entries = choice.logprobs.content
+    assert "Paris" in choice.message.content
+    assert "".join(entry.token for entry in entries) == choice.message.content
+    assert len(entries) == whole.usage.completion_tokens
+    for entry in entries:
+        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode())
+        values = [top.logprob for top in entry.top_logprobs]
+        assert len(values) == 5 and values == sorted(values, reverse=True)
+        assert values[0] == pytest.approx(entry.logprob)  # greedy: the chosen token is the most likely
+    streamed = [
+        entry
+        for chunk in sdk.chat.completions.create(**asked, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content
+    ]
+    assert [e.token for e in streamed] == [e.token for e in entries]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-5)
+    plain = sdk.chat.completions.create(model=SMOL, messages=CAPITAL, temperature=0, max_tokens=32)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == choice.message.content
+
+
+def test_completion_logprobs_in_the_legacy_shape(sdk):
+    completion = sdk.completions.create(model=SMOL, prompt="The capital of France is", max_tokens=8, temperature=0, logprobs=3)
+    choice = completion.choices[0]
+    logprobs = choice.logprobs
+    assert "".join(logprobs.tokens) == choice.text and len(logprobs.tokens) == completion.usage.completion_tokens
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
+    assert all(len(top) <= 3 for top in logprobs.top_logprobs)
+    assert all(max(top.values()) == pytest.approx(lp) for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs))
+    streamed = [
+        token
+        for chunk in sdk.completions.create(
+            model=SMOL, prompt="The capital of France is", max_tokens=8, temperature=0, logprobs=3, stream=True
+        )
+        if chunk.choices and chunk.choices[0].logprobs
+        for token in chunk.choices[0].logprobs.tokens
+    ]
+    assert streamed == logprobs.tokens
