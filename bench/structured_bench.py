@@ -55,8 +55,11 @@ EXTRAS = {
 }
 
 
-def tokens_per_s(answers: list[Answer], seconds: float) -> float:
-    return sum(a.tokens for a in answers if a.ok) / seconds
+def tokens_per_s(answers: list[Answer]) -> float:
+    """Tokens over the time from the first request to the last answer's end: a closed loop's
+    answers under way at the window's end are finished and counted, so the window alone would
+    count whole waves of answers (16 streams of 128 tokens: 8 or 9 in 30 s, a 12% step)."""
+    return sum(a.tokens for a in answers if a.ok) / (max(a.ended for a in answers) - min(a.sent for a in answers))
 
 
 async def measure(url: str, kinds: list[str], users: int, seconds: float, max_tokens: int) -> list[list[Answer]]:
@@ -87,14 +90,14 @@ def main() -> None:
             for kind in ("plain", "constrained", "logprobs"):
                 asyncio.run(measure(service.url, [kind], args.users, args.warmup, args.max_tokens))
                 [answers] = asyncio.run(measure(service.url, [kind], args.users, args.duration, args.max_tokens))
-                rates[kind] = tokens_per_s(answers, args.duration)
+                rates[kind] = tokens_per_s(answers)
             asyncio.run(measure(service.url, ["plain", "constrained"], args.users, args.warmup, args.max_tokens))
             plain, constrained = asyncio.run(
                 measure(service.url, ["plain", "constrained"], args.users, args.duration, args.max_tokens)
             )
             # Per stream: half the streams are plain here.
-            rates["mixed: plain half"] = tokens_per_s(plain, args.duration) * 2
-            rates["mixed: constrained half"] = tokens_per_s(constrained, args.duration) * 2
+            rates["mixed: plain half"] = tokens_per_s(plain) * 2
+            rates["mixed: constrained half"] = tokens_per_s(constrained) * 2
             for kind, rate in rates.items():
                 totals[kind] = totals.get(kind, 0.0) + rate
             print(f"round {round_number}: " + ", ".join(f"{kind} {rate:.0f} tok/s" for kind, rate in rates.items()))
