@@ -158,6 +158,15 @@ async def collect(service: ConversationService, turns: list[Turn]) -> list[tuple
 
 
 DONE_EVENT = format_sse_event(data_str="[DONE]")
+
+
+def stream_error(exc: Exception) -> bytes:
+    """How an OpenAI stream that already started ends on a failure: an error event, then
+    `data: [DONE]` (as vLLM does)."""
+    error = {"message": describe_failure(exc), "type": "server_error", "param": None, "code": 503}
+    return format_sse_event(data_str=json.dumps({"error": error})) + DONE_EVENT
+
+
 # Stands for a chunk's text in `TextEvents`' template: no id or model name holds it.
 TEXT = "\x00"
 
@@ -208,8 +217,7 @@ async def sse_events(
                     yield b"".join(pending)
                     pending = []
     except Exception as exc:  # noqa: BLE001 - logged and stored by `outputs`
-        error = {"message": describe_failure(exc), "type": "server_error", "param": None, "code": 503}
-        yield b"".join([*pending, format_sse_event(data_str=json.dumps({"error": error})), DONE_EVENT])
+        yield b"".join([*pending, stream_error(exc)])
         return
     if usage_chunk is not None:
         pending.append(format_sse_event(data_str=usage_chunk(usage_of(*lasts)).model_dump_json()))
@@ -263,8 +271,7 @@ async def tool_answer_events(
                 if text:
                     yield event(ChatDelta(content=text))
     except Exception as exc:  # noqa: BLE001 - logged and stored by `outputs`
-        error = {"message": describe_failure(exc), "type": "server_error", "param": None, "code": 503}
-        yield b"".join([format_sse_event(data_str=json.dumps({"error": error})), DONE_EVENT])
+        yield stream_error(exc)
         return
     message, finish = tool_answer("".join(pieces) if forced else splitter.held, output, forced, names)
     closing = [event(ChatDelta(content=message.content))] if message.content else []
@@ -465,40 +472,27 @@ def create_openai_router(service: ConversationService, leases: Any) -> APIRouter
                 ],
             )
 
+        def delta_chunk(
+            delta: ChatDelta, finish_reason: FinishReasonOut | None = None, index: int = 0, logprobs: list | None = None
+        ) -> ChatCompletionChunk:
+            scored = None if logprobs is None else ChoiceLogprobs.of(logprobs)
+            choice = ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=scored)
+            return ChatCompletionChunk(id=request_id, created=created, model=model.name, choices=[choice])
+
         def chunk(
             index: int, text: str | None, finish_reason: FinishReasonOut | None, logprobs: list | None
         ) -> ChatCompletionChunk:
-            delta = ChatDelta(content=text) if text is not None else ChatDelta()
-            scored = None if logprobs is None else ChoiceLogprobs.of(logprobs)
-            return ChatCompletionChunk(
-                id=request_id,
-                created=created,
-                model=model.name,
-                choices=[ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=scored)],
-            )
+            return delta_chunk(ChatDelta(content=text) if text is not None else ChatDelta(), finish_reason, index, logprobs)
 
         def usage_chunk(usage: Usage) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=request_id, created=created, model=model.name, choices=[], usage=usage)
 
         if tools:
-
-            def delta_chunk(delta: ChatDelta, finish_reason: FinishReasonOut | None) -> ChatCompletionChunk:
-                choice = ChatCompletionChunkChoice(delta=delta, finish_reason=finish_reason)
-                return ChatCompletionChunk(id=request_id, created=created, model=model.name, choices=[choice])
-
             usage = usage_chunk if body.include_usage else None
             return ServerSentEventsResponse(tool_answer_events(service, turns[0], delta_chunk, usage, body.calls_forced, names))
 
         # OpenAI's first chunk of each choice carries the role only.
-        roles = [
-            ChatCompletionChunk(
-                id=request_id,
-                created=created,
-                model=model.name,
-                choices=[ChatCompletionChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))],
-            )
-            for index in range(len(turns))
-        ]
+        roles = [delta_chunk(ChatDelta(role="assistant", content=""), index=index) for index in range(len(turns))]
         opening = b"".join(format_sse_event(data_str=role.model_dump_json()) for role in roles)
         usage = usage_chunk if body.include_usage else None
         return ServerSentEventsResponse(sse_events(service, turns, chunk, usage, opening))

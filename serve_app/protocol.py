@@ -229,12 +229,12 @@ class JsonObjectFormat(RequestModel):
     type: Literal["json_object"]
 
 
-# The schemas' names, as OpenAI allows them.
-SCHEMA_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+# The names of schemas and tools, as OpenAI allows them.
+OPENAI_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class JsonSchemaSpec(RequestModel):
-    name: str = Field(pattern=SCHEMA_NAME)
+    name: str = Field(pattern=OPENAI_NAME)
     description: str | None = None
     # `schema` would shadow pydantic's BaseModel.schema.
     json_schema: dict[str, Any] | None = Field(default=None, alias="schema", description="A JSON schema; none: any JSON.")
@@ -395,12 +395,8 @@ class ChatContentPart(RequestModel):
     text: str
 
 
-# Tools' names, as OpenAI allows them.
-TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
-
-
 class FunctionDefinition(RequestModel):
-    name: str = Field(pattern=TOOL_NAME)
+    name: str = Field(pattern=OPENAI_NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = Field(default=None, description="A JSON schema of the arguments (an object).")
     strict: bool | None = Field(default=None, description="Accepted; a forced call's arguments follow the schema either way.")
@@ -409,6 +405,11 @@ class FunctionDefinition(RequestModel):
 class ToolDefinition(RequestModel):
     type: Literal["function"]
     function: FunctionDefinition
+
+
+def template_tools(tools: list[ToolDefinition]) -> list[dict[str, Any]]:
+    """Tools as chat templates (and `serve_app.tool_calls`) take them."""
+    return [tool.model_dump(exclude_none=True) for tool in tools]
 
 
 class FunctionName(RequestModel):
@@ -557,7 +558,7 @@ class ChatCompletionRequest(_OpenAISamplingRequest):
         """The tools the prompt offers (none with tool_choice "none"), as templates take them."""
         if not self.tools or self.tool_choice == "none":
             return None
-        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+        return template_tools(self.tools)
 
     @property
     def calls_forced(self) -> bool:
@@ -592,7 +593,7 @@ class TokenizeBody(RequestModel):
         return TokenizeRequest(
             messages=None if self.messages is None else [m.template_message() for m in self.messages],
             prompt=self.prompt,
-            tools=None if not self.tools else [tool.model_dump(exclude_none=True) for tool in self.tools],
+            tools=template_tools(self.tools) if self.tools else None,
             add_special_tokens=self.messages is None if self.add_special_tokens is None else self.add_special_tokens,
             add_generation_prompt=self.add_generation_prompt,
         )
@@ -680,14 +681,10 @@ class ResponseInputMessage(RequestModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
-class ResponseJsonSchemaFormat(RequestModel):
+class ResponseJsonSchemaFormat(JsonSchemaSpec):
     """The Responses API's structured outputs: `json_schema`'s fields, flat."""
 
     type: Literal["json_schema"]
-    name: str = Field(pattern=SCHEMA_NAME)
-    description: str | None = None
-    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
 
 
 class ResponseTextOptions(RequestModel):

@@ -489,14 +489,14 @@ class BatchedEngine:
             if is_last:
                 completing.append(seq)
         sampled = decoding + completing  # the rows whose logits the step samples, in order
-        constrained = [row for row, seq in enumerate(sampled) if seq.matcher is not None]
-        scored = [row for row, seq in enumerate(sampled) if seq.params.logprobs is not None]
-        if not chunks and self.overlap_steps and not constrained and not scored:
+        if not chunks and self.overlap_steps and not any(seq.steps_alone for seq in sampled):
             self._launched = self._launch_decode(None)
             return
         if not decoding and not chunks:
             return
         decode = [(s.slot, s.length - 1, s.generated[-1], -1) for s in decoding]
+        constrained = [row for row, seq in enumerate(sampled) if seq.matcher is not None]
+        scored = [row for row, seq in enumerate(sampled) if seq.params.logprobs is not None]
         masks = None
         if constrained:  # each constrained row's allowed tokens, after the last token it took
             masks = constrained, self._masks.fill([m for row in constrained if (m := sampled[row].matcher) is not None])

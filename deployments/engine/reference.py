@@ -80,8 +80,8 @@ class GrammarMask(LogitsProcessor):
     """A constrained request's allowed next tokens (see `grammar`): every other token's score
     is -inf. Its matcher takes each new token in `GrammarComplete`."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
-        self._matcher, self._masks = matcher, Masks(vocab_size, 1)
+    def __init__(self, matcher: llguidance.LLMatcher, masks: Masks):
+        self._matcher, self._masks = matcher, masks
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self._masks.apply(scores, [0], self._masks.fill([self._matcher]))
@@ -124,6 +124,7 @@ class ReferenceEngine:
         self._eos_ids = eos_token_ids(loaded)
         self._vocab_size = model.get_output_embeddings().weight.shape[0]
         self._grammars = Grammars(loaded.tokenizer, self._vocab_size, self._eos_ids)
+        self._masks = Masks(self._vocab_size, 1)  # one request at a time: one bitmask row, one llguidance pool
         self._active = 0
         self._waiting = 0
         self._total = 0
@@ -149,7 +150,7 @@ class ReferenceEngine:
             processors.append(OccurrencePenalty(params.presence_penalty, params.frequency_penalty, len(prompt_ids)))
         stopping = StoppingCriteriaList([_StopWhenCancelled(cancelled)])
         if matcher is not None:
-            processors.append(GrammarMask(matcher, self._vocab_size))  # last: after bias and penalties
+            processors.append(GrammarMask(matcher, self._masks))  # last: after bias and penalties
             stopping.append(GrammarComplete(matcher))
         input_ids = torch.tensor([prompt_ids], device=self._loaded.device)
         with torch.inference_mode():
