@@ -94,7 +94,7 @@ test-gpu: install
 
 # Engine benchmark on a CUDA GPU (~2 min): ours vs transformers at 1/16/64/256 streams.
 bench-gpu: install
-	$(BIN)/python bench/gpu_bench.py
+	$(BIN)/python -m bench.gpu_bench
 
 # CPU benchmark (~10 min), what users get, greedy and with the original API's default sampling:
 # our engine vs transformers generate in fp32, int8 and int4 at 1 and 16 streams; then the served
@@ -102,13 +102,13 @@ bench-gpu: install
 # transformers + torch dynamic int8 at batch 16 and llama.cpp on the same GGUF (if `make
 # bench-deps` installed it); ends with a summary of ratios.
 bench: install
-	$(BIN)/python bench/engine_bench.py
+	$(BIN)/python -m bench.engine_bench
 
 # Conversation-affine routing vs Serve's default router (~5 min): the packaged model with two
 # replicas each, 8 concurrent conversations x 5 turns; turn 5's time to first token and the
 # prompt tokens reused from the replicas' prefix caches.
 bench-affinity: install
-	$(BIN)/python bench/affinity_bench.py
+	$(BIN)/python -m bench.affinity_bench
 
 # Sustained load (~10 min): closed-loop users (1, 16, 64, 256) through HTTP, the OpenAI and the
 # original API, against the same model's engine in-process; tok/s, requests/s, TTFT, gaps and
@@ -116,7 +116,7 @@ bench-affinity: install
 # LOAD_ARGS: e.g. --model packaged, --short (1-token answers), --device cuda, --users 64.
 LOAD_ARGS ?=
 bench-load: install
-	$(BIN)/python bench/load_bench.py $(LOAD_ARGS)
+	$(BIN)/python -m bench.load_bench $(LOAD_ARGS)
 
 # The benchmark's llama.cpp baseline (llama-cpp-python compiles llama.cpp: ~5 min). Not part of
 # `make test` or CI; `make bench` skips llama.cpp without it.

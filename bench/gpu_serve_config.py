@@ -1,12 +1,12 @@
 """Writes a GPU variant of serve_config.yaml for benchmarks on a GPU machine without network:
 the packaged model's entry becomes SmolLM2's shape with random weights (the packaged weights
 do not travel there), on CUDA, with a batch of 256. With `--chunks-per-s` values, one such
-model per value (named smollm2-random-VALUE), sharing the GPU, so one run of `gpu_bench.py
+model per value (named smollm2-random-VALUE), sharing the GPU, so one run of `bench.gpu_bench
 --http` compares the replica's chunk rates side by side; without, one model at the default rate.
 The ingress runs --ingress-replicas replicas (default 4: each relays its streams on one core, and
 the GPU machine has 16).
 
-    python bench/gpu_serve_config.py OUT.yaml [--database PATH] [--chunks-per-s 150,1000] [--ingress-replicas 4]
+    python -m bench.gpu_serve_config OUT.yaml [--database PATH] [--chunks-per-s 150,1000] [--ingress-replicas 4]
 """
 
 from __future__ import annotations

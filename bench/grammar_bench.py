@@ -7,7 +7,7 @@ decode step's masks at 1, 16 and 64 constrained rows: every row fills its bitmas
 applied to [rows, vocabulary] fp32 logits, and every row accepts its token. The rows follow the
 tokens of a valid answer, so each step is one a real constrained request takes.
 
-    .venv/bin/python bench/grammar_bench.py            # name the CPU next to the figures
+    .venv/bin/python -m bench.grammar_bench            # name the CPU next to the figures
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ chunks/s, errors, and, through HTTP, the CPU seconds each kind of process spent 
 proxy or HAProxy; ingress; model replica; history; controller; Ray's own; the load client) per
 1,000 tokens and per request.
 
-    .venv/bin/python bench/load_bench.py [--model tiny|packaged] [--device cpu|cuda]
+    .venv/bin/python -m bench.load_bench [--model tiny|packaged] [--device cpu|cuda]
         [--users 1,16,64,256] [--duration 30] [--api completions,original] [--short]
         [--front haproxy|python] [--ingress-replicas N] [--auth none|users]
 
@@ -34,13 +34,12 @@ from pathlib import Path
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+from loadtests.processes import KINDS, cpu_by_kind, own_cpu_s, sample_tree
+from loadtests.service import new_user_key, running_service, serve_environment
+from loadtests.soak import soak
+from loadtests.users import Answer, Users, Window, Workload, percentile, stagger
 
-from loadtests.processes import KINDS, cpu_by_kind, own_cpu_s, sample_tree  # noqa: E402
-from loadtests.service import new_user_key, running_service, serve_environment  # noqa: E402
-from loadtests.soak import soak  # noqa: E402
-from loadtests.users import Answer, Users, Window, Workload, percentile, stagger  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 MODEL_NAME = "bench-model"
 RAMP_SHARE = 0.8  # of the warm-up, over which the users start one by one (`stagger`)
@@ -147,7 +146,8 @@ def run_engine_alone(spec: dict) -> dict[tuple[str, int], dict]:
     """`engine_alone` in a child process, so that it is gone (threads, memory) before the
     service starts."""
     done = subprocess.run(
-        [sys.executable, __file__, "--engine-alone", json.dumps(spec)],
+        [sys.executable, "-m", "bench.load_bench", "--engine-alone", json.dumps(spec)],
+        cwd=REPO_ROOT,
         check=True,
         capture_output=True,
         text=True,
@@ -191,7 +191,7 @@ def cpu_model() -> str:
 
 async def profile(root_pid: int, start: float, args: argparse.Namespace, label: str) -> None:
     """With --profile DIR: py-spy records the front's, ingress's and model's Python processes over
-    the measured window, as collapsed stacks (DIR/LABEL-KIND-PID.txt; `bench/profile_summary.py`
+    the measured window, as collapsed stacks (DIR/LABEL-KIND-PID.txt; `python -m bench.profile_summary`
     reads them)."""
     if not args.profile:
         return

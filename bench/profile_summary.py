@@ -1,8 +1,8 @@
 """Where a profiled process spent its time: reads py-spy's collapsed stacks (`py-spy record
---format raw`, as `bench/load_bench.py --profile DIR` writes them) and prints the functions with
+--format raw`, as `python -m bench.load_bench --profile DIR` writes them) and prints the functions with
 the most samples, inclusive (anywhere on the stack) and self (at the top).
 
-    .venv/bin/python bench/profile_summary.py DIR/FILE.txt [--top 40] [--match TEXT]
+    .venv/bin/python -m bench.profile_summary DIR/FILE.txt [--top 40] [--match TEXT]
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 CUDA GPU replayed from a CUDA graph (as the engine runs it, so kernel launches cost what they
 cost there) or eagerly on the CPU.
 
-    python bench/sampler_bench.py [--device cuda] [--batches 1,16,64,256] [--module NAME ...] [--compile] [--profile B]
+    python -m bench.sampler_bench [--device cuda] [--batches 1,16,64,256] [--module NAME ...] [--compile] [--profile B]
 
 Random logits over SmolLM2's vocabulary (49,152) and a 2,048-token history per row. Each setting
 runs the variant of the sampler the engine picks for it (`cuda_graphs.VARIANTS`). `--module FILE`
@@ -23,11 +23,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from deployments.engine import sampler  # noqa: E402
-from deployments.engine.cuda_graphs import variant_for  # noqa: E402
-from deployments.engine.sampling import SamplingParams  # noqa: E402
+from deployments.engine import sampler
+from deployments.engine.cuda_graphs import variant_for
+from deployments.engine.sampling import SamplingParams
 
 SETTINGS = {
     "greedy": SamplingParams(temperature=0, repeat_penalty=1.0),
@@ -60,8 +58,11 @@ class Case:
             self.table = module.SlotSampling.empty(batch + 1, context, device)
         except TypeError:  # an implementation whose table holds no per-position draws
             self.table = module.SlotSampling.empty(batch + 1, device)
-        for slot in range(batch):
-            self.table.set(slot, params, slot, 100)
+        if hasattr(self.table, "write"):  # all rows in one write, as the engine admits a step's newcomers
+            self.table.write([self.table.entry(slot, params, slot, 100) for slot in range(batch)])
+        else:  # an older implementation: one row at a time
+            for slot in range(batch):
+                self.table.set(slot, params, slot, 100)
         needs = module.Needs.of([params])  # an eager step skips what its rows do not need
         if device.type == "cuda":  # a replayed step runs the first graph variant that covers them
             needs = module.Needs(*astuple(variant_for(sampler.Needs(*astuple(needs)))))

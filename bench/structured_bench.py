@@ -12,21 +12,17 @@ top_p 0.9, repetition penalty 1.1), in one run:
 Rounds alternate the runs (machines are noisy); printed: tokens/s of each run and the ratios
 the issue asks for, per round and over all rounds.
 
-    .venv/bin/python bench/structured_bench.py [--model packaged|tiny] [--users 16] [--duration 30] [--rounds 2]
+    .venv/bin/python -m bench.structured_bench [--model packaged|tiny] [--users 16] [--duration 30] [--rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.load_bench import MODEL_NAME, cpu_model, model_config  # noqa: E402
-from loadtests.service import free_port, running_service  # noqa: E402
-from loadtests.users import Answer, Users, Workload  # noqa: E402
+from bench.load_bench import MODEL_NAME, cpu_model, model_config
+from loadtests.service import free_port, running_service
+from loadtests.users import Answer, Users, Workload
 
 SHORT = {"type": "string", "maxLength": 40}
 PERSON = {

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from deployments.engine.batched import BatchedEngine
-from deployments.engine.forward import cpu_has_fast_int8
 from deployments.engine.protocol import (
     Engine,
     EngineStats,
@@ -29,6 +28,7 @@ from deployments.engine.protocol import (
     PromptTooLongError,
     TokenizeRequest,
 )
+from deployments.engine.quantized import cpu_has_fast_int8
 from deployments.engine.reference import ReferenceEngine
 from deployments.engine.sampling import SamplingParams
 from deployments.engine.torch_threads import run_in_fresh_thread
@@ -129,7 +129,7 @@ class LLMServer:
             else:
                 low = middle + 1
         if fitting is None:
-            raise PromptTooLongError(self._too_long(len(encode(starts[-1])), max_tokens))
+            raise PromptTooLongError.of(len(encode(starts[-1])), self.loaded.context_length, max_tokens, self._whose)
         return fitting
 
     def _template_inputs(
@@ -165,15 +165,12 @@ class LLMServer:
     def encode_prompt(self, prompt: str, max_tokens: int) -> list[int]:
         ids = self.loaded.tokenizer(prompt)["input_ids"]
         if len(ids) > self.loaded.context_length - max_tokens:
-            raise PromptTooLongError(self._too_long(len(ids), max_tokens))
+            raise PromptTooLongError.of(len(ids), self.loaded.context_length, max_tokens, self._whose)
         return ids
 
-    def _too_long(self, prompt_tokens: int, max_tokens: int) -> str:
-        return (
-            f"the prompt is {prompt_tokens} tokens but model '{self.config.name}' has a context of "
-            f"{self.loaded.context_length} tokens and {max_tokens} are reserved for the answer "
-            "(sample_len / max_tokens); shorten the prompt or ask for fewer tokens"
-        )
+    @property
+    def _whose(self) -> str:
+        return f"model '{self.config.name}'"
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationOutput, None]:
         """The engine's outputs; a `cancel(request_id)` ends the stream after the current decode

@@ -78,14 +78,12 @@ class ModelConfig(_Strict):
     engine: Literal["batched", "reference"] = "batched"
     # The batched engine's weight format, converted from the loaded `dtype`. `auto` resolves on
     # the device the replica lands on (the log says what it chose): bf16 on CUDA, fp16 on Apple
-    # mps; on the CPU int4 for a packaged GGUF (its Q4_1 values, perplexity 8.07 vs fp32's 8.03,
-    # fastest for 1-16 streams), else int8 where the CPU has VNNI and fp32 where it has not. On a
-    # CPU with VNNI, int8 (int8 weights and per-token int8 activations, `forward.Int8Linear`)
-    # ran ~3x fp32's tok/s at a perplexity of 8.31. int4 (`Int4Linear`, groups of 32 like Q4_1)
-    # on an AVX2 EPYC: a step 6x int8's speed at 1 row, 1.8x at 16, 0.9x at 64 (int8 there with
-    # 7-bit activations, no VNNI). int8 and int4 are CPU kernels: on a
-    # GPU, bf16 or fp16 (or fp32, which matches transformers token for token). `make bench`
-    # measures them.
+    # mps; on the CPU int4 for a packaged GGUF (`quantized.Int4Linear`: its own Q4_1 values, so
+    # nearly fp32's answers, and the fastest format for a few streams), else int8 where the CPU
+    # has VNNI (`quantized.Int8Linear`, int8 weights and per-token int8 activations: much faster
+    # than fp32 for a little perplexity) and fp32 where it has not (int8 activations would get 7
+    # bits there). int8 and int4 are CPU kernels: on a GPU, bf16 or fp16 (or fp32, which matches
+    # transformers token for token). `make bench` measures them.
     weights: Literal["auto", WeightFormat] = "auto"
     # Requests the batched engine advances together; more wait in its queue.
     max_batch_size: int = Field(default=16, gt=0)
@@ -125,19 +123,22 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _weights_fit_the_device(self) -> ModelConfig:
-        if self.device in ("cuda", "mps") and self.weights in CPU_ONLY_WEIGHTS:
+        if self.device in ("cuda", "mps"):
+            self._check_weights_on(self.device)
+        return self
+
+    def _check_weights_on(self, device_type: str) -> None:
+        if device_type != "cpu" and self.weights in CPU_ONLY_WEIGHTS:
             raise ValueError(
-                f"model '{self.name}': weights '{self.weights}' run on the CPU only, not on device '{self.device}'; "
+                f"model '{self.name}': weights '{self.weights}' run on the CPU only, not on device '{device_type}'; "
                 f"use one of {', '.join(GPU_WEIGHTS)} (or auto)"
             )
-        return self
 
     def resolved_weights(self, device_type: str, has_fast_int8: bool = True) -> WeightFormat:
         """The weight format on `device_type` ("cpu", "cuda", "mps"): `auto` resolved, a CPU-only
         format refused on a GPU (with device: auto that is only known once the replica starts).
         `has_fast_int8`: the CPU multiplies int8 at full precision in hardware (VNNI); without it
-        `Int8Linear` gives its activations 7 bits (perplexity 9.10 vs 8.37, fp32 8.03), too
-        coarse for a default (measured on an AVX2-only EPYC)."""
+        `Int8Linear` gives its activations 7 bits, which costs too much perplexity for a default."""
         if self.weights == "auto":
             if device_type == "cuda":
                 return "bf16"
@@ -146,25 +147,17 @@ class ModelConfig(_Strict):
             if isinstance(self.source, PackagedGGUFSource):
                 return "int4"
             return "int8" if has_fast_int8 else "fp32"
-        if device_type != "cpu" and self.weights in CPU_ONLY_WEIGHTS:
-            raise ValueError(
-                f"model '{self.name}': weights '{self.weights}' run on the CPU only, but the replica is on {device_type}; "
-                f"use one of {', '.join(GPU_WEIGHTS)} (or auto)"
-            )
+        self._check_weights_on(device_type)
         return self.weights
 
     def resolved_chunks_per_s(self, device_type: str) -> tuple[float, float]:
         """(`stream_chunks_per_s`, `replica_chunks_per_s`), each configured value kept, else its
         default on `device_type`.
         - On CUDA 40 a stream (reads as smooth as every token) and 1,000 a replica: its machines
-          have cores to spare (an H200 with 16 cores, 64 streams through HTTP: a chunk every
-          64 ms instead of every 312 ms, at 16,392 vs 15,001 tok/s; greedy, HAProxy in front;
-          bench/gpu_bench.py).
+          have cores to spare, so smoother streams cost no throughput there (`bench.gpu_bench`).
         - Elsewhere the replica shares a few cores with the proxy, the ingress and the client,
-          and each chunk costs them ~2.5 ms of CPU, taken from the engine: 20 a stream (one
-          stream through the original API on 2 cores, alternating runs: 212-248 tok/s in six
-          vs 208-224 in nine at 40) and 150 a replica (150 vs 30 made no difference there; mps not
-          measured)."""
+          and each chunk costs them CPU taken from the engine: 20 a stream (fewer chunks leave
+          the engine more) and 150 a replica (30 made no difference; mps not measured)."""
         stream, replica = (40.0, 1000.0) if device_type == "cuda" else (20.0, 150.0)
         if self.stream_chunks_per_s is not None:
             stream = self.stream_chunks_per_s

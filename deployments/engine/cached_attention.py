@@ -12,7 +12,7 @@ the chunk's row): the kernel walks each token's keys one block at a time, which 
 2,048 tokens took 3.3 ms a layer on an H100, against 0.05 ms in torch's flash attention
 (`forward.LONG_CHUNK_TOKENS` decides which chunks).
 
-The CPU keeps its batched-matmul attention (`forward.attend`): no Triton there. Tests run this
+The CPU keeps its batched-matmul attention (`forward.CpuStepAttention`): no Triton there. Tests run this
 kernel on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 

@@ -1,18 +1,15 @@
-"""The CPU int4 matmul of `Int4Linear`: our AVX2 kernel (`int4_avx2.c`, with an AVX-512 VNNI path)
-where it can be built, else torch's own int4 kernel.
+"""The CPU int4 matmul of `quantized.Int4Linear`: our AVX2 kernel (`int4_avx2.c`, with an AVX-512
+VNNI path) where it can be built, else torch's own int4 kernel.
 
 Why our own: on x86 CPUs without VNNI (AVX2 only, like this project's CI machine) torch's int4
 kernel computes in bf16 and unpacks the weights again for every activation row. Ours quantizes
 each row's activations to int16 per group of 32 (as exact as fp32 activations for the answers,
-see the C file) and multiplies in integers, 8 outputs to a vector. One pass over SmolLM2's layers
-on the 2-core AVX2 EPYC, ours vs torch's in the same process, ranges over four runs, ms at 1 / 4
-/ 16 / 64 rows: ours 10.2-13.5 / 15.4-16.4 / 45-48 / 146-191, torch's 18.0-18.7 / 30.0-30.9 /
-98-104 / 305-423; the int4 lm_head pass at 1 row 1.4-1.7 vs 3.3-3.8 ms. The weights are GGUF's
-Q4_1 (fp16 scale and minimum per group of 32), so the packaged model's values are held exactly.
+see the C file) and multiplies in integers, 8 outputs to a vector: faster than torch's at every
+row count. The weights are GGUF's Q4_1 (fp16 scale and minimum per group of 32), so the packaged
+model's values are held exactly.
 
 Where the CPU also has AVX-512 VNNI, matmuls of 2 rows or more take the kernel's 512-bit path,
-which gives the same bits: SmolLM2's layers on a 2-core Zen 5 EPYC at 16 rows 6.6-6.9 vs 14.5
-ms, the engine at 16 streams with the original's sampling 1,095-1,153 vs 728-732 tok/s.
+which gives the same bits, faster.
 
 The kernel is built and loaded with the layer ops' by `cpu_kernels`.
 """

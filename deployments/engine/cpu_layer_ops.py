@@ -1,6 +1,6 @@
 """A decoder layer's small ops on an x86 AVX2 CPU in fp32, through our C kernels
-(`layer_ops_avx2.c`, built by `cpu_kernels`): the interface of the GPU's `fused_layer_ops`, plus
-`decode_attention`. `forward.layer_ops` picks these where `cpu_kernels.load()` works and the
+(`layer_ops_avx2.c`, built by `cpu_kernels`): `layer_ops.LayerOps`, as the GPU's `fused_layer_ops`,
+plus `decode_attention`. `forward.layer_ops` picks these where `cpu_kernels.load()` works and the
 model runs in fp32; else `torch_layer_ops`.
 
 One SmolLM2 int4 decode step of one row on the 2-core AVX2 EPYC (forward, min of 8 runs of 8

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import NamedTuple
 
 import torch
 
-from deployments.engine.forward import LlamaWeights, StepBatch, fed_token_ids, forward
+from deployments.engine.forward import StepBatch, fed_token_ids, forward
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.sampler import Draft, Needs, SlotSampling, StepRows, draw
+from deployments.engine.weights import LlamaWeights
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +57,15 @@ def variant_for(needs: Needs) -> Needs:
     return next(v for v in VARIANTS if v.covers(needs))
 
 
-# One decode row: (slot, position, token id, previous row). previous row >= 0: the token is the
-# one the step before drafted in that row, read on the device (the host has not seen it yet,
-# see `BatchedEngine._step`); -1: the token id given.
-DecodeRow = tuple[int, int, int, int]
+class DecodeRow(NamedTuple):
+    """One decode row of a step: the request in cache row `slot` takes token `token` at
+    `position`. With `previous_row` >= 0 the token is instead the one the step before drafted
+    in that row, read on the device (the host has not seen it yet, see `BatchedEngine._step`)."""
+
+    slot: int
+    position: int
+    token: int
+    previous_row: int = -1
 
 
 def bucket_sizes(max_rows: int) -> list[int]:
@@ -88,7 +95,7 @@ class DecodeGraphs:
         device = cache.device
         # slots, positions, token ids, previous rows: one buffer, so a step's inputs go over in one copy.
         # Padding rows decode token 0 at position 0 of the cache's scratch row.
-        self._padding: DecodeRow = (cache.scratch_slot, 0, 0, -1)
+        self._padding = DecodeRow(cache.scratch_slot, 0, 0)
         self._inputs = torch.tensor([self._padding] * max_rows, device=device).T.contiguous()
         # The ids the last replayed step drafted, by row: the next step's previous rows read them.
         self.previous = torch.zeros(max_rows, dtype=torch.long, device=device)

@@ -7,9 +7,9 @@ v and q into contiguous tensors, two `index_copy_` into the cache); `rope_and_ca
 in one. `silu_and_mul` does the MLP's gate in one instead of two, `add_rms_norm` a residual
 update and the norm after it in one instead of two.
 
-A CPU runs the same interface in C (`cpu_layer_ops`) or torch (`torch_layer_ops`): no Triton there
-(`forward.layer_ops` picks). Tests run these kernels on the CPU through
-Triton's interpreter (TRITON_INTERPRET=1) against those ops.
+A CPU runs the same interface (`layer_ops.LayerOps`) in C (`cpu_layer_ops`) or torch
+(`torch_layer_ops`): no Triton there (`forward.layer_ops` picks). Tests run these kernels on the
+CPU through Triton's interpreter (TRITON_INTERPRET=1) against those ops.
 """
 
 from __future__ import annotations

@@ -124,3 +124,11 @@ def check_constraint(params: SamplingParams) -> None:
 
 class PromptTooLongError(InvalidRequestError):
     """The prompt (plus room for the answer) does not fit the model's context."""
+
+    @classmethod
+    def of(cls, prompt_tokens: int, context: int, reserved: int, model: str) -> PromptTooLongError:
+        """A prompt of `prompt_tokens` that leaves less than `reserved` of `model`'s `context`."""
+        return cls(
+            f"the prompt is {prompt_tokens} tokens but {model} has a context of {context} tokens and {reserved} "
+            "are reserved for the answer (sample_len / max_tokens); shorten the prompt or ask for fewer tokens"
+        )

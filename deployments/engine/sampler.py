@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import astuple, dataclass
+from typing import Generic, NamedTuple, TypeVar
 
 import torch
 
@@ -62,9 +63,32 @@ def uniform(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     return ((bits >> 8).float() + 0.5) / 2**24  # 24 bits: exact in float32, never 0 or 1
 
 
-# `SlotSampling`'s columns, in the order `SlotSampling.entry` writes them and `rows` reads them.
-FLOAT_COLUMNS = ("temperature", "divisor", "top_p", "repeat_penalty", "sort_below", "presence_penalty", "frequency_penalty")
-INT_COLUMNS = ("top_k", "kept", "fits", "filtered", "repeat_last_n", "last_prompt_position", "min_tokens")
+T = TypeVar("T")
+
+
+class FloatColumns(NamedTuple, Generic[T]):
+    """`SlotSampling.floats`' columns, in order: one request's values (`SlotSampling.entry`), or
+    a step's rows' [B] tensors (`SlotSampling.rows`)."""
+
+    temperature: T  # 0 = greedy
+    divisor: T  # of the logits: the temperature, 1 for greedy rows
+    top_p: T  # > 0
+    repeat_penalty: T  # 1 = off (also when repeat_last_n is 0)
+    sort_below: T  # the row needs the sort when its candidates hold less probability than this
+    presence_penalty: T  # 0 = off
+    frequency_penalty: T  # 0 = off
+
+
+class IntColumns(NamedTuple, Generic[T]):
+    """`SlotSampling.ints`' columns, in order, as `FloatColumns`."""
+
+    top_k: T  # 0 = off
+    kept: T  # candidates in the top-k set: top_k when they hold it, else all
+    fits: T  # 1: the candidates hold the top-k set (0 < top_k <= CANDIDATES)
+    filtered: T  # 1: top-k or top-p
+    repeat_last_n: T
+    last_prompt_position: T
+    min_tokens: T
 
 
 @dataclass
@@ -74,8 +98,8 @@ class SlotSampling:
     launch, and at batch 1 the sampler's cost is its number of kernels). A step gathers its rows'
     settings in three ops."""
 
-    floats: torch.Tensor  # [rows, len(FLOAT_COLUMNS)] float32: see `_RowSettings`
-    ints: torch.Tensor  # [rows, len(INT_COLUMNS)] int64
+    floats: torch.Tensor  # [rows, len(FloatColumns._fields)] float32: a `FloatColumns` per row
+    ints: torch.Tensor  # [rows, len(IntColumns._fields)] int64: an `IntColumns` per row
     u: torch.Tensor  # [rows, context] float32: the row's `uniform` draw for the token after each position
     # The row's logit bias: token ids and the values added to their logits, padded with (0, 0.0).
     bias_ids: torch.Tensor  # [rows, MAX_LOGIT_BIAS] int64
@@ -84,8 +108,8 @@ class SlotSampling:
     @classmethod
     def empty(cls, rows: int, context: int, device: torch.device) -> SlotSampling:
         return cls(
-            torch.zeros(rows, len(FLOAT_COLUMNS), device=device),
-            torch.zeros(rows, len(INT_COLUMNS), dtype=torch.int64, device=device),
+            torch.zeros(rows, len(FloatColumns._fields), device=device),
+            torch.zeros(rows, len(IntColumns._fields), dtype=torch.int64, device=device),
             torch.zeros(rows, context, device=device),
             torch.zeros(rows, MAX_LOGIT_BIAS, dtype=torch.int64, device=device),
             torch.zeros(rows, MAX_LOGIT_BIAS, device=device),
@@ -105,24 +129,24 @@ class SlotSampling:
         else:
             sort_below = p.top_p  # sorts when the candidates hold less than the top-p mass
         penalty = p.repeat_penalty if p.penalizes_repeats else 1.0
-        floats = (
-            p.temperature,
-            p.temperature or 1.0,
-            max(p.top_p, 1e-9),
-            penalty,
-            sort_below,
-            p.presence_penalty,
-            p.frequency_penalty,
-        )  # FLOAT_COLUMNS
-        ints = (
-            p.top_k,
-            p.top_k if fits else k,
-            fits,
-            p.is_filtered,
-            p.repeat_last_n,
-            prompt_tokens - 1,
-            p.min_tokens,
-        )  # INT_COLUMNS
+        floats = FloatColumns(
+            temperature=p.temperature,
+            divisor=p.temperature or 1.0,
+            top_p=max(p.top_p, 1e-9),
+            repeat_penalty=penalty,
+            sort_below=sort_below,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+        )
+        ints = IntColumns(
+            top_k=p.top_k,
+            kept=p.top_k if fits else k,
+            fits=fits,
+            filtered=p.is_filtered,
+            repeat_last_n=p.repeat_last_n,
+            last_prompt_position=prompt_tokens - 1,
+            min_tokens=p.min_tokens,
+        )
         for value in ints:
             if not -(2**63) <= value < 2**63:
                 raise ValueError(f"{value} does not fit in 64 bits")
@@ -153,13 +177,9 @@ class SlotSampling:
         # Each row's draw for the token after every position, computed where the table lives:
         # integer ops, so the same numbers on any device.
         keys = self._on_device([[e.key] for e in entries], torch.int64)
-        last_prompt_position = ints[:, INT_COLUMNS.index("last_prompt_position"), None]
+        last_prompt_position = IntColumns(*ints.unbind(1)).last_prompt_position[:, None]
         generated_before = (torch.arange(self.u.shape[1], device=self.u.device) - last_prompt_position).clamp(min=0)
         self.u.index_copy_(0, slots, uniform(keys, generated_before))
-
-    def set(self, slot: int, params: SamplingParams, seed: int, prompt_tokens: int) -> None:
-        """One request's `entry`, written."""
-        self.write([self.entry(slot, params, seed, prompt_tokens)])
 
     def _on_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         row = torch.tensor(values, dtype=dtype)
@@ -167,26 +187,12 @@ class SlotSampling:
         # step queued on the GPU (the engine queues steps ahead, see `batched`).
         return row.pin_memory().to(self.u.device, non_blocking=True) if self.u.is_cuda else row
 
-    def rows(self, slots: torch.Tensor, positions: torch.Tensor) -> _RowSettings:
-        temperature, divisor, top_p, penalty, sort_below, presence, frequency = self.floats[slots].unbind(1)  # FLOAT_COLUMNS
-        top_k, kept, fits, filtered, last_n, last_prompt_position, min_tokens = self.ints[slots].unbind(1)  # INT_COLUMNS
-        return _RowSettings(
-            temperature,
-            divisor,
-            top_p,
-            penalty,
-            sort_below,
-            presence,
-            frequency,
-            top_k,
-            kept,
-            fits,
-            filtered,
-            last_n,
-            last_prompt_position,
-            min_tokens,
-            self.u[slots, positions],
-        )
+    def rows(
+        self, slots: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[FloatColumns[torch.Tensor], IntColumns[torch.Tensor], torch.Tensor]:
+        """The settings of a step's rows, each column [B]: those of cache rows `slots`, and their
+        draws for the token after `positions`."""
+        return FloatColumns(*self.floats[slots].unbind(1)), IntColumns(*self.ints[slots].unbind(1)), self.u[slots, positions]
 
 
 @dataclass(frozen=True)
@@ -194,31 +200,10 @@ class SlotEntry:
     """One admitted request's row of `SlotSampling` (`SlotSampling.entry`)."""
 
     slot: int
-    floats: tuple[float, ...]  # `SlotSampling.floats`' columns
-    ints: tuple[int, ...]  # `SlotSampling.ints`' columns
+    floats: FloatColumns[float]
+    ints: IntColumns[int]
     key: int  # its seed's `seed_key`
     logit_bias: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass
-class _RowSettings:
-    """A step's rows' settings (`SlotSampling.rows`), each [B]."""
-
-    temperature: torch.Tensor  # 0 = greedy
-    divisor: torch.Tensor  # of the logits: the temperature, 1 for greedy rows
-    top_p: torch.Tensor  # > 0
-    repeat_penalty: torch.Tensor  # 1 = off (also when repeat_last_n is 0)
-    sort_below: torch.Tensor  # the row needs the sort when its candidates hold less probability than this
-    presence_penalty: torch.Tensor  # 0 = off
-    frequency_penalty: torch.Tensor  # 0 = off
-    top_k: torch.Tensor  # 0 = off
-    kept: torch.Tensor  # candidates in the top-k set: top_k when they hold it, else all
-    fits: torch.Tensor  # 1: the candidates hold the top-k set (0 < top_k <= CANDIDATES)
-    filtered: torch.Tensor  # 1: top-k or top-p
-    repeat_last_n: torch.Tensor
-    last_prompt_position: torch.Tensor
-    min_tokens: torch.Tensor
-    u: torch.Tensor  # the row's draw for this step
 
 
 @dataclass(frozen=True)
@@ -397,25 +382,26 @@ def draw(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: tor
     """logits [B, vocab] fp32 (modified in place) -> a `Draft`. `history` [rows of the cache,
     > max position]: every row's token ids by position. No host synchronisation and fixed
     shapes, so a CUDA graph can hold it (see `cuda_graphs`)."""
-    needs, row = rows.needs, table.rows(rows.slots, rows.positions)
+    needs = rows.needs
+    floats, ints, u = table.rows(rows.slots, rows.positions)
     if needs.bias:  # the padding adds 0 to token 0
         logits.scatter_add_(1, table.bias_ids[rows.slots], table.bias_values[rows.slots])
     if needs.penalty or needs.occurrences:
         seen = history[rows.slots]  # the rows' token ids by position, gathered once for both penalties
         if needs.penalty:
-            apply_repeat_penalty(logits, seen, rows.positions, row.repeat_penalty, row.repeat_last_n)
+            apply_repeat_penalty(logits, seen, rows.positions, floats.repeat_penalty, ints.repeat_last_n)
         if needs.occurrences:
             apply_occurrence_penalties(
-                logits, seen, rows.positions, row.last_prompt_position, row.presence_penalty, row.frequency_penalty
+                logits, seen, rows.positions, ints.last_prompt_position, floats.presence_penalty, floats.frequency_penalty
             )
     if needs.min_tokens and len(eos_ids):
-        suppress = (rows.positions - row.last_prompt_position < row.min_tokens)[:, None]
+        suppress = (rows.positions - ints.last_prompt_position < ints.min_tokens)[:, None]
         logits[:, eos_ids] = torch.where(suppress, -torch.inf, logits[:, eos_ids])
     if not needs.sampled:  # no row samples, so none needs the sort
         greedy = logits.argmax(dim=-1)
-        return Draft(greedy, torch.zeros_like(greedy, dtype=torch.bool), logits, row.top_k, row.top_p, row.u)
+        return Draft(greedy, torch.zeros_like(greedy, dtype=torch.bool), logits, ints.top_k, floats.top_p, u)
     # In place: each new [B, vocab] tensor is a few MB that a CPU first has to fault in and zero.
-    scaled = logits.div_(row.divisor[:, None])
+    scaled = logits.div_(floats.divisor[:, None])
     # Top-k first, then top-p over the top-k survivors' renormalized mass, as transformers'
     # warpers do; on the most likely CANDIDATES tokens, sorted.
     _, ids = top_candidates(scaled, CANDIDATES)
@@ -424,14 +410,14 @@ def draw(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: tor
     # for the unfiltered rows' draw: one pass, and on a CPU cheaper than torch's exp alone (16
     # rows of SmolLM2's vocabulary on the Zen 5 EPYC: 189 us, against 324).
     probs = scaled.softmax(dim=-1)  # [B, vocab]
-    p = probs.gather(1, ids) * (ranks < row.kept[:, None])
-    tokens, mass = _filtered_draw(p, ids, row.fits[:, None] != 0, row.top_p, row.u)
+    p = probs.gather(1, ids) * (ranks < ints.kept[:, None])
+    tokens, mass = _filtered_draw(p, ids, ints.fits[:, None] != 0, floats.top_p, u)
     if needs.unfiltered:  # no filter: the whole vocabulary in id order, no sort needed
-        tokens = torch.where(row.filtered != 0, tokens, _draw(probs, row.u))
+        tokens = torch.where(ints.filtered != 0, tokens, _draw(probs, u))
     if needs.greedy:  # a greedy row's divisor is 1: its scaled logits are its logits
-        tokens = torch.where(row.temperature == 0, scaled.argmax(dim=-1), tokens)
-    # A row needs the sort when its kept set may reach beyond the candidates (see `SlotSampling.set`).
-    return Draft(tokens, mass < row.sort_below, scaled, row.top_k, row.top_p, row.u)
+        tokens = torch.where(floats.temperature == 0, scaled.argmax(dim=-1), tokens)
+    # A row needs the sort when its kept set may reach beyond the candidates (see `SlotSampling.entry`).
+    return Draft(tokens, mass < floats.sort_below, scaled, ints.top_k, floats.top_p, u)
 
 
 @dataclass
@@ -503,8 +489,3 @@ def _sorted_draw(d: Draft, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     p = d.scaled.softmax(dim=-1).gather(1, ids) * ((d.top_k[:, None] == 0) | (ranks < d.top_k[:, None]))
     top_k_set = ((d.top_k > 0) & (d.top_k <= ids.shape[-1]))[:, None]
     return _filtered_draw(p, ids, top_k_set, d.top_p, d.u)
-
-
-def sample(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: torch.Tensor, eos_ids: torch.Tensor) -> list[int]:
-    """logits [B, vocab] fp32 (modified in place) -> one token id per row, on the host."""
-    return finish(draw(logits, rows, table, history, eos_ids))

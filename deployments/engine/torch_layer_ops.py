@@ -1,6 +1,6 @@
-"""A decoder layer's small ops in plain torch: the interface of `fused_layer_ops` (GPU, Triton)
-and `cpu_layer_ops` (x86 AVX2, C), for every other device and dtype (Apple mps, ARM CPUs, a
-CPU without a C compiler, bf16 on a CPU), and the reference the tests hold both to."""
+"""A decoder layer's small ops in plain torch (`layer_ops.LayerOps`, as `fused_layer_ops` on a
+GPU and `cpu_layer_ops` on x86 AVX2 implement it), for every other device and dtype (Apple mps,
+ARM CPUs, a CPU without a C compiler, bf16 on a CPU), and the reference the tests hold both to."""
 
 from __future__ import annotations
 

@@ -176,7 +176,10 @@ async def test_chunk_rates_from_the_config_reach_the_engine():
 def test_the_prefill_chunk_from_the_config_reaches_the_engine():
     config = ModelConfig(name="tiny", source={"kind": "tiny_random"}, torch_threads=1)
     default, chosen = LLMServer(config), LLMServer(config.model_copy(update={"prefill_chunk_tokens": 8}))
-    assert (default.engine.prefill_chunk_tokens, chosen.engine.prefill_chunk_tokens) == (256, 8)  # 256: the CPU's default
+    assert (default.engine.scheduler.prefill_chunk_tokens, chosen.engine.scheduler.prefill_chunk_tokens) == (
+        256,
+        8,
+    )  # 256: the CPU's default
 
 
 async def test_the_event_loop_keeps_running_while_a_long_prompt_is_encoded(monkeypatch):

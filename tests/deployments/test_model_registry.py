@@ -83,7 +83,7 @@ def test_auto_settings_resolve_per_device_and_cpu_formats_are_refused_on_a_gpu()
     assert packaged.model_copy(update={"stream_chunks_per_s": 60.0}).resolved_chunks_per_s("cpu") == (60.0, 150.0)
     with pytest.raises(ValueError, match="model 'g': weights 'int8' run on the CPU only, not on device 'cuda'"):
         ModelConfig(name="g", device="cuda", weights="int8")
-    with pytest.raises(ValueError, match="weights 'int4' run on the CPU only, but the replica is on cuda"):
+    with pytest.raises(ValueError, match="weights 'int4' run on the CPU only, not on device 'cuda'"):
         ModelConfig(name="a", weights="int4").resolved_weights("cuda")
 
 

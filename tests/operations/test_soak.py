@@ -1,6 +1,6 @@
-"""The soak's short form (bench/load_bench.py --soak is the long one): 16 closed-loop users, half
-storing their turns through the original API and half through OpenAI's completions, for three
-minutes against the service as `make serve` starts it. No request may fail, no process of the
+"""The soak's short form (`python -m bench.load_bench --soak` is the long one): 16 closed-loop
+users, half storing their turns through the original API and half through OpenAI's completions,
+for three minutes against the service as `make serve` starts it. No request may fail, no process of the
 service may grow by more than 10% after the first minute (a leak under a steady load; a few pages
 more of a small process such as HAProxy's 13 MiB do not count), and the history database may grow
 only with the turns it stores."""

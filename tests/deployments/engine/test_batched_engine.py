@@ -10,19 +10,10 @@ import torch
 
 from deployments.engine import cpu_int4, cpu_kernels, cpu_layer_ops, torch_layer_ops
 from deployments.engine.batched import BatchedEngine
-from deployments.engine.forward import (
-    Int4Linear,
-    Int8Linear,
-    PromptChunk,
-    RescoredHead,
-    build_step,
-    extract_weights,
-    forward,
-    rope_table,
-    step_attention,
-)
+from deployments.engine.forward import PromptChunk, build_step, extract_weights, forward, rope_table, step_attention
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.protocol import InvalidRequestError, PromptTooLongError
+from deployments.engine.quantized import Int4Linear, Int8Linear, RescoredHead
 from deployments.engine.reference import ReferenceEngine
 from deployments.engine.sampler import CANDIDATES
 from deployments.engine.sampling import SamplingParams
@@ -191,7 +182,7 @@ def test_probing_the_cpus_int8_kernel_leaves_the_callers_thread_without_an_openm
     # for the count to settle, as long after the parallel op on the caller's thread.
     script = (
         "import os, time, torch\n"
-        "from deployments.engine.forward import cpu_int8_activation_bits\n"
+        "from deployments.engine.quantized import cpu_int8_activation_bits\n"
         "def settled(limit):\n"
         "    deadline = time.monotonic() + 2\n"
         "    while len(os.listdir('/proc/self/task')) > limit and time.monotonic() < deadline:\n"
@@ -458,9 +449,9 @@ async def test_stop_string_truncates_the_output(tiny, engine):
 async def test_eos_stops_unless_ignored_and_is_suppressed_before_min_tokens(tiny, engine):
     eos = tiny.tokenizer.eos_token_id
     # Make EOS the greedy choice by biasing lm_head towards it for this test's engine.
-    engine._weights.lm_head.weight.data[eos] *= 0
-    engine._weights.lm_head.bias = torch.nn.Parameter(torch.zeros(259))
-    engine._weights.lm_head.bias.data[eos] = 100.0
+    engine.runner.weights.lm_head.weight.data[eos] *= 0
+    engine.runner.weights.lm_head.bias = torch.nn.Parameter(torch.zeros(259))
+    engine.runner.weights.lm_head.bias.data[eos] = 100.0
     ids = prompt(tiny, "eos")
     _, outputs = await run(engine, ids, SamplingParams(max_tokens=10, temperature=0))
     # The EOS token ends the answer but is not counted (as in OpenAI's usage).
@@ -515,7 +506,7 @@ async def test_prefix_caching_reuses_shared_prompts_without_changing_the_output(
         engine = BatchedEngine(tiny, max_batch_size=8, max_context=256, prefill_chunk_tokens=16, prefix_caching=caching)
         try:
             sequential = [(await run(engine, p, GREEDY))[0] for p in prompts]
-            reused_sequentially = engine.reused_prompt_tokens
+            reused_sequentially = engine.stats().reused_prompt_tokens
             # Eight identical prompts at once: one computes it, the others wait a step and copy.
             together = await asyncio.gather(*(run(engine, prompts[1], GREEDY) for _ in range(8)))
             outputs[caching] = (sequential, [text for text, _ in together])
@@ -524,9 +515,9 @@ async def test_prefix_caching_reuses_shared_prompts_without_changing_the_output(
         if caching:
             # The second prompt shares the system prompt; the third is the first one again.
             assert reused_sequentially == len(system) + len(prompts[2]) - 1
-            assert engine.reused_prompt_tokens - reused_sequentially == 8 * (len(prompts[1]) - 1)
+            assert engine.stats().reused_prompt_tokens - reused_sequentially == 8 * (len(prompts[1]) - 1)
         else:
-            assert engine.reused_prompt_tokens == 0
+            assert engine.stats().reused_prompt_tokens == 0
     assert outputs[True] == outputs[False]
     assert len(set(outputs[True][1])) == 1
 

@@ -21,6 +21,7 @@ from deployments.engine.sampler import CANDIDATES
 from deployments.engine.sampling import SamplingParams
 from deployments.model_loader import LoadedModel, build_tiny_random_model
 from deployments.model_registry import ModelConfig
+from tests.deployments.engine.helpers import written_together
 
 pytestmark = [
     pytest.mark.gpu,
@@ -81,7 +82,7 @@ def transformers_greedy(loaded: LoadedModel, prompt_ids: list[int], params: Samp
 async def test_greedy_matches_transformers_on_the_gpu_with_cuda_graphs(loaded):
     engine = engine_for(loaded)
     try:
-        assert engine._graphs is not None
+        assert engine.runner.graphs is not None
         ours = await asyncio.gather(*(answer(engine, ids(loaded, p)) for p in PROMPTS))
     finally:
         engine.shutdown()
@@ -89,7 +90,7 @@ async def test_greedy_matches_transformers_on_the_gpu_with_cuda_graphs(loaded):
 
 
 async def test_long_prompt_chunks_match_transformers_on_the_gpu(loaded):
-    # Chunks of LONG_CHUNK_TOKENS or more take torch's fused attention (`forward.attend`): a
+    # Chunks of LONG_CHUNK_TOKENS or more take torch's fused attention (`forward.CudaStepAttention`): a
     # long prompt from position 0 beside a short one, then a prompt continuing an earlier one
     # after a prefix-cache hit (a long chunk from the middle of its row).
     story = ids(loaded, "Once upon a time in a land far away, a fox met a crow. " * 40)
@@ -100,9 +101,11 @@ async def test_long_prompt_chunks_match_transformers_on_the_gpu(loaded):
     engine = engine_for(loaded, max_context=512, prefill_chunk_tokens=2048)
     try:
         ours = await asyncio.gather(answer(engine, other, params), answer(engine, short, params), answer(engine, first, params))
-        reused = engine.reused_prompt_tokens
+        reused = engine.stats().reused_prompt_tokens
         ours.append(await answer(engine, second, params))
-        assert len(first) <= engine.reused_prompt_tokens - reused <= len(second) - LONG_CHUNK_TOKENS  # then one long chunk
+        assert (
+            len(first) <= engine.stats().reused_prompt_tokens - reused <= len(second) - LONG_CHUNK_TOKENS
+        )  # then one long chunk
     finally:
         engine.shutdown()
     assert ours == [transformers_greedy(loaded, p, params) for p in (other, short, first, second)]
@@ -144,7 +147,7 @@ async def test_overlapped_steps_change_no_token_on_the_gpu(loaded, redone_rows):
     for overlap in (True, False):
         engine = engine_for(loaded, overlap_steps=overlap)
         try:
-            assert engine._graphs is not None
+            assert engine.runner.graphs is not None
             results[overlap] = await asyncio.gather(*(answer(engine, ids(loaded, p), params) for p, params in workload))
         finally:
             engine.shutdown()
@@ -213,8 +216,8 @@ def test_the_kv_cache_stays_within_its_share_of_free_memory():
     engine = BatchedEngine(loaded, weights="bf16", max_batch_size=256, max_context=100_000, gpu_memory_fraction=fraction)
     try:
         assert 256 <= engine.max_context < 1000 * 1.01
-        assert engine._cache.size_bytes <= fraction * free
-        assert engine._graphs.sizes[-1] == 256
+        assert engine.runner.cache.size_bytes <= fraction * free
+        assert engine.runner.graphs.sizes[-1] == 256
     finally:
         engine.shutdown()
     with pytest.raises(ValueError, match="lower max_batch_size or raise gpu_memory_fraction"):
@@ -232,8 +235,6 @@ async def test_the_reference_engine_runs_on_the_gpu():
 
 
 def test_the_sampling_table_written_on_the_gpu_equals_the_cpus():
-    from tests.deployments.engine.test_sampler import written_together
-
     cpu, gpu = written_together(torch.device("cpu")), written_together(CUDA)
     for name in ("floats", "ints", "u", "bias_ids", "bias_values"):  # u: each row's draws, computed on the GPU
         assert torch.equal(getattr(cpu, name), getattr(gpu, name).cpu()), name

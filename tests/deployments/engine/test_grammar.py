@@ -5,10 +5,7 @@ steps with plain ones without changing what either gives."""
 from __future__ import annotations
 
 import asyncio
-import json
-from typing import Annotated, Literal
 
-import pydantic
 import pytest
 
 from deployments.engine.grammar import Grammars
@@ -16,36 +13,7 @@ from deployments.engine.protocol import InvalidRequestError
 from deployments.engine.reference import ReferenceEngine
 from deployments.engine.sampling import Constraint, SamplingParams
 from deployments.model_loader import eos_token_ids
-from tests.deployments.engine.helpers import prompt, run
-
-
-class Strict(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")  # additionalProperties: false
-
-
-class Place(Strict):
-    city: str = pydantic.Field(max_length=8)
-
-
-class Record(Strict):
-    name: str = pydantic.Field(max_length=8)
-    age: int = pydantic.Field(ge=0, le=120)
-    role: Literal["admin", "editor", "viewer"]
-    active: bool
-    place: Place
-    tags: list[Annotated[str, pydantic.Field(max_length=8)]] = pydantic.Field(max_length=3)
-
-
-# Every string and list bounded, so every answer ends within max_tokens; and no whitespace (the
-# schema's own llguidance options): a random model takes every gap the grammar allows, one byte a
-# token, which would not fit the tiny model's context.
-def no_whitespace(schema: dict) -> Constraint:
-    return Constraint(
-        json_schema=json.dumps({**schema, "x-guidance": {"whitespace_flexible": False, "whitespace_pattern": None}})
-    )
-
-
-RECORD = no_whitespace(Record.model_json_schema())
+from tests.deployments.engine.helpers import RECORD, Record, no_whitespace, prompt, run
 
 
 def constrained(seed: int, temperature: float = 1.0, **overrides) -> SamplingParams:

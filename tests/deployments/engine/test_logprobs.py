@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from deployments.engine.batched import BatchedEngine
+from deployments.engine.outputs import OutputStage
 from deployments.engine.protocol import InvalidRequestError
 from deployments.engine.reference import ReferenceEngine
 from deployments.engine.sampling import SamplingParams
 from deployments.model_loader import load_model
 from deployments.model_registry import ModelConfig
-from tests.deployments.engine.helpers import prompt, run
-from tests.deployments.engine.test_grammar import RECORD
+from tests.deployments.engine.helpers import RECORD, prompt, run
 
 
 def transformers_logprobs(tiny, ids: list[int], generated: list[int]) -> torch.Tensor:
@@ -31,9 +31,9 @@ def flat(outputs) -> list:
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 async def test_logprobs_are_the_models_log_softmax_and_the_tokens_join_into_the_answer(tiny, engine, temperature, monkeypatch):
     generated: list[int] = []  # the ids the engine chose (random bytes need not decode and encode back)
-    advance = BatchedEngine._advance
+    advance = OutputStage._advance
     monkeypatch.setattr(
-        BatchedEngine, "_advance", lambda self, seq, token, *rest: generated.append(token) or advance(self, seq, token, *rest)
+        OutputStage, "_advance", lambda self, seq, token, *rest: generated.append(token) or advance(self, seq, token, *rest)
     )
     ids = prompt(tiny, "logprobs please")
     params = SamplingParams(max_tokens=12, min_tokens=12, temperature=temperature, seed=2, logprobs=5, repeat_penalty=1.3)
@@ -98,9 +98,9 @@ async def test_the_packaged_models_logprobs_match_transformers_within_what_its_w
     )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     generated: list[int] = []
-    advance = BatchedEngine._advance
+    advance = OutputStage._advance
     monkeypatch.setattr(
-        BatchedEngine, "_advance", lambda self, seq, token, *rest: generated.append(token) or advance(self, seq, token, *rest)
+        OutputStage, "_advance", lambda self, seq, token, *rest: generated.append(token) or advance(self, seq, token, *rest)
     )
     engine = BatchedEngine(loaded, weights=weights, max_context=512)
     try:

@@ -11,13 +11,26 @@ from deployments.engine.sampler import (
     StepRows,
     apply_occurrence_penalties,
     apply_repeat_penalty,
-    sample,
+    draw,
+    finish,
     seed_key,
     uniform,
 )
 from deployments.engine.sampling import SamplingParams
+from tests.deployments.engine.helpers import MIXED, written_together
 
 NO_EOS = torch.tensor([], dtype=torch.long)
+
+
+def admit(table: SlotSampling, slot: int, params: SamplingParams, seed: int, prompt_tokens: int) -> None:
+    """One request admitted into cache row `slot`, as the engine admits it."""
+    table.write([table.entry(slot, params, seed, prompt_tokens)])
+
+
+def sample(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: torch.Tensor, eos_ids: torch.Tensor) -> list[int]:
+    """A step's token ids on the host, as the engine's step draws them: logits [B, vocab]
+    (modified in place) -> one id per row."""
+    return finish(draw(logits, rows, table, history, eos_ids))
 
 
 def sample_rows(
@@ -34,8 +47,7 @@ def sample_rows(
     rows = len(params)
     positions = positions or [prompt_tokens - 1] * rows
     table = SlotSampling.empty(rows, max(positions) + 1, logits.device)
-    for slot, (p, seed) in enumerate(zip(params, seeds)):
-        table.set(slot, p, seed, prompt_tokens)
+    table.write([table.entry(slot, p, seed, prompt_tokens) for slot, (p, seed) in enumerate(zip(params, seeds))])
     history = history if history is not None else torch.zeros(rows, max(positions) + 1, dtype=torch.long)
     step = StepRows(torch.arange(rows), torch.tensor(positions), Needs.of(params))
     return sample(logits.clone(), step, table, history, eos_ids)
@@ -130,7 +142,7 @@ def test_skipping_what_no_row_needs_changes_no_draw():
         chosen = [params[r] for r in rows]
         table = SlotSampling.empty(len(rows), 12, logits.device)
         for slot, p in enumerate(chosen):
-            table.set(slot, p, slot, 3)
+            admit(table, slot, p, slot, 3)
         step = StepRows(torch.arange(len(rows)), torch.full((len(rows),), 11), needs or Needs.of(chosen))
         return sample(logits[rows].clone(), step, table, history[rows], NO_EOS)
 
@@ -138,24 +150,10 @@ def test_skipping_what_no_row_needs_changes_no_draw():
         assert tokens(rows, None) == tokens(rows, Needs())
 
 
-MIXED = [
-    SamplingParams(temperature=0.7, top_p=0.9, repeat_penalty=1.1, repeat_last_n=64),
-    SamplingParams(temperature=0),
-    SamplingParams(temperature=1.0, top_k=40, min_tokens=3, logit_bias=((3, -100.0), (299, 2.5))),
-]
-
-
-def written_together(device: torch.device) -> SlotSampling:
-    """A table with three requests admitted in one step (rows 4, 0, 2; row 1 and 3 empty)."""
-    table = SlotSampling.empty(5, 300, device)
-    table.write([table.entry(slot, p, 2**63 + slot, 10 * slot + 1) for slot, p in zip([4, 0, 2], MIXED)])
-    return table
-
-
 def test_requests_admitted_together_get_the_rows_they_get_one_by_one():
     one_by_one = SlotSampling.empty(5, 300, torch.device("cpu"))
     for slot, p in zip([4, 0, 2], MIXED):
-        one_by_one.set(slot, p, 2**63 + slot, 10 * slot + 1)
+        admit(one_by_one, slot, p, 2**63 + slot, 10 * slot + 1)
     together = written_together(torch.device("cpu"))
     for name in ("floats", "ints", "u", "bias_ids", "bias_values"):
         assert torch.equal(getattr(together, name), getattr(one_by_one, name)), name
@@ -283,7 +281,7 @@ def test_logit_bias_adds_to_its_tokens_before_the_penalties_and_leaves_a_reused_
     assert sample_rows(logits, params, [0] * 3, history=history, positions=[1] * 3, prompt_tokens=2) == [3, 0, 1]
     table = SlotSampling.empty(1, 4, logits.device)
     for bias, expected in [(((3, 1.0),), 3), ((), 1)]:  # the row's next request has no bias
-        table.set(0, SamplingParams(temperature=0, repeat_penalty=1.0, logit_bias=bias), 0, 1)
+        admit(table, 0, SamplingParams(temperature=0, repeat_penalty=1.0, logit_bias=bias), 0, 1)
         step = StepRows(torch.tensor([0]), torch.tensor([0]), Needs())
         assert sample(logits[:1].clone(), step, table, history[:1], NO_EOS) == [expected]
 
