@@ -522,6 +522,12 @@ class ChatCompletionRequest(_OpenAISamplingRequest):
     def to_sampling_params(self) -> SamplingParams:
         return self._sampling_params(self.max_completion_tokens or self.max_tokens)
 
+    def stored_parameters(self, model: str) -> dict[str, Any]:
+        """The parameters recorded with the answer of a stored turn (`conversation_id`): the
+        sampling fields the request sent, and the model."""
+        stored = {"max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty"}
+        return self.model_dump(include=stored, exclude_none=True) | {"model": model}
+
     @model_validator(mode="after")
     def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
         names = [tool.function.name for tool in self.tools or []]

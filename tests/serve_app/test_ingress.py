@@ -11,16 +11,19 @@ from fastapi.testclient import TestClient
 
 from deployments.model_registry import ModelRegistry
 from serve_app.conversations import ConversationService
-from serve_app.ingress import MAX_BODY_BYTES, create_app, first_calls
+from serve_app.ingress import MAX_BODY_BYTES, Services, create_app, first_calls
+from serve_app.served_models import ServedModels
 from serve_app.settings import AppSettings
+from serve_app.turns import TurnService
 
 KEY = "s3cret-key-123"
 
 
 def client_for(**settings) -> TestClient:
     app_settings = AppSettings.model_validate({"api_key": None, **settings})
-    service = ConversationService(ModelRegistry(app_settings.models), models={}, history=None)
-    return TestClient(create_app(app_settings, service))
+    registry = ModelRegistry(app_settings.models)
+    services = Services(ServedModels(registry, {}), ConversationService(None), TurnService(registry, models={}, history=None))
+    return TestClient(create_app(app_settings, services))
 
 
 class RecordingHandle:

@@ -1,11 +1,10 @@
-"""The OpenAI routes' stream encoding, without Ray."""
+"""The OpenAI streams' encoding (`serve_app.serving`), without Ray."""
 
 from __future__ import annotations
 
 import pytest
 from fastapi.sse import format_sse_event
 
-from serve_app.openai_api import TEXT, TextEvents
 from serve_app.protocol import (
     ChatCompletionChunk,
     ChatCompletionChunkChoice,
@@ -13,6 +12,7 @@ from serve_app.protocol import (
     Completion,
     CompletionChoice,
 )
+from serve_app.serving import TEXT, TextEvents
 
 
 def completion_chunk(text: str) -> Completion:

@@ -1,0 +1,219 @@
+"""`POST /v1/chat/completions`: a chat request becomes its turns (one per choice, or the next
+turn of a stored conversation with `conversation_id`), and their outputs OpenAI's chat
+completion, whole or streamed; with tools, the answer's calls are split from its text."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi.sse import format_sse_event
+
+from deployments.engine.protocol import GenerationOutput, InvalidRequestError
+from deployments.model_registry import ModelConfig
+from serve_app.auth import Caller
+from serve_app.protocol import (
+    ChatCompletion,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChoiceLogprobs,
+    FinishReasonOut,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallFunction,
+    Usage,
+)
+from serve_app.serving import (
+    DONE_EVENT,
+    OpenAIServing,
+    collect,
+    finish_reason_of,
+    sse_events,
+    start_choices,
+    stream_error,
+    usage_of,
+)
+from serve_app.streaming import ServerSentEventsResponse
+from serve_app.tool_calls import Call, CallSplitter, calls_in_text, forced_calls
+from serve_app.turns import StreamLease, Turn
+
+
+class ChatChunks:
+    """The bodies of one chat completion, whole or streamed, each with the request's id,
+    creation time and model."""
+
+    def __init__(self, model: str):
+        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
+
+    def whole(self, choices: list[ChatCompletionChoice], usage: Usage) -> ChatCompletion:
+        return ChatCompletion(id=self.id, created=self.created, model=self.model, usage=usage, choices=choices)
+
+    def chunk(self, choices: list[ChatCompletionChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def delta(
+        self, delta: ChatDelta, finish_reason: FinishReasonOut | None = None, index: int = 0, logprobs: list | None = None
+    ) -> ChatCompletionChunk:
+        scored = None if logprobs is None else ChoiceLogprobs.of(logprobs)
+        return self.chunk([ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=scored)])
+
+    def text(
+        self, index: int, text: str | None, finish_reason: FinishReasonOut | None, logprobs: list | None
+    ) -> ChatCompletionChunk:
+        """A chunk of choice `index`'s text (`sse_events`' `chunk`)."""
+        return self.delta(ChatDelta(content=text) if text is not None else ChatDelta(), finish_reason, index, logprobs)
+
+    def usage(self, usage: Usage) -> ChatCompletionChunk:
+        return self.chunk([], usage)
+
+
+def tool_answer(
+    text: str, last: GenerationOutput, forced: bool, names: set[str]
+) -> tuple[ChatCompletionMessage, FinishReasonOut | None]:
+    """An answer of a request with tools: its calls (`tool_calls`, finish reason "tool_calls")
+    and the text that is not a call. A forced call is the whole answer once its grammar is
+    complete; cut short (max_tokens, a stop string), it is returned as text."""
+    calls: list[Call] = []
+    content: str | None = text
+    if forced:
+        if last.finish_reason == "stop":
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                calls, content = forced_calls(text), None
+    else:
+        content, calls = calls_in_text(text, names)
+    tool_calls = [ToolCall(id=c.id, function=ToolCallFunction(name=c.name, arguments=c.arguments)) for c in calls]
+    if calls and not content:
+        content = None
+    return ChatCompletionMessage(content=content, tool_calls=tool_calls or None), "tool_calls" if calls else finish_reason_of(
+        last
+    )
+
+
+class ServingChat(OpenAIServing):
+    """Chat completions: `create` starts the request's turns, then answers whole or streamed,
+    with or without tools."""
+
+    async def create(
+        self, body: ChatCompletionRequest, header_conversation_id: int | None, caller: Caller, lease: StreamLease | None
+    ) -> ChatCompletion | ServerSentEventsResponse:
+        """`header_conversation_id`: `X-Conversation-Id`, where the body has no `conversation_id`."""
+        model = self.models.resolve(body.model)
+        conversation_id = body.conversation_id if body.conversation_id is not None else header_conversation_id
+        tools = body.tool_definitions
+        turns = await self._start(body, model, tools, conversation_id, caller, lease)
+        chunks = ChatChunks(model.name)
+        if tools:
+            names = {tool["function"]["name"] for tool in tools}
+            if body.stream:
+                return self.stream_with_tools(body, turns[0], chunks, names)
+            return await self.whole_with_tools(body, turns[0], chunks, names)
+        return self.stream(body, turns, chunks) if body.stream else await self.whole(turns, chunks)
+
+    async def _start(
+        self,
+        body: ChatCompletionRequest,
+        model: ModelConfig,
+        tools: list[dict[str, Any]] | None,
+        conversation_id: int | None,
+        caller: Caller,
+        lease: StreamLease | None,
+    ) -> list[Turn]:
+        """A turn per choice; with a conversation: its next turn, stored, of text only."""
+        if conversation_id is not None and body.messages[-1].role != "user":
+            raise InvalidRequestError("with a conversation_id, the last message must be the user's new prompt")
+        has_tool_turns = any(m.role == "tool" or m.tool_calls for m in body.messages)
+        if conversation_id is not None and (tools or has_tool_turns):
+            raise InvalidRequestError(
+                "conversation_id: a conversation stores text turns only; send a tool-using chat's history in messages"
+            )
+        if tools and body.n > 1:
+            raise InvalidRequestError("n: a request with tools has one choice")
+        if conversation_id is None:
+            return await start_choices(
+                self.turns, model, body.choices_params(), messages=body.chat_messages(), tools=tools, lease=lease
+            )
+        if body.n > 1:
+            raise InvalidRequestError("n: a conversation stores one answer a turn; ask for one choice with a conversation_id")
+        turn = await self.turns.conversation_turn(
+            conversation_id,
+            caller.owner,
+            body.chat_messages(),
+            model,
+            body.to_sampling_params(),
+            body.stored_parameters(model.name),
+            lease,
+        )
+        return [turn]
+
+    async def whole(self, turns: list[Turn], chunks: ChatChunks) -> ChatCompletion:
+        answers = await collect(self.turns, turns)
+        choices = [
+            ChatCompletionChoice(
+                index=index,
+                message=ChatCompletionMessage(content=text),
+                finish_reason=finish_reason_of(last),
+                logprobs=None if last.logprobs is None else ChoiceLogprobs.of(last.logprobs),
+            )
+            for index, (text, last) in enumerate(answers)
+        ]
+        return chunks.whole(choices, usage_of(*(last for _, last in answers)))
+
+    def stream(self, body: ChatCompletionRequest, turns: list[Turn], chunks: ChatChunks) -> ServerSentEventsResponse:
+        # OpenAI's first chunk of each choice carries the role only.
+        roles = [chunks.delta(ChatDelta(role="assistant", content=""), index=index) for index in range(len(turns))]
+        opening = b"".join(format_sse_event(data_str=role.model_dump_json()) for role in roles)
+        usage = chunks.usage if body.include_usage else None
+        return ServerSentEventsResponse(sse_events(self.turns, turns, chunks.text, usage, opening))
+
+    async def whole_with_tools(
+        self, body: ChatCompletionRequest, turn: Turn, chunks: ChatChunks, names: set[str]
+    ) -> ChatCompletion:
+        [(text, last)] = await collect(self.turns, [turn])
+        message, finish = tool_answer(text, last, body.calls_forced, names)
+        return chunks.whole([ChatCompletionChoice(message=message, finish_reason=finish)], usage_of(last))
+
+    def stream_with_tools(
+        self, body: ChatCompletionRequest, turn: Turn, chunks: ChatChunks, names: set[str]
+    ) -> ServerSentEventsResponse:
+        return ServerSentEventsResponse(self._tool_events(turn, chunks, body.include_usage, body.calls_forced, names))
+
+    async def _tool_events(
+        self, turn: Turn, chunks: ChatChunks, include_usage: bool, forced: bool, names: set[str]
+    ) -> AsyncGenerator[bytes, None]:
+        """The stream of a request with tools: its text as it comes up to where a call may start
+        (none of it when the call is forced), then the rest of its text, its calls (one
+        `delta.tool_calls` chunk each, whole), its finish reason and usage, then `data: [DONE]`."""
+
+        def event(delta: ChatDelta, finish: FinishReasonOut | None = None) -> bytes:
+            return format_sse_event(data_str=chunks.delta(delta, finish).model_dump_json(exclude_none=True))
+
+        splitter, pieces = CallSplitter(), []
+        yield event(ChatDelta(role="assistant", content=""))
+        try:
+            async with aclosing(self.turns.outputs(turn)) as outputs:
+                async for output in outputs:
+                    pieces.append(output.text)
+                    text = "" if forced else splitter.feed(output.text)
+                    if text:
+                        yield event(ChatDelta(content=text))
+        except Exception as exc:  # noqa: BLE001 - logged and stored by `outputs`
+            yield stream_error(exc)
+            return
+        message, finish = tool_answer("".join(pieces) if forced else splitter.held, output, forced, names)
+        closing = [event(ChatDelta(content=message.content))] if message.content else []
+        closing += [
+            event(ChatDelta(tool_calls=[ToolCallDelta(index=index, **call.model_dump())]))
+            for index, call in enumerate(message.tool_calls or [])
+        ]
+        closing.append(event(ChatDelta(), finish))
+        if include_usage:
+            closing.append(format_sse_event(data_str=chunks.usage(usage_of(output)).model_dump_json()))
+        yield b"".join([*closing, DONE_EVENT])
