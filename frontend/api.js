@@ -227,7 +227,7 @@ async function streamText(path, body, { signal, onText }) {
     throw partial;
   }
   text += decoder.decode();
-  // An answer that failed after it started ends with the server's error line (see README).
+  // An answer that failed after it started ends with the server's error line (docs/api.md#answers-that-stop-or-fail).
   const cut = text.lastIndexOf(STREAM_ERROR_MARKER);
   if (cut >= 0 && text.endsWith("\n")) {
     const failure = new ApiError(text.slice(cut + STREAM_ERROR_MARKER.length).trim());
