@@ -28,7 +28,7 @@ import torch
 from deployments.engine.cuda_graphs import DecodeRow
 from deployments.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from deployments.engine.grammar import Grammars
-from deployments.engine.model_runner import ConstrainedRows, ModelRunner, ScoredRows, create_runner
+from deployments.engine.model_runner import ConstrainedRows, ModelRunner, ScoredRows, Step, create_runner
 from deployments.engine.outputs import OutputStage, TokenLogprobs
 from deployments.engine.protocol import (
     EngineStats,
@@ -281,11 +281,13 @@ class BatchedEngine:
         scored = [row for row, seq in enumerate(sampled) if seq.params.logprobs is not None]
         top = max((sampled[row].params.logprobs or 0 for row in scored), default=0)
         result = self.runner.run(
-            decode,
-            plan.chunks,
-            Needs.of(s.params for s in sampled),
-            constrained=ConstrainedRows([r for r, _ in matchers], [m for _, m in matchers]) if matchers else None,
-            scored=ScoredRows(scored, top),
+            Step(
+                decode,
+                plan.chunks,
+                Needs.of(s.params for s in sampled),
+                constrained=ConstrainedRows([r for r, _ in matchers], [m for _, m in matchers]) if matchers else None,
+                scored=ScoredRows(scored, top),
+            )
         )
         tokens = finish(result.draft)  # the one transfer back per step: the chosen ids
         logprobs: dict[int, TokenLogprobs] = {}
@@ -317,7 +319,7 @@ class BatchedEngine:
         if not seqs:
             return None
         needs = Needs.of(s.params for s in seqs)
-        result = self.runner.run(decode, [], needs, None if previous is None else previous.tokens, pending=True)
+        result = self.runner.run(Step(decode, [], needs, None if previous is None else previous.tokens, pending=True))
         return _Launched(seqs, [row.position for row in decode], result.draft, Fetch.start(result.draft), result.tokens)
 
     def _complete(self, launched: _Launched) -> None:

@@ -15,7 +15,7 @@ Does not own which rows run (`scheduler`) or what their ids become (`outputs`).
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import llguidance
@@ -48,6 +48,27 @@ class ScoredRows(NamedTuple):
     top: int
 
 
+@dataclass
+class Step:
+    """One step to queue: `decode` rows, then `chunks` of prompts; one id is drawn per decode row
+    and completed prompt, as `needs` says. `previous`: the ids of the step queued before, which
+    decode rows with a previous row read (see `DecodeRow`). `pending`: the draft is read only
+    after another step is queued."""
+
+    decode: list[DecodeRow]
+    chunks: list[tuple[PromptChunk, list[int]]]
+    needs: Needs
+    previous: torch.Tensor | None = None
+    constrained: ConstrainedRows | None = None
+    scored: ScoredRows | None = None
+    pending: bool = False
+
+    @property
+    def is_plain_decode(self) -> bool:
+        """Decode rows only, none masked or scored: what a CUDA graph replays."""
+        return not self.chunks and self.constrained is None and (self.scored is None or not self.scored.rows)
+
+
 class StepResult(NamedTuple):
     draft: Draft  # one id per sampled row, still on the device (see `sampler.finish`)
     tokens: torch.Tensor  # the drafted ids by row, on the device: a next step's decode rows may read them
@@ -59,6 +80,7 @@ class ModelRunner:
     then runs all its torch work."""
 
     graphs: DecodeGraphs | None = None  # a GPU's (see `CudaModelRunner`)
+    is_cuda = False  # how `forward.build_step` lays a step out for the device's attention
 
     def __init__(self, loaded: LoadedModel, weights: WeightFormat, max_batch_size: int, max_context: int):
         self.device = loaded.device
@@ -96,33 +118,23 @@ class ModelRunner:
         for copy in copies:
             self.cache.copy_positions(*copy)
 
-    def run(
-        self,
-        decode: list[DecodeRow],
-        chunks: list[tuple[PromptChunk, list[int]]],
-        needs: Needs,
-        previous: torch.Tensor | None = None,
-        constrained: ConstrainedRows | None = None,
-        scored: ScoredRows | None = None,
-        pending: bool = False,
-    ) -> StepResult:
-        """Queues one step: `decode` rows, then `chunks` -> a draft of one id per decode row and
-        completed prompt, sampled as `needs` says. `previous`: the ids of the step queued
-        before, which decode rows with a previous row read (see `DecodeRow`). `pending`: the
-        draft is read only after another step is queued."""
-        longest = max([row.position + 1 for row in decode] + [c.start + c.length for c, _ in chunks])
+    def run(self, step: Step) -> StepResult:
+        """Queues `step` on the device: its forward pass, masks, logprobs and draws."""
+        longest = max([row.position + 1 for row in step.decode] + [c.start + c.length for c, _ in step.chunks])
         self.cache.reserve(longest)
+        constrained, scored = step.constrained, step.scored
         bits = None if constrained is None else self._masks.fill(constrained.matchers)  # on the host, before the pass
-        batch = build_step([row[:3] for row in decode], chunks, cuda=self.device.type == "cuda").to(self.device)
-        if previous is not None:
-            previous_rows = [row.previous_row for row in decode] + [-1] * (len(batch.token_ids) - len(decode))
-            batch.token_ids = fed_token_ids(batch.token_ids, torch.tensor(previous_rows, device=self.device), previous)
+        decode = [row[:3] for row in step.decode]
+        batch = build_step(decode, step.chunks, cuda=self.is_cuda).to(self.device)
+        if step.previous is not None:
+            previous_rows = [row.previous_row for row in step.decode] + [-1] * (len(batch.token_ids) - len(decode))
+            batch.token_ids = fed_token_ids(batch.token_ids, torch.tensor(previous_rows, device=self.device), step.previous)
         logits = forward(self.weights, self.cache, self._rope, batch)
         # Before bias, penalties, masks and temperature change the logits (in place).
         logprobs = StepLogprobs(logits, scored.rows, scored.top) if scored is not None and scored.rows else None
         if constrained is not None and bits is not None:
             self._masks.apply(logits, constrained.rows, bits)
-        rows = StepRows(batch.slots[batch.logit_rows], batch.positions[batch.logit_rows], needs)
+        rows = StepRows(batch.slots[batch.logit_rows], batch.positions[batch.logit_rows], step.needs)
         draft = draw(logits, rows, self.sampling, self.cache.tokens[:, :longest], self._eos)
         return StepResult(draft, draft.tokens, logprobs)
 
@@ -130,6 +142,8 @@ class ModelRunner:
 class CudaModelRunner(ModelRunner):
     """On a GPU the cache is allocated whole, as large as the memory allows (CUDA graphs hold
     its addresses, so it never moves), and decode steps of plain rows replay a CUDA graph."""
+
+    is_cuda = True
 
     def __init__(
         self,
@@ -173,24 +187,14 @@ class CudaModelRunner(ModelRunner):
             )
         return min(max_context, fits)
 
-    def run(
-        self,
-        decode: list[DecodeRow],
-        chunks: list[tuple[PromptChunk, list[int]]],
-        needs: Needs,
-        previous: torch.Tensor | None = None,
-        constrained: ConstrainedRows | None = None,
-        scored: ScoredRows | None = None,
-        pending: bool = False,
-    ) -> StepResult:
+    def run(self, step: Step) -> StepResult:
         graphs = self.graphs
-        plain = not chunks and constrained is None and (scored is None or not scored.rows)
-        if graphs is None or not plain or not graphs.bucket(len(decode)):
-            return super().run(decode, chunks, needs, previous, constrained, scored, pending)
-        if previous is not None and previous is not graphs.previous:
-            graphs.previous[: len(previous)].copy_(previous)  # an eager step's ids
-        draft = graphs.decode(decode, needs)  # forward pass and sampling, replayed
-        if pending and needs.sampled:
+        if graphs is None or not step.is_plain_decode or not graphs.bucket(len(step.decode)):
+            return super().run(step)
+        if step.previous is not None and step.previous is not graphs.previous:
+            graphs.previous[: len(step.previous)].copy_(step.previous)  # an eager step's ids
+        draft = graphs.decode(step.decode, step.needs)  # forward pass and sampling, replayed
+        if step.pending and step.needs.sampled:
             draft = draft.clone()  # the next replay overwrites the graph's output, and `finish` may sort it
         return StepResult(draft, graphs.previous, None)
 
