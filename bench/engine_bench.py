@@ -48,7 +48,7 @@ from deployments.engine.forward import PromptChunk, build_step, extract_weights,
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.quantized import Int4Linear, Int8Linear, cpu_has_fast_int8, quantized_lm_head
 from deployments.engine.sampler import Needs, SlotSampling, StepRows, draw, finish
-from deployments.engine.sampling import SamplingParams
+from deployments.engine.sampling_params import SamplingParams
 from deployments.engine.torch_threads import run_in_fresh_thread
 from deployments.model_loader import LoadedModel, eos_token_ids, load_model
 from deployments.model_registry import ModelConfig

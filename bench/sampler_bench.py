@@ -25,7 +25,7 @@ import torch
 
 from deployments.engine import sampler
 from deployments.engine.cuda_graphs import variant_for
-from deployments.engine.sampling import SamplingParams
+from deployments.engine.sampling_params import SamplingParams
 
 SETTINGS = {
     "greedy": SamplingParams(temperature=0, repeat_penalty=1.0),

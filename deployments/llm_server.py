@@ -30,7 +30,7 @@ from deployments.engine.protocol import (
 )
 from deployments.engine.quantized import cpu_has_fast_int8
 from deployments.engine.reference import ReferenceEngine
-from deployments.engine.sampling import SamplingParams
+from deployments.engine.sampling_params import SamplingParams
 from deployments.engine.torch_threads import run_in_fresh_thread
 from deployments.model_loader import LoadedModel, load_model
 from deployments.model_registry import ModelConfig

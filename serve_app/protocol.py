@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from deployments.engine.protocol import TokenizeRequest
-from deployments.engine.sampling import MAX_LOGIT_BIAS, Constraint, SamplingParams
+from deployments.engine.sampling_params import MAX_LOGIT_BIAS, Constraint, SamplingParams
 
 # The history's records are response bodies too, served as the history deployment returns them.
 from deployments.history_records import (  # noqa: F401 - part of this module's protocol

@@ -17,7 +17,7 @@ from fastapi.sse import format_sse_event
 from pydantic import BaseModel
 
 from deployments.engine.protocol import GenerationOutput
-from deployments.engine.sampling import SamplingParams
+from deployments.engine.sampling_params import SamplingParams
 from deployments.model_registry import ModelConfig
 from serve_app.protocol import FinishReasonOut, Usage
 from serve_app.served_models import ServedModels

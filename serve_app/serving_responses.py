@@ -16,7 +16,7 @@ from typing import Any
 from fastapi.sse import format_sse_event
 
 from deployments.engine.protocol import GenerationOutput
-from deployments.engine.sampling import SamplingParams
+from deployments.engine.sampling_params import SamplingParams
 from serve_app.protocol import (
     MessageStatusOut,
     ResponseError,

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from deployments.engine.sampling import Constraint
+from deployments.engine.sampling_params import Constraint
 from deployments.tool_prompt import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 

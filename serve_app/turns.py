@@ -34,7 +34,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.engine.protocol import GenerationOutput, GenerationRequest, InvalidRequestError
-from deployments.engine.sampling import SamplingParams
+from deployments.engine.sampling_params import SamplingParams
 from deployments.history_records import User
 from deployments.history_store import ConversationNotFoundError
 from deployments.model_registry import ModelConfig, ModelRegistry

@@ -39,7 +39,7 @@ from deployments.engine.protocol import (
     check_logit_bias,
 )
 from deployments.engine.sampler import Draft, Fetch, Needs, SlotSampling, finish
-from deployments.engine.sampling import SamplingParams
+from deployments.engine.sampling_params import SamplingParams
 from deployments.engine.scheduler import Scheduler, StepPlan
 from deployments.engine.sequence import Posts, Sequence
 from deployments.model_loader import LoadedModel, eos_token_ids

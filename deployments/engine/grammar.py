@@ -25,7 +25,7 @@ import llguidance.torch
 import torch
 
 from deployments.engine.protocol import InvalidRequestError
-from deployments.engine.sampling import Constraint
+from deployments.engine.sampling_params import Constraint
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions

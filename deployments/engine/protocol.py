@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from deployments.engine.sampling import SamplingParams
+from deployments.engine.sampling_params import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled"]
 

@@ -32,7 +32,7 @@ from deployments.engine.protocol import (
     check_constraint,
     check_logit_bias,
 )
-from deployments.engine.sampling import SamplingParams
+from deployments.engine.sampling_params import SamplingParams
 from deployments.model_loader import LoadedModel, eos_token_ids
 
 

@@ -27,7 +27,7 @@ from typing import Generic, NamedTuple, TypeVar
 
 import torch
 
-from deployments.engine.sampling import MAX_LOGIT_BIAS, SamplingParams
+from deployments.engine.sampling_params import MAX_LOGIT_BIAS, SamplingParams
 
 # Candidates for top-k / top-p. With SmolLM2 at temperature 0.7 and top_p 0.9, 64 tokens hold the
 # mass in nearly every step; a row needing more takes the whole-vocabulary path.

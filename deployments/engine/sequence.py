@@ -17,7 +17,7 @@ import llguidance
 from deployments.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from deployments.engine.protocol import GenerationOutput, TokenLogprob
 from deployments.engine.sampler import SlotEntry
-from deployments.engine.sampling import SamplingParams
+from deployments.engine.sampling_params import SamplingParams
 
 
 @dataclass(eq=False)

@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from deployments.engine.protocol import GenerationRequest, InvalidRequestError, PromptTooLongError, TokenizeRequest
-from deployments.engine.sampling import SamplingParams
+from deployments.engine.sampling_params import SamplingParams
 from deployments.llm_server import INLINE_ENCODE_CHARS, LLMServer
 from deployments.model_registry import ModelConfig
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from deployments.engine.sampling import Constraint, SamplingParams
+from deployments.engine.sampling_params import Constraint, SamplingParams
 from serve_app.protocol import (
     MAX_SEED,
     ChatCompletionRequest,

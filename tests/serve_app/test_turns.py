@@ -15,7 +15,7 @@ from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 
 from deployments.engine.protocol import Delivered, GenerationOutput, GenerationRequest, InvalidRequestError
-from deployments.engine.sampling import SamplingParams
+from deployments.engine.sampling_params import SamplingParams
 from deployments.history_store import HistoryStore
 from deployments.model_registry import ModelConfig, ModelRegistry
 from deployments.output_channel import Inbox, output_entry

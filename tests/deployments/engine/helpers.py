@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deployments.engine.sampler import SlotSampling
-from deployments.engine.sampling import Constraint, SamplingParams
+from deployments.engine.sampling_params import Constraint, SamplingParams
 from deployments.model_loader import LoadedModel
 
 # Each decode step run and read before the next (the CPU's default), or queued before the last

@@ -16,7 +16,7 @@ from deployments.engine.protocol import InvalidRequestError, PromptTooLongError
 from deployments.engine.quantized import Int4Linear, Int8Linear, RescoredHead
 from deployments.engine.reference import ReferenceEngine
 from deployments.engine.sampler import CANDIDATES
-from deployments.engine.sampling import SamplingParams
+from deployments.engine.sampling_params import SamplingParams
 from deployments.model_loader import load_model
 from deployments.model_registry import ModelConfig
 from tests.deployments.engine.helpers import OVERLAP, prompt, run

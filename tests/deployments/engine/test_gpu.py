@@ -18,7 +18,7 @@ from deployments.engine.forward import LONG_CHUNK_TOKENS, PromptChunk, build_ste
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.reference import ReferenceEngine
 from deployments.engine.sampler import CANDIDATES
-from deployments.engine.sampling import SamplingParams
+from deployments.engine.sampling_params import SamplingParams
 from deployments.model_loader import LoadedModel, build_tiny_random_model
 from deployments.model_registry import ModelConfig
 from tests.deployments.engine.helpers import written_together

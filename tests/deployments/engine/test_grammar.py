@@ -11,7 +11,7 @@ import pytest
 from deployments.engine.grammar import Grammars
 from deployments.engine.protocol import InvalidRequestError
 from deployments.engine.reference import ReferenceEngine
-from deployments.engine.sampling import Constraint, SamplingParams
+from deployments.engine.sampling_params import Constraint, SamplingParams
 from deployments.model_loader import eos_token_ids
 from tests.deployments.engine.helpers import RECORD, Record, no_whitespace, prompt, run
 

@@ -11,7 +11,7 @@ from deployments.engine.batched import BatchedEngine
 from deployments.engine.outputs import OutputStage
 from deployments.engine.protocol import InvalidRequestError
 from deployments.engine.reference import ReferenceEngine
-from deployments.engine.sampling import SamplingParams
+from deployments.engine.sampling_params import SamplingParams
 from deployments.model_loader import load_model
 from deployments.model_registry import ModelConfig
 from tests.deployments.engine.helpers import RECORD, prompt, run

@@ -16,7 +16,7 @@ from deployments.engine.sampler import (
     seed_key,
     uniform,
 )
-from deployments.engine.sampling import SamplingParams
+from deployments.engine.sampling_params import SamplingParams
 from tests.deployments.engine.helpers import MIXED, written_together
 
 NO_EOS = torch.tensor([], dtype=torch.long)
