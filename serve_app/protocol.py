@@ -642,7 +642,11 @@ class CompletionRequest(_OpenAISamplingRequest):
     logprobs: int | None = Field(
         default=None, ge=0, le=5, description="Each answer token's log-probability and this many most likely tokens'."
     )
-    echo: Unsupported[Literal[False]] = Field(default=None, description=NOTHING_ASKED)
+    echo: bool = Field(
+        default=False,
+        description="The prompt before the answer, in `text` and, with `logprobs`, in `logprobs` too: each prompt "
+        "token's log-probability (null for the first, which nothing predicts), as evaluation harnesses read them.",
+    )
     best_of: Unsupported[Literal[1]] = Field(default=None, description=NOTHING_ASKED)
     suffix: Unsupported[Annotated[str, Field(max_length=0)]] = Field(default=None, description=NOTHING_ASKED)
     response_format: ResponseFormat | None = Field(
@@ -663,7 +667,8 @@ class CompletionRequest(_OpenAISamplingRequest):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
     def to_sampling_params(self) -> SamplingParams:
-        return self._sampling_params(self.max_tokens or 16)  # OpenAI's default for completions
+        params = self._sampling_params(self.max_tokens or 16)  # OpenAI's default for completions
+        return dataclasses.replace(params, prompt_logprobs=self.logprobs) if self.echo else params
 
     def asked_logprobs(self) -> int | None:
         return self.logprobs
@@ -806,8 +811,8 @@ class CompletionLogprobs(BaseModel):
     and where its text starts in the choice's text."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: a prompt's first token (`echo`)
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
     @classmethod
@@ -820,7 +825,7 @@ class CompletionLogprobs(BaseModel):
         return cls(
             tokens=[text for text, _, _ in entries],
             token_logprobs=[logprob for _, logprob, _ in entries],
-            top_logprobs=[dict(alternatives) for _, _, alternatives in entries],
+            top_logprobs=[None if alternatives is None else dict(alternatives) for _, _, alternatives in entries],
             text_offset=offsets,
         )
 

@@ -56,11 +56,23 @@ async def start_choices(service: TurnService, model: ModelConfig, choices: list[
     return turns
 
 
-async def choice_outputs(service: TurnService, turns: list[Turn]) -> AsyncGenerator[tuple[int, GenerationOutput], None]:
+async def choice_outputs(
+    service: TurnService, turns: list[Turn], echo: str = ""
+) -> AsyncGenerator[tuple[int, GenerationOutput], None]:
     """Every choice's outputs as they come, each with its choice's index; each choice ends with
-    its output that has a finish reason. If one fails, the others are stopped and its error
-    raised. One choice (nearly every request) streams straight through, with no task and queue
-    between: every streamed chunk's CPU counts on a small machine."""
+    its output that has a finish reason, and its first output's text starts with `echo` (a
+    completion's prompt). If one fails, the others are stopped and its error raised. One choice
+    (nearly every request) streams straight through, with no task and queue between: every
+    streamed chunk's CPU counts on a small machine."""
+    if echo:
+        echoed: set[int] = set()
+        async with aclosing(choice_outputs(service, turns)) as plain:
+            async for index, first_or_later in plain:
+                if index not in echoed:
+                    echoed.add(index)
+                    first_or_later = dataclasses.replace(first_or_later, text=echo + first_or_later.text)
+                yield index, first_or_later
+        return
     if len(turns) == 1:
         async with aclosing(service.outputs(turns[0])) as outputs:
             async for output in outputs:
@@ -94,13 +106,14 @@ async def choice_outputs(service: TurnService, turns: list[Turn]) -> AsyncGenera
         await asyncio.gather(*pumps, return_exceptions=True)
 
 
-async def collect(service: TurnService, turns: list[Turn]) -> list[tuple[str, GenerationOutput]]:
-    """Each choice's whole answer and its last output (finish reason, exact token counts), which
-    carries the whole answer's logprobs if they were asked."""
+async def collect(service: TurnService, turns: list[Turn], echo: str = "") -> list[tuple[str, GenerationOutput]]:
+    """Each choice's whole answer (after `echo`, see `choice_outputs`) and its last output
+    (finish reason, exact token counts), which carries the whole answer's logprobs if they were
+    asked."""
     pieces: list[list[str]] = [[] for _ in turns]
     logprobs: list[list] = [[] for _ in turns]
     lasts: dict[int, GenerationOutput] = {}
-    async with aclosing(choice_outputs(service, turns)) as outputs:
+    async with aclosing(choice_outputs(service, turns, echo)) as outputs:
         async for index, output in outputs:
             pieces[index].append(output.text)
             logprobs[index] += output.logprobs or []
@@ -147,18 +160,19 @@ async def sse_events(
     chunk: Callable[[int, str | None, FinishReasonOut | None, list | None], BaseModel],
     usage_chunk: Callable[[Usage], BaseModel] | None,
     opening: bytes = b"",
+    echo: str = "",
 ) -> AsyncGenerator[bytes, None]:
     """OpenAI's stream: `chunk(index, text, finish_reason, logprobs)` per output of choice `index`, a
     closing chunk with each choice's finish reason, an optional usage chunk, then
     `data: [DONE]`. A failure after the stream started ends it with an error event, then
     `data: [DONE]` (as vLLM does). The events of one output go out together, in one write, with
     `opening` before the first and the stream's end after the last: each write costs the ingress
-    and the front a pass through every layer of both."""
+    and the front a pass through every layer of both. `echo`: see `choice_outputs`."""
     lasts: list[GenerationOutput] = []
     text_events: dict[int, TextEvents] = {}
     pending = [opening]
     try:
-        async with aclosing(choice_outputs(service, turns)) as outputs:
+        async with aclosing(choice_outputs(service, turns, echo)) as outputs:
             async for index, output in outputs:
                 if output.logprobs:  # rendered whole: the template has no place for them
                     pending.append(format_sse_event(data_str=chunk(index, output.text, None, output.logprobs).model_dump_json()))

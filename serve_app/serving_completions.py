@@ -47,15 +47,16 @@ class ServingCompletions(OpenAIServing):
         model = self.models.resolve(body.model)
         turns = await start_choices(self.turns, model, body.choices_params(), prompt=body.prompt_text, lease=lease)
         chunks = CompletionChunks(model.name, body.n)
-        return self.stream(body, turns, chunks) if body.stream else await self.whole(turns, chunks)
+        echo = body.prompt_text if body.echo else ""
+        return self.stream(body, turns, chunks, echo) if body.stream else await self.whole(turns, chunks, echo)
 
-    async def whole(self, turns: list[Turn], chunks: CompletionChunks) -> Completion:
-        answers = await collect(self.turns, turns)
+    async def whole(self, turns: list[Turn], chunks: CompletionChunks, echo: str) -> Completion:
+        answers = await collect(self.turns, turns, echo)
         choices = [
             chunks.choice(index, text, finish_reason_of(last), last.logprobs) for index, (text, last) in enumerate(answers)
         ]
         return chunks.completion(choices, usage_of(*(last for _, last in answers)))
 
-    def stream(self, body: CompletionRequest, turns: list[Turn], chunks: CompletionChunks) -> ServerSentEventsResponse:
+    def stream(self, body: CompletionRequest, turns: list[Turn], chunks: CompletionChunks, echo: str) -> ServerSentEventsResponse:
         usage = chunks.usage if body.include_usage else None
-        return ServerSentEventsResponse(sse_events(self.turns, turns, chunks.text, usage))
+        return ServerSentEventsResponse(sse_events(self.turns, turns, chunks.text, usage, echo=echo))

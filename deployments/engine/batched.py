@@ -175,6 +175,8 @@ class BatchedEngine:
             sampling=sampling,
             matcher=matcher,
         )
+        if seq.scores_prompt:
+            self.outputs.open_prompt(seq)
         with self._wakeup:
             if self._is_shut_down:
                 raise EngineShutDownError("the engine is shut down")
@@ -287,8 +289,11 @@ class BatchedEngine:
                 Needs.of(s.params for s in sampled),
                 constrained=ConstrainedRows([r for r, _ in matchers], [m for _, m in matchers]) if matchers else None,
                 scored=ScoredRows(scored, top),
+                prompt_top=max((s.params.prompt_logprobs or 0 for s in plan.scoring), default=0),
             )
         )
+        if result.prompt_logprobs is not None:
+            self.outputs.score_prompts(plan.scoring, result.prompt_logprobs)
         tokens = finish(result.draft)  # the one transfer back per step: the chosen ids
         logprobs: dict[int, TokenLogprobs] = {}
         if result.logprobs is not None:

@@ -21,7 +21,7 @@ Does not own the quantized layers (`quantized`), scheduling or sampling (see `ba
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +135,9 @@ class PromptChunk:
     start: int
     length: int
     is_last: bool
+    # Every token's logits too, after the step's sampled rows (`StepBatch.scored`): the prompt's
+    # logprobs (a completion's echo).
+    is_scored: bool = False
 
 
 @dataclass
@@ -152,6 +155,9 @@ class StepBatch:
     # CPU's masked attention (`CpuStepAttention`); host ints, as reading them off a device waits.
     decode_span: tuple[int, int] = (0, 0)
     chunks: list[PromptChunk] = field(default_factory=list)
+    # The last len(scored) logit rows are scored chunks' tokens (`PromptChunk.is_scored`), not
+    # sampled: each one's (slot, position), whose logits give the next position's prompt token.
+    scored: list[tuple[int, int]] = field(default_factory=list)
 
     def to(self, device: torch.device) -> StepBatch:
         def moved(t: torch.Tensor) -> torch.Tensor:
@@ -165,6 +171,7 @@ class StepBatch:
             self.n_decode,
             self.decode_span,
             self.chunks,
+            self.scored,
         )
 
 
@@ -178,7 +185,8 @@ def fed_token_ids(host_ids: torch.Tensor, previous_rows: torch.Tensor, previous_
 def build_step(decode: list[tuple[int, int, int]], chunks: list[tuple[PromptChunk, list[int]]], cuda: bool = False) -> StepBatch:
     """`decode`: (slot, position, token id) per running request, slots ascending; `chunks`:
     prompt chunks with their token ids. The step's logits are the decode rows' in order, then
-    those of the chunks that end their prompt, in order.
+    those of the chunks that end their prompt, in order, then those of the scored chunks' tokens
+    (all but a prompt's last, whose logits are sampled), in order.
 
     A CUDA step (`cuda`) puts its long chunks last, where its attention takes each in a call of
     its own (`CudaStepAttention`). A CPU (or mps) step runs each prompt's last token as a decode
@@ -190,7 +198,7 @@ def build_step(decode: list[tuple[int, int, int]], chunks: list[tuple[PromptChun
     logit_order: list[tuple[int, int, int]] = list(decode)
     if not cuda:
         ends = [(c.slot, c.start + c.length - 1, ids[-1]) for c, ids in chunks if c.is_last]
-        chunks = [(PromptChunk(c.slot, c.start, c.length - 1, False), ids[:-1]) if c.is_last else (c, ids) for c, ids in chunks]
+        chunks = [(replace(c, length=c.length - 1, is_last=False), ids[:-1]) if c.is_last else (c, ids) for c, ids in chunks]
         chunks = [(c, ids) for c, ids in chunks if c.length]
         logit_order += ends
         decode = sorted(logit_order)  # slots ascending: no two rows share a slot
@@ -202,14 +210,20 @@ def build_step(decode: list[tuple[int, int, int]], chunks: list[tuple[PromptChun
     # Logits stay in the chunks' order, wherever a chunk's tokens go (on a CPU every chunk
     # left here is a prompt's middle: no logits).
     order = sorted(range(len(chunks)), key=lambda i: is_long(chunks[i][0])) if cuda else range(len(chunks))
-    last_token = {}
+    first_token = {}
     for i in order:
         chunk, ids = chunks[i]
+        first_token[i] = len(token_ids)
         token_ids += ids
         slots += [chunk.slot] * chunk.length
         positions += range(chunk.start, chunk.start + chunk.length)
-        last_token[i] = len(token_ids) - 1
-    logit_rows += [last_token[i] for i, (chunk, _) in enumerate(chunks) if chunk.is_last]
+    logit_rows += [first_token[i] + chunk.length - 1 for i, (chunk, _) in enumerate(chunks) if chunk.is_last]
+    scored = []
+    for i, (chunk, _) in enumerate(chunks):
+        if chunk.is_scored:
+            rows = range(first_token[i], first_token[i] + chunk.length - chunk.is_last)
+            logit_rows += rows
+            scored += [(chunk.slot, positions[row]) for row in rows]
     return StepBatch(
         token_ids=torch.tensor(token_ids),
         slots=torch.tensor(slots),
@@ -218,6 +232,7 @@ def build_step(decode: list[tuple[int, int, int]], chunks: list[tuple[PromptChun
         n_decode=len(decode),
         decode_span=(slots[len(decode) - 1] + 1, max(positions[: len(decode)]) + 1) if decode else (0, 0),
         chunks=[chunks[i][0] for i in order],
+        scored=scored,
     )
 
 

@@ -62,6 +62,7 @@ class Step:
     constrained: ConstrainedRows | None = None
     scored: ScoredRows | None = None
     pending: bool = False
+    prompt_top: int = 0  # alternatives the scored chunks' tokens want (`PromptChunk.is_scored`)
 
     @property
     def is_plain_decode(self) -> bool:
@@ -69,10 +70,19 @@ class Step:
         return not self.chunks and self.constrained is None and (self.scored is None or not self.scored.rows)
 
 
+class PromptLogprobs(NamedTuple):
+    """The logprobs of a step's scored prompt tokens' logits, and each row's (slot, position):
+    they score the prompt's token at position + 1."""
+
+    logprobs: StepLogprobs
+    rows: list[tuple[int, int]]
+
+
 class StepResult(NamedTuple):
     draft: Draft  # one id per sampled row, still on the device (see `sampler.finish`)
     tokens: torch.Tensor  # the drafted ids by row, on the device: a next step's decode rows may read them
     logprobs: StepLogprobs | None  # of the scored rows, if any
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ModelRunner:
@@ -129,14 +139,20 @@ class ModelRunner:
         if step.previous is not None:
             previous_rows = [row.previous_row for row in step.decode] + [-1] * (len(batch.token_ids) - len(decode))
             batch.token_ids = fed_token_ids(batch.token_ids, torch.tensor(previous_rows, device=self.device), step.previous)
-        logits = forward(self.weights, self.cache, self._rope, batch)
+        logits, logit_rows = forward(self.weights, self.cache, self._rope, batch), batch.logit_rows
+        prompt_logprobs = None
+        if batch.scored:  # the last rows: scored prompt tokens, not sampled
+            n = len(logit_rows) - len(batch.scored)
+            scores = StepLogprobs(logits[n:], list(range(len(batch.scored))), step.prompt_top)
+            prompt_logprobs = PromptLogprobs(scores, batch.scored)
+            logits, logit_rows = logits[:n], logit_rows[:n]
         # Before bias, penalties, masks and temperature change the logits (in place).
         logprobs = StepLogprobs(logits, scored.rows, scored.top) if scored is not None and scored.rows else None
         if constrained is not None and bits is not None:
             self._masks.apply(logits, constrained.rows, bits)
-        rows = StepRows(batch.slots[batch.logit_rows], batch.positions[batch.logit_rows], step.needs)
+        rows = StepRows(batch.slots[logit_rows], batch.positions[logit_rows], step.needs)
         draft = draw(logits, rows, self.sampling, self.cache.tokens[:, :longest], self._eos)
-        return StepResult(draft, draft.tokens, logprobs)
+        return StepResult(draft, draft.tokens, logprobs, prompt_logprobs)
 
 
 class CudaModelRunner(ModelRunner):

@@ -12,6 +12,8 @@ import time
 
 from transformers import PreTrainedTokenizerBase
 
+from deployments.engine.detokenizer import IncrementalDetokenizer
+from deployments.engine.model_runner import PromptLogprobs
 from deployments.engine.protocol import FinishReason, GenerationOutput
 from deployments.engine.sequence import Sequence
 
@@ -44,6 +46,23 @@ class OutputStage:
         interval = self._chunk_interval(len(tokens))
         logprobs = logprobs or {}
         return [seq for row, (seq, token) in enumerate(tokens) if self._advance(seq, token, interval, logprobs.get(row))]
+
+    def open_prompt(self, seq: Sequence) -> None:
+        """For a request whose prompt's logprobs are asked: its prompt tokens' texts, and its
+        first token's entry (no logprob: nothing comes before it)."""
+        detokenizer = IncrementalDetokenizer(self._tokenizer)
+        seq.prompt_pieces = [detokenizer.add(token) for token in seq.prompt_ids]
+        seq.prompt_pieces[-1] += detokenizer.flush()
+        seq.unsent_logprobs.append([seq.prompt_pieces[0], None, None])
+
+    def score_prompts(self, seqs: list[Sequence], scores: PromptLogprobs) -> None:
+        """Each scored row's logprobs, for the prompt token after its position, in order."""
+        by_slot = {seq.slot: seq for seq in seqs}
+        targets = [by_slot[slot].prompt_ids[position + 1] for slot, position in scores.rows]
+        for (slot, position), (logprob, top) in zip(scores.rows, scores.logprobs.of(targets)):
+            seq = by_slot[slot]
+            alternatives = [[self._token_text(t), lp] for t, lp in top[: seq.params.prompt_logprobs]]
+            seq.unsent_logprobs.append([seq.prompt_pieces[position + 1], logprob, alternatives])
 
     def _chunk_interval(self, rows: int) -> float:
         """The least time between two streamed chunks of one request. Every streamed chunk costs
@@ -90,7 +109,7 @@ class OutputStage:
         seq.unsent_text += text
         now = time.monotonic()
         if finish is not None or (seq.unsent_text and now - seq.last_sent >= interval):
-            logprobs_out = seq.unsent_logprobs if seq.params.logprobs is not None else None
+            logprobs_out = seq.unsent_logprobs if seq.params.logprobs is not None or seq.scores_prompt else None
             seq.send(GenerationOutput(seq.unsent_text, len(seq.prompt_ids), completion_tokens, finish, logprobs_out))
             seq.unsent_text, seq.unsent_logprobs, seq.last_sent = "", [], now
         return finish is not None

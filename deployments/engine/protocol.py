@@ -20,8 +20,9 @@ FinishReason = Literal["stop", "length", "cancelled"]
 
 # A generated token's log-probability (`SamplingParams.logprobs`): its text (what it added to the
 # answer, so the texts join into it), its log-probability, and the most likely tokens' (text,
-# log-probability), most likely first. Lists, not tuples: they cross to the ingress as JSON.
-TokenLogprob = list  # [str, float, list[[str, float]]]
+# log-probability), most likely first. Lists, not tuples: they cross to the ingress as JSON. A
+# prompt's first token (`SamplingParams.prompt_logprobs`) has None for both: nothing predicts it.
+TokenLogprob = list  # [str, float | None, list[[str, float]] | None]
 
 
 @dataclass

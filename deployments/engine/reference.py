@@ -174,7 +174,7 @@ class ReferenceEngine:
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncGenerator[GenerationOutput, None]:
         check_logit_bias(params, self._vocab_size)
         check_constraint(params)
-        if params.logprobs is not None:
+        if params.logprobs is not None or params.prompt_logprobs is not None:
             raise InvalidRequestError("logprobs: the reference engine does not give them; serve the model with engine: batched")
         matcher = None if params.constraint is None else self._grammars.matcher(params.constraint)
         tokenizer = self._loaded.tokenizer

@@ -50,6 +50,10 @@ class SamplingParams:
     # Log-probabilities of each generated token and of its `logprobs` most likely alternatives
     # (0: the token's own only), from the model's logits before any sampling setting; None: none.
     logprobs: int | None = None
+    # The same for every prompt token but the first (which nothing predicts), with this many
+    # alternatives each, before the answer's: a completion's `echo` (evaluation harnesses score
+    # a text this way). Such a prompt is computed whole, none of it taken from the prefix cache.
+    prompt_logprobs: int | None = None
     # The room kept for the answer when a prompt is fitted to the model's context (a chat's
     # oldest turns dropped, a prompt refused as too long); None: all of `max_tokens`. Less where
     # `max_tokens` only bounds an answer the client left unbounded (OpenAI's APIs: until the

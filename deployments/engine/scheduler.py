@@ -36,6 +36,7 @@ class StepPlan:
     decode: list[Sequence] = field(default_factory=list)
     chunks: list[tuple[PromptChunk, list[int]]] = field(default_factory=list)
     completing: list[Sequence] = field(default_factory=list)  # whose prompt's last chunk runs
+    scoring: list[Sequence] = field(default_factory=list)  # whose prompt chunk is scored (`PromptChunk.is_scored`)
     copies: list[PrefixCopy] = field(default_factory=list)
 
     @property
@@ -99,7 +100,7 @@ class Scheduler:
             taken.add(seq.slot)
             admitted.append(seq)
             self._slots[seq.slot] = seq
-            if self.prefix_caching:
+            if self.prefix_caching and not seq.scores_prompt:
                 seq.n_prefilled = common_prefix(seq.prompt_ids, self._left_in_slot[seq.slot], len(seq.prompt_ids) - 1)
                 self.reused_prompt_tokens += seq.n_prefilled
             self._left_in_slot[seq.slot] = []
@@ -108,7 +109,7 @@ class Scheduler:
     def _pick_slot(self, seq: Sequence, order: Iterator[int], taken: set[int], leftovers: PrefixIndex | None) -> int:
         """The free row whose leftover the prompt continues (`leftovers`, with prefix caching),
         else the next in `order` not `taken`. Rows in use are reachable by copying (`_reuse_prefix`)."""
-        if leftovers is not None:
+        if leftovers is not None and not seq.scores_prompt:
             shared, slot = leftovers.longest(seq.prompt_ids, len(seq.prompt_ids) - 1)
             if slot >= 0 and shared == min(len(self._left_in_slot[slot]), len(seq.prompt_ids) - 1):
                 leftovers.discard(self._left_in_slot[slot], slot)
@@ -144,17 +145,20 @@ class Scheduler:
         for seq in running:
             if seq.is_prefilled or budget <= 0:
                 continue
-            if self.prefix_caching and not self._reuse_prefix(seq, cached, computing, plan.copies):
+            reuses = self.prefix_caching and not seq.scores_prompt  # a scored prompt is computed whole
+            if reuses and not self._reuse_prefix(seq, cached, computing, plan.copies):
                 continue
             length = min(budget, len(seq.prompt_ids) - seq.n_prefilled)
             is_last = seq.n_prefilled + length == len(seq.prompt_ids)
-            chunk = PromptChunk(seq.slot, seq.n_prefilled, length, is_last)
+            chunk = PromptChunk(seq.slot, seq.n_prefilled, length, is_last, seq.scores_prompt)
             plan.chunks.append((chunk, seq.prompt_ids[seq.n_prefilled : seq.n_prefilled + length]))
             seq.n_prefilled += length
             budget -= length
             computing.add(seq.prompt_ids[: seq.n_prefilled], seq.slot)
             if is_last:
                 plan.completing.append(seq)
+            if seq.scores_prompt:
+                plan.scoring.append(seq)
         return plan
 
     def _cached_prefixes(self) -> PrefixIndex:

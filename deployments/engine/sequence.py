@@ -40,6 +40,7 @@ class Sequence:
     is_cancelled: bool = False
     unsent_text: str = ""  # held back to coalesce chunks, see `outputs.OutputStage`
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens since the last output
+    prompt_pieces: list[str] = field(default_factory=list)  # each prompt token's text, if its logprobs are asked
     last_sent: float = -math.inf  # time.monotonic() of the last output sent
 
     @property
@@ -47,6 +48,11 @@ class Sequence:
         """Whether each of its steps must be read before the next is queued, and run eagerly:
         its grammar's mask needs its last token on the host; its logprobs, the step's logits."""
         return self.matcher is not None or self.params.logprobs is not None
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether its prompt's tokens' logprobs are asked (`SamplingParams.prompt_logprobs`)."""
+        return self.params.prompt_logprobs is not None
 
     @property
     def is_prefilled(self) -> bool:

@@ -52,3 +52,29 @@ def test_completion_logprobs_in_the_legacy_shape(sdk):
         for token in chunk.choices[0].logprobs.tokens
     ]
     assert streamed == logprobs.tokens
+
+
+def test_echo_scores_the_prompt_as_evaluation_harnesses_read_it(sdk):
+    def scored(text: str, **stream):
+        return sdk.completions.create(model=SMOL, prompt=text, max_tokens=1, temperature=0, logprobs=1, echo=True, **stream)
+
+    completion = scored("The capital of France is Paris")
+    choice, usage = completion.choices[0], completion.usage
+    logprobs = choice.logprobs
+    assert choice.text.startswith("The capital of France is Paris") and "".join(logprobs.tokens) == choice.text
+    assert len(logprobs.tokens) == usage.prompt_tokens + usage.completion_tokens
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None  # nothing predicts the first token
+    assert all(lp <= 0 for lp in logprobs.token_logprobs[1:])
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
+    # A harness's log-likelihood of a continuation: the model knows its capitals.
+    right, wrong = (
+        sum(scored(f"The capital of France is {city}").choices[0].logprobs.token_logprobs[1:-1]) for city in ("Paris", "Banana")
+    )
+    assert right > wrong
+    streamed = [chunk.choices[0] for chunk in scored("The capital of France is Paris", stream=True) if chunk.choices]
+    assert "".join(c.text for c in streamed) == choice.text
+    assert [t for c in streamed if c.logprobs for t in c.logprobs.tokens] == logprobs.tokens
+    plain = sdk.completions.create(model=SMOL, prompt="The capital of France is", max_tokens=4, temperature=0)
+    echoed = sdk.completions.create(model=SMOL, prompt="The capital of France is", max_tokens=4, temperature=0, echo=True)
+    assert echoed.choices[0].text == "The capital of France is" + plain.choices[0].text
+    assert echoed.choices[0].logprobs is None

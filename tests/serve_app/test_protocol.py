@@ -141,7 +141,6 @@ def test_logit_bias_keys_become_token_ids_and_bad_ones_are_refused_naming_the_fi
     [
         (CHAT, "functions", [], [{"name": "f"}]),
         (CHAT, "function_call", "auto", {"name": "f"}),
-        (COMPLETION, "echo", False, True),
         (COMPLETION, "best_of", 1, 2),
         (COMPLETION, "suffix", "", "}"),
     ],

@@ -113,3 +113,28 @@ async def test_the_packaged_models_logprobs_match_transformers_within_what_its_w
     for position, (token, (_, logprob, top)) in enumerate(zip(generated, entries)):
         assert abs(logprob - expected[position, token].item()) <= TOLERANCE[weights]
         assert top[0][1] == pytest.approx(logprob)  # greedy: the chosen token is the most likely
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["cold", "prompt-in-cache"])
+async def test_prompt_logprobs_are_the_models_log_softmax_over_the_prompt_in_every_chunk(tiny, engine, cached):
+    ids = prompt(tiny, "a prompt scored token by token, over several chunks of the step")  # > 16: chunked
+    plain = SamplingParams(max_tokens=4, min_tokens=4, temperature=0)
+    alone, _ = await run(engine, ids, plain)  # leaves the prompt in a cache row, for `cached`
+    if not cached:
+        await run(engine, prompt(tiny, "x" * 200), plain)  # its row and the prompt's are overwritten
+    other = prompt(tiny, "a plain request beside it")
+    other_alone, _ = await run(engine, other, plain)
+    scored = SamplingParams(max_tokens=4, min_tokens=4, temperature=0, logprobs=2, prompt_logprobs=2)
+    (text, outputs), (other_text, _) = await asyncio.gather(run(engine, ids, scored), run(engine, other, plain))
+    entries = flat(outputs)
+    assert len(entries) == len(ids) + 4
+    first, *scored_entries = entries[: len(ids)]
+    assert first[1:] == [None, None]  # nothing predicts the prompt's first token
+    assert "".join(piece for piece, _, _ in entries[: len(ids)]) == tiny.tokenizer.decode(ids, skip_special_tokens=True)
+    expected = transformers_logprobs(tiny, ids[:1], ids[1:])  # position i's logits score token i + 1
+    for position, (token, (_, logprob, top)) in enumerate(zip(ids[1:], scored_entries)):
+        assert logprob == pytest.approx(expected[position, token].item(), abs=1e-4)
+        values, best = expected[position].topk(2)
+        assert [lp for _, lp in top] == pytest.approx(values.tolist(), abs=1e-4)
+        assert [piece for piece, _ in top] == [tiny.tokenizer.decode([t]) for t in best.tolist()]
+    assert (text, other_text) == (alone, other_alone)  # scoring changes neither answer
