@@ -16,8 +16,10 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StringConstraints,
+    Tag,
     ValidationError,
     ValidatorFunctionWrapHandler,
     WithJsonSchema,
@@ -412,6 +414,31 @@ def template_tools(tools: list[ToolDefinition]) -> list[dict[str, Any]]:
     return [tool.model_dump(exclude_none=True) for tool in tools]
 
 
+_Tool = TypeVar("_Tool")
+_NamedChoice = TypeVar("_NamedChoice")
+# The tool fields of chat completions and responses, each API with its own shapes.
+Tools = Annotated[list[_Tool] | None, Field(max_length=128, description="Functions the model may call.")]
+ToolChoice = Annotated[
+    Literal["none", "auto", "required"] | _NamedChoice | None,
+    Field(description='Default "auto" with tools. "required" or a named function: the answer is a call, its arguments valid.'),
+]
+ParallelToolCalls = Annotated[bool | None, Field(description="With tool_choice required: several calls at once (default true).")]
+
+
+def check_tools(names: list[str], forced: bool, named: str | None, formatted: bool, format_field: str) -> None:
+    """ValueError unless the tools and the tool_choice (`forced`: a call is asked for; `named`:
+    the tool it names) fit together, and a forced call comes without a response format
+    (`formatted`, in `format_field`)."""
+    if len(set(names)) < len(names):
+        raise ValueError("tools: two tools have the same name")
+    if forced and not names:
+        raise ValueError("tool_choice: asks for a call, but there are no tools")
+    if named is not None and named not in names:
+        raise ValueError(f"tool_choice: names {named!r}, which is not among the tools")
+    if forced and formatted:
+        raise ValueError(f"{format_field}: cannot be combined with a forced tool call (tool_choice)")
+
+
 class FunctionName(RequestModel):
     name: str
 
@@ -496,17 +523,12 @@ class ChatCompletionRequest(_OpenAISamplingRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_SAMPLE_LEN)
-    # Not implemented (see NOTHING_ASKED).
     logprobs: bool | None = Field(default=None, description="Each answer token's log-probability, from the model's logits.")
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="With logprobs: the most likely tokens' too.")
-    tools: list[ToolDefinition] | None = Field(default=None, max_length=128, description="Functions the model may call.")
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
-        default=None,
-        description='Default "auto" with tools. "required" or a named function: the answer is a call, its arguments valid.',
-    )
-    parallel_tool_calls: bool | None = Field(
-        default=None, description="With tool_choice required: several calls at once (default true)."
-    )
+    tools: Tools[ToolDefinition] = None
+    tool_choice: ToolChoice[NamedToolChoice] = None
+    parallel_tool_calls: ParallelToolCalls = None
+    # Not implemented (see NOTHING_ASKED).
     functions: Unsupported[EmptyList] = Field(default=None, description=NOTHING_ASKED)
     function_call: Unsupported[Literal["none", "auto"]] = Field(default=None, description=NOTHING_ASKED)
     response_format: ResponseFormat | None = Field(
@@ -530,16 +552,9 @@ class ChatCompletionRequest(_OpenAISamplingRequest):
 
     @model_validator(mode="after")
     def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
-        names = [tool.function.name for tool in self.tools or []]
-        if len(set(names)) < len(names):
-            raise ValueError("tools: two tools have the same name")
-        choice = self.tool_choice
-        if (choice == "required" or isinstance(choice, NamedToolChoice)) and not names:
-            raise ValueError("tool_choice: asks for a call, but there are no tools")
-        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise ValueError(f"tool_choice: names {choice.function.name!r}, which is not among the tools")
-        if self.calls_forced and self.response_format is not None and self.response_format.type != "text":
-            raise ValueError("response_format: cannot be combined with a forced tool call (tool_choice)")
+        named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+        formatted = self.response_format is not None and self.response_format.type != "text"
+        check_tools([tool.function.name for tool in self.tools or []], self.calls_forced, named, formatted, "response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs: true")
         if self.logprobs and self.tools and self.tool_choice != "none":
@@ -692,6 +707,82 @@ class ResponseInputMessage(RequestModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class ResponseFunctionCall(RequestModel):
+    """A call an earlier answer made (its `output` item), sent back in `input`."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str  # JSON text of an object
+    id: str | None = None
+    status: str | None = None
+
+    @field_validator("arguments")
+    @classmethod
+    def _an_object(cls, value: str) -> str:
+        try:
+            arguments = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc}") from None
+        if not isinstance(arguments, dict):
+            raise ValueError("must be a JSON object")
+        return value
+
+    def tool_call(self) -> ToolCall:
+        return ToolCall(id=self.call_id, function=ToolCallFunction(name=self.name, arguments=self.arguments))
+
+
+class ResponseFunctionCallOutput(RequestModel):
+    """A call's result, sent back in `input`."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+
+class ResponseFunctionTool(RequestModel):
+    """The Responses API's function tool: chat completions' `function`, flat."""
+
+    type: Literal["function"]
+    name: str = Field(pattern=OPENAI_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="A JSON schema of the arguments (an object).")
+    strict: bool | None = Field(default=None, description="Accepted; a forced call's arguments follow the schema either way.")
+
+    def chat_tool(self) -> ToolDefinition:
+        function = FunctionDefinition(
+            name=self.name, description=self.description, parameters=self.parameters, strict=self.strict
+        )
+        return ToolDefinition(type="function", function=function)
+
+
+class ResponseNamedToolChoice(RequestModel):
+    type: Literal["function"]
+    name: str
+
+
+def _input_item_kind(item: Any) -> str:
+    """Which input item `item` is, by its `type` (a message's may be left out), so an invalid
+    item's errors are those of its own kind, not of every kind it is not."""
+    kind = item.get("type") if isinstance(item, dict) else getattr(item, "type", None)
+    return kind if kind in ("function_call", "function_call_output") else "message"
+
+
+ResponseInputItem = Annotated[
+    Annotated[ResponseInputMessage, Tag("message")]
+    | Annotated[ResponseFunctionCall, Tag("function_call")]
+    | Annotated[ResponseFunctionCallOutput, Tag("function_call_output")],
+    Discriminator(_input_item_kind),
+]
+# A prompt, or the items of a conversation; errors name which (`input.text`, `input.items.<i>`).
+ResponseInput = Annotated[
+    Annotated[str, Tag("text")] | Annotated[list[ResponseInputItem], Tag("items")],
+    Discriminator(lambda value: "text" if isinstance(value, str) else "items"),
+]
+
+
 class ResponseJsonSchemaFormat(JsonSchemaSpec):
     """The Responses API's structured outputs: `json_schema`'s fields, flat."""
 
@@ -710,8 +801,9 @@ class ResponseTextOptions(RequestModel):
 
 
 class ResponsesRequest(_OpenAISamplingRequest):
-    """OpenAI's Responses API, text in and text out: `input` (a string, or messages whose
-    content is text) after optional `instructions`; answered whole or as its stream of events.
+    """OpenAI's Responses API: `input` (a string, or messages whose content is text, and the
+    calls an answer made with their outputs) after optional `instructions`, with function
+    `tools`; answered whole or as its stream of events.
     Responses are not stored (`store` is accepted and changes nothing), so neither
     `previous_response_id` nor `conversation` can continue one: send the earlier turns in `input`."""
 
@@ -722,14 +814,17 @@ class ResponsesRequest(_OpenAISamplingRequest):
         },
     )
 
-    input: str | list[ResponseInputMessage] = Field(description="The prompt, or the conversation so far (text messages).")
+    input: ResponseInput = Field(
+        description="The prompt, or the conversation so far: text messages, and the calls an answer made with their outputs."
+    )
     instructions: str | None = Field(default=None, description="A system message before `input`.")
     max_output_tokens: int | None = Field(default=None, ge=1, le=MAX_SAMPLE_LEN)
     store: bool | None = None
     text: ResponseTextOptions | None = None
+    tools: Tools[ResponseFunctionTool] = None
+    tool_choice: ToolChoice[ResponseNamedToolChoice] = None
+    parallel_tool_calls: ParallelToolCalls = None
     # Not implemented (see NOTHING_ASKED).
-    tools: Unsupported[EmptyList] = Field(default=None, description=NOTHING_ASKED)
-    tool_choice: Unsupported[Literal["none", "auto"]] = Field(default=None, description=NOTHING_ASKED)
     top_logprobs: Unsupported[Literal[0]] = Field(default=None, description=NOTHING_ASKED)
     previous_response_id: Unsupported[None] = Field(default=None, description=NOTHING_ASKED)
     conversation: Unsupported[None] = Field(default=None, description=NOTHING_ASKED)
@@ -746,17 +841,48 @@ class ResponsesRequest(_OpenAISamplingRequest):
             raise ValueError("must not be empty")
         return value
 
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ResponsesRequest:
+        named = self.tool_choice.name if isinstance(self.tool_choice, ResponseNamedToolChoice) else None
+        formatted = bool(self.text and self.text.format and self.text.format.type != "text")
+        check_tools([tool.name for tool in self.tools or []], self.calls_forced, named, formatted, "text.format")
+        return self
+
     def to_sampling_params(self) -> SamplingParams:
         return self._sampling_params(self.max_output_tokens or self.max_tokens)
 
     def constraint(self) -> Constraint | None:
+        tools = self.tool_definitions
+        if tools is not None and self.calls_forced:
+            name = self.tool_choice.name if isinstance(self.tool_choice, ResponseNamedToolChoice) else None
+            return forced_constraint(tools, name, self.parallel_tool_calls is not False)
         return self.text.constraint() if self.text else None
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        system = [{"role": "system", "content": self.instructions}] if self.instructions else []
-        if isinstance(self.input, str):
-            return [*system, {"role": "user", "content": self.input}]
-        return [*system, *(message.chat_message() for message in self.input)]
+    @property
+    def tool_definitions(self) -> list[dict[str, Any]] | None:
+        """The tools the prompt offers (none with tool_choice "none"), as chat templates take them."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return template_tools([tool.chat_tool() for tool in self.tools])
+
+    @property
+    def calls_forced(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, ResponseNamedToolChoice)
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """`instructions` and `input` as chat messages: consecutive calls become one assistant
+        message with `tool_calls`, a call's output a `tool` message."""
+        messages = [ChatMessage(role="system", content=self.instructions)] if self.instructions else []
+        for item in [ResponseInputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input:
+            if isinstance(item, ResponseInputMessage):
+                messages.append(ChatMessage.model_validate(item.chat_message()))
+            elif isinstance(item, ResponseFunctionCallOutput):
+                messages.append(ChatMessage(role="tool", content=item.output, tool_call_id=item.call_id))
+            elif messages and messages[-1].role == "assistant" and messages[-1].tool_calls:
+                messages[-1].tool_calls = [*(messages[-1].tool_calls or []), item.tool_call()]
+            else:
+                messages.append(ChatMessage(role="assistant", tool_calls=[item.tool_call()]))
+        return [message.template_message() for message in messages]
 
 
 class Usage(BaseModel):
@@ -905,6 +1031,21 @@ class ResponseOutputMessage(BaseModel):
     content: list[ResponseOutputText]
 
 
+class ResponseOutputFunctionCall(BaseModel):
+    """A call the answer makes: its `arguments` validate against the tool's parameters when the
+    call was forced (`tool_choice`)."""
+
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: MessageStatusOut = "completed"
+
+
+ResponseOutputItem = ResponseOutputMessage | ResponseOutputFunctionCall
+
+
 class ResponseUsage(BaseModel):
     input_tokens: int
     input_tokens_details: dict[str, int] = {"cached_tokens": 0}
@@ -933,13 +1074,13 @@ class ResponseObject(BaseModel):
     incomplete_details: ResponseIncompleteDetails | None = None
     instructions: str | None = None
     model: str
-    output: list[ResponseOutputMessage]
+    output: list[ResponseOutputItem]
     max_output_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    parallel_tool_calls: bool = False
-    tool_choice: Literal["none"] = "none"
-    tools: list[Any] = []
+    parallel_tool_calls: bool = True
+    tool_choice: Literal["none", "auto", "required"] | ResponseNamedToolChoice = "auto"
+    tools: list[ResponseFunctionTool] = []
     previous_response_id: None = None
     store: bool = False  # never stored here
     text: dict[str, Any] = {"format": {"type": "text"}}

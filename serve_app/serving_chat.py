@@ -4,7 +4,6 @@ completion, whole or streamed; with tools, the answer's calls are split from its
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -42,7 +41,7 @@ from serve_app.serving import (
     usage_of,
 )
 from serve_app.streaming import ServerSentEventsResponse
-from serve_app.tool_calls import Call, CallSplitter, calls_in_text, forced_calls
+from serve_app.tool_calls import CallSplitter, split_answer
 from serve_app.turns import StreamLease, Turn
 
 
@@ -78,23 +77,12 @@ class ChatChunks:
 def tool_answer(
     text: str, last: GenerationOutput, forced: bool, names: set[str]
 ) -> tuple[ChatCompletionMessage, FinishReasonOut | None]:
-    """An answer of a request with tools: its calls (`tool_calls`, finish reason "tool_calls")
-    and the text that is not a call. A forced call is the whole answer once its grammar is
-    complete; cut short (max_tokens, a stop string), it is returned as text."""
-    calls: list[Call] = []
-    content: str | None = text
-    if forced:
-        if last.finish_reason == "stop":
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                calls, content = forced_calls(text), None
-    else:
-        content, calls = calls_in_text(text, names)
+    """An answer of a request with tools as a chat message (`split_answer`): its calls in
+    `tool_calls`, with finish reason "tool_calls"."""
+    content, calls = split_answer(text, last.finish_reason == "stop", forced, names)
     tool_calls = [ToolCall(id=c.id, function=ToolCallFunction(name=c.name, arguments=c.arguments)) for c in calls]
-    if calls and not content:
-        content = None
-    return ChatCompletionMessage(content=content, tool_calls=tool_calls or None), "tool_calls" if calls else finish_reason_of(
-        last
-    )
+    finish = "tool_calls" if calls else finish_reason_of(last)
+    return ChatCompletionMessage(content=content, tool_calls=tool_calls or None), finish
 
 
 class ServingChat(OpenAIServing):

@@ -1,6 +1,6 @@
-"""`POST /v1/responses`: the Responses API for text. `input` and `instructions` become one
-turn, and its outputs one message of text in a response object, whole or as the API's typed
-stream of events."""
+"""`POST /v1/responses`: the Responses API. `input` and `instructions` become one turn, and its
+outputs a response object, whole or as the API's typed stream of events: a message of text and,
+with `tools`, the function calls the answer makes (`serve_app.tool_calls`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +22,8 @@ from serve_app.protocol import (
     ResponseError,
     ResponseIncompleteDetails,
     ResponseObject,
+    ResponseOutputFunctionCall,
+    ResponseOutputItem,
     ResponseOutputMessage,
     ResponseOutputText,
     ResponsesRequest,
@@ -30,6 +32,7 @@ from serve_app.protocol import (
 )
 from serve_app.serving import OpenAIServing, collect, finish_reason_of
 from serve_app.streaming import ServerSentEventsResponse
+from serve_app.tool_calls import Call, CallSplitter, split_answer
 from serve_app.turns import StreamLease, Turn, describe_failure
 
 
@@ -45,6 +48,12 @@ class ResponseDraft:
     message_id: str = field(default_factory=lambda: f"msg_{uuid.uuid4().hex}")
     created_at: int = field(default_factory=lambda: int(time.time()))
 
+    @property
+    def tool_names(self) -> set[str] | None:
+        """The names of the tools the answer may call; None: no tools (or tool_choice "none")."""
+        tools = self.body.tool_definitions
+        return None if tools is None else {tool["function"]["name"] for tool in tools}
+
     def message(self, status: MessageStatusOut, text: str | None = None) -> ResponseOutputMessage:
         content = [] if text is None else [ResponseOutputText(text=text)]
         return ResponseOutputMessage(id=self.message_id, status=status, content=content)
@@ -52,7 +61,7 @@ class ResponseDraft:
     def render(
         self,
         status: ResponseStatus,
-        output: list[ResponseOutputMessage] | None = None,
+        output: list[ResponseOutputItem] | None = None,
         usage: ResponseUsage | None = None,
         error: ResponseError | None = None,
     ) -> ResponseObject:
@@ -72,17 +81,35 @@ class ResponseDraft:
             if self.body.text and self.body.text.format
             else {"format": {"type": "text"}},
             incomplete_details=ResponseIncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None,
+            tools=self.body.tools or [],
+            tool_choice=self.body.tool_choice or "auto",
+            parallel_tool_calls=self.body.parallel_tool_calls is not False,
         )
 
-    def finished(self, text: str, last: GenerationOutput) -> ResponseObject:
-        """The whole response: "incomplete" when it ran out of `max_output_tokens` (or of the context)."""
-        status: MessageStatusOut = "incomplete" if finish_reason_of(last) == "length" else "completed"
+    def answer(self, text: str, last: GenerationOutput) -> tuple[str | None, list[Call]]:
+        """The answer's message text (None: calls only) and its calls."""
+        names = self.tool_names
+        if names is None:
+            return text, []
+        return split_answer(text, last.finish_reason == "stop", self.body.calls_forced, names)
+
+    def finished(self, text: str | None, last: GenerationOutput, calls: Sequence[Call] = ()) -> ResponseObject:
+        """The whole response: its message (if it has text), then its calls; "incomplete" when it
+        ran out of `max_output_tokens` (or of the context)."""
+        status: MessageStatusOut = "incomplete" if finish_reason_of(last) == "length" and not calls else "completed"
         usage = ResponseUsage(
             input_tokens=last.prompt_tokens,
             output_tokens=last.completion_tokens,
             total_tokens=last.prompt_tokens + last.completion_tokens,
         )
-        return self.render(status, [self.message(status, text)], usage)
+        output: list[ResponseOutputItem] = [] if text is None else [self.message(status, text)]
+        output += [
+            ResponseOutputFunctionCall(
+                id=f"fc_{call.id.removeprefix('call_')}", call_id=call.id, name=call.name, arguments=call.arguments
+            )
+            for call in calls
+        ]
+        return self.render(status, output, usage)
 
 
 class ServingResponses(OpenAIServing):
@@ -91,24 +118,27 @@ class ServingResponses(OpenAIServing):
     async def create(self, body: ResponsesRequest, lease: StreamLease | None) -> ResponseObject | ServerSentEventsResponse:
         model = self.models.resolve(body.model)
         params = body.to_sampling_params()
-        turn = await self.turns.start_turn(model, params, messages=body.chat_messages(), lease=lease)
+        turn = await self.turns.start_turn(model, params, messages=body.chat_messages(), tools=body.tool_definitions, lease=lease)
         draft = ResponseDraft(body, model.name, params)
         return self.stream(turn, draft) if body.stream else await self.whole(turn, draft)
 
     async def whole(self, turn: Turn, draft: ResponseDraft) -> ResponseObject:
         [(text, last)] = await collect(self.turns, [turn])
-        return draft.finished(text, last)
+        content, calls = draft.answer(text, last)
+        return draft.finished(content, last, calls)
 
     def stream(self, turn: Turn, draft: ResponseDraft) -> ServerSentEventsResponse:
         return ServerSentEventsResponse(self._events(turn, draft))
 
     async def _events(self, turn: Turn, draft: ResponseDraft) -> AsyncGenerator[bytes, None]:
         """The Responses API's stream: the response created and in progress, its message and text
-        part added, the text's deltas, then each of those done and the response completed (or
-        incomplete: out of tokens). Every event names its type twice (the SSE `event:` field and
-        `type`) and carries its `sequence_number`. A failure after the stream started ends it with
-        `response.failed`. Unlike chat completions, no `data: [DONE]`. The opening events go out in
-        one write, as do the closing ones (see `serving.sse_events`)."""
+        part added, the text's deltas, then each of those done, each call's item (added, its
+        arguments, done), and the response completed (or incomplete: out of tokens). With tools
+        the message opens with its first text, and text from where a call may start is held to
+        the end (none of it when the call is forced). Every event names its type twice (the SSE
+        `event:` field and `type`) and carries its `sequence_number`. A failure after the stream
+        started ends it with `response.failed`. Unlike chat completions, no `data: [DONE]`. The
+        opening events go out in one write, as do the closing ones (see `serving.sse_events`)."""
         numbers = itertools.count()
 
         def event(kind: str, **fields: Any) -> bytes:
@@ -116,33 +146,62 @@ class ServingResponses(OpenAIServing):
             return format_sse_event(event=kind, data_str=json.dumps(data, ensure_ascii=False))
 
         where = {"item_id": draft.message_id, "output_index": 0, "content_index": 0}
-        in_progress = draft.render("in_progress").model_dump(mode="json")
-        yield b"".join(
-            [
-                event("response.created", response=in_progress),
-                event("response.in_progress", response=in_progress),
+
+        def message_added() -> list[bytes]:
+            return [
                 event("response.output_item.added", output_index=0, item=draft.message("in_progress").model_dump(mode="json")),
                 event("response.content_part.added", **where, part=ResponseOutputText(text="").model_dump(mode="json")),
             ]
-        )
-        pieces: list[str] = []
+
+        in_progress = draft.render("in_progress").model_dump(mode="json")
+        opening = [event("response.created", response=in_progress), event("response.in_progress", response=in_progress)]
+        names, forced = draft.tool_names, draft.body.calls_forced
+        splitter = CallSplitter() if names is not None and not forced else None
+        has_message = names is None  # with tools, once it has text
+        yield b"".join(opening + (message_added() if has_message else []))
+        pieces: list[str] = []  # the answer's text
+        shown: list[str] = []  # the message's, as streamed
         try:
             async with aclosing(self.turns.outputs(turn)) as outputs:
                 async for output in outputs:
-                    if output.text:
-                        pieces.append(output.text)
-                        yield event("response.output_text.delta", **where, delta=output.text, logprobs=[])
+                    pieces.append(output.text)
+                    text = output.text if names is None else splitter.feed(output.text) if splitter else ""
+                    if text:
+                        added = [] if has_message else message_added()
+                        has_message = True
+                        shown.append(text)
+                        yield b"".join([*added, event("response.output_text.delta", **where, delta=text, logprobs=[])])
         except Exception as exc:  # noqa: BLE001 - logged and stored by `outputs`
             error = ResponseError(code="server_error", message=describe_failure(exc))
             yield event("response.failed", response=draft.render("failed", error=error).model_dump(mode="json"))
             return
-        final = draft.finished("".join(pieces), output)
-        item = final.output[0]
-        yield b"".join(
-            [
-                event("response.output_text.done", **where, text=item.content[0].text, logprobs=[]),
-                event("response.content_part.done", **where, part=item.content[0].model_dump(mode="json")),
-                event("response.output_item.done", output_index=0, item=item.model_dump(mode="json")),
-                event(f"response.{final.status}", response=final.model_dump(mode="json")),
-            ]
-        )
+        closing: list[bytes] = []
+        calls: list[Call] = []
+        if names is not None:
+            rest, calls = draft.answer("".join(pieces) if splitter is None else splitter.held, output)
+            if rest:  # text held back as a possible call, or after the calls
+                closing += [] if has_message else message_added()
+                has_message = True
+                shown.append(rest)
+                closing.append(event("response.output_text.delta", **where, delta=rest, logprobs=[]))
+        final = draft.finished("".join(shown) if has_message else None, output, calls)
+        for index, item in enumerate(final.output):
+            if isinstance(item, ResponseOutputMessage):
+                closing += [
+                    event("response.output_text.done", **where, text=item.content[0].text, logprobs=[]),
+                    event("response.content_part.done", **where, part=item.content[0].model_dump(mode="json")),
+                ]
+            else:
+                at = {"item_id": item.id, "output_index": index}
+                closing += [
+                    event(
+                        "response.output_item.added",
+                        output_index=index,
+                        item=item.model_copy(update={"arguments": "", "status": "in_progress"}).model_dump(mode="json"),
+                    ),
+                    event("response.function_call_arguments.delta", **at, delta=item.arguments),
+                    event("response.function_call_arguments.done", **at, arguments=item.arguments),
+                ]
+            closing.append(event("response.output_item.done", output_index=index, item=item.model_dump(mode="json")))
+        closing.append(event(f"response.{final.status}", response=final.model_dump(mode="json")))
+        yield b"".join(closing)

@@ -10,6 +10,7 @@ back from an answer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import uuid
@@ -118,3 +119,19 @@ class CallSplitter:
         keep = next((n for n in range(min(len(text), len(TOOL_CALL_OPEN) - 1), 0, -1) if TOOL_CALL_OPEN.startswith(text[-n:])), 0)
         self.held = text[len(text) - keep :]
         return text[: len(text) - keep]
+
+
+def split_answer(text: str, finished: bool, forced: bool, names: set[str]) -> tuple[str | None, list[Call]]:
+    """An answer of a request with tools: the text that is not a call (None if there is none
+    beside calls), and its calls. A forced call is the whole answer once its grammar is
+    complete (`finished`: it ended with "stop"); cut short (max_tokens, a stop string), it is
+    returned as text."""
+    calls: list[Call] = []
+    content: str | None = text
+    if forced:
+        if finished:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                calls, content = forced_calls(text), None
+    else:
+        content, calls = calls_in_text(text, names)
+    return (None if calls and not content else content), calls

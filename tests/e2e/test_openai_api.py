@@ -243,7 +243,8 @@ def test_a_response_cut_by_max_output_tokens_is_incomplete(sdk):
     ("extra", "field"),
     [
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
-        ({"tools": [{"type": "function", "name": "weather", "parameters": {}}]}, "tools"),
+        ({"tools": [{"type": "function", "name": "w", "parameters": {"type": "objectx"}}], "tool_choice": "required"}, "tools"),
+        ({"tools": [{"type": "web_search"}]}, "tools.0.type"),  # hosted tools: not here
         ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "objectx"}}}}, "text.format"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
     ],

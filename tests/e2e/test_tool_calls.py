@@ -155,3 +155,61 @@ def test_auto_gives_the_models_call_or_its_text_whole_and_streamed_alike(sdk, re
     assert (finish == "tool_calls") == bool(calls)
     assert "<tool_call>" not in streamed_text or not calls  # a call read out of the text is not also text
     report(f"auto: finish {finish}, calls {list(calls.values())}, text {streamed_text[:80]!r}")
+
+
+# The Responses API's function tools: chat completions' `function`, flat.
+RESPONSE_TOOLS = [{"type": "function", **tool["function"]} for tool in TOOLS]
+
+
+def test_responses_call_a_required_tool_whole_and_streamed_alike(sdk):
+    ask = dict(model=SMOL, input=ASK[0]["content"], tools=RESPONSE_TOOLS, tool_choice="required", temperature=0)
+    response = sdk.responses.create(**ask)
+    assert response.status == "completed" and [item.type for item in response.output] == ["function_call"] * len(response.output)
+    calls = [(item.name, item.arguments, item.call_id) for item in response.output]
+    for name, arguments, _ in calls:
+        VALIDATORS[name].model_validate_json(arguments)  # raises unless the arguments validate
+    assert [tool.name for tool in response.tools] == ["get_weather", "get_time"] and response.tool_choice == "required"
+    events = list(sdk.responses.create(**ask, stream=True))
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [(item.name, item.arguments) for item in done] == [(name, arguments) for name, arguments, _ in calls]
+    assert "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta") == "".join(
+        arguments for _, arguments, _ in calls
+    )
+    assert [(i.name, i.arguments) for i in events[-1].response.output] == [(name, args) for name, args, _ in calls]
+    assert not any(e.type == "response.output_text.delta" for e in events)  # a forced call has no text
+
+
+def test_responses_take_a_calls_output_back_and_answer_from_it(sdk):
+    first = sdk.responses.create(
+        model=SMOL, input=ASK[0]["content"], tools=RESPONSE_TOOLS, tool_choice={"type": "function", "name": "get_weather"}
+    )
+    (call,) = first.output
+    assert call.name == "get_weather"
+    history = [
+        ASK[0],
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 degrees celsius."},
+    ]
+    second = sdk.responses.create(model=SMOL, input=history, tools=RESPONSE_TOOLS, temperature=0, max_output_tokens=64)
+    assert second.status in ("completed", "incomplete") and second.output[0].type == "message"
+    assert "21" in second.output_text  # it read the result
+    assert second.usage.input_tokens > first.usage.input_tokens
+
+
+def test_responses_tool_requests_that_cannot_run_are_bad_requests_naming_the_field(sdk):
+    cases = [
+        (dict(tools=RESPONSE_TOOLS, tool_choice={"type": "function", "name": "nope"}), "tool_choice"),
+        (dict(tool_choice="required"), "tool_choice"),
+        (dict(tools=[RESPONSE_TOOLS[0], RESPONSE_TOOLS[0]]), "tools"),
+        (dict(tools=RESPONSE_TOOLS, tool_choice="required", text={"format": {"type": "json_object"}}), "text.format"),
+        (
+            dict(input=[ASK[0], {"type": "function_call", "call_id": "c", "name": "get_time", "arguments": "[1]"}]),
+            "input.items.1.function_call.arguments",
+        ),
+    ]
+    for extra, field in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            sdk.responses.create(**{"model": SMOL, "input": ASK[0]["content"], **extra})
+        assert caught.value.body["param"] == field, caught.value.message

@@ -190,7 +190,7 @@ def test_a_responses_input_becomes_the_chat_messages_it_means():
     assert ResponsesRequest.model_validate({"model": "m", "input": "Hi"}).chat_messages() == [{"role": "user", "content": "Hi"}]
     with pytest.raises(ValidationError) as caught:
         ResponsesRequest.model_validate(
-            {"model": "m", "input": [{"type": "function_call_output", "call_id": "c", "output": "4"}]}
+            {"model": "m", "input": [{"type": "reasoning", "summary": []}]}  # an item kind not taken
         )
     assert caught.value.errors()[0]["loc"][0] == "input"
 
@@ -223,3 +223,38 @@ def test_a_response_format_becomes_the_constraint_its_answer_follows():
         with pytest.raises(ValidationError) as caught:
             ChatCompletionRequest.model_validate({**CHAT, "response_format": bad})
         assert caught.value.errors()[0]["loc"][0] == "response_format"
+
+
+def test_a_responses_input_with_calls_and_their_outputs_becomes_chat_messages_with_tool_calls():
+    body = ResponsesRequest.model_validate(
+        {
+            "model": "m",
+            "instructions": "Use the tools.",
+            "input": [
+                {"role": "user", "content": "Weather and time in Paris?"},
+                {"type": "function_call", "call_id": "a", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+                {"type": "function_call", "call_id": "b", "name": "get_time", "arguments": "{}", "status": "completed"},
+                {"type": "function_call_output", "call_id": "a", "output": "Sunny"},
+                {"type": "function_call_output", "call_id": "b", "output": "noon"},
+            ],
+            "tools": [
+                {"type": "function", "name": "get_weather", "parameters": {"type": "object"}},
+                {"type": "function", "name": "get_time"},
+            ],
+            "tool_choice": {"type": "function", "name": "get_time"},
+        }
+    )
+    calls = [
+        {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+        {"id": "b", "type": "function", "function": {"name": "get_time", "arguments": {}}},
+    ]
+    assert body.chat_messages() == [
+        {"role": "system", "content": "Use the tools."},
+        {"role": "user", "content": "Weather and time in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": calls},  # consecutive calls: one message
+        {"role": "tool", "content": "Sunny", "tool_call_id": "a"},
+        {"role": "tool", "content": "noon", "tool_call_id": "b"},
+    ]
+    assert [tool["function"]["name"] for tool in body.tool_definitions or []] == ["get_weather", "get_time"]
+    assert json.loads(body.to_sampling_params().constraint.json_schema)["properties"]["name"] == {"const": "get_time"}
+    assert ResponsesRequest.model_validate({**body.model_dump(), "tool_choice": "none"}).tool_definitions is None
