@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -33,6 +33,7 @@ from serve_app.protocol import (
 from serve_app.serving import (
     DONE_EVENT,
     OpenAIServing,
+    choice_outputs,
     collect,
     finish_reason_of,
     sse_events,
@@ -101,8 +102,8 @@ class ServingChat(OpenAIServing):
         if tools:
             names = {tool["function"]["name"] for tool in tools}
             if body.stream:
-                return self.stream_with_tools(body, turns[0], chunks, names)
-            return await self.whole_with_tools(body, turns[0], chunks, names)
+                return self.stream_with_tools(body, turns, chunks, names)
+            return await self.whole_with_tools(body, turns, chunks, names)
         return self.stream(body, turns, chunks) if body.stream else await self.whole(turns, chunks)
 
     async def _start(
@@ -122,8 +123,6 @@ class ServingChat(OpenAIServing):
             raise InvalidRequestError(
                 "conversation_id: a conversation stores text turns only; send a tool-using chat's history in messages"
             )
-        if tools and body.n > 1:
-            raise InvalidRequestError("n: a request with tools has one choice")
         if conversation_id is None:
             return await start_choices(
                 self.turns, model, body.choices_params(), messages=body.chat_messages(), tools=tools, lease=lease
@@ -162,46 +161,69 @@ class ServingChat(OpenAIServing):
         return ServerSentEventsResponse(sse_events(self.turns, turns, chunks.text, usage, opening))
 
     async def whole_with_tools(
-        self, body: ChatCompletionRequest, turn: Turn, chunks: ChatChunks, names: set[str]
+        self, body: ChatCompletionRequest, turns: list[Turn], chunks: ChatChunks, names: set[str]
     ) -> ChatCompletion:
-        [(text, last)] = await collect(self.turns, [turn])
-        message, finish = tool_answer(text, last, body.calls_forced, names)
-        return chunks.whole([ChatCompletionChoice(message=message, finish_reason=finish)], usage_of(last))
+        answers = await collect(self.turns, turns)
+        choices = []
+        for index, (text, last) in enumerate(answers):
+            message, finish = tool_answer(text, last, body.calls_forced, names)
+            choices.append(ChatCompletionChoice(index=index, message=message, finish_reason=finish))
+        return chunks.whole(choices, usage_of(*(last for _, last in answers)))
 
     def stream_with_tools(
-        self, body: ChatCompletionRequest, turn: Turn, chunks: ChatChunks, names: set[str]
+        self, body: ChatCompletionRequest, turns: list[Turn], chunks: ChatChunks, names: set[str]
     ) -> ServerSentEventsResponse:
-        return ServerSentEventsResponse(self._tool_events(turn, chunks, body.include_usage, body.calls_forced, names))
+        return ServerSentEventsResponse(self._tool_events(turns, chunks, body.include_usage, body.calls_forced, names))
 
     async def _tool_events(
-        self, turn: Turn, chunks: ChatChunks, include_usage: bool, forced: bool, names: set[str]
+        self, turns: list[Turn], chunks: ChatChunks, include_usage: bool, forced: bool, names: set[str]
     ) -> AsyncGenerator[bytes, None]:
-        """The stream of a request with tools: its text as it comes up to where a call may start
-        (none of it when the call is forced), then the rest of its text, its calls (one
-        `delta.tool_calls` chunk each, whole), its finish reason and usage, then `data: [DONE]`."""
+        """The stream of a request with tools: each choice's text as it comes up to where a call
+        may start (none of it when the call is forced), then at its end the rest of its text, its
+        calls (one `delta.tool_calls` chunk each, whole) and its finish reason; then the usage,
+        and `data: [DONE]`."""
 
-        def event(delta: ChatDelta, finish: FinishReasonOut | None = None) -> bytes:
-            return format_sse_event(data_str=chunks.delta(delta, finish).model_dump_json(exclude_none=True))
+        def event(delta: ChatDelta, index: int, finish: FinishReasonOut | None = None) -> bytes:
+            return format_sse_event(data_str=chunks.delta(delta, finish, index).model_dump_json(exclude_none=True))
 
-        splitter, pieces = CallSplitter(), []
-        yield event(ChatDelta(role="assistant", content=""))
+        splitters = [CallSplitter() for _ in turns]
+        pieces: list[list[str]] = [[] for _ in turns]
+        lasts: dict[int, GenerationOutput] = {}
+        pending: list[bytes] = []  # the last choice's end, which goes out with the stream's
+        yield b"".join(event(ChatDelta(role="assistant", content=""), index) for index in range(len(turns)))
         try:
-            async with aclosing(self.turns.outputs(turn)) as outputs:
-                async for output in outputs:
-                    pieces.append(output.text)
-                    text = "" if forced else splitter.feed(output.text)
-                    if text:
-                        yield event(ChatDelta(content=text))
+            async with aclosing(choice_outputs(self.turns, turns)) as outputs:
+                async for index, output in outputs:
+                    pieces[index].append(output.text)
+                    text = "" if forced else splitters[index].feed(output.text)
+                    events = [event(ChatDelta(content=text), index)] if text else []
+                    if output.finish_reason is not None:
+                        lasts[index] = output
+                        events += self._tool_closing(
+                            event, index, "".join(pieces[index]) if forced else splitters[index].held, output, forced, names
+                        )
+                    if len(lasts) == len(turns):
+                        pending = events
+                    elif events:
+                        yield b"".join(events)
         except Exception as exc:  # noqa: BLE001 - logged and stored by `outputs`
             yield stream_error(exc)
             return
-        message, finish = tool_answer("".join(pieces) if forced else splitter.held, output, forced, names)
-        closing = [event(ChatDelta(content=message.content))] if message.content else []
-        closing += [
-            event(ChatDelta(tool_calls=[ToolCallDelta(index=index, **call.model_dump())]))
-            for index, call in enumerate(message.tool_calls or [])
-        ]
-        closing.append(event(ChatDelta(), finish))
         if include_usage:
-            closing.append(format_sse_event(data_str=chunks.usage(usage_of(output)).model_dump_json()))
-        yield b"".join([*closing, DONE_EVENT])
+            pending.append(format_sse_event(data_str=chunks.usage(usage_of(*lasts.values())).model_dump_json()))
+        yield b"".join([*pending, DONE_EVENT])
+
+    @staticmethod
+    def _tool_closing(
+        event: Callable[..., bytes], index: int, rest: str, last: GenerationOutput, forced: bool, names: set[str]
+    ) -> list[bytes]:
+        """The end of choice `index`'s stream: the text held back that is not a call, its calls,
+        its finish reason."""
+        message, finish = tool_answer(rest, last, forced, names)
+        closing = [event(ChatDelta(content=message.content), index)] if message.content else []
+        closing += [
+            event(ChatDelta(tool_calls=[ToolCallDelta(index=number, **call.model_dump())]), index)
+            for number, call in enumerate(message.tool_calls or [])
+        ]
+        closing.append(event(ChatDelta(), index, finish))
+        return closing

@@ -79,6 +79,34 @@ def test_a_streamed_call_reassembles_into_the_whole_one(sdk):
     ]
 
 
+def test_n_choices_each_make_their_calls_whole_and_streamed_alike(sdk):
+    asked = dict(model=SMOL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0.8, seed=11, n=3)
+    whole = sdk.chat.completions.create(**asked)
+    assert [choice.index for choice in whole.choices] == [0, 1, 2]
+    for choice in whole.choices:
+        assert choice.finish_reason == "tool_calls" and valid_calls(choice.message.tool_calls)
+    # Choice i is what a one-choice request seeded 11 + i calls.
+    alone = sdk.chat.completions.create(**asked | {"n": 1, "seed": 12}).choices[0].message.tool_calls
+    assert [(c.function.name, c.function.arguments) for c in whole.choices[1].message.tool_calls] == [
+        (c.function.name, c.function.arguments) for c in alone
+    ]
+    calls: dict[tuple[int, int], dict] = {}
+    finishes = {}
+    for chunk in sdk.chat.completions.create(**asked, stream=True):
+        for choice in chunk.choices:
+            for delta in choice.delta.tool_calls or []:
+                call = calls.setdefault((choice.index, delta.index), {"name": "", "arguments": ""})
+                call["name"] += delta.function.name or ""
+                call["arguments"] += delta.function.arguments or ""
+            finishes[choice.index] = choice.finish_reason or finishes.get(choice.index)
+    assert finishes == {0: "tool_calls", 1: "tool_calls", 2: "tool_calls"}
+    for choice in whole.choices:
+        streamed = [call for (index, _), call in sorted(calls.items()) if index == choice.index]
+        assert [(c["name"], c["arguments"]) for c in streamed] == [
+            (c.function.name, c.function.arguments) for c in choice.message.tool_calls
+        ]
+
+
 def test_a_named_function_is_the_one_called_and_one_call_without_parallel_calls(sdk):
     named = {"type": "function", "function": {"name": "get_time"}}
     choice = sdk.chat.completions.create(
