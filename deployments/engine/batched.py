@@ -28,7 +28,7 @@ import torch
 from deployments.engine.cuda_graphs import DecodeRow
 from deployments.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from deployments.engine.grammar import Grammars
-from deployments.engine.model_runner import ConstrainedRows, ModelRunner, ScoredRows, Step, create_runner
+from deployments.engine.model_runner import ConstrainedRows, CudaModelRunner, ModelRunner, ScoredRows, Step
 from deployments.engine.outputs import OutputStage, TokenLogprobs
 from deployments.engine.protocol import (
     EngineStats,
@@ -135,7 +135,12 @@ class BatchedEngine:
         max_chunks_per_s: float,
         max_stream_chunks_per_s: float,
     ) -> None:
-        runner = self.runner = create_runner(loaded, weights, self.max_batch_size, max_context, gpu_memory_fraction, cuda_graphs)
+        runner: ModelRunner
+        if self.device.type == "cuda":  # the runner for the device, chosen once
+            runner = CudaModelRunner(loaded, weights, self.max_batch_size, max_context, gpu_memory_fraction, cuda_graphs)
+        else:
+            runner = ModelRunner(loaded, weights, self.max_batch_size, max_context)
+        self.runner = runner
         self.max_context = runner.max_context
         self.outputs = OutputStage(self._tokenizer, self._eos_ids, runner.max_context, max_chunks_per_s, max_stream_chunks_per_s)
         self._grammars = Grammars(self._tokenizer, runner.vocab_size, self._eos_ids)
@@ -199,7 +204,7 @@ class BatchedEngine:
 
     async def _matcher(self, params: SamplingParams) -> llguidance.LLMatcher:
         """A matcher for the request's constraint: compiled in a worker thread the first time
-        (a large schema takes 100 ms or more, and the caller's loop serves other requests)."""
+        (a large schema takes long to compile, and the caller's loop serves other requests)."""
         check_constraint(params)
         constraint = params.constraint
         assert constraint is not None

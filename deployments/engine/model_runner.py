@@ -5,7 +5,7 @@ A step is given as decode rows and prompt chunks (from the `scheduler`'s plan); 
 computes their logits (`forward`), masks constrained rows (`grammar.Masks`), takes the asking
 rows' logprobs and draws one id per sampled row (`sampler.draw`), all queued on the device: the
 caller decides when to read the ids (`sampler.finish`), so a step can be queued before the last
-one is read. One runner per device kind, chosen once at load (`create_runner`): `ModelRunner`
+one is read. One runner per device kind, chosen once by the engine at load: `ModelRunner`
 runs every step eagerly and grows its cache with the longest request; `CudaModelRunner` sizes
 the cache to the GPU's memory up front and replays decode steps from CUDA graphs.
 
@@ -213,17 +213,3 @@ class CudaModelRunner(ModelRunner):
         if step.pending and step.needs.sampled:
             draft = draft.clone()  # the next replay overwrites the graph's output, and `finish` may sort it
         return StepResult(draft, graphs.previous, None)
-
-
-def create_runner(
-    loaded: LoadedModel,
-    weights: WeightFormat,
-    max_batch_size: int,
-    max_context: int,
-    gpu_memory_fraction: float,
-    cuda_graphs: bool,
-) -> ModelRunner:
-    """The runner for the model's device."""
-    if loaded.device.type == "cuda":
-        return CudaModelRunner(loaded, weights, max_batch_size, max_context, gpu_memory_fraction, cuda_graphs)
-    return ModelRunner(loaded, weights, max_batch_size, max_context)
