@@ -38,9 +38,8 @@ from deployments.tool_prompt import template_knows_tools, with_tools_in_text
 
 logger = logging.getLogger(__name__)
 
-# Prompts up to this long are tokenized on the event loop: ~0.2-0.6 ms with SmolLM2's template
-# (2,000 characters: 0.57 ms; 8,000: 3.2 ms), about what the hop to the encoder thread and back
-# costs the replica, whose every request pays it.
+# Prompts up to this long are tokenized on the event loop: that costs about what the hop to the
+# encoder thread and back would, and every request pays the hop (docs/performance.md).
 INLINE_ENCODE_CHARS = 2_000
 
 
@@ -69,9 +68,9 @@ class LLMServer:
             self.engine = ReferenceEngine(self.loaded)
         self._stop_requested: dict[str, asyncio.Event] = {}
         # Long prompts are tokenized off the replica's event loop, which takes every other
-        # request: one takes up to ~0.6 s to template and tokenize (SmolLM2, two messages of
-        # 90,000 "é" each). One worker: a fast tokenizer must not be entered from two threads at
-        # once, so short ones are tokenized on the loop only while it has none (`_encoding`).
+        # request: templating and tokenizing a long one on the loop would stall every other
+        # stream (docs/performance.md). One worker: a fast tokenizer must not be entered from two
+        # threads at once, so short ones are tokenized on the loop only while it has none (`_encoding`).
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-prompt")
         self._encoding = 0
         self._warm_up()
@@ -80,7 +79,7 @@ class LLMServer:
     def _warm_up(self) -> None:
         """One short answer before the replica takes requests. The first answer otherwise pays
         one-time work (the chat template's compilation, the engine's first steps and kernel
-        calls): SmolLM2 int4 on a 2-core CPU, first output 72 ms, 17-21 ms for the next ones."""
+        calls), which made it several times slower than the next ones (docs/engine.md#warm-up)."""
         hello = "Hello"
         chat = [{"role": "user", "content": hello}] if self.loaded.tokenizer.chat_template else None
         request = GenerationRequest(messages=chat, prompt=None if chat else hello, params=SamplingParams(max_tokens=2))

@@ -6,9 +6,8 @@ counts it, and cancelling the call cancels the generation. But the call is unary
 request's last output (`Delivered`); every output before that one travels on a TCP connection
 from the model replica to the ingress replica, one connection per pair of replicas, carrying the
 outputs of all their requests, one message per event-loop turn (an engine step's outputs).
-Measured on 2 CPU cores (HAProxy front, a 1-output answer): a Serve streaming call costs ~1.35 ms
-of CPU in the ingress and ~0.64 ms in the replica where a unary call costs ~0.96 and ~0.55, and
-every streamed message costs both sides again (docs/performance.md).
+A Serve streaming call costs the ingress and the replica more CPU than a unary call, and every
+streamed message costs both sides again (docs/performance.md).
 
 - Ingress side: `Inbox`, a TCP server on the replica's node; `ModelStream` is one request's
   outputs as the ingress reads them (the earlier ones from the inbox, the last from the call),

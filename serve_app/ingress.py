@@ -234,8 +234,8 @@ def _user_admission(settings: AppSettings, turns: TurnService) -> tuple[list[Any
 def first_calls(settings: AppSettings, models: dict[str, DeploymentHandle], history: DeploymentHandle) -> list[Any]:
     """One cheap call to each deployment, made as an ingress replica starts and not awaited (a
     model may still be loading). A handle finds its deployment's replicas and connects to one on
-    its first call, which cost each ingress replica's first answer ~45 ms (2-core CPU: 62-80 ms
-    to the first byte, 15-24 after). None to a model that may have scaled to zero: the call
+    its first call, which made each ingress replica's first answer slower than the next ones
+    (docs/engine.md#warm-up). None to a model that may have scaled to zero: the call
     would start a replica."""
     calls = [models[model.name].stats.remote() for model in settings.models if not model.may_scale_to_zero]
     return [*calls, history.ready.remote()]

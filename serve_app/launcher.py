@@ -8,10 +8,10 @@ actors die with them, and the orphaned haproxy keeps the HTTP port, so the next 
 "Failed to bind to address". Here the launcher is a child subreaper (Linux prctl): what is
 orphaned below it is re-parented to it, not to init. Any of those signals becomes one SIGINT to
 `serve run`, which Serve handles as Ctrl-C; after `STOP_GRACE_S`, or at once when `serve run` has
-exited, every process still below the launcher is ended. Serve's own shutdown would wait 30 s for
+exited, every process still below the launcher is ended. Serve's own shutdown would wait for
 the ingress replica to "drain" (Serve's RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S, which
 keeps a replica reachable while load balancers deregister it during an upgrade), and then for its
-controller: a stop of `make serve` took 32 s. What is stored is committed already (SQLite, WAL,
+controller (docs/performance.md). What is stored is committed already (SQLite, WAL,
 synchronous=FULL); the answers still streaming end, as they would at the end of Serve's wait.
 
     python -m serve_app.launcher serve_config.yaml
@@ -84,8 +84,8 @@ def main(argv: list[str]) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop)
-    # A plain sleep between polls: Popen.wait(timeout) polls every 50 ms, 3.5 ms of CPU a second
-    # for as long as the service runs; a signal's handler runs during the sleep all the same.
+    # A plain sleep between polls: Popen.wait(timeout) polls every 50 ms, which costs CPU for as long
+    # as the service runs; a signal's handler runs during the sleep all the same.
     while service.poll() is None and (stop_by is None or time.monotonic() < stop_by):
         time.sleep(POLL_S)
     left = end_descendants()

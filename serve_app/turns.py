@@ -285,8 +285,8 @@ class TurnService:
         `ModelOverloadedError` at once where Serve would refuse the next one anyway
         (`ModelConfig.max_in_flight`), before the request does any work. Under a burst, every
         turn used to claim its conversation in the history and wait for the model's queue
-        before Serve refused it: 256 users asking at once (the packaged model, 2 cores) were
-        refused 0.8-1.4 s after asking (docs/performance.md)."""
+        before Serve refused it, so the refused ones waited long for their 503
+        (docs/performance.md)."""
         limit = model.max_in_flight
         if limit is not None and self.in_flight[model.name] >= limit:
             raise ModelOverloadedError(model)
@@ -374,8 +374,9 @@ class TurnService:
         self.metrics.turn_started(model.name, time.monotonic() - started)
         prompt_stored = None
         if record is not None and record.replace_after is None:
-            # Not waited for here: a write (SQLite's commit) took 9-14 ms of the 25-40 ms to the
-            # first byte. `outputs` waits for it before it stores the answer, which must follow it.
+            # Not waited for here: a write (SQLite's commit) was a large part of the time to the
+            # first byte (docs/engine.md). `outputs` waits for it before it stores the answer,
+            # which must follow it.
             prompt_stored = self.writes.start(
                 self.history.append_message.remote,
                 record.conversation_id,

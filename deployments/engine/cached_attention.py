@@ -8,9 +8,9 @@ launch per layer. One program per (token, KV head) runs the KV head's whole quer
 (grouped-query attention reads each key once) with an online softmax in fp32.
 
 A long prompt chunk's tokens go to `chunk_attention` instead (torch's fused attention over
-the chunk's row): the kernel walks each token's keys one block at a time, which for a chunk of
-2,048 tokens took 3.3 ms a layer on an H100, against 0.05 ms in torch's flash attention
-(`forward.LONG_CHUNK_TOKENS` decides which chunks).
+the chunk's row): the kernel walks each token's keys one block at a time, so a chunk costs it
+the square of its length, far more than torch's flash attention (docs/gpu.md;
+`forward.LONG_CHUNK_TOKENS` decides which chunks).
 
 The CPU keeps its batched-matmul attention (`forward.CpuStepAttention`): no Triton there. Tests run this
 kernel on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
@@ -127,7 +127,7 @@ def chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     t, n_heads, _ = q.shape
     end = start + t
     groups = n_heads // k_cache.shape[1]
-    # Each KV head repeated for its query group: a copy of the row's keys, ~5 us on a GPU.
+    # Each KV head repeated for its query group: a copy of the row's keys, small beside the attention.
     k = k_cache[slot, :, :end].repeat_interleave(groups, dim=0)[None]
     v = v_cache[slot, :, :end].repeat_interleave(groups, dim=0)[None]
     # The chunk's queries are the last t of the row's `end` positions: causal from the bottom

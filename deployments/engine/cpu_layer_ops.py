@@ -3,10 +3,9 @@
 plus `decode_attention`. `forward.layer_ops` picks these where `cpu_kernels.load()` works and the
 model runs in fp32; else `torch_layer_ops`.
 
-One SmolLM2 int4 decode step of one row on the 2-core AVX2 EPYC (forward, min of 8 runs of 8
-steps): 19-22 ms with torch's ops (~5 ms of it in ~2,500 small calls), 12.6 ms with these ops,
-6.4-8.7 ms with `decode_layers` (the whole stack in one call, where Python and torch between the
-kernels cost ~4 ms); 16 rows 78-86 / 54-61 / 47-50 ms.
+Through torch, a decode step's small ops cost more in calls than in arithmetic; these kernels cut
+that, and `decode_layers` runs the whole stack in one call, without Python and torch between the
+kernels (docs/engine.md#cpu-kernels).
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
 
 A decode step of a small model is a few hundred small kernels (and sampling a few dozen more); launched one by one from Python
-the GPU waits on the launches (transformers' `generate` on an H100: ~77 ms a step at any batch),
-while a replayed graph launches them all at once (3.3 ms at batch 1, 11.3 ms at 256, measured on
-an H100). A graph fixes its shapes and addresses, so:
+the GPU waits on the launches, while a replayed graph launches them all at once (figures:
+docs/gpu.md). A graph fixes its shapes and addresses, so:
 - the step's inputs (token ids, cache rows, positions) live in static buffers that each step
   overwrites, and the KV cache never moves (the GPU engine allocates it whole);
 - a step of n rows replays the smallest bucket >= n; its padding rows decode token 0 at
@@ -38,8 +37,7 @@ from deployments.engine.weights import LlamaWeights
 logger = logging.getLogger(__name__)
 
 # The sampling variants captured per bucket, cheapest first; a step replays the first that covers
-# its rows' needs (H200, us per step at 1 / 256 rows, measured by bench/sampler_bench.py: greedy
-# 26 / 47, greedy with the penalty 55 / 98, the original's defaults 139 / 500). Greedy rows skip the sampler but the repeat
+# its rows' needs (each variant's cost: docs/gpu.md, bench/sampler_bench.py). Greedy rows skip the sampler but the repeat
 # penalty (which the original's clients send with temperature 0 too) and EOS suppression before
 # min_tokens; rows that all filter (top-p or top-k: the original's defaults) skip the draw over
 # the whole vocabulary in id order and EOS suppression. Only the last variant applies OpenAI's

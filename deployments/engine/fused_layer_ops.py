@@ -1,11 +1,11 @@
 """A decoder layer's small ops on a GPU, fused into Triton kernels.
 
 A replayed decode step of a small model costs its kernel launches more than its arithmetic
-(SmolLM2 at one row: ~600 kernels, 1.5 ms on an H200). Between the QKV projection and attention,
-torch's ops took 8 kernels a layer (q/k to fp32, the complex multiply, back to bf16, copies of k,
-v and q into contiguous tensors, two `index_copy_` into the cache); `rope_and_cache_write` does it
-in one. `silu_and_mul` does the MLP's gate in one instead of two, `add_rms_norm` a residual
-update and the norm after it in one instead of two.
+(docs/gpu.md). Between the QKV projection and attention, torch's ops took 8 kernels a layer
+(q/k to fp32, the complex multiply, back to bf16, copies of k, v and q into contiguous tensors,
+two `index_copy_` into the cache); `rope_and_cache_write` does it in one. `silu_and_mul` does the
+MLP's gate in one instead of two, `add_rms_norm` a residual update and the norm after it in one
+instead of two.
 
 A CPU runs the same interface (`layer_ops.LayerOps`) in C (`cpu_layer_ops`) or torch
 (`torch_layer_ops`): no Triton there (`forward.layer_ops` picks). Tests run these kernels on the

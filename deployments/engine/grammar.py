@@ -2,13 +2,12 @@
 becomes an llguidance matcher, which after every token says which tokens may come next; the
 engine masks every other token's logit before it samples.
 
-llguidance over xgrammar by measurement (`bench/grammar_bench.py`, the packaged tokenizer, the
-test schema, 2-core AMD EPYC Zen 5): the host time of a step's masks at 16 constrained rows
-0.3-0.5 ms against 2.3-3.3 ms, at 64 rows 1.0-2.0 ms against 9-13 ms; a schema compiles in
-1.4 ms against 4-6 ms. On a CPU the host is the device, so the masks' time is the engine's.
+llguidance over xgrammar: it fills a step's masks and compiles a schema in less host time
+(`bench/grammar_bench.py`; figures in docs/openai.md). On a CPU the host is the device, so the
+masks' time is the engine's.
 
 Compiled grammars are kept per constraint (`Grammars`, least recently used out); a request
-starts from a copy of its grammar's fresh matcher (a copy: ~3 us, a compile: ~0.3-1.5 ms).
+starts from a copy of its grammar's fresh matcher (a copy costs a small fraction of a compile).
 Owns: compiling and checking constraints, filling masks, applying them to logits.
 Does not own: which rows run a step (see `batched`).
 """

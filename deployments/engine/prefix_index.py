@@ -30,9 +30,10 @@ class PrefixIndex:
     """Token lists, each with the cache slot that holds it, in lexicographic order. The list
     sharing the longest start with a prompt sorts right before or after it (a list sorting
     further away shares no more with the prompt than the one in between), so a lookup is a
-    binary search and two comparisons instead of one comparison per row. Comparing each of 64
-    newcomers with each of 256 rows had cost ~40 ms of every one's first token on a GPU; sorting
-    256 rows of 2,000 tokens takes ~3 ms, about a fifth of one newcomer's linear scan."""
+    binary search and two comparisons instead of one comparison per row. Comparing every
+    newcomer with every row grew with the square of the streams arriving together and delayed
+    each one's first token; keeping the rows sorted costs less than one newcomer's linear scan
+    (figures: docs/gpu.md)."""
 
     def __init__(self, entries: Iterable[tuple[list[int], int]] = ()):
         self._entries = sorted(entries)  # (tokens, slot): equal token lists in slot order

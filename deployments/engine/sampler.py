@@ -156,8 +156,8 @@ class SlotSampling:
 
     def write(self, entries: list[SlotEntry]) -> None:
         """At admission: each entry's request samples under its settings in its cache row. All
-        newcomers of a step at once (a GPU's batch of 256 fills at once: one request at a time,
-        the draws alone took ~0.15 ms of host time each)."""
+        newcomers of a step at once: a GPU's batch of 256 fills at once, and written one request
+        at a time, each one's draws on the host would delay every newcomer's first token (docs/gpu.md)."""
         if not entries:
             return
         slots = self._on_device([e.slot for e in entries], torch.int64)
@@ -280,7 +280,7 @@ class StepLogprobs:
 
     def __init__(self, logits: torch.Tensor, rows: list[int], top: int):
         self._logprobs = logits[torch.tensor(rows, device=logits.device)].float().log_softmax(dim=-1)
-        self._top = top_candidates(self._logprobs, top) if top else None  # a CPU's topk costs ~9 ns a logit
+        self._top = top_candidates(self._logprobs, top) if top else None  # on a CPU cheaper than torch's topk
 
     def of(self, tokens: list[int]) -> list[tuple[float, list[tuple[int, float]]]]:
         """Per row, the log-probability of its chosen token (`tokens`, by row) and its top
@@ -343,11 +343,10 @@ def apply_occurrence_penalties(
 
 def top_candidates(scaled: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`scaled.topk(k)` of [B, vocab]: values and ids [B, k], most likely first. On a CPU, where
-    torch's topk costs ~9 ns a logit, in two stages: the k chunks of TOPK_CHUNK tokens with the
+    torch's topk pays for every logit, in two stages: the k chunks of TOPK_CHUNK tokens with the
     largest maxima hold the k largest logits (a logit outside them is beaten by each of their
-    maxima), so the topk runs over those k chunks only. SmolLM2's vocabulary at 16 rows, 2-core
-    Zen 5 EPYC: 185 vs 413 us. Other devices, and vocabularies this would not shrink, take
-    torch's topk."""
+    maxima), so the topk runs over those k chunks only (figures: docs/engine.md#sampling). Other
+    devices, and vocabularies this would not shrink, take torch's topk."""
     rows, vocab = scaled.shape
     chunks = vocab // TOPK_CHUNK
     if scaled.is_cuda or vocab % TOPK_CHUNK or chunks < 4 * k:
@@ -407,8 +406,7 @@ def draw(logits: torch.Tensor, rows: StepRows, table: SlotSampling, history: tor
     _, ids = top_candidates(scaled, CANDIDATES)
     ranks = torch.arange(ids.shape[-1], device=ids.device)
     # The whole row's softmax, for the mass of a row without a top-k set among the candidates and
-    # for the unfiltered rows' draw: one pass, and on a CPU cheaper than torch's exp alone (16
-    # rows of SmolLM2's vocabulary on the Zen 5 EPYC: 189 us, against 324).
+    # for the unfiltered rows' draw: one pass, and on a CPU cheaper than torch's exp alone.
     probs = scaled.softmax(dim=-1)  # [B, vocab]
     p = probs.gather(1, ids) * (ranks < ints.kept[:, None])
     tokens, mass = _filtered_draw(p, ids, ints.fits[:, None] != 0, floats.top_p, u)
@@ -460,9 +458,9 @@ def finish(draft: Draft, fetch: Fetch | None = None) -> list[int]:
     if not rows:
         return tokens
     tokens = list(tokens)  # not the fetch's own list: the engine compares the two
-    # First the SORT_CANDIDATES most likely tokens (a topk: with SmolLM2 at 16 rows, sorting the
-    # vocabulary for the rare rows whose 64 candidates miss the mass cost ~1 ms a step), then
-    # the whole sort for the rows whose mass lies beyond those too.
+    # First the SORT_CANDIDATES most likely tokens (a topk, far cheaper than sorting the vocabulary
+    # for the rare rows whose candidates miss the mass), then the whole sort for the rows whose
+    # mass lies beyond those too.
     d = draft[rows]
     _, ids = d.scaled.topk(min(SORT_CANDIDATES, d.scaled.shape[-1]), dim=-1)
     drawn, mass = _sorted_draw(d, ids)

@@ -2,13 +2,12 @@
 
 torch's CPU kernels run on OpenMP (libgomp), and libgomp keeps one pool of worker threads for
 every OS thread that has run a parallel op. Its workers spin-wait between ops only while the
-process has no more pool threads than CPUs; past that they sleep, and waking them costs tens of
-microseconds per op. A decode step is ~1,000 small ops, so once a second thread has touched
-torch (the replica thread that loaded the model, the benchmark's main thread) every step got
-about twice as slow: SmolLM2 int8, one stream, 29 ms a step instead of 14 ms on the 2-core
-machine. A thread's pool is freed when the thread exits, so one-off torch work (loading the
-model, converting weights) runs in a short-lived thread, and the engine's own thread is the only
-one left holding a pool.
+process has no more pool threads than CPUs; past that they sleep, and waking them costs time on
+every op. A decode step is many small ops, so once a second thread has touched torch (the
+replica thread that loaded the model, the benchmark's main thread) every step got much slower
+(docs/engine.md#threads). A thread's pool is freed when the thread exits, so one-off torch work
+(loading the model, converting weights) runs in a short-lived thread, and the engine's own thread
+is the only one left holding a pool.
 """
 
 from __future__ import annotations
