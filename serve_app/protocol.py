@@ -824,12 +824,14 @@ class ResponsesRequest(_OpenAISamplingRequest):
     tools: Tools[ResponseFunctionTool] = None
     tool_choice: ToolChoice[ResponseNamedToolChoice] = None
     parallel_tool_calls: ParallelToolCalls = None
+    include: list[Literal["message.output_text.logprobs"]] | None = Field(
+        default=None, description="`message.output_text.logprobs`: each answer token's log-probability, from the model's logits."
+    )
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="With logprobs: the most likely tokens' too.")
     # Not implemented (see NOTHING_ASKED).
-    top_logprobs: Unsupported[Literal[0]] = Field(default=None, description=NOTHING_ASKED)
     previous_response_id: Unsupported[None] = Field(default=None, description=NOTHING_ASKED)
     conversation: Unsupported[None] = Field(default=None, description=NOTHING_ASKED)
     reasoning: Unsupported[None] = Field(default=None, description=NOTHING_ASKED)
-    include: Unsupported[EmptyList] = Field(default=None, description=NOTHING_ASKED)
     background: Unsupported[Literal[False]] = Field(default=None, description=NOTHING_ASKED)
     n: Unsupported[Literal[1]] = Field(default=None, description=NOTHING_ASKED)  # type: ignore[assignment]
     prompt: Unsupported[None] = Field(default=None, description=NOTHING_ASKED)  # a stored prompt template
@@ -846,10 +848,16 @@ class ResponsesRequest(_OpenAISamplingRequest):
         named = self.tool_choice.name if isinstance(self.tool_choice, ResponseNamedToolChoice) else None
         formatted = bool(self.text and self.text.format and self.text.format.type != "text")
         check_tools([tool.name for tool in self.tools or []], self.calls_forced, named, formatted, "text.format")
+        if self.asked_logprobs() is not None and self.tool_definitions is not None:
+            raise ValueError("include: logprobs are not given with tools")
         return self
 
     def to_sampling_params(self) -> SamplingParams:
         return self._sampling_params(self.max_output_tokens or self.max_tokens)
+
+    def asked_logprobs(self) -> int | None:
+        """As OpenAI's: logprobs when `include` asks for them, with `top_logprobs` alternatives."""
+        return (self.top_logprobs or 0) if self.include and "message.output_text.logprobs" in self.include else None
 
     def constraint(self) -> Constraint | None:
         tools = self.tool_definitions
@@ -1016,7 +1024,7 @@ class ResponseOutputText(BaseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = []
-    logprobs: list[Any] = []
+    logprobs: list[ChatTokenLogprob] = []  # with `include` message.output_text.logprobs
 
 
 MessageStatusOut = Literal["in_progress", "completed", "incomplete"]

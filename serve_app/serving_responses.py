@@ -18,6 +18,7 @@ from fastapi.sse import format_sse_event
 from deployments.engine.protocol import GenerationOutput
 from deployments.engine.sampling_params import SamplingParams
 from serve_app.protocol import (
+    ChoiceLogprobs,
     MessageStatusOut,
     ResponseError,
     ResponseIncompleteDetails,
@@ -54,8 +55,10 @@ class ResponseDraft:
         tools = self.body.tool_definitions
         return None if tools is None else {tool["function"]["name"] for tool in tools}
 
-    def message(self, status: MessageStatusOut, text: str | None = None) -> ResponseOutputMessage:
-        content = [] if text is None else [ResponseOutputText(text=text)]
+    def message(self, status: MessageStatusOut, text: str | None = None, logprobs: list | None = None) -> ResponseOutputMessage:
+        """`logprobs`: the engine's entries of its tokens, if asked."""
+        scored = ChoiceLogprobs.of(logprobs).content if logprobs else []
+        content = [] if text is None else [ResponseOutputText(text=text, logprobs=scored)]
         return ResponseOutputMessage(id=self.message_id, status=status, content=content)
 
     def render(
@@ -93,16 +96,19 @@ class ResponseDraft:
             return text, []
         return split_answer(text, last.finish_reason == "stop", self.body.calls_forced, names)
 
-    def finished(self, text: str | None, last: GenerationOutput, calls: Sequence[Call] = ()) -> ResponseObject:
-        """The whole response: its message (if it has text), then its calls; "incomplete" when it
-        ran out of `max_output_tokens` (or of the context)."""
+    def finished(
+        self, text: str | None, last: GenerationOutput, calls: Sequence[Call] = (), logprobs: list | None = None
+    ) -> ResponseObject:
+        """The whole response: its message (if it has text; `logprobs`: its tokens' entries, if
+        asked), then its calls; "incomplete" when it ran out of `max_output_tokens` (or of the
+        context)."""
         status: MessageStatusOut = "incomplete" if finish_reason_of(last) == "length" and not calls else "completed"
         usage = ResponseUsage(
             input_tokens=last.prompt_tokens,
             output_tokens=last.completion_tokens,
             total_tokens=last.prompt_tokens + last.completion_tokens,
         )
-        output: list[ResponseOutputItem] = [] if text is None else [self.message(status, text)]
+        output: list[ResponseOutputItem] = [] if text is None else [self.message(status, text, logprobs)]
         output += [
             ResponseOutputFunctionCall(
                 id=f"fc_{call.id.removeprefix('call_')}", call_id=call.id, name=call.name, arguments=call.arguments
@@ -125,7 +131,7 @@ class ServingResponses(OpenAIServing):
     async def whole(self, turn: Turn, draft: ResponseDraft) -> ResponseObject:
         [(text, last)] = await collect(self.turns, [turn])
         content, calls = draft.answer(text, last)
-        return draft.finished(content, last, calls)
+        return draft.finished(content, last, calls, last.logprobs)
 
     def stream(self, turn: Turn, draft: ResponseDraft) -> ServerSentEventsResponse:
         return ServerSentEventsResponse(self._events(turn, draft))
@@ -161,16 +167,19 @@ class ServingResponses(OpenAIServing):
         yield b"".join(opening + (message_added() if has_message else []))
         pieces: list[str] = []  # the answer's text
         shown: list[str] = []  # the message's, as streamed
+        scored: list = []  # its tokens' logprobs, if asked (no tools then)
         try:
             async with aclosing(self.turns.outputs(turn)) as outputs:
                 async for output in outputs:
                     pieces.append(output.text)
                     text = output.text if names is None else splitter.feed(output.text) if splitter else ""
-                    if text:
+                    if text or output.logprobs:
                         added = [] if has_message else message_added()
                         has_message = True
                         shown.append(text)
-                        yield b"".join([*added, event("response.output_text.delta", **where, delta=text, logprobs=[])])
+                        scored += output.logprobs or []
+                        logprobs = [e.model_dump(mode="json") for e in ChoiceLogprobs.of(output.logprobs or []).content]
+                        yield b"".join([*added, event("response.output_text.delta", **where, delta=text, logprobs=logprobs)])
         except Exception as exc:  # noqa: BLE001 - logged and stored by `outputs`
             error = ResponseError(code="server_error", message=describe_failure(exc))
             yield event("response.failed", response=draft.render("failed", error=error).model_dump(mode="json"))
@@ -184,12 +193,18 @@ class ServingResponses(OpenAIServing):
                 has_message = True
                 shown.append(rest)
                 closing.append(event("response.output_text.delta", **where, delta=rest, logprobs=[]))
-        final = draft.finished("".join(shown) if has_message else None, output, calls)
+        final = draft.finished("".join(shown) if has_message else None, output, calls, scored)
         for index, item in enumerate(final.output):
             if isinstance(item, ResponseOutputMessage):
+                text_done = item.content[0]
                 closing += [
-                    event("response.output_text.done", **where, text=item.content[0].text, logprobs=[]),
-                    event("response.content_part.done", **where, part=item.content[0].model_dump(mode="json")),
+                    event(
+                        "response.output_text.done",
+                        **where,
+                        text=text_done.text,
+                        logprobs=text_done.model_dump(mode="json")["logprobs"],
+                    ),
+                    event("response.content_part.done", **where, part=text_done.model_dump(mode="json")),
                 ]
             else:
                 at = {"item_id": item.id, "output_index": index}

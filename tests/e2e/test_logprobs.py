@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import openai
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -78,3 +79,31 @@ def test_echo_scores_the_prompt_as_evaluation_harnesses_read_it(sdk):
     echoed = sdk.completions.create(model=SMOL, prompt="The capital of France is", max_tokens=4, temperature=0, echo=True)
     assert echoed.choices[0].text == "The capital of France is" + plain.choices[0].text
     assert echoed.choices[0].logprobs is None
+
+
+def test_responses_give_the_logprobs_chat_completions_give_whole_and_streamed(sdk):
+    asked = dict(model=SMOL, input=CAPITAL[0]["content"], temperature=0, max_output_tokens=32)
+    ask = asked | dict(include=["message.output_text.logprobs"], top_logprobs=3)
+    text = sdk.responses.create(**ask).output[0].content[0]
+    chat = sdk.chat.completions.create(model=SMOL, messages=CAPITAL, temperature=0, max_tokens=32, logprobs=True, top_logprobs=3)
+    expected = chat.choices[0].logprobs.content
+    assert text.text == chat.choices[0].message.content == "".join(entry.token for entry in text.logprobs)
+    assert [e.token for e in text.logprobs] == [e.token for e in expected]
+    assert [e.logprob for e in text.logprobs] == pytest.approx([e.logprob for e in expected], abs=1e-5)
+    for entry in text.logprobs:
+        values = [top.logprob for top in entry.top_logprobs]
+        assert len(values) == 3 and values == sorted(values, reverse=True) and values[0] == pytest.approx(entry.logprob)
+    events = list(sdk.responses.create(**ask, stream=True))
+    streamed = [entry for e in events if e.type == "response.output_text.delta" for entry in e.logprobs]
+    assert [e.token for e in streamed] == [e.token for e in text.logprobs]
+    (done,) = [e for e in events if e.type == "response.output_text.done"]
+    assert [e.token for e in done.logprobs] == [e.token for e in text.logprobs]
+    assert sdk.responses.create(**asked).output[0].content[0].logprobs == []  # not asked: none
+    for extra, field in [
+        (dict(include=["reasoning.encrypted_content"]), "include.0"),
+        (dict(include=["message.output_text.logprobs"], tools=[{"type": "function", "name": "f"}]), "include"),
+        (dict(top_logprobs=21), "top_logprobs"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            sdk.responses.create(**asked, **extra)
+        assert caught.value.body["param"] == field, caught.value.message
