@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,8 +27,32 @@ class ServiceFailed(RuntimeError):
     pass
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for `bind(0)` and outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; macOS's range starts higher still
+
+
+# Handed out by `free_port` in this process, so two calls never give the same port.
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A port free on every interface, below the kernel's ephemeral range and above Ray's worker
+    ports (10002-19999): a port from `bind(0)` could be taken by one of Ray's many connections
+    before the service bound it (seen in CI: HAProxy's metrics port "Address already in use")."""
+    candidates = [port for port in range(20000, max(_ephemeral_low(), 20001)) if port not in _given]
+    for port in random.sample(candidates, min(len(candidates), 200)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    with socket.socket() as sock:  # no such range here: the kernel's choice
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
