@@ -178,7 +178,8 @@ class ServingResponses(OpenAIServing):
                         has_message = True
                         shown.append(text)
                         scored += output.logprobs or []
-                        logprobs = [e.model_dump(mode="json") for e in ChoiceLogprobs.of(output.logprobs or []).content]
+                        entries = ChoiceLogprobs.of(output.logprobs).content if output.logprobs else []
+                        logprobs = [entry.model_dump(mode="json") for entry in entries]
                         yield b"".join([*added, event("response.output_text.delta", **where, delta=text, logprobs=logprobs)])
         except Exception as exc:  # noqa: BLE001 - logged and stored by `outputs`
             error = ResponseError(code="server_error", message=describe_failure(exc))
