@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-MessageRole = Literal["system", "user", "assistant"]
+# tool: a function's result, sent back in a chat with tools, answering the call of `tool_call_id`.
+MessageRole = Literal["system", "user", "assistant", "tool"]
 # complete: the answer ended normally; stopped: the client went away or pressed stop, the
 # partial answer is kept; failed: generation raised, `error` says why.
 MessageStatus = Literal["complete", "stopped", "failed"]
@@ -27,6 +28,10 @@ class Message(BaseModel):
     error: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # An assistant's calls, as OpenAI's chat completions give them ({"id", "type": "function",
+    # "function": {"name", "arguments": JSON text}}); a tool's result, the call it answers.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
     created_at: datetime
 
 

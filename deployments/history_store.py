@@ -22,7 +22,7 @@ from deployments.quotas import USAGE_SCHEMA, Quotas, StreamBook, UserQuotas
 from deployments.turn_claims import TurnClaims
 from deployments.user_accounts import USERS_SCHEMA, UserAccounts
 
-SCHEMA = """
+CONVERSATIONS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids of deleted ones never return
     title       TEXT,
@@ -30,10 +30,12 @@ CREATE TABLE IF NOT EXISTS conversations (
     created_at  TEXT NOT NULL,
     updated_at  TEXT NOT NULL
 );
+"""
+MESSAGES_TABLE = """
 CREATE TABLE IF NOT EXISTS messages (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,
     conversation_id  INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-    role             TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+    role             TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant', 'tool')),
     content          TEXT NOT NULL,
     model            TEXT,
     parameters       TEXT,  -- JSON
@@ -41,12 +43,19 @@ CREATE TABLE IF NOT EXISTS messages (
     error            TEXT,
     prompt_tokens    INTEGER,  -- assistant rows: tokens the model read (history included)
     completion_tokens INTEGER,  -- assistant rows: tokens it generated
+    tool_calls       TEXT,  -- JSON: an assistant's calls
+    tool_call_id     TEXT,  -- a tool's result: the call it answers
     created_at       TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id);
-"""
+)"""
+MESSAGES_INDEX = "CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id)"
+SCHEMA = f"{CONVERSATIONS_SCHEMA}{MESSAGES_TABLE};\n{MESSAGES_INDEX};\n"
 # Databases written before users existed: their conversations have no owner yet (`adopt_unowned`).
 MIGRATIONS = {"owner_id": "ALTER TABLE conversations ADD COLUMN owner_id INTEGER REFERENCES users(id)"}
+# The columns of `messages` before tool turns were stored; its CHECK on `role` cannot be altered,
+# so such a table is copied into one of today's schema.
+MESSAGE_COLUMNS_BEFORE_TOOLS = (
+    "id, conversation_id, role, content, model, parameters, status, error, prompt_tokens, completion_tokens, created_at"
+)
 # Only conversations of `owner` (a user id); None: everyone's (auth none or key).
 OWNED = "(:owner IS NULL OR owner_id = :owner)"
 SUMMARY = "SELECT id, title, created_at, updated_at FROM conversations"
@@ -109,6 +118,7 @@ class HistoryStore(UserAccounts, UserQuotas):
         self._db.row_factory = aiosqlite.Row
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute("PRAGMA synchronous=FULL")
+        await self._migrate_messages()
         await self._db.execute("PRAGMA foreign_keys=ON")
         await self._db.executescript(USERS_SCHEMA + SCHEMA + USAGE_SCHEMA)
         async with self._db.execute("PRAGMA table_info(conversations)") as cursor:
@@ -118,6 +128,28 @@ class HistoryStore(UserAccounts, UserQuotas):
                 await self._db.execute(statement)
         await self._db.execute("CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations (owner_id, id)")
         await self._db.commit()
+
+    async def _migrate_messages(self) -> None:
+        """Rebuilds a `messages` table written before tool turns (SQLite's own recipe for a
+        changed constraint: a new table, the rows copied with their ids, the old one dropped),
+        in one transaction, with foreign keys off so the conversations' rows are left alone."""
+        async with self.db.execute("PRAGMA table_info(messages)") as cursor:
+            columns = {row["name"] async for row in cursor}
+        if not columns or "tool_calls" in columns:
+            return
+        old = "messages_before_tools"
+        await self.db.execute("BEGIN")
+        await self.db.execute(f"ALTER TABLE messages RENAME TO {old}")
+        await self.db.execute("DROP INDEX messages_by_conversation")
+        await self.db.execute(MESSAGES_TABLE)
+        await self.db.execute(MESSAGES_INDEX)
+        copied = MESSAGE_COLUMNS_BEFORE_TOOLS
+        await self.db.execute(f"INSERT INTO messages ({copied}) SELECT {copied} FROM {old}")
+        # AUTOINCREMENT's high mark: the ids of messages deleted before still never return.
+        await self.db.execute("DELETE FROM sqlite_sequence WHERE name = 'messages'")
+        await self.db.execute("UPDATE sqlite_sequence SET name = 'messages' WHERE name = ?", (old,))
+        await self.db.execute(f"DROP TABLE {old}")
+        await self.db.commit()
 
     async def adopt_unowned(self, owner_name: str) -> int:
         """Gives every conversation without an owner (made before `auth: users`) to the user
@@ -174,7 +206,8 @@ class HistoryStore(UserAccounts, UserQuotas):
         async with self.db.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)) as cursor:
             rows = [dict(row) async for row in cursor]
         for row in rows:
-            row["parameters"] = json.loads(row["parameters"]) if row["parameters"] else None
+            for column in ("parameters", "tool_calls"):
+                row[column] = json.loads(row[column]) if row[column] else None
         return Conversation(**summary.model_dump(), messages=[Message(**row) for row in rows])
 
     async def begin_turn(self, conversation_id: int, turn_id: str, owner: int | None = None) -> Conversation:
@@ -227,6 +260,8 @@ class HistoryStore(UserAccounts, UserQuotas):
         error: str | None = None,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
+        tool_call_id: str | None = None,
         replace_after: int | None = None,
         ends_turn: str | None = None,
     ) -> Message:
@@ -234,50 +269,78 @@ class HistoryStore(UserAccounts, UserQuotas):
         With `replace_after` (a message id), the messages after that one are deleted in the same
         transaction: a regenerated answer replaces the old one atomically. With `ends_turn`, that
         turn's claim on the conversation is given back, stored or not (deleted meanwhile)."""
+        message = dict(
+            role=role,
+            content=content,
+            status=status,
+            error=error,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            tool_calls=tool_calls,
+            tool_call_id=tool_call_id,
+        )
         try:
-            now = _now()
-            try:
-                if replace_after is not None:
-                    await self.db.execute(
-                        "DELETE FROM messages WHERE conversation_id = ? AND id > ?", (conversation_id, replace_after)
-                    )
-                cursor = await self.db.execute(
-                    "INSERT INTO messages (conversation_id, role, content, model, parameters, status, error,"
-                    " prompt_tokens, completion_tokens, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        conversation_id,
-                        role,
-                        content,
-                        model,
-                        json.dumps(parameters) if parameters else None,
-                        status,
-                        error,
-                        prompt_tokens,
-                        completion_tokens,
-                        _as_text(now),
-                    ),
-                )
-            except aiosqlite.IntegrityError:  # the foreign key: no such conversation (or deleted meanwhile)
-                await self.db.rollback()
-                raise ConversationNotFoundError(conversation_id) from None
-            title = title_from_prompt(content) if role == "user" else None
-            await self.db.execute(
-                "UPDATE conversations SET updated_at = ?, title = COALESCE(title, ?) WHERE id = ?",
-                (_as_text(now), title, conversation_id),
-            )
-            await self.db.commit()
-            return Message(
-                id=_inserted_id(cursor),
-                role=role,
-                content=content,
-                model=model,
-                parameters=parameters,
-                status=status,
-                error=error,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                created_at=now,
-            )
+            [stored] = await self._append(conversation_id, [message], model, parameters, replace_after)
+            return stored
         finally:
             if ends_turn is not None:
                 self.turns.release(conversation_id, ends_turn)
+
+    async def append_messages(
+        self,
+        conversation_id: int,
+        messages: list[dict[str, Any]],
+        *,
+        model: str | None = None,
+        parameters: dict[str, Any] | None = None,
+    ) -> list[Message]:
+        """Adds several final messages in one transaction (a turn's prompt: a user's message, or
+        the results of the tools an answer called), each a dict of `Message`'s fields."""
+        return await self._append(conversation_id, messages, model, parameters, None)
+
+    async def _append(
+        self,
+        conversation_id: int,
+        messages: list[dict[str, Any]],
+        model: str | None,
+        parameters: dict[str, Any] | None,
+        replace_after: int | None,
+    ) -> list[Message]:
+        now = _now()
+        stored: list[Message] = []
+        try:
+            if replace_after is not None:
+                await self.db.execute(
+                    "DELETE FROM messages WHERE conversation_id = ? AND id > ?", (conversation_id, replace_after)
+                )
+            for fields in messages:
+                message = Message(id=0, model=model, parameters=parameters, created_at=now, **fields)
+                cursor = await self.db.execute(
+                    "INSERT INTO messages (conversation_id, role, content, model, parameters, status, error, prompt_tokens,"
+                    " completion_tokens, tool_calls, tool_call_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        conversation_id,
+                        message.role,
+                        message.content,
+                        model,
+                        json.dumps(parameters) if parameters else None,
+                        message.status,
+                        message.error,
+                        message.prompt_tokens,
+                        message.completion_tokens,
+                        json.dumps(message.tool_calls) if message.tool_calls else None,
+                        message.tool_call_id,
+                        _as_text(now),
+                    ),
+                )
+                stored.append(message.model_copy(update={"id": _inserted_id(cursor)}))
+        except aiosqlite.IntegrityError:  # the foreign key: no such conversation (or deleted meanwhile)
+            await self.db.rollback()
+            raise ConversationNotFoundError(conversation_id) from None
+        title = next((title_from_prompt(m.content) for m in stored if m.role == "user"), None)
+        await self.db.execute(
+            "UPDATE conversations SET updated_at = ?, title = COALESCE(title, ?) WHERE id = ?",
+            (_as_text(now), title, conversation_id),
+        )
+        await self.db.commit()
+        return stored

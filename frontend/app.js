@@ -299,13 +299,24 @@ function setItemStatus(item, status, error = null) {
   errorLine.hidden = !error;
 }
 
-function createMessageItem({ role, content = "", model = null, status = "complete", error = null, id = null }) {
+// A call an answer made (stored by a chat with tools through /v1): the function and its arguments.
+function callLine(call) {
+  const line = document.createElement("pre");
+  line.className = "message-call";
+  line.textContent = `${call.function.name}(${call.function.arguments})`;
+  return line;
+}
+
+const AUTHORS = { user: "You", tool: "Tool result" };
+
+function createMessageItem({ role, content = "", model = null, status = "complete", error = null, id = null, tool_calls = null }) {
   const item = ui.messageTemplate.content.firstElementChild.cloneNode(true);
   item.dataset.role = role;
   item.classList.add(role);
   if (id !== null) item.dataset.id = id;
-  item.querySelector(".message-author").textContent = role === "user" ? "You" : model || "Assistant";
+  item.querySelector(".message-author").textContent = AUTHORS[role] || model || "Assistant";
   setItemText(item, content);
+  if (tool_calls) item.querySelector(".message-content").append(...tool_calls.map(callLine));
   setItemStatus(item, status, error);
   return item;
 }

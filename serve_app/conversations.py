@@ -37,11 +37,23 @@ def conversation_markdown(conversation: Conversation) -> str:
     """A readable transcript: title, then each message under its speaker."""
     lines = [f"# {conversation.title or f'Conversation {conversation.id}'}", ""]
     for message in conversation.messages:
-        speaker = "User" if message.role == "user" else f"Assistant ({message.model})" if message.model else "Assistant"
+        if message.role in ("user", "tool"):
+            speaker = "User" if message.role == "user" else f"Tool result ({message.tool_call_id})"
+        else:
+            speaker = f"Assistant ({message.model})" if message.model else "Assistant"
         note = "" if message.status == "complete" else f" — {message.status}"
         lines += [f"## {speaker}{note}", ""]
         if message.content:
             lines += [message.content, ""]
+        for call in message.tool_calls or []:
+            lines += [
+                f"Called `{call['function']['name']}` ({call['id']}):",
+                "",
+                "```json",
+                call["function"]["arguments"],
+                "```",
+                "",
+            ]
         if message.error:
             lines += [f"> error: {message.error}", ""]
     return "\n".join(lines)

@@ -88,7 +88,7 @@ def error_response(request: Request, exc: Exception) -> JSONResponse:
 
 def _named_field(message: str) -> str | None:
     """The field a message starts with ("tool_choice: ...", after pydantic's "Value error, ")."""
-    named = re.match(r"(?:Value error, )?([a-z_][a-z_.]*)(?=: )", message)
+    named = re.match(r"(?:Value error, )?([a-z_][a-z_.0-9]*)(?=: )", message)
     return named and named[1]
 
 

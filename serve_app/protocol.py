@@ -538,7 +538,10 @@ class ChatCompletionRequest(_OpenAISamplingRequest):
         default=None,
         ge=1,
         le=MAX_CONVERSATION_ID,
-        description="Ours: prepend this conversation's history and store the last user message and the answer in it.",
+        description=(
+            "Ours: prepend this conversation's history, and store in it the last user message (or the tools' results"
+            " that end `messages`) and the answer, its calls included."
+        ),
     )
 
     def to_sampling_params(self) -> SamplingParams:

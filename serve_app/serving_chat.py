@@ -42,7 +42,7 @@ from serve_app.serving import (
     usage_of,
 )
 from serve_app.streaming import ServerSentEventsResponse
-from serve_app.tool_calls import CallSplitter, split_answer
+from serve_app.tool_calls import CallReader, CallSplitter
 from serve_app.turns import StreamLease, Turn
 
 
@@ -75,12 +75,10 @@ class ChatChunks:
         return self.chunk([], usage)
 
 
-def tool_answer(
-    text: str, last: GenerationOutput, forced: bool, names: set[str]
-) -> tuple[ChatCompletionMessage, FinishReasonOut | None]:
-    """An answer of a request with tools as a chat message (`split_answer`): its calls in
+def tool_answer(turn: Turn, text: str, last: GenerationOutput) -> tuple[ChatCompletionMessage, FinishReasonOut | None]:
+    """An answer of a request with tools as a chat message (`Turn.answer_calls`): its calls in
     `tool_calls`, with finish reason "tool_calls"."""
-    content, calls = split_answer(text, last.finish_reason == "stop", forced, names)
+    content, calls = turn.answer_calls(text, last)
     tool_calls = [ToolCall(id=c.id, function=ToolCallFunction(name=c.name, arguments=c.arguments)) for c in calls]
     finish = "tool_calls" if calls else finish_reason_of(last)
     return ChatCompletionMessage(content=content, tool_calls=tool_calls or None), finish
@@ -97,13 +95,13 @@ class ServingChat(OpenAIServing):
         model = self.models.resolve(body.model)
         conversation_id = body.conversation_id if body.conversation_id is not None else header_conversation_id
         tools = body.tool_definitions
-        turns = await self._start(body, model, tools, conversation_id, caller, lease)
+        calls = CallReader.of(tools, body.calls_forced)
+        turns = await self._start(body, model, tools, calls, conversation_id, caller, lease)
         chunks = ChatChunks(model.name)
-        if tools:
-            names = {tool["function"]["name"] for tool in tools}
+        if calls is not None:
             if body.stream:
-                return self.stream_with_tools(body, turns, chunks, names)
-            return await self.whole_with_tools(body, turns, chunks, names)
+                return self.stream_with_tools(body, turns, chunks)
+            return await self.whole_with_tools(turns, chunks)
         return self.stream(body, turns, chunks) if body.stream else await self.whole(turns, chunks)
 
     async def _start(
@@ -111,21 +109,21 @@ class ServingChat(OpenAIServing):
         body: ChatCompletionRequest,
         model: ModelConfig,
         tools: list[dict[str, Any]] | None,
+        calls: CallReader | None,
         conversation_id: int | None,
         caller: Caller,
         lease: StreamLease | None,
     ) -> list[Turn]:
-        """A turn per choice; with a conversation: its next turn, stored, of text only."""
-        if conversation_id is not None and body.messages[-1].role != "user":
-            raise InvalidRequestError("with a conversation_id, the last message must be the user's new prompt")
-        has_tool_turns = any(m.role == "tool" or m.tool_calls for m in body.messages)
-        if conversation_id is not None and (tools or has_tool_turns):
-            raise InvalidRequestError(
-                "conversation_id: a conversation stores text turns only; send a tool-using chat's history in messages"
-            )
+        """A turn per choice; with a conversation: its next turn, stored (the user's prompt, or
+        the tools' results, then the answer with its calls)."""
         if conversation_id is None:
+            messages = body.chat_messages()
             return await start_choices(
-                self.turns, model, body.choices_params(), messages=body.chat_messages(), tools=tools, lease=lease
+                self.turns, model, body.choices_params(), messages=messages, tools=tools, calls=calls, lease=lease
+            )
+        if body.messages[-1].role not in ("user", "tool"):
+            raise InvalidRequestError(
+                "messages: with a conversation_id, the last message must be the user's new prompt or the tools' results"
             )
         if body.n > 1:
             raise InvalidRequestError("n: a conversation stores one answer a turn; ask for one choice with a conversation_id")
@@ -137,6 +135,8 @@ class ServingChat(OpenAIServing):
             body.to_sampling_params(),
             body.stored_parameters(model.name),
             lease,
+            tools=tools,
+            calls=calls,
         )
         return [turn]
 
@@ -160,23 +160,19 @@ class ServingChat(OpenAIServing):
         usage = chunks.usage if body.include_usage else None
         return ServerSentEventsResponse(sse_events(self.turns, turns, chunks.text, usage, opening))
 
-    async def whole_with_tools(
-        self, body: ChatCompletionRequest, turns: list[Turn], chunks: ChatChunks, names: set[str]
-    ) -> ChatCompletion:
+    async def whole_with_tools(self, turns: list[Turn], chunks: ChatChunks) -> ChatCompletion:
         answers = await collect(self.turns, turns)
         choices = []
-        for index, (text, last) in enumerate(answers):
-            message, finish = tool_answer(text, last, body.calls_forced, names)
+        for index, (turn, (text, last)) in enumerate(zip(turns, answers, strict=True)):
+            message, finish = tool_answer(turn, text, last)
             choices.append(ChatCompletionChoice(index=index, message=message, finish_reason=finish))
         return chunks.whole(choices, usage_of(*(last for _, last in answers)))
 
-    def stream_with_tools(
-        self, body: ChatCompletionRequest, turns: list[Turn], chunks: ChatChunks, names: set[str]
-    ) -> ServerSentEventsResponse:
-        return ServerSentEventsResponse(self._tool_events(turns, chunks, body.include_usage, body.calls_forced, names))
+    def stream_with_tools(self, body: ChatCompletionRequest, turns: list[Turn], chunks: ChatChunks) -> ServerSentEventsResponse:
+        return ServerSentEventsResponse(self._tool_events(turns, chunks, body.include_usage, body.calls_forced))
 
     async def _tool_events(
-        self, turns: list[Turn], chunks: ChatChunks, include_usage: bool, forced: bool, names: set[str]
+        self, turns: list[Turn], chunks: ChatChunks, include_usage: bool, forced: bool
     ) -> AsyncGenerator[bytes, None]:
         """The stream of a request with tools: each choice's text as it comes up to where a call
         may start (none of it when the call is forced), then at its end the rest of its text, its
@@ -199,9 +195,8 @@ class ServingChat(OpenAIServing):
                     events = [event(ChatDelta(content=text), index)] if text else []
                     if output.finish_reason is not None:
                         lasts[index] = output
-                        events += self._tool_closing(
-                            event, index, "".join(pieces[index]) if forced else splitters[index].held, output, forced, names
-                        )
+                        rest = "".join(pieces[index]) if forced else splitters[index].held
+                        events += self._tool_closing(event, index, turns[index], rest, output)
                     if len(lasts) == len(turns):
                         pending = events
                     elif events:
@@ -214,12 +209,10 @@ class ServingChat(OpenAIServing):
         yield b"".join([*pending, DONE_EVENT])
 
     @staticmethod
-    def _tool_closing(
-        event: Callable[..., bytes], index: int, rest: str, last: GenerationOutput, forced: bool, names: set[str]
-    ) -> list[bytes]:
+    def _tool_closing(event: Callable[..., bytes], index: int, turn: Turn, rest: str, last: GenerationOutput) -> list[bytes]:
         """The end of choice `index`'s stream: the text held back that is not a call, its calls,
         its finish reason."""
-        message, finish = tool_answer(rest, last, forced, names)
+        message, finish = tool_answer(turn, rest, last)
         closing = [event(ChatDelta(content=message.content), index)] if message.content else []
         closing += [
             event(ChatDelta(tool_calls=[ToolCallDelta(index=number, **call.model_dump())]), index)

@@ -33,7 +33,7 @@ from serve_app.protocol import (
 )
 from serve_app.serving import OpenAIServing, collect, finish_reason_of
 from serve_app.streaming import ServerSentEventsResponse
-from serve_app.tool_calls import Call, CallSplitter, split_answer
+from serve_app.tool_calls import Call, CallReader, CallSplitter
 from serve_app.turns import StreamLease, Turn, describe_failure
 
 
@@ -89,13 +89,6 @@ class ResponseDraft:
             parallel_tool_calls=self.body.parallel_tool_calls is not False,
         )
 
-    def answer(self, text: str, last: GenerationOutput) -> tuple[str | None, list[Call]]:
-        """The answer's message text (None: calls only) and its calls."""
-        names = self.tool_names
-        if names is None:
-            return text, []
-        return split_answer(text, last.finish_reason == "stop", self.body.calls_forced, names)
-
     def finished(
         self, text: str | None, last: GenerationOutput, calls: Sequence[Call] = (), logprobs: list | None = None
     ) -> ResponseObject:
@@ -124,13 +117,15 @@ class ServingResponses(OpenAIServing):
     async def create(self, body: ResponsesRequest, lease: StreamLease | None) -> ResponseObject | ServerSentEventsResponse:
         model = self.models.resolve(body.model)
         params = body.to_sampling_params()
-        turn = await self.turns.start_turn(model, params, messages=body.chat_messages(), tools=body.tool_definitions, lease=lease)
+        tools = body.tool_definitions
+        calls = CallReader.of(tools, body.calls_forced)
+        turn = await self.turns.start_turn(model, params, messages=body.chat_messages(), tools=tools, calls=calls, lease=lease)
         draft = ResponseDraft(body, model.name, params)
         return self.stream(turn, draft) if body.stream else await self.whole(turn, draft)
 
     async def whole(self, turn: Turn, draft: ResponseDraft) -> ResponseObject:
         [(text, last)] = await collect(self.turns, [turn])
-        content, calls = draft.answer(text, last)
+        content, calls = turn.answer_calls(text, last)
         return draft.finished(content, last, calls, last.logprobs)
 
     def stream(self, turn: Turn, draft: ResponseDraft) -> ServerSentEventsResponse:
@@ -188,7 +183,7 @@ class ServingResponses(OpenAIServing):
         closing: list[bytes] = []
         calls: list[Call] = []
         if names is not None:
-            rest, calls = draft.answer("".join(pieces) if splitter is None else splitter.held, output)
+            rest, calls = turn.answer_calls("".join(pieces) if splitter is None else splitter.held, output)
             if rest:  # text held back as a possible call, or after the calls
                 closing += [] if has_message else message_added()
                 has_message = True

@@ -14,6 +14,7 @@ import contextlib
 import json
 import re
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +28,18 @@ class Call:
     arguments: str  # JSON text of an object, as OpenAI gives it
     id: str
 
+    def openai(self) -> dict[str, Any]:
+        """As OpenAI's chat completions give it (and a conversation stores it)."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
-def new_call(name: str, arguments: Any) -> Call:
-    return Call(name, json.dumps(arguments, ensure_ascii=False), f"call_{uuid.uuid4().hex[:24]}")
+
+def call_stem() -> str:
+    """The random part of one answer's call ids: its n-th call is `call_<stem>_<n>`."""
+    return uuid.uuid4().hex[:20]
+
+
+def new_call(name: str, arguments: Any, stem: str, number: int) -> Call:
+    return Call(name, json.dumps(arguments, ensure_ascii=False), f"call_{stem}_{number}")
 
 
 def _call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
@@ -61,36 +71,39 @@ def forced_constraint(tools: list[dict[str, Any]], name: str | None, parallel: b
     return Constraint(json_schema=json.dumps(schema), field="tools")
 
 
-def forced_calls(text: str) -> list[Call]:
+def forced_calls(text: str, stem: str | None = None) -> list[Call]:
     """The calls of an answer decoded under `forced_constraint` (complete: it parses)."""
-    value = json.loads(text)
-    return [new_call(call["name"], call["arguments"]) for call in (value if isinstance(value, list) else [value])]
+    value, stem = json.loads(text), stem or call_stem()
+    return [
+        new_call(call["name"], call["arguments"], stem, n) for n, call in enumerate(value if isinstance(value, list) else [value])
+    ]
 
 
 _CALL = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
 
 
-def _parsed_call(body: str, names: set[str]) -> Call | None:
+def _parsed_call(body: str, names: Collection[str]) -> dict[str, Any] | None:
     try:
         value = json.loads(body)
     except json.JSONDecodeError:
         return None
     if not isinstance(value, dict) or value.get("name") not in names or not isinstance(value.get("arguments", {}), dict):
         return None
-    return new_call(value["name"], value.get("arguments", {}))
+    return value
 
 
-def calls_in_text(text: str, names: set[str]) -> tuple[str, list[Call]]:
+def calls_in_text(text: str, names: Collection[str], stem: str | None = None) -> tuple[str, list[Call]]:
     """An "auto" answer's text without its calls, and the calls: each
     `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` that names one of `names` with an
     object of arguments. Anything else, a malformed call included, stays text."""
     calls: list[Call] = []
+    stem = stem or call_stem()
 
     def take(match: re.Match) -> str:
         call = _parsed_call(match[1], names)
         if call is None:
             return match[0]
-        calls.append(call)
+        calls.append(new_call(call["name"], call.get("arguments", {}), stem, len(calls)))
         return ""
 
     rest = _CALL.sub(take, text)
@@ -121,17 +134,31 @@ class CallSplitter:
         return text[: len(text) - keep]
 
 
-def split_answer(text: str, finished: bool, forced: bool, names: set[str]) -> tuple[str | None, list[Call]]:
-    """An answer of a request with tools: the text that is not a call (None if there is none
-    beside calls), and its calls. A forced call is the whole answer once its grammar is
-    complete (`finished`: it ended with "stop"); cut short (max_tokens, a stop string), it is
-    returned as text."""
-    calls: list[Call] = []
-    content: str | None = text
-    if forced:
-        if finished:
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                calls, content = forced_calls(text), None
-    else:
-        content, calls = calls_in_text(text, names)
-    return (None if calls and not content else content), calls
+@dataclass(frozen=True)
+class CallReader:
+    """How the answers of a request with tools are read back: the tools they may call, and
+    whether a call was forced."""
+
+    names: frozenset[str]
+    forced: bool
+
+    @classmethod
+    def of(cls, tools: list[dict[str, Any]] | None, forced: bool) -> CallReader | None:
+        """The reader of answers that may call `tools` (templates' definitions); None: no tools."""
+        return cls(frozenset(tool["function"]["name"] for tool in tools), forced) if tools else None
+
+    def split(self, text: str, finished: bool, stem: str) -> tuple[str | None, list[Call]]:
+        """The answer's text that is not a call (None if there is none beside calls), and its
+        calls, their ids made of `stem` (`call_stem`: one per answer, so that reading it again
+        gives the same ids: those a conversation stores are those its client saw). A forced
+        call is the whole answer once its grammar is complete (`finished`: it ended with
+        "stop"); cut short (max_tokens, a stop string), it is returned as text."""
+        calls: list[Call] = []
+        content: str | None = text
+        if self.forced:
+            if finished:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    calls, content = forced_calls(text, stem), None
+        else:
+            content, calls = calls_in_text(text, self.names, stem)
+        return (None if calls and not content else content), calls

@@ -44,8 +44,9 @@ from deployments.turn_claims import TURN_LEASE_S
 from deployments.user_accounts import key_hash
 from serve_app.conversations import parse_conversation_id
 from serve_app.metrics import ServiceMetrics
-from serve_app.protocol import STREAM_ERROR_MARKER, Conversation, Message, MessageStatus
+from serve_app.protocol import STREAM_ERROR_MARKER, ChatMessage, Conversation, Message, MessageStatus
 from serve_app.served_models import answers_of, broadcast
+from serve_app.tool_calls import Call, CallReader, call_stem
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +70,53 @@ class ModelOverloadedError(RuntimeError):
         super().__init__(f"model '{model.name}' is overloaded (all replicas busy, queue full); retry shortly")
 
 
-def context_messages(history: list[Message]) -> list[dict[str, str]]:
-    """The earlier turns the model sees: each user message with the answer that followed it.
-    Unanswered prompts and empty (failed) answers are left out so roles keep alternating."""
-    turns: list[dict[str, str]] = []
-    for prompt, answer in zip(history, history[1:]):
-        if prompt.role == "user" and answer.role == "assistant" and answer.content:
-            turns += [{"role": "user", "content": prompt.content}, {"role": "assistant", "content": answer.content}]
+def context_messages(history: list[Message]) -> list[dict[str, Any]]:
+    """The earlier turns the model sees: each prompt (a user's message, or the results of the
+    tools an answer called) with the answer that followed it, its calls included. Unanswered
+    prompts and empty (failed) answers are left out, so that every prompt has its answer."""
+    turns: list[dict[str, Any]] = []
+    prompt: list[Message] = []
+    for message in history:
+        if message.role == "assistant":
+            if prompt and (message.content or message.tool_calls):
+                turns += [chat_message(m) for m in (*prompt, message)]
+            prompt = []
+        elif message.role == "tool" and prompt and prompt[-1].role == "tool":
+            prompt.append(message)
+        else:
+            prompt = [message] if message.role in ("user", "tool") else []
     return turns
+
+
+def chat_message(message: Message) -> dict[str, Any]:
+    """A stored message as the chat template takes it."""
+    fields = message.model_dump(include={"role", "content", "tool_calls", "tool_call_id"})
+    return ChatMessage.model_validate(fields).template_message()
+
+
+def waiting_calls(history: list[Message]) -> set[str]:
+    """The ids of the calls whose results the conversation waits for: those of its last answer
+    that made calls, unless a user's prompt or an answer in words came after it (an empty,
+    failed answer to their results does not count: the results may be sent again)."""
+    for message in reversed(history):
+        if message.role == "assistant" and message.tool_calls:
+            return {call["id"] for call in message.tool_calls}
+        if message.role == "user" or (message.role == "assistant" and message.content):
+            return set()
+    return set()
+
+
+def stored_prompts(new_messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a turn stores of the messages it was sent: the user's prompt, or the tool results
+    that end them (every message before is the caller's context, not the conversation's)."""
+    if new_messages[-1]["role"] != "tool":
+        return [{"role": "user", "content": new_messages[-1]["content"]}]
+    results: list[dict[str, Any]] = []
+    for message in reversed(new_messages):
+        if message["role"] != "tool":
+            break
+        results.insert(0, {"role": "tool", "content": message["content"], "tool_call_id": message.get("tool_call_id")})
+    return results
 
 
 @dataclass
@@ -84,7 +124,9 @@ class TurnRecord:
     """Where and how a turn is stored; absent for requests that keep no history."""
 
     conversation_id: int
-    prompt: str
+    # The messages stored before the answer: the user's prompt, or the results of the tools the
+    # last answer called (each a dict of `Message`'s fields); none where they are stored already.
+    prompts: list[dict[str, Any]]
     parameters: dict[str, Any]
     # The turn's claim on the conversation (`deployments.turn_claims`), given back with the answer.
     claim: str
@@ -106,6 +148,16 @@ class Turn:
     # renewed (`time.monotonic()`).
     claim_renewed_at: float = 0.0
     lease: StreamLease | None = None
+    # With tools: how the answer's calls are read back (None: it has none), and their ids' stem.
+    calls: CallReader | None = None
+    call_stem: str = dataclasses.field(default_factory=call_stem)
+
+    def answer_calls(self, text: str, last: GenerationOutput) -> tuple[str | None, list[Call]]:
+        """The answer's text that is not a call (None: calls only) and its calls, the same each
+        time it is read (the client's and the stored)."""
+        if self.calls is None:
+            return text, []
+        return self.calls.split(text, last.finish_reason == "stop", self.call_stem)
 
 
 @dataclass
@@ -296,19 +348,33 @@ class TurnService:
         self,
         raw_id: str | int,
         owner: int | None,
-        new_messages: list[dict[str, str]],
+        new_messages: list[dict[str, Any]],
         model: ModelConfig,
         params: SamplingParams,
         stored_parameters: dict[str, Any],
         lease: StreamLease | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        calls: CallReader | None = None,
     ) -> Turn:
         """A turn in a stored conversation: its history goes before `new_messages`, whose last
-        (user) message is stored with the answer."""
+        message (the user's), or last tool results (answering the calls the conversation's last
+        answer made), are stored with the answer."""
         with self.admit(model).held() as admission:
             conversation, claim = await self._claim(raw_id, owner)
-            record = TurnRecord(conversation.id, new_messages[-1]["content"], stored_parameters, claim)
+            prompts = stored_prompts(new_messages)
+            waiting, first = waiting_calls(conversation.messages), len(new_messages) - len(prompts)
+            for number, prompt in enumerate(prompts):
+                if prompt["role"] == "tool" and prompt["tool_call_id"] not in waiting:
+                    await asyncio.shield(self.writes.tell("end_turn", conversation.id, claim))
+                    raise InvalidRequestError(
+                        f"messages.{first + number}.tool_call_id: {prompt['tool_call_id']!r} answers no call"
+                        f" that conversation {conversation.id} waits for (its last answer's calls: {sorted(waiting)})"
+                    )
+            record = TurnRecord(conversation.id, prompts, stored_parameters, claim)
             messages = context_messages(conversation.messages) + new_messages
-            return await self.start_turn(model, params, messages=messages, record=record, admission=admission, lease=lease)
+            return await self.start_turn(
+                model, params, messages=messages, tools=tools, record=record, admission=admission, lease=lease, calls=calls
+            )
 
     async def regenerate_turn(
         self,
@@ -327,7 +393,7 @@ class TurnService:
                 await asyncio.shield(self.writes.tell("end_turn", conversation.id, claim))
                 raise InvalidRequestError(f"conversation '{conversation.id}' has no prompt to answer again")
             last = conversation.messages[prompts[-1]]
-            record = TurnRecord(conversation.id, last.content, stored_parameters, claim, replace_after=last.id)
+            record = TurnRecord(conversation.id, [], stored_parameters, claim, replace_after=last.id)
             messages = context_messages(conversation.messages[: prompts[-1]]) + [{"role": "user", "content": last.content}]
             return await self.start_turn(model, params, messages=messages, record=record, admission=admission, lease=lease)
 
@@ -349,11 +415,12 @@ class TurnService:
         record: TurnRecord | None = None,
         admission: Admission | None = None,
         lease: StreamLease | None = None,
+        calls: CallReader | None = None,
     ) -> Turn:
         """Starts generating and waits for the first output, so every error that can reject the
         request (prompt too long, model down) is raised here, before any byte is sent. Its place
         among the model's requests (`admit`; taken here unless given) is held until the
-        generation ends."""
+        generation ends. `calls`: how the answer's calls are read (with `tools`)."""
         admission = admission or self.admit(model)
         request = GenerationRequest(
             messages=messages,
@@ -373,21 +440,20 @@ class TurnService:
             raise
         self.metrics.turn_started(model.name, time.monotonic() - started)
         prompt_stored = None
-        if record is not None and record.replace_after is None:
+        if record is not None and record.prompts:
             # Not waited for here: a write (SQLite's commit) was a large part of the time to the
             # first byte (docs/engine.md). `outputs` waits for it before it stores the answer,
             # which must follow it.
             prompt_stored = self.writes.start(
-                self.history.append_message.remote,
+                self.history.append_messages.remote,
                 record.conversation_id,
-                "user",
-                record.prompt,
+                record.prompts,
                 model=model.name,
                 parameters=record.parameters,
             )
         if lease is not None:
             lease.answers += 1
-        return Turn(model, first, stream, record, prompt_stored, claim_renewed_at=started, lease=lease)
+        return Turn(model, first, stream, record, prompt_stored, claim_renewed_at=started, lease=lease, calls=calls)
 
     async def _first_output(
         self, model: ModelConfig, request: GenerationRequest, admission: Admission
@@ -435,7 +501,8 @@ class TurnService:
             if status != "complete":
                 turn.stream.cancel()
             if turn.record is not None:
-                answer = dict(
+                text, calls = turn.answer_calls("".join(pieces), output)
+                answer: dict[str, Any] = dict(
                     model=turn.model.name,
                     parameters=turn.record.parameters,
                     status=status,
@@ -444,10 +511,10 @@ class TurnService:
                     completion_tokens=output.completion_tokens,
                     replace_after=turn.record.replace_after,
                     ends_turn=turn.record.claim,
+                    tool_calls=[call.openai() for call in calls] or None,
                 )
-                content = "".join(pieces)
                 await asyncio.shield(
-                    self.writes.start(self._store_answer, turn.record.conversation_id, content, answer, turn.prompt_stored)
+                    self.writes.start(self._store_answer, turn.record.conversation_id, text or "", answer, turn.prompt_stored)
                 )
             # Last: a cancelled request is cancelled again at each await here, and the answer comes first.
             if turn.lease is not None and turn.lease.count(output):

@@ -299,6 +299,31 @@ def test_html_in_prompts_and_answers_stays_inert(page, serve_app):
     page.unroute("**/conversations/*/generate")
 
 
+def test_a_conversation_with_tool_turns_shows_the_calls_and_the_results(page, serve_app):
+    """A chat with tools stored through /v1 (`conversation_id`), then opened in the page."""
+    conversation_id = httpx.get(f"{serve_app.url}/conversations/start", timeout=30).json()
+    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": weather}}]
+    ask = {"model": SMOL, "tools": tools, "temperature": 0, "max_tokens": 48, "conversation_id": conversation_id}
+    v1 = f"{serve_app.url}/v1/chat/completions"
+    question = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    called = httpx.post(v1, json={**ask, "messages": question, "tool_choice": "required"}, timeout=120).json()
+    [call, *_] = called["choices"][0]["message"]["tool_calls"]
+    result = [{"role": "tool", "tool_call_id": call["id"], "content": "Snow, -3 C."}]
+    httpx.post(v1, json={**ask, "messages": result}, timeout=120).raise_for_status()
+
+    page.goto(f"{serve_app.url}/#/c/{conversation_id}")
+    page.reload()  # the sidebar lists it too
+    messages = page.get_by_test_id("message")
+    expect(messages).to_have_count(4)
+    expect(messages.nth(1).locator(".message-call").first).to_have_text(
+        f"{call['function']['name']}({call['function']['arguments']})"
+    )
+    expect(messages.nth(2).locator(".message-author")).to_have_text("Tool result")
+    expect(messages.nth(2).get_by_test_id("message-content")).to_have_text("Snow, -3 C.")
+    screenshot(page, "desktop-light-tool-turns")
+
+
 def test_errors_are_explained_and_retry_works(page, serve_app):
     page.get_by_test_id("model-select").select_option(TINY)
     new_conversation(page)

@@ -7,6 +7,7 @@ import pytest
 
 from deployments.history_store import ConversationNotFoundError, HistoryStore
 from deployments.turn_claims import ConversationBusyError
+from tests.support import NOW, RELEASED_SCHEMA
 
 
 @pytest.fixture
@@ -130,3 +131,62 @@ async def test_a_turn_on_a_missing_or_deleted_conversation_gives_its_claim_back(
     with pytest.raises(ConversationNotFoundError):
         await store.append_message(conversation.id, "assistant", "late", ends_turn="a")
     assert store.turns.holder(conversation.id) is None
+
+
+async def test_a_tool_turn_is_stored_in_one_write_and_read_back_with_its_calls(store):
+    conversation = await store.create_conversation()
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]
+    await store.append_message(conversation.id, "user", "Weather in Paris?")
+    await store.append_message(conversation.id, "assistant", "", tool_calls=calls, completion_tokens=9)
+    results = [
+        {"role": "tool", "content": "18 C", "tool_call_id": "call_1"},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+    ]
+    stored = await store.append_messages(conversation.id, results, model="m", parameters={"seed": 1})
+    assert [m.tool_call_id for m in stored] == ["call_1", "call_1"] and stored[0].id < stored[1].id
+    messages = (await store.get_conversation(conversation.id)).messages
+    assert [(m.role, m.content, m.tool_calls, m.tool_call_id) for m in messages] == [
+        ("user", "Weather in Paris?", None, None),
+        ("assistant", "", calls, None),
+        ("tool", "18 C", None, "call_1"),
+        ("tool", "sunny", None, "call_1"),
+    ]
+    assert messages[2].parameters == {"seed": 1} and messages[2].model == "m"
+    with pytest.raises(ConversationNotFoundError):
+        await store.append_messages(conversation.id + 1, results)
+
+
+async def test_a_database_of_a_release_before_tool_turns_keeps_every_message_and_takes_them(tmp_path):
+    """Its messages table checks `role` against three roles and has no call columns."""
+    path = tmp_path / "history.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(RELEASED_SCHEMA)
+        db.execute("INSERT INTO conversations (title, created_at, updated_at) VALUES ('kept', ?, ?)", (NOW, NOW))
+        rows = [(1, "user", "q", None, "complete", None), (1, "assistant", "a", '{"seed": 3}', "stopped", "gone")]
+        for row in [*rows, (1, "user", "deleted", None, "complete", None)]:
+            db.execute(
+                "INSERT INTO messages (conversation_id, role, content, parameters, status, error, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (*row, NOW),
+            )
+        db.execute("DELETE FROM messages WHERE id = 3")
+    for _ in range(2):  # opened again: nothing left to migrate
+        store = HistoryStore(path)
+        await store.open()
+        try:
+            conversation = await store.get_conversation(1)
+            assert [(m.id, m.role, m.content, m.parameters, m.status, m.error) for m in conversation.messages[:2]] == [
+                (1, "user", "q", None, "complete", None),
+                (2, "assistant", "a", {"seed": 3}, "stopped", "gone"),
+            ]
+            [tool] = await store.append_messages(1, [{"role": "tool", "content": "r", "tool_call_id": "c"}])
+            assert tool.id > 3  # a deleted message's id never returns
+        finally:
+            await store.close()
+    with sqlite3.connect(path) as db:
+        assert {row[0] for row in db.execute("SELECT name FROM sqlite_master")} >= {"messages", "messages_by_conversation"}
+        assert "messages_before_tools" not in {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+    with pytest.raises(sqlite3.IntegrityError):  # the role is still checked
+        with sqlite3.connect(path) as db:
+            db.execute("INSERT INTO messages (conversation_id, role, content, created_at) VALUES (1, 'robot', 'x', ?)", (NOW,))

@@ -7,6 +7,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Literal
 
+import httpx
 import openai
 import pydantic
 import pytest
@@ -132,6 +133,51 @@ def test_a_tool_round_trip_answers_from_the_tools_result(sdk):
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
 
 
+def streamed_calls(stream) -> tuple[list[dict], str | None]:
+    """The calls of a streamed answer, reassembled from its deltas, and its finish reason."""
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            call = calls.setdefault(delta.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+            call["id"] += delta.id or ""
+            call["function"]["name"] += delta.function.name or ""
+            call["function"]["arguments"] += delta.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    return list(calls.values()), finish
+
+
+def test_a_tool_round_trip_in_a_stored_conversation_keeps_its_calls_and_results(sdk, serve_app):
+    conversation_id = httpx.get(f"{serve_app.url}/conversations/start").json()
+    stored_in = {"extra_body": {"conversation_id": conversation_id}}
+    calls, finish = streamed_calls(
+        sdk.chat.completions.create(
+            model=SMOL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, stream=True, **stored_in
+        )
+    )
+    assert finish == "tool_calls" and calls
+    results = [{"role": "tool", "tool_call_id": call["id"], "content": "Sunny, 21 degrees celsius."} for call in calls]
+    with pytest.raises(openai.BadRequestError) as caught:  # a result for a call the conversation never made
+        sdk.chat.completions.create(model=SMOL, messages=[{**results[0], "tool_call_id": "call_nope"}], **stored_in)
+    assert caught.value.body["param"] == "messages.0.tool_call_id", caught.value.message
+    # Only the results are sent: the conversation holds the question and the calls.
+    answer = sdk.chat.completions.create(model=SMOL, messages=results, tools=TOOLS, temperature=0, max_tokens=64, **stored_in)
+    assert answer.choices[0].finish_reason in ("stop", "length") and "21" in answer.choices[0].message.content
+    stored = httpx.get(f"{serve_app.url}/conversations/{conversation_id}").json()["messages"]
+    assert [(m["role"], m["tool_calls"], m["tool_call_id"]) for m in stored] == [
+        ("user", None, None),
+        ("assistant", calls, None),
+        *[("tool", None, call["id"]) for call in calls],
+        ("assistant", None, None),
+    ]
+    assert stored[-1]["content"] == answer.choices[0].message.content
+    # The stored history is what the model read: the same chat sent whole answers alike.
+    whole = [*ASK, {"role": "assistant", "tool_calls": calls}, *results]
+    stateless = sdk.chat.completions.create(model=SMOL, messages=whole, tools=TOOLS, temperature=0, max_tokens=64)
+    assert stateless.choices[0].message.content == answer.choices[0].message.content
+    assert stateless.usage.prompt_tokens == answer.usage.prompt_tokens
+
+
 def test_tool_requests_that_cannot_run_are_bad_requests_naming_the_field(sdk):
     cases = [
         (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
@@ -144,7 +190,6 @@ def test_tool_requests_that_cannot_run_are_bad_requests_naming_the_field(sdk):
             ),
             "tools",
         ),
-        (dict(tools=TOOLS, extra_body={"conversation_id": 1}), "conversation_id"),
     ]
     for extra, field in cases:
         with pytest.raises(openai.BadRequestError) as caught:

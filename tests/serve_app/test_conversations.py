@@ -52,3 +52,23 @@ def test_markdown_export_names_speakers_and_marks_unfinished_answers():
         "# Conversation 3\n\n## User\n\nHi\n\n## Assistant (smol) — stopped\n\nHel\n\n"
         "## Assistant (smol) — failed\n\n> error: out of memory\n"
     )
+
+
+def test_markdown_export_shows_an_answers_calls_and_the_tools_results():
+    call = {"id": "call_x_0", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+    conversation = Conversation(
+        id=4,
+        title="Oslo",
+        created_at=NOW,
+        updated_at=NOW,
+        messages=[
+            message(1, "user", "Weather?"),
+            message(2, "assistant", "Looking.", model="smol", tool_calls=[call]),
+            message(3, "tool", "-3 C", tool_call_id="call_x_0"),
+        ],
+    )
+    assert conversation_markdown(conversation) == (
+        "# Oslo\n\n## User\n\nWeather?\n\n## Assistant (smol)\n\nLooking.\n\n"
+        'Called `weather` (call_x_0):\n\n```json\n{"city": "Oslo"}\n```\n\n'
+        "## Tool result (call_x_0)\n\n-3 C\n"
+    )

@@ -23,7 +23,16 @@ from deployments.turn_claims import TURN_LEASE_S, ConversationBusyError, TurnCla
 from serve_app import turns as turns_module
 from serve_app.protocol import STREAM_ERROR_MARKER, Completion, CompletionChoice, CompletionLogprobs, Message
 from serve_app.serving import sse_events, start_choices
-from serve_app.turns import ModelOverloadedError, TurnRecord, TurnService, affinity_key, context_messages
+from serve_app.tool_calls import CallReader
+from serve_app.turns import (
+    ModelOverloadedError,
+    TurnRecord,
+    TurnService,
+    affinity_key,
+    context_messages,
+    stored_prompts,
+    waiting_calls,
+)
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -38,9 +47,9 @@ def test_the_turns_of_a_conversation_share_an_affinity_key_and_other_conversatio
     later = [*first, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Go on"}]
     assert affinity_key(None, first, None) == affinity_key(None, later, None)
     assert affinity_key(None, first, None) != affinity_key(None, [system, {"role": "user", "content": "Bye"}], None)
-    stored = TurnRecord(conversation_id=7, prompt="Hi", parameters={}, claim="t")
+    stored = TurnRecord(conversation_id=7, prompts=[], parameters={}, claim="t")
     assert affinity_key(stored, first, None) == affinity_key(stored, later, None) != affinity_key(None, first, None)
-    assert affinity_key(TurnRecord(conversation_id=8, prompt="Hi", parameters={}, claim="t"), first, None) != affinity_key(
+    assert affinity_key(TurnRecord(conversation_id=8, prompts=[], parameters={}, claim="t"), first, None) != affinity_key(
         stored, first, None
     )
     # A completion that extends an earlier prompt keeps its key.
@@ -63,6 +72,36 @@ def test_context_keeps_answered_turns_and_skips_unanswered_or_failed_ones():
         {"role": "assistant", "content": "a1"},
         {"role": "user", "content": "q3"},
         {"role": "assistant", "content": "partial"},
+    ]
+
+
+def test_context_replays_tool_turns_with_their_calls_and_leaves_out_a_failed_answer_to_results():
+    call = {"id": "call_a_0", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+    history = [
+        message(1, "user", "Weather in Oslo?"),
+        message(2, "assistant", "", tool_calls=[call]),
+        message(3, "tool", "-3 C", tool_call_id="call_a_0"),
+        message(4, "assistant", "", status="failed", error="boom"),  # its results are left out with it
+        message(5, "tool", "-3 C", tool_call_id="call_a_0"),  # sent again
+        message(6, "tool", "snow", tool_call_id="call_a_0"),
+        message(7, "assistant", "Cold and snowy."),
+    ]
+    results = [
+        {"role": "tool", "content": "-3 C", "tool_call_id": "call_a_0"},
+        {"role": "tool", "content": "snow", "tool_call_id": "call_a_0"},
+    ]
+    template_call = {"id": "call_a_0", "type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
+    assert context_messages(history) == [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [template_call]},
+        *results,
+        {"role": "assistant", "content": "Cold and snowy."},
+    ]
+    assert waiting_calls(history[:2]) == waiting_calls(history[:4]) == {"call_a_0"}
+    assert waiting_calls(history) == waiting_calls([*history[:2], message(8, "user", "new topic")]) == set()
+    assert stored_prompts([{"role": "user", "content": "q"}, *results]) == results
+    assert stored_prompts([*results, {"role": "system", "content": "s"}, {"role": "user", "content": "q"}]) == [
+        {"role": "user", "content": "q"}
     ]
 
 
@@ -264,14 +303,13 @@ async def test_the_answer_streams_while_its_prompt_is_stored_and_is_stored_after
     stored when the stream ends, still follows its prompt."""
     service = service_with(history, FakeStream(outputs("Hel", "lo", finish="stop")))
     commit = asyncio.Event()
-    append = history.store.append_message
+    append = history.store.append_messages
 
-    async def slow_append(conversation_id: int, role: str, content: str, **fields):
-        if role == "user":
-            await commit.wait()
-        return await append(conversation_id, role, content, **fields)
+    async def slow_append(conversation_id: int, messages: list, **fields):
+        await commit.wait()
+        return await append(conversation_id, messages, **fields)
 
-    history.store.append_message = slow_append
+    history.store.append_messages = slow_append
     turn = await asyncio.wait_for(start(service), 5)  # the first output needs no write
     pieces = service.text_pieces(turn)
     assert await anext(pieces) == "Hel"
@@ -284,6 +322,38 @@ async def test_the_answer_streams_while_its_prompt_is_stored_and_is_stored_after
     commit.set()
     assert await ending is None
     assert [(m.role, m.content) for m in await stored(history)] == [("user", "hi"), ("assistant", "Hello")]
+
+
+async def test_a_tool_turn_stores_its_calls_with_the_ids_the_client_saw_and_takes_their_results(history):
+    weather = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    called = '<tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    service = service_with(
+        history,
+        FakeStream(outputs("Let me look. ", called, finish="stop")),
+        FakeStream(outputs("Cold.", finish="stop")),
+    )
+    model, reader = service.registry.default, CallReader(frozenset({"weather"}), forced=False)
+
+    async def turn_of(messages: list[dict]) -> tuple[str, GenerationOutput]:
+        turn = await service.conversation_turn(1, None, messages, model, SamplingParams(), {}, tools=weather, calls=reader)
+        received = [output async for output in service.outputs(turn)]
+        return turn.answer_calls("".join(o.text for o in received), received[-1])
+
+    text, [call] = await turn_of([{"role": "user", "content": "Weather in Oslo?"}])
+    assert text == "Let me look." and (call.name, json.loads(call.arguments)) == ("weather", {"city": "Oslo"})
+    # The client answers the call it saw; an id the conversation never gave is refused, and frees it.
+    wrong = [{"role": "tool", "content": "-3 C", "tool_call_id": "call_other"}]
+    with pytest.raises(InvalidRequestError, match=r"^messages\.0\.tool_call_id: 'call_other' answers no call"):
+        await service.conversation_turn(1, None, wrong, model, SamplingParams(), {}, tools=weather, calls=reader)
+    assert history.store.turns.holder(1) is None
+    text, calls = await turn_of([{"role": "tool", "content": "-3 C", "tool_call_id": call.id}])
+    assert (text, calls) == ("Cold.", [])
+    assert [(m.role, m.content, m.tool_calls, m.tool_call_id) for m in await stored(history)] == [
+        ("user", "Weather in Oslo?", None, None),
+        ("assistant", "Let me look.", [call.openai()], None),
+        ("tool", "-3 C", None, call.id),
+        ("assistant", "Cold.", None, None),
+    ]
 
 
 # --- a request's choices (OpenAI's `n`) ---
