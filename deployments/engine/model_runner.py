@@ -112,7 +112,7 @@ class ModelRunner:
         )
         self.sampling = SlotSampling.empty(max_batch_size + 1, self.max_context, self.device)  # + the scratch row
         self._eos = torch.tensor(eos_token_ids(loaded), dtype=torch.long, device=self.device)
-        self._masks = Masks(self.vocab_size, max_batch_size)
+        self._masks = Masks(self.vocab_size, max_batch_size, parallel=self.is_cuda)
 
     def _fitting_context(self, max_context: int, bytes_per_position: int) -> int:
         return max_context  # the cache grows as requests get longer
@@ -133,7 +133,7 @@ class ModelRunner:
         longest = max([row.position + 1 for row in step.decode] + [c.start + c.length for c, _ in step.chunks])
         self.cache.reserve(longest)
         constrained, scored = step.constrained, step.scored
-        bits = None if constrained is None else self._masks.fill(constrained.matchers)  # on the host, before the pass
+        filling = None if constrained is None else self._masks.start_fill(constrained.matchers)  # beside the pass
         decode = [row[:3] for row in step.decode]
         batch = build_step(decode, step.chunks, cuda=self.is_cuda).to(self.device)
         if step.previous is not None:
@@ -148,8 +148,8 @@ class ModelRunner:
             logits, logit_rows = logits[:n], logit_rows[:n]
         # Before bias, penalties, masks and temperature change the logits (in place).
         logprobs = StepLogprobs(logits, scored.rows, scored.top) if scored is not None and scored.rows else None
-        if constrained is not None and bits is not None:
-            self._masks.apply(logits, constrained.rows, bits)
+        if constrained is not None and filling is not None:
+            self._masks.apply(logits, constrained.rows, filling.result())
         rows = StepRows(batch.slots[logit_rows], batch.positions[logit_rows], step.needs)
         draft = draw(logits, rows, self.sampling, self.cache.tokens[:, :longest], self._eos)
         return StepResult(draft, draft.tokens, logprobs, prompt_logprobs)

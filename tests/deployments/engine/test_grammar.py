@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
-from deployments.engine.grammar import Grammars
+from deployments.engine.grammar import Grammars, Masks
 from deployments.engine.protocol import InvalidRequestError
 from deployments.engine.reference import ReferenceEngine
 from deployments.engine.sampling_params import Constraint, SamplingParams
@@ -97,3 +98,23 @@ def test_a_constraint_compiles_once_and_each_request_gets_its_own_matcher(tiny):
     assert first.consume_tokens(tiny.tokenizer.encode('{"name":"ab"', add_special_tokens=False))
     assert not second.consume_tokens(tiny.tokenizer.encode("x", add_special_tokens=False))  # a fresh start: "{" only
     assert grammars.matcher(RECORD).consume_tokens(tiny.tokenizer.encode('{"name"', add_special_tokens=False))
+
+
+@pytest.mark.parametrize("vocab", [32 * 40, 32 * 40 - 7])  # a vocabulary that fills its last bitmask word or not
+def test_masks_leave_allowed_logits_and_other_rows_as_they_were_and_make_refused_ones_unpickable(vocab):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, vocab, generator=generator) * 10
+    logits[4, 3] = -torch.inf  # refused already (a logit bias): stays so
+    masks, rows = Masks(vocab, 3), [1, 4]
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (2, (vocab + 31) // 32), dtype=torch.int32, generator=generator)
+    allowed = torch.tensor([[bool(int(word) >> bit & 1) for word in row for bit in range(32)][:vocab] for row in bitmask])
+    before = logits.clone()
+    masks.apply(logits, rows, bitmask)
+    others = [0, 2, 3]
+    assert torch.equal(logits[others], before[others])
+    for mask_row, row in enumerate(rows):
+        assert torch.equal(logits[row][allowed[mask_row]], before[row][allowed[mask_row]])
+        refused = logits[row][~allowed[mask_row]]
+        assert len(refused) and bool((refused <= torch.finfo(torch.float32).min / 2).all())
+        probabilities = (logits[row] / 0.7).softmax(dim=-1)
+        assert probabilities[~allowed[mask_row]].sum() == 0 and logits[row].argmax() in allowed[mask_row].nonzero()
