@@ -42,9 +42,9 @@ from deployments.output_channel import Inbox, ModelStream
 from deployments.quotas import QuotaExceededError, Quotas
 from deployments.turn_claims import TURN_LEASE_S
 from deployments.user_accounts import key_hash
-from serve_app.conversations import parse_conversation_id
+from serve_app.conversations import context_messages, parse_conversation_id, stored_prompts, waiting_calls
 from serve_app.metrics import ServiceMetrics
-from serve_app.protocol import STREAM_ERROR_MARKER, ChatMessage, Conversation, Message, MessageStatus
+from serve_app.protocol import STREAM_ERROR_MARKER, Conversation, MessageStatus
 from serve_app.served_models import answers_of, broadcast
 from serve_app.tool_calls import Call, CallReader, call_stem
 
@@ -68,55 +68,6 @@ class ModelOverloadedError(RuntimeError):
 
     def __init__(self, model: ModelConfig):
         super().__init__(f"model '{model.name}' is overloaded (all replicas busy, queue full); retry shortly")
-
-
-def context_messages(history: list[Message]) -> list[dict[str, Any]]:
-    """The earlier turns the model sees: each prompt (a user's message, or the results of the
-    tools an answer called) with the answer that followed it, its calls included. Unanswered
-    prompts and empty (failed) answers are left out, so that every prompt has its answer."""
-    turns: list[dict[str, Any]] = []
-    prompt: list[Message] = []
-    for message in history:
-        if message.role == "assistant":
-            if prompt and (message.content or message.tool_calls):
-                turns += [chat_message(m) for m in (*prompt, message)]
-            prompt = []
-        elif message.role == "tool" and prompt and prompt[-1].role == "tool":
-            prompt.append(message)
-        else:
-            prompt = [message] if message.role in ("user", "tool") else []
-    return turns
-
-
-def chat_message(message: Message) -> dict[str, Any]:
-    """A stored message as the chat template takes it."""
-    fields = message.model_dump(include={"role", "content", "tool_calls", "tool_call_id"})
-    return ChatMessage.model_validate(fields).template_message()
-
-
-def waiting_calls(history: list[Message]) -> set[str]:
-    """The ids of the calls whose results the conversation waits for: those of its last answer
-    that made calls, unless a user's prompt or an answer in words came after it (an empty,
-    failed answer to their results does not count: the results may be sent again)."""
-    for message in reversed(history):
-        if message.role == "assistant" and message.tool_calls:
-            return {call["id"] for call in message.tool_calls}
-        if message.role == "user" or (message.role == "assistant" and message.content):
-            return set()
-    return set()
-
-
-def stored_prompts(new_messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What a turn stores of the messages it was sent: the user's prompt, or the tool results
-    that end them (every message before is the caller's context, not the conversation's)."""
-    if new_messages[-1]["role"] != "tool":
-        return [{"role": "user", "content": new_messages[-1]["content"]}]
-    results: list[dict[str, Any]] = []
-    for message in reversed(new_messages):
-        if message["role"] != "tool":
-            break
-        results.insert(0, {"role": "tool", "content": message["content"], "tool_call_id": message.get("tool_call_id")})
-    return results
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Conversations as stored: ids as routes take them, and the Markdown export."""
+"""Conversations as stored: ids as routes take them, the history a turn reads and the prompt it
+stores, and the Markdown export."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from deployments.history_store import ConversationNotFoundError
-from serve_app.conversations import conversation_markdown, parse_conversation_id
+from serve_app.conversations import context_messages, conversation_markdown, parse_conversation_id, stored_prompts, waiting_calls
 from serve_app.protocol import Conversation, Message
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -34,6 +35,54 @@ def test_ids_parse():
 def test_ids_beyond_what_sqlite_stores_name_no_conversation(raw):
     with pytest.raises(ConversationNotFoundError, match=f"conversation '{raw}' not found"):
         parse_conversation_id(raw)
+
+
+def test_context_keeps_answered_turns_and_skips_unanswered_or_failed_ones():
+    history = [
+        message(1, "user", "q1"),
+        message(2, "assistant", "a1"),
+        message(3, "user", "lost"),  # no answer: e.g. the service died
+        message(4, "user", "q2"),
+        message(5, "assistant", "", status="failed", error="boom"),
+        message(6, "user", "q3"),
+        message(7, "assistant", "partial", status="stopped"),
+    ]
+    assert context_messages(history) == [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q3"},
+        {"role": "assistant", "content": "partial"},
+    ]
+
+
+def test_context_replays_tool_turns_with_their_calls_and_leaves_out_a_failed_answer_to_results():
+    call = {"id": "call_a_0", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+    history = [
+        message(1, "user", "Weather in Oslo?"),
+        message(2, "assistant", "", tool_calls=[call]),
+        message(3, "tool", "-3 C", tool_call_id="call_a_0"),
+        message(4, "assistant", "", status="failed", error="boom"),  # its results are left out with it
+        message(5, "tool", "-3 C", tool_call_id="call_a_0"),  # sent again
+        message(6, "tool", "snow", tool_call_id="call_a_0"),
+        message(7, "assistant", "Cold and snowy."),
+    ]
+    results = [
+        {"role": "tool", "content": "-3 C", "tool_call_id": "call_a_0"},
+        {"role": "tool", "content": "snow", "tool_call_id": "call_a_0"},
+    ]
+    template_call = {"id": "call_a_0", "type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
+    assert context_messages(history) == [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [template_call]},
+        *results,
+        {"role": "assistant", "content": "Cold and snowy."},
+    ]
+    assert waiting_calls(history[:2]) == waiting_calls(history[:4]) == {"call_a_0"}
+    assert waiting_calls(history) == waiting_calls([*history[:2], message(8, "user", "new topic")]) == set()
+    assert stored_prompts([{"role": "user", "content": "q"}, *results]) == results
+    assert stored_prompts([*results, {"role": "system", "content": "s"}, {"role": "user", "content": "q"}]) == [
+        {"role": "user", "content": "q"}
+    ]
 
 
 def test_markdown_export_names_speakers_and_marks_unfinished_answers():

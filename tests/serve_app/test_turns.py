@@ -24,15 +24,7 @@ from serve_app import turns as turns_module
 from serve_app.protocol import STREAM_ERROR_MARKER, Completion, CompletionChoice, CompletionLogprobs, Message
 from serve_app.serving import sse_events, start_choices
 from serve_app.tool_calls import CallReader
-from serve_app.turns import (
-    ModelOverloadedError,
-    TurnRecord,
-    TurnService,
-    affinity_key,
-    context_messages,
-    stored_prompts,
-    waiting_calls,
-)
+from serve_app.turns import ModelOverloadedError, TurnRecord, TurnService, affinity_key
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -55,54 +47,6 @@ def test_the_turns_of_a_conversation_share_an_affinity_key_and_other_conversatio
     # A completion that extends an earlier prompt keeps its key.
     opening = "Once upon a time " * 20
     assert affinity_key(None, None, opening) == affinity_key(None, None, opening + "there was a dragon.")
-
-
-def test_context_keeps_answered_turns_and_skips_unanswered_or_failed_ones():
-    history = [
-        message(1, "user", "q1"),
-        message(2, "assistant", "a1"),
-        message(3, "user", "lost"),  # no answer: e.g. the service died
-        message(4, "user", "q2"),
-        message(5, "assistant", "", status="failed", error="boom"),
-        message(6, "user", "q3"),
-        message(7, "assistant", "partial", status="stopped"),
-    ]
-    assert context_messages(history) == [
-        {"role": "user", "content": "q1"},
-        {"role": "assistant", "content": "a1"},
-        {"role": "user", "content": "q3"},
-        {"role": "assistant", "content": "partial"},
-    ]
-
-
-def test_context_replays_tool_turns_with_their_calls_and_leaves_out_a_failed_answer_to_results():
-    call = {"id": "call_a_0", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
-    history = [
-        message(1, "user", "Weather in Oslo?"),
-        message(2, "assistant", "", tool_calls=[call]),
-        message(3, "tool", "-3 C", tool_call_id="call_a_0"),
-        message(4, "assistant", "", status="failed", error="boom"),  # its results are left out with it
-        message(5, "tool", "-3 C", tool_call_id="call_a_0"),  # sent again
-        message(6, "tool", "snow", tool_call_id="call_a_0"),
-        message(7, "assistant", "Cold and snowy."),
-    ]
-    results = [
-        {"role": "tool", "content": "-3 C", "tool_call_id": "call_a_0"},
-        {"role": "tool", "content": "snow", "tool_call_id": "call_a_0"},
-    ]
-    template_call = {"id": "call_a_0", "type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
-    assert context_messages(history) == [
-        {"role": "user", "content": "Weather in Oslo?"},
-        {"role": "assistant", "content": "", "tool_calls": [template_call]},
-        *results,
-        {"role": "assistant", "content": "Cold and snowy."},
-    ]
-    assert waiting_calls(history[:2]) == waiting_calls(history[:4]) == {"call_a_0"}
-    assert waiting_calls(history) == waiting_calls([*history[:2], message(8, "user", "new topic")]) == set()
-    assert stored_prompts([{"role": "user", "content": "q"}, *results]) == results
-    assert stored_prompts([*results, {"role": "system", "content": "s"}, {"role": "user", "content": "q"}]) == [
-        {"role": "user", "content": "q"}
-    ]
 
 
 # --- turns, driven without Ray: a model replica's stream is a stand-in, history a real store ---
