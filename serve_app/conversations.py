@@ -89,8 +89,10 @@ def conversation_markdown(conversation: Conversation) -> str:
     """A readable transcript: title, then each message under its speaker."""
     lines = [f"# {conversation.title or f'Conversation {conversation.id}'}", ""]
     for message in conversation.messages:
-        if message.role in ("user", "tool"):
-            speaker = "User" if message.role == "user" else f"Tool result ({message.tool_call_id})"
+        if message.role == "user":
+            speaker = "User"
+        elif message.role == "tool":
+            speaker = f"Tool result ({message.tool_call_id})"
         else:
             speaker = f"Assistant ({message.model})" if message.model else "Assistant"
         note = "" if message.status == "complete" else f" — {message.status}"

@@ -71,9 +71,10 @@ def forced_constraint(tools: list[dict[str, Any]], name: str | None, parallel: b
     return Constraint(json_schema=json.dumps(schema), field="tools")
 
 
-def forced_calls(text: str, stem: str | None = None) -> list[Call]:
-    """The calls of an answer decoded under `forced_constraint` (complete: it parses)."""
-    value, stem = json.loads(text), stem or call_stem()
+def forced_calls(text: str, stem: str) -> list[Call]:
+    """The calls of an answer decoded under `forced_constraint` (complete: it parses), their ids
+    made of `stem`."""
+    value = json.loads(text)
     return [
         new_call(call["name"], call["arguments"], stem, n) for n, call in enumerate(value if isinstance(value, list) else [value])
     ]
@@ -92,12 +93,11 @@ def _parsed_call(body: str, names: Collection[str]) -> dict[str, Any] | None:
     return value
 
 
-def calls_in_text(text: str, names: Collection[str], stem: str | None = None) -> tuple[str, list[Call]]:
-    """An "auto" answer's text without its calls, and the calls: each
+def calls_in_text(text: str, names: Collection[str], stem: str) -> tuple[str, list[Call]]:
+    """An "auto" answer's text without its calls, and the calls (their ids made of `stem`): each
     `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` that names one of `names` with an
     object of arguments. Anything else, a malformed call included, stays text."""
     calls: list[Call] = []
-    stem = stem or call_stem()
 
     def take(match: re.Match) -> str:
         call = _parsed_call(match[1], names)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from serve_app.tool_calls import CallSplitter, calls_in_text, forced_calls, forced_constraint
+from serve_app.tool_calls import CallSplitter, call_stem, calls_in_text, forced_calls, forced_constraint
 
 WEATHER = {
     "type": "function",
@@ -27,10 +27,11 @@ def test_a_forced_call_is_decoded_under_the_schema_of_the_tools_calls():
 
 
 def test_forced_calls_are_read_from_one_call_or_a_list():
-    [call] = forced_calls('{"name": "weather", "arguments": {"city": "Paris"}}')
+    [call] = forced_calls('{"name": "weather", "arguments": {"city": "Paris"}}', call_stem())
     assert (call.name, json.loads(call.arguments)) == ("weather", {"city": "Paris"}) and call.id.startswith("call_")
-    calls = forced_calls('[{"name": "time", "arguments": {}}, {"name": "weather", "arguments": {"city": "Oslo"}}]')
+    calls = forced_calls('[{"name": "time", "arguments": {}}, {"name": "weather", "arguments": {"city": "Oslo"}}]', "s")
     assert [c.name for c in calls] == ["time", "weather"] and len({c.id for c in calls}) == 2
+    assert [c.id for c in calls] == ["call_s_0", "call_s_1"]  # read again, the same ids
 
 
 @pytest.mark.parametrize(
@@ -58,7 +59,7 @@ def test_forced_calls_are_read_from_one_call_or_a_list():
     ],
 )
 def test_auto_calls_are_read_from_the_text_and_anything_else_stays_text(text, content, called):
-    rest, calls = calls_in_text(text, {"weather", "time"})
+    rest, calls = calls_in_text(text, {"weather", "time"}, call_stem())
     assert rest == content and [c.name for c in calls] == called
 
 
