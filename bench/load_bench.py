@@ -190,7 +190,7 @@ def cpu_model() -> str:
 
 
 async def profile(root_pid: int, start: float, args: argparse.Namespace, label: str) -> None:
-    """With --profile DIR: py-spy records the front's, ingress's and model's Python processes over
+    """With --profile DIR: py-spy records the front's, ingress's, model's and history's Python processes over
     the measured window, as collapsed stacks (DIR/LABEL-KIND-PID.txt; `python -m bench.profile_summary`
     reads them)."""
     if not args.profile:
@@ -217,7 +217,7 @@ async def profile(root_pid: int, start: float, args: argparse.Namespace, label: 
             stderr=asyncio.subprocess.DEVNULL,
         )
         for sample in sample_tree(root_pid)
-        if sample.kind in ("front", "ingress", "model") and sample.name.startswith("ray::")
+        if sample.kind in ("front", "ingress", "model", "history") and sample.name.startswith("ray::")
     ]
     await asyncio.gather(*(spy.wait() for spy in spies))
 

@@ -10,7 +10,9 @@ history never holds half-written rows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,7 @@ class HistoryStore(UserAccounts, UserQuotas):
         self.quotas = quotas or Quotas()
         self._unwritten: dict[tuple[int, str], tuple[int, int, int]] = {}
         self._writing: asyncio.Task | None = None
+        self._write_lock = asyncio.Lock()
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,8 +158,8 @@ class HistoryStore(UserAccounts, UserQuotas):
         """Gives every conversation without an owner (made before `auth: users`) to the user
         `owner_name`, an admin made without a key if there is none; how many it took."""
         owner = await self.ensure_user(owner_name, admin=True)
-        cursor = await self.db.execute("UPDATE conversations SET owner_id = ? WHERE owner_id IS NULL", (owner.id,))
-        await self.db.commit()
+        async with self.transaction() as db:
+            cursor = await db.execute("UPDATE conversations SET owner_id = ? WHERE owner_id IS NULL", (owner.id,))
         return cursor.rowcount
 
     async def close(self) -> None:
@@ -174,13 +177,27 @@ class HistoryStore(UserAccounts, UserQuotas):
             raise RuntimeError("HistoryStore.open() was not called")
         return self._db
 
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The connection for one write, committed at the end or rolled back on any error
+        (cancellation included). One write at a time: the connection has one transaction, and
+        two writes' statements would interleave at their awaits, so that one's commit published
+        the other's half and one's rollback undid rows the other's caller was told were stored."""
+        async with self._write_lock:
+            try:
+                yield self.db
+            except BaseException:
+                await self.db.rollback()
+                raise
+            await self.db.commit()
+
     async def create_conversation(self, title: str | None = None, owner: int | None = None) -> ConversationSummary:
         now = _now()
-        cursor = await self.db.execute(
-            "INSERT INTO conversations (title, owner_id, created_at, updated_at) VALUES (?, ?, ?, ?)",
-            (title, owner, _as_text(now), _as_text(now)),
-        )
-        await self.db.commit()
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "INSERT INTO conversations (title, owner_id, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                (title, owner, _as_text(now), _as_text(now)),
+            )
         return ConversationSummary(id=_inserted_id(cursor), title=title, created_at=now, updated_at=now)
 
     async def list_conversation_ids(self, owner: int | None = None) -> list[int]:
@@ -231,20 +248,20 @@ class HistoryStore(UserAccounts, UserQuotas):
         self.turns.release(conversation_id, turn_id)
 
     async def rename_conversation(self, conversation_id: int, title: str, owner: int | None = None) -> ConversationSummary:
-        cursor = await self.db.execute(
-            f"UPDATE conversations SET title = :title, updated_at = :now WHERE id = :id AND {OWNED}",
-            {"title": title, "now": _as_text(_now()), "id": conversation_id, "owner": owner},
-        )
-        await self.db.commit()
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                f"UPDATE conversations SET title = :title, updated_at = :now WHERE id = :id AND {OWNED}",
+                {"title": title, "now": _as_text(_now()), "id": conversation_id, "owner": owner},
+            )
         if cursor.rowcount == 0:
             raise ConversationNotFoundError(conversation_id)
         return await self._summary(conversation_id)
 
     async def delete_conversation(self, conversation_id: int, owner: int | None = None) -> None:
-        cursor = await self.db.execute(
-            f"DELETE FROM conversations WHERE id = :id AND {OWNED}", {"id": conversation_id, "owner": owner}
-        )
-        await self.db.commit()
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                f"DELETE FROM conversations WHERE id = :id AND {OWNED}", {"id": conversation_id, "owner": owner}
+            )
         if cursor.rowcount == 0:
             raise ConversationNotFoundError(conversation_id)
 
@@ -308,39 +325,36 @@ class HistoryStore(UserAccounts, UserQuotas):
     ) -> list[Message]:
         now = _now()
         stored: list[Message] = []
-        try:
+        async with self.transaction() as db:
             if replace_after is not None:
-                await self.db.execute(
-                    "DELETE FROM messages WHERE conversation_id = ? AND id > ?", (conversation_id, replace_after)
-                )
+                await db.execute("DELETE FROM messages WHERE conversation_id = ? AND id > ?", (conversation_id, replace_after))
             for fields in messages:
                 message = Message(id=0, model=model, parameters=parameters, created_at=now, **fields)
-                cursor = await self.db.execute(
-                    "INSERT INTO messages (conversation_id, role, content, model, parameters, status, error, prompt_tokens,"
-                    " completion_tokens, tool_calls, tool_call_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        conversation_id,
-                        message.role,
-                        message.content,
-                        model,
-                        json.dumps(parameters) if parameters else None,
-                        message.status,
-                        message.error,
-                        message.prompt_tokens,
-                        message.completion_tokens,
-                        json.dumps(message.tool_calls) if message.tool_calls else None,
-                        message.tool_call_id,
-                        _as_text(now),
-                    ),
-                )
+                try:
+                    cursor = await db.execute(
+                        "INSERT INTO messages (conversation_id, role, content, model, parameters, status, error, prompt_tokens,"
+                        " completion_tokens, tool_calls, tool_call_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            conversation_id,
+                            message.role,
+                            message.content,
+                            model,
+                            json.dumps(parameters) if parameters else None,
+                            message.status,
+                            message.error,
+                            message.prompt_tokens,
+                            message.completion_tokens,
+                            json.dumps(message.tool_calls) if message.tool_calls else None,
+                            message.tool_call_id,
+                            _as_text(now),
+                        ),
+                    )
+                except aiosqlite.IntegrityError:  # the foreign key: no such conversation (or deleted meanwhile)
+                    raise ConversationNotFoundError(conversation_id) from None
                 stored.append(message.model_copy(update={"id": _inserted_id(cursor)}))
-        except aiosqlite.IntegrityError:  # the foreign key: no such conversation (or deleted meanwhile)
-            await self.db.rollback()
-            raise ConversationNotFoundError(conversation_id) from None
-        title = next((title_from_prompt(m.content) for m in stored if m.role == "user"), None)
-        await self.db.execute(
-            "UPDATE conversations SET updated_at = ?, title = COALESCE(title, ?) WHERE id = ?",
-            (_as_text(now), title, conversation_id),
-        )
-        await self.db.commit()
+            title = next((title_from_prompt(m.content) for m in stored if m.role == "user"), None)
+            await db.execute(
+                "UPDATE conversations SET updated_at = ?, title = COALESCE(title, ?) WHERE id = ?",
+                (_as_text(now), title, conversation_id),
+            )
         return stored

@@ -17,6 +17,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
@@ -184,6 +185,9 @@ class UserQuotas:
     def db(self) -> aiosqlite.Connection:
         raise NotImplementedError  # the store's open connection
 
+    def transaction(self) -> AbstractAsyncContextManager[aiosqlite.Connection]:
+        raise NotImplementedError  # the store's `transaction`: one write, whole
+
     async def authenticate(self, hashed: bytes) -> User | None:
         raise NotImplementedError  # `UserAccounts.authenticate`
 
@@ -238,14 +242,14 @@ class UserQuotas:
         counts, self._unwritten = self._unwritten, {}
         if not counts:
             return
-        await self.db.executemany(
-            "INSERT INTO usage (user_id, day, requests, prompt_tokens, completion_tokens) VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT (user_id, day) DO UPDATE SET requests = requests + excluded.requests,"
-            " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
-            " completion_tokens = completion_tokens + excluded.completion_tokens",
-            [(user_id, day, *numbers) for (user_id, day), numbers in counts.items()],
-        )
-        await self.db.commit()
+        async with self.transaction() as db:
+            await db.executemany(
+                "INSERT INTO usage (user_id, day, requests, prompt_tokens, completion_tokens) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (user_id, day) DO UPDATE SET requests = requests + excluded.requests,"
+                " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+                " completion_tokens = completion_tokens + excluded.completion_tokens",
+                [(user_id, day, *numbers) for (user_id, day), numbers in counts.items()],
+            )
 
     async def usage(self, user_id: int | None = None, day: str | None = None) -> list[UserUsage]:
         """The day's usage (default today, UTC) of one user, or of every user (None), by name."""

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 
 import aiosqlite
@@ -59,47 +60,49 @@ class UserAccounts:
     def db(self) -> aiosqlite.Connection:
         raise NotImplementedError  # the store's open connection
 
+    def transaction(self) -> AbstractAsyncContextManager[aiosqlite.Connection]:
+        raise NotImplementedError  # the store's `transaction`: one write, whole
+
     async def add_user(self, name: str, admin: bool = False) -> tuple[User, str]:
         """A new user and its first key (returned once, never stored)."""
         if not re.match(NAME_PATTERN, name):
             raise UserError(f"a user name is 1-64 letters, digits and . _ @ - (not '{name}')")
-        try:
-            await self.db.execute("INSERT INTO users (name, admin, created_at) VALUES (?, ?, ?)", (name, int(admin), _now_text()))
-        except aiosqlite.IntegrityError:
-            await self.db.rollback()
-            raise UserError(f"user '{name}' exists already (`rotate` gives it a new key)") from None
-        user = await self._user(name)
-        key = await self._new_key(user.id)
-        await self.db.commit()
+        async with self.transaction() as db:
+            try:
+                await db.execute("INSERT INTO users (name, admin, created_at) VALUES (?, ?, ?)", (name, int(admin), _now_text()))
+            except aiosqlite.IntegrityError:
+                raise UserError(f"user '{name}' exists already (`rotate` gives it a new key)") from None
+            user = await self._user(name)
+            key = await self._new_key(user.id)
         return user, key
 
     async def ensure_user(self, name: str, admin: bool) -> User:
         """The user named `name`, created without a key if there is none."""
-        await self.db.execute(
-            "INSERT INTO users (name, admin, created_at) VALUES (?, ?, ?) ON CONFLICT(name) DO NOTHING",
-            (name, int(admin), _now_text()),
-        )
-        await self.db.commit()
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO users (name, admin, created_at) VALUES (?, ?, ?) ON CONFLICT(name) DO NOTHING",
+                (name, int(admin), _now_text()),
+            )
         return await self._user(name)
 
     async def rotate_key(self, name: str) -> str:
         """Revokes every key of `name` and returns a new one."""
-        user = await self._user(name)
-        await self.db.execute(
-            "UPDATE api_keys SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL", (_now_text(), user.id)
-        )
-        key = await self._new_key(user.id)
-        await self.db.commit()
+        async with self.transaction() as db:
+            user = await self._user(name)
+            await db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL", (_now_text(), user.id)
+            )
+            key = await self._new_key(user.id)
         return key
 
     async def revoke_key(self, prefix: str) -> int:
         """Revokes the live keys starting with `prefix` (at least what listings show); how many."""
         if len(prefix) < SHOWN_CHARS:
             raise UserError(f"give at least the {SHOWN_CHARS} characters that `list` shows of a key")
-        cursor = await self.db.execute(
-            "UPDATE api_keys SET revoked_at = ? WHERE prefix = ? AND revoked_at IS NULL", (_now_text(), prefix[:SHOWN_CHARS])
-        )
-        await self.db.commit()
+        async with self.transaction() as db:
+            cursor = await db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE prefix = ? AND revoked_at IS NULL", (_now_text(), prefix[:SHOWN_CHARS])
+            )
         if cursor.rowcount == 0:
             raise UserError(f"no live key starts with '{prefix}'")
         return cursor.rowcount

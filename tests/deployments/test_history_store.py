@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import pickle
 import sqlite3
 
@@ -190,3 +191,39 @@ async def test_a_database_of_a_release_before_tool_turns_keeps_every_message_and
     with pytest.raises(sqlite3.IntegrityError):  # the role is still checked
         with sqlite3.connect(path) as db:
             db.execute("INSERT INTO messages (conversation_id, role, content, created_at) VALUES (1, 'robot', 'x', ?)", (NOW,))
+
+
+async def test_writes_at_once_are_each_whole_whatever_another_does(store):
+    """The store has one connection, so one transaction at a time: a write that fails (its
+    conversation deleted meanwhile) rolls back only itself, and one write's commit never
+    publishes another's half. Started together, their statements would otherwise interleave."""
+    kept, gone = await store.create_conversation(), await store.create_conversation()
+    await store.append_message(kept.id, "assistant", "old answer")
+    [old] = (await store.get_conversation(kept.id)).messages
+    await store.delete_conversation(gone.id)
+    stored, failed, renamed = await asyncio.gather(
+        store.append_message(kept.id, "assistant", "new answer", replace_after=old.id - 1),
+        store.append_message(gone.id, "assistant", "late"),
+        store.rename_conversation(kept.id, "renamed"),
+        return_exceptions=True,
+    )
+    assert isinstance(failed, ConversationNotFoundError)
+    assert not isinstance(stored, BaseException) and not isinstance(renamed, BaseException)
+    with sqlite3.connect(store.path) as db:  # what is committed, read as another process would
+        rows = db.execute("SELECT id, content FROM messages WHERE conversation_id = ?", (kept.id,)).fetchall()
+        title = db.execute("SELECT title FROM conversations WHERE id = ?", (kept.id,)).fetchone()[0]
+    assert rows == [(stored.id, "new answer")]
+    assert title == "renamed"
+
+
+async def test_a_write_cancelled_halfway_leaves_nothing_behind(store):
+    conversation = await store.create_conversation()
+    await store.append_message(conversation.id, "user", "kept")
+    [kept] = (await store.get_conversation(conversation.id)).messages
+    replacing = asyncio.create_task(store.append_message(conversation.id, "assistant", "never", replace_after=kept.id - 1))
+    await asyncio.sleep(0)  # its DELETE is under way
+    replacing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await replacing
+    await store.append_message(conversation.id, "assistant", "answer")
+    assert [m.content for m in (await store.get_conversation(conversation.id)).messages] == ["kept", "answer"]
