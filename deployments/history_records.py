@@ -45,6 +45,17 @@ class ConversationSummary(BaseModel):
 class Conversation(ConversationSummary):
     messages: list[Message] = []
 
+    def waiting_calls(self) -> set[str]:
+        """The ids of the calls whose results the conversation waits for: those of its last answer
+        that made calls, unless a user's prompt or an answer in words came after it (an empty,
+        failed answer to their results does not count: the results may be sent again)."""
+        for message in reversed(self.messages):
+            if message.role == "assistant" and message.tool_calls:
+                return {call["id"] for call in message.tool_calls}
+            if message.role == "user" or (message.role == "assistant" and message.content):
+                return set()
+        return set()
+
 
 class User(BaseModel):
     """Someone with keys to the service when it runs with `auth: users`."""

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,8 @@ SUMMARY = "SELECT id, title, created_at, updated_at FROM conversations"
 
 TITLE_CHARS = 60
 
+logger = logging.getLogger(__name__)
+
 
 class ConversationNotFoundError(LookupError):
     def __init__(self, conversation_id: int | str):
@@ -74,6 +78,29 @@ class ConversationNotFoundError(LookupError):
         # Raised in the history replica and pickled to the caller: rebuild it from the id, not
         # from the message (which would read "conversation 'conversation '5' not found' not found").
         return type(self), (self.conversation_id,)
+
+
+class UnansweredCallError(ValueError):
+    """A turn's prompt `index` is a tool result for a call its conversation does not wait for."""
+
+    def __init__(self, index: int, tool_call_id: str | None, conversation_id: int, waiting: list[str]):
+        self.index, self.tool_call_id, self.conversation_id, self.waiting = index, tool_call_id, conversation_id, waiting
+        super().__init__(
+            f"{tool_call_id!r} answers no call that conversation {conversation_id} waits for (its last answer's calls: {waiting})"
+        )
+
+    def __reduce__(self):
+        return type(self), (self.index, self.tool_call_id, self.conversation_id, self.waiting)
+
+
+@dataclass
+class _PromptWrite:
+    """A turn's prompt being stored (`begin_turn`): the turn, the write, and the title it gives
+    an untitled conversation (None: it gives none)."""
+
+    turn_id: str
+    task: asyncio.Task[list[Message]]
+    title: str | None
 
 
 def _now() -> datetime:
@@ -97,6 +124,12 @@ def title_from_prompt(prompt: str) -> str:
     return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
 
 
+def _log_failed_prompt(task: asyncio.Task) -> None:
+    # A conversation deleted meanwhile is no failure: its answer's write finds it gone too.
+    if not task.cancelled() and (error := task.exception()) and not isinstance(error, ConversationNotFoundError):
+        logger.error("storing a turn's prompt failed", exc_info=error)
+
+
 class HistoryStore(UserAccounts, UserQuotas):
     """Conversations, messages, (`UserAccounts`) users and their keys, and (`UserQuotas`) their
     limits and usage. A conversation belongs to the user who made it: every method that takes
@@ -114,6 +147,8 @@ class HistoryStore(UserAccounts, UserQuotas):
         self._unwritten: dict[tuple[int, str], tuple[int, int, int]] = {}
         self._writing: asyncio.Task | None = None
         self._write_lock = asyncio.Lock()
+        # The prompt each conversation's turn stores, until its answer or `end_turn` (one turn at a time).
+        self._prompts: dict[int, _PromptWrite] = {}
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,25 +262,75 @@ class HistoryStore(UserAccounts, UserQuotas):
                 row[column] = json.loads(row[column]) if row[column] else None
         return Conversation(**summary.model_dump(), messages=[Message(**row) for row in rows])
 
-    async def begin_turn(self, conversation_id: int, turn_id: str, owner: int | None = None) -> Conversation:
+    async def begin_turn(
+        self,
+        conversation_id: int,
+        turn_id: str,
+        owner: int | None = None,
+        prompts: list[dict[str, Any]] | None = None,
+        model: str | None = None,
+        parameters: dict[str, Any] | None = None,
+    ) -> Conversation:
         """The conversation, claimed for one answer by `turn_id` until that answer is stored
         (`append_message(..., ends_turn=turn_id)`) or `end_turn`; `ConversationBusyError` while
         another answer streams in it. Someone else's conversation is not found before it could
-        be found busy: a 409 would tell them it exists."""
+        be found busy: a 409 would tell them it exists.
+
+        `prompts`, the turn's prompt (a user's message, or the results of the calls the last
+        answer made; each a dict of `Message`'s fields), are stored after the conversation is
+        read, in a write that the call does not wait for: its commit (an fsync) would delay the
+        first token, and a call of its own would cost the ingress and this replica more than
+        the write. The answer's write waits for it; `end_turn` (the turn did not start) takes it
+        back. A result for a call the conversation does not wait for is `UnansweredCallError`."""
         if owner is not None:
             await self._summary(conversation_id, owner)
         self.turns.claim(conversation_id, turn_id)
         try:
-            return await self.get_conversation(conversation_id, owner)
+            conversation = await self.get_conversation(conversation_id, owner)
+            waiting = conversation.waiting_calls()
+            for index, prompt in enumerate(prompts or []):
+                if prompt["role"] == "tool" and prompt.get("tool_call_id") not in waiting:
+                    raise UnansweredCallError(index, prompt.get("tool_call_id"), conversation_id, sorted(waiting))
         except BaseException:
             self.turns.release(conversation_id, turn_id)
             raise
+        if prompts:
+            titled = next((title_from_prompt(p["content"]) for p in prompts if p["role"] == "user"), None)
+            task = asyncio.create_task(self._append(conversation_id, prompts, model, parameters, None))
+            task.add_done_callback(_log_failed_prompt)
+            self._prompts[conversation_id] = _PromptWrite(turn_id, task, titled if conversation.title is None else None)
+        return conversation
 
     async def renew_turn(self, conversation_id: int, turn_id: str) -> None:
         self.turns.claim(conversation_id, turn_id)
 
     async def end_turn(self, conversation_id: int, turn_id: str) -> None:
-        self.turns.release(conversation_id, turn_id)
+        """Gives a turn's claim back without an answer: it did not start (the prompt that
+        `begin_turn` stored is deleted, and the title it gave) or its conversation is gone."""
+        try:
+            prompt = self._prompts.get(conversation_id)
+            stored = await self._prompt_written(conversation_id, turn_id)
+            if stored:
+                async with self.transaction() as db:
+                    await db.execute(f"DELETE FROM messages WHERE id IN ({', '.join('?' * len(stored))})", [m.id for m in stored])
+                    if prompt is not None and prompt.title is not None:  # unless renamed meanwhile
+                        await db.execute(
+                            "UPDATE conversations SET title = NULL WHERE id = ? AND title = ?", (conversation_id, prompt.title)
+                        )
+        finally:
+            self.turns.release(conversation_id, turn_id)
+
+    async def _prompt_written(self, conversation_id: int, turn_id: str) -> list[Message]:
+        """Waits for the prompt `begin_turn` stores for the turn; what it stored ([] where it
+        stored none, or failed: `_log_failed_prompt` says why)."""
+        prompt = self._prompts.get(conversation_id)
+        if prompt is None or prompt.turn_id != turn_id:
+            return []
+        del self._prompts[conversation_id]
+        try:
+            return await asyncio.shield(prompt.task)
+        except Exception:  # noqa: BLE001 - logged by `_log_failed_prompt`
+            return []
 
     async def rename_conversation(self, conversation_id: int, title: str, owner: int | None = None) -> ConversationSummary:
         async with self.transaction() as db:
@@ -297,23 +382,13 @@ class HistoryStore(UserAccounts, UserQuotas):
             tool_call_id=tool_call_id,
         )
         try:
+            if ends_turn is not None:
+                await self._prompt_written(conversation_id, ends_turn)  # the answer follows its prompt
             [stored] = await self._append(conversation_id, [message], model, parameters, replace_after)
             return stored
         finally:
             if ends_turn is not None:
                 self.turns.release(conversation_id, ends_turn)
-
-    async def append_messages(
-        self,
-        conversation_id: int,
-        messages: list[dict[str, Any]],
-        *,
-        model: str | None = None,
-        parameters: dict[str, Any] | None = None,
-    ) -> list[Message]:
-        """Adds several final messages in one transaction (a turn's prompt: a user's message, or
-        the results of the tools an answer called), each a dict of `Message`'s fields."""
-        return await self._append(conversation_id, messages, model, parameters, None)
 
     async def _append(
         self,

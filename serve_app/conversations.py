@@ -60,18 +60,6 @@ def chat_message(message: Message) -> dict[str, Any]:
     return ChatMessage.model_validate(fields).template_message()
 
 
-def waiting_calls(history: list[Message]) -> set[str]:
-    """The ids of the calls whose results the conversation waits for: those of its last answer
-    that made calls, unless a user's prompt or an answer in words came after it (an empty,
-    failed answer to their results does not count: the results may be sent again)."""
-    for message in reversed(history):
-        if message.role == "assistant" and message.tool_calls:
-            return {call["id"] for call in message.tool_calls}
-        if message.role == "user" or (message.role == "assistant" and message.content):
-            return set()
-    return set()
-
-
 def stored_prompts(new_messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What a turn stores of the messages it was sent: the user's prompt, or the tool results
     that end them (every message before is the caller's context, not the conversation's)."""

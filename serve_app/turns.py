@@ -36,13 +36,13 @@ from ray.serve.handle import DeploymentHandle
 from deployments.engine.protocol import GenerationOutput, GenerationRequest, InvalidRequestError
 from deployments.engine.sampling_params import SamplingParams
 from deployments.history_records import User
-from deployments.history_store import ConversationNotFoundError
+from deployments.history_store import ConversationNotFoundError, UnansweredCallError
 from deployments.model_registry import ModelConfig, ModelRegistry
 from deployments.output_channel import Inbox, ModelStream
 from deployments.quotas import QuotaExceededError, Quotas
 from deployments.turn_claims import TURN_LEASE_S
 from deployments.user_accounts import key_hash
-from serve_app.conversations import context_messages, parse_conversation_id, stored_prompts, waiting_calls
+from serve_app.conversations import context_messages, parse_conversation_id, stored_prompts
 from serve_app.metrics import ServiceMetrics
 from serve_app.protocol import STREAM_ERROR_MARKER, Conversation, MessageStatus
 from serve_app.served_models import answers_of, broadcast
@@ -75,9 +75,6 @@ class TurnRecord:
     """Where and how a turn is stored; absent for requests that keep no history."""
 
     conversation_id: int
-    # The messages stored before the answer: the user's prompt, or the results of the tools the
-    # last answer called (each a dict of `Message`'s fields); none where they are stored already.
-    prompts: list[dict[str, Any]]
     parameters: dict[str, Any]
     # The turn's claim on the conversation (`deployments.turn_claims`), given back with the answer.
     claim: str
@@ -93,8 +90,6 @@ class Turn:
     first: GenerationOutput
     stream: ModelStream
     record: TurnRecord | None
-    # Storing the prompt, under way while the answer streams (see `start_turn`).
-    prompt_stored: asyncio.Task | None = None
     # When the turn's claim on its conversation (and its request's lease) was taken or last
     # renewed (`time.monotonic()`).
     claim_renewed_at: float = 0.0
@@ -311,17 +306,14 @@ class TurnService:
         message (the user's), or last tool results (answering the calls the conversation's last
         answer made), are stored with the answer."""
         with self.admit(model).held() as admission:
-            conversation, claim = await self._claim(raw_id, owner)
             prompts = stored_prompts(new_messages)
-            waiting, first = waiting_calls(conversation.messages), len(new_messages) - len(prompts)
-            for number, prompt in enumerate(prompts):
-                if prompt["role"] == "tool" and prompt["tool_call_id"] not in waiting:
-                    await asyncio.shield(self.writes.tell("end_turn", conversation.id, claim))
-                    raise InvalidRequestError(
-                        f"messages.{first + number}.tool_call_id: {prompt['tool_call_id']!r} answers no call"
-                        f" that conversation {conversation.id} waits for (its last answer's calls: {sorted(waiting)})"
-                    )
-            record = TurnRecord(conversation.id, prompts, stored_parameters, claim)
+            try:
+                conversation, claim = await self._claim(raw_id, owner, prompts, model.name, stored_parameters)
+            except UnansweredCallError as exc:
+                unanswered = getattr(exc, "cause", None) or exc  # through Ray: a RayTaskError with the original
+                first = len(new_messages) - len(prompts)
+                raise InvalidRequestError(f"messages.{first + unanswered.index}.tool_call_id: {unanswered}") from None
+            record = TurnRecord(conversation.id, stored_parameters, claim)
             messages = context_messages(conversation.messages) + new_messages
             return await self.start_turn(
                 model, params, messages=messages, tools=tools, record=record, admission=admission, lease=lease, calls=calls
@@ -344,15 +336,26 @@ class TurnService:
                 await asyncio.shield(self.writes.tell("end_turn", conversation.id, claim))
                 raise InvalidRequestError(f"conversation '{conversation.id}' has no prompt to answer again")
             last = conversation.messages[prompts[-1]]
-            record = TurnRecord(conversation.id, [], stored_parameters, claim, replace_after=last.id)
+            record = TurnRecord(conversation.id, stored_parameters, claim, replace_after=last.id)
             messages = context_messages(conversation.messages[: prompts[-1]]) + [{"role": "user", "content": last.content}]
             return await self.start_turn(model, params, messages=messages, record=record, admission=admission, lease=lease)
 
-    async def _claim(self, raw_id: str | int, owner: int | None) -> tuple[Conversation, str]:
-        """The conversation, claimed for a new turn (`ConversationBusyError` while it answers),
-        and the claim, which the turn's answer gives back when it is stored."""
+    async def _claim(
+        self,
+        raw_id: str | int,
+        owner: int | None,
+        prompts: list[dict[str, Any]] | None = None,
+        model: str | None = None,
+        parameters: dict[str, Any] | None = None,
+    ) -> tuple[Conversation, str]:
+        """The conversation as it was, claimed for a new turn (`ConversationBusyError` while it
+        answers), and the claim, which the turn's answer gives back when it is stored. The
+        history stores `prompts` in the same call, not waiting for the write (`begin_turn`):
+        a call of their own cost the ingress and the history ~1 ms of CPU each a turn."""
         claim = uuid.uuid4().hex
-        conversation = await self.history.begin_turn.remote(parse_conversation_id(raw_id), claim, owner)
+        conversation = await self.history.begin_turn.remote(
+            parse_conversation_id(raw_id), claim, owner, prompts, model=model, parameters=parameters
+        )
         return conversation, claim
 
     async def start_turn(
@@ -386,25 +389,13 @@ class TurnService:
             stream, first = await self._first_output(model, request, admission)
         except BaseException:
             admission.release()
-            if record is not None:  # given back before the error is answered: a retry finds it free
+            if record is not None:  # given back (its prompt taken back) before the error is answered: a retry finds it free
                 await asyncio.shield(self.writes.tell("end_turn", record.conversation_id, record.claim))
             raise
         self.metrics.turn_started(model.name, time.monotonic() - started)
-        prompt_stored = None
-        if record is not None and record.prompts:
-            # Not waited for here: a write (SQLite's commit) was a large part of the time to the
-            # first byte (docs/engine.md). `outputs` waits for it before it stores the answer,
-            # which must follow it.
-            prompt_stored = self.writes.start(
-                self.history.append_messages.remote,
-                record.conversation_id,
-                record.prompts,
-                model=model.name,
-                parameters=record.parameters,
-            )
         if lease is not None:
             lease.answers += 1
-        return Turn(model, first, stream, record, prompt_stored, claim_renewed_at=started, lease=lease, calls=calls)
+        return Turn(model, first, stream, record, claim_renewed_at=started, lease=lease, calls=calls)
 
     async def _first_output(
         self, model: ModelConfig, request: GenerationRequest, admission: Admission
@@ -464,9 +455,7 @@ class TurnService:
                     ends_turn=turn.record.claim,
                     tool_calls=[call.openai() for call in calls] or None,
                 )
-                await asyncio.shield(
-                    self.writes.start(self._store_answer, turn.record.conversation_id, text or "", answer, turn.prompt_stored)
-                )
+                await asyncio.shield(self.writes.start(self._store_answer, turn.record.conversation_id, text or "", answer))
             # Last: a cancelled request is cancelled again at each await here, and the answer comes first.
             if turn.lease is not None and turn.lease.count(output):
                 await self.end_stream(turn.lease)
@@ -499,14 +488,9 @@ class TurnService:
         except Exception as exc:  # noqa: BLE001 - logged and stored by `outputs`
             yield f"\n{STREAM_ERROR_MARKER}{describe_failure(exc)}\n"
 
-    async def _store_answer(
-        self, conversation_id: int, content: str, answer: dict[str, Any], prompt_stored: asyncio.Task | None
-    ) -> None:
+    async def _store_answer(self, conversation_id: int, content: str, answer: dict[str, Any]) -> None:
         try:
-            if prompt_stored is not None:
-                await prompt_stored  # the answer follows its prompt
+            # The history stores it after the turn's prompt (`begin_turn`).
             await self.history.append_message.remote(conversation_id, "assistant", content, **answer)
-        except ConversationNotFoundError:
+        except ConversationNotFoundError:  # the claim is given back all the same
             logger.info("conversation %s was deleted while answering; answer dropped", conversation_id)
-            # Where the prompt's write found it gone, the answer's (which gives it back) never ran.
-            await self.history.end_turn.remote(conversation_id, answer["ends_turn"])

@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from deployments.history_store import ConversationNotFoundError, HistoryStore
+from deployments.history_store import ConversationNotFoundError, HistoryStore, UnansweredCallError
 from deployments.turn_claims import ConversationBusyError
 from tests.support import NOW, RELEASED_SCHEMA
 
@@ -134,7 +134,7 @@ async def test_a_turn_on_a_missing_or_deleted_conversation_gives_its_claim_back(
     assert store.turns.holder(conversation.id) is None
 
 
-async def test_a_tool_turn_is_stored_in_one_write_and_read_back_with_its_calls(store):
+async def test_a_turn_stores_its_prompt_in_one_write_after_reading_and_its_answer_after_it(store):
     conversation = await store.create_conversation()
     calls = [{"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]
     await store.append_message(conversation.id, "user", "Weather in Paris?")
@@ -143,18 +143,39 @@ async def test_a_tool_turn_is_stored_in_one_write_and_read_back_with_its_calls(s
         {"role": "tool", "content": "18 C", "tool_call_id": "call_1"},
         {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
     ]
-    stored = await store.append_messages(conversation.id, results, model="m", parameters={"seed": 1})
-    assert [m.tool_call_id for m in stored] == ["call_1", "call_1"] and stored[0].id < stored[1].id
+    # A result for a call the conversation does not wait for: refused, nothing stored, the claim free.
+    unanswered = {"role": "tool", "content": "x", "tool_call_id": "call_9"}
+    with pytest.raises(UnansweredCallError, match=r"^'call_9' answers no call that conversation 1 waits for") as refused:
+        await store.begin_turn(conversation.id, "t0", prompts=[results[0], unanswered])
+    assert refused.value.index == 1 and store.turns.holder(conversation.id) is None
+    seen = await store.begin_turn(conversation.id, "t1", prompts=results, model="m", parameters={"seed": 1})
+    assert [m.role for m in seen.messages] == ["user", "assistant"]  # the conversation before the turn
+    await store.append_message(conversation.id, "assistant", "Sunny, 18 C.", ends_turn="t1")
     messages = (await store.get_conversation(conversation.id)).messages
     assert [(m.role, m.content, m.tool_calls, m.tool_call_id) for m in messages] == [
         ("user", "Weather in Paris?", None, None),
         ("assistant", "", calls, None),
         ("tool", "18 C", None, "call_1"),
         ("tool", "sunny", None, "call_1"),
+        ("assistant", "Sunny, 18 C.", None, None),
     ]
     assert messages[2].parameters == {"seed": 1} and messages[2].model == "m"
-    with pytest.raises(ConversationNotFoundError):
-        await store.append_messages(conversation.id + 1, results)
+    assert messages[2].created_at == messages[3].created_at  # one write
+    assert store.turns.holder(conversation.id) is None
+
+
+async def test_a_turn_that_does_not_start_takes_back_its_prompt_and_the_title_it_gave(store):
+    conversation = await store.create_conversation()
+    await store.begin_turn(conversation.id, "a", prompts=[{"role": "user", "content": "First question"}])
+    await store.end_turn(conversation.id, "a")
+    after = await store.get_conversation(conversation.id)
+    assert (after.messages, after.title, store.turns.holder(conversation.id)) == ([], None, None)
+    await store.begin_turn(conversation.id, "b", prompts=[{"role": "user", "content": "Second"}])
+    await store.append_message(conversation.id, "assistant", "answer", ends_turn="b")
+    await store.begin_turn(conversation.id, "c", prompts=[{"role": "user", "content": "Third"}])
+    await store.end_turn(conversation.id, "c")
+    after = await store.get_conversation(conversation.id)
+    assert [m.content for m in after.messages] == ["Second", "answer"] and after.title == "Second"
 
 
 async def test_a_database_of_a_release_before_tool_turns_keeps_every_message_and_takes_them(tmp_path):
@@ -180,7 +201,7 @@ async def test_a_database_of_a_release_before_tool_turns_keeps_every_message_and
                 (1, "user", "q", None, "complete", None),
                 (2, "assistant", "a", {"seed": 3}, "stopped", "gone"),
             ]
-            [tool] = await store.append_messages(1, [{"role": "tool", "content": "r", "tool_call_id": "c"}])
+            tool = await store.append_message(1, "tool", "r", tool_call_id="c")
             assert tool.id > 3  # a deleted message's id never returns
         finally:
             await store.close()

@@ -39,11 +39,9 @@ def test_the_turns_of_a_conversation_share_an_affinity_key_and_other_conversatio
     later = [*first, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Go on"}]
     assert affinity_key(None, first, None) == affinity_key(None, later, None)
     assert affinity_key(None, first, None) != affinity_key(None, [system, {"role": "user", "content": "Bye"}], None)
-    stored = TurnRecord(conversation_id=7, prompts=[], parameters={}, claim="t")
+    stored = TurnRecord(conversation_id=7, parameters={}, claim="t")
     assert affinity_key(stored, first, None) == affinity_key(stored, later, None) != affinity_key(None, first, None)
-    assert affinity_key(TurnRecord(conversation_id=8, prompts=[], parameters={}, claim="t"), first, None) != affinity_key(
-        stored, first, None
-    )
+    assert affinity_key(TurnRecord(conversation_id=8, parameters={}, claim="t"), first, None) != affinity_key(stored, first, None)
     # A completion that extends an earlier prompt keeps its key.
     opening = "Once upon a time " * 20
     assert affinity_key(None, None, opening) == affinity_key(None, None, opening + "there was a dragon.")
@@ -211,8 +209,11 @@ async def test_a_turn_that_fails_to_start_frees_its_conversation_before_the_erro
     with pytest.raises(answered_as):
         await start(service)
     assert history.store.turns.holder(1) is None  # a retry at once is taken
+    conversation = await history.store.get_conversation(1)
+    assert (conversation.messages, conversation.title) == ([], None)  # its prompt taken back
     retry = await start(service)
     assert [piece async for piece in service.text_pieces(retry)] == ["ok"]
+    assert [(m.role, m.content) for m in await stored(history)] == [("user", "hi"), ("assistant", "ok")]
 
 
 async def test_regenerating_where_there_is_no_prompt_frees_the_conversation(history):
@@ -247,13 +248,14 @@ async def test_the_answer_streams_while_its_prompt_is_stored_and_is_stored_after
     stored when the stream ends, still follows its prompt."""
     service = service_with(history, FakeStream(outputs("Hel", "lo", finish="stop")))
     commit = asyncio.Event()
-    append = history.store.append_messages
+    append = history.store._append
 
-    async def slow_append(conversation_id: int, messages: list, **fields):
-        await commit.wait()
-        return await append(conversation_id, messages, **fields)
+    async def slow_append(conversation_id: int, messages: list, *fields):
+        if messages[0]["role"] == "user":  # the prompt's write
+            await commit.wait()
+        return await append(conversation_id, messages, *fields)
 
-    history.store.append_messages = slow_append
+    history.store._append = slow_append  # type: ignore[method-assign]
     turn = await asyncio.wait_for(start(service), 5)  # the first output needs no write
     pieces = service.text_pieces(turn)
     assert await anext(pieces) == "Hel"
