@@ -124,10 +124,27 @@ def title_from_prompt(prompt: str) -> str:
     return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
 
 
+def _title_of(messages: list[dict[str, Any]]) -> str | None:
+    """The title that storing `messages` (dicts of `Message`'s fields) gives an untitled
+    conversation: its first user message's, if it has one."""
+    return next((title_from_prompt(m["content"]) for m in messages if m["role"] == "user"), None)
+
+
 def _log_failed_prompt(task: asyncio.Task) -> None:
     # A conversation deleted meanwhile is no failure: its answer's write finds it gone too.
     if not task.cancelled() and (error := task.exception()) and not isinstance(error, ConversationNotFoundError):
         logger.error("storing a turn's prompt failed", exc_info=error)
+
+
+async def _written(prompt: _PromptWrite | None) -> list[Message]:
+    """Waits for a turn's prompt to be stored; what it stored ([] for none, or where the write
+    failed: `_log_failed_prompt` says why)."""
+    if prompt is None:
+        return []
+    try:
+        return await asyncio.shield(prompt.task)
+    except Exception:  # noqa: BLE001 - logged by `_log_failed_prompt`
+        return []
 
 
 class HistoryStore(UserAccounts, UserQuotas):
@@ -295,10 +312,10 @@ class HistoryStore(UserAccounts, UserQuotas):
             self.turns.release(conversation_id, turn_id)
             raise
         if prompts:
-            titled = next((title_from_prompt(p["content"]) for p in prompts if p["role"] == "user"), None)
             task = asyncio.create_task(self._append(conversation_id, prompts, model, parameters, None))
             task.add_done_callback(_log_failed_prompt)
-            self._prompts[conversation_id] = _PromptWrite(turn_id, task, titled if conversation.title is None else None)
+            title = _title_of(prompts) if conversation.title is None else None
+            self._prompts[conversation_id] = _PromptWrite(turn_id, task, title)
         return conversation
 
     async def renew_turn(self, conversation_id: int, turn_id: str) -> None:
@@ -308,29 +325,24 @@ class HistoryStore(UserAccounts, UserQuotas):
         """Gives a turn's claim back without an answer: it did not start (the prompt that
         `begin_turn` stored is deleted, and the title it gave) or its conversation is gone."""
         try:
-            prompt = self._prompts.get(conversation_id)
-            stored = await self._prompt_written(conversation_id, turn_id)
-            if stored:
+            prompt = self._take_prompt(conversation_id, turn_id)
+            stored = await _written(prompt)
+            if prompt is not None and stored:
                 async with self.transaction() as db:
                     await db.execute(f"DELETE FROM messages WHERE id IN ({', '.join('?' * len(stored))})", [m.id for m in stored])
-                    if prompt is not None and prompt.title is not None:  # unless renamed meanwhile
+                    if prompt.title is not None:  # unless renamed meanwhile
                         await db.execute(
                             "UPDATE conversations SET title = NULL WHERE id = ? AND title = ?", (conversation_id, prompt.title)
                         )
         finally:
             self.turns.release(conversation_id, turn_id)
 
-    async def _prompt_written(self, conversation_id: int, turn_id: str) -> list[Message]:
-        """Waits for the prompt `begin_turn` stores for the turn; what it stored ([] where it
-        stored none, or failed: `_log_failed_prompt` says why)."""
+    def _take_prompt(self, conversation_id: int, turn_id: str) -> _PromptWrite | None:
+        """The prompt `begin_turn` stores for the turn, no longer pending (None: it stores none)."""
         prompt = self._prompts.get(conversation_id)
         if prompt is None or prompt.turn_id != turn_id:
-            return []
-        del self._prompts[conversation_id]
-        try:
-            return await asyncio.shield(prompt.task)
-        except Exception:  # noqa: BLE001 - logged by `_log_failed_prompt`
-            return []
+            return None
+        return self._prompts.pop(conversation_id)
 
     async def rename_conversation(self, conversation_id: int, title: str, owner: int | None = None) -> ConversationSummary:
         async with self.transaction() as db:
@@ -383,7 +395,7 @@ class HistoryStore(UserAccounts, UserQuotas):
         )
         try:
             if ends_turn is not None:
-                await self._prompt_written(conversation_id, ends_turn)  # the answer follows its prompt
+                await _written(self._take_prompt(conversation_id, ends_turn))  # the answer follows its prompt
             [stored] = await self._append(conversation_id, [message], model, parameters, replace_after)
             return stored
         finally:
@@ -427,9 +439,8 @@ class HistoryStore(UserAccounts, UserQuotas):
                 except aiosqlite.IntegrityError:  # the foreign key: no such conversation (or deleted meanwhile)
                     raise ConversationNotFoundError(conversation_id) from None
                 stored.append(message.model_copy(update={"id": _inserted_id(cursor)}))
-            title = next((title_from_prompt(m.content) for m in stored if m.role == "user"), None)
             await db.execute(
                 "UPDATE conversations SET updated_at = ?, title = COALESCE(title, ?) WHERE id = ?",
-                (_as_text(now), title, conversation_id),
+                (_as_text(now), _title_of(messages), conversation_id),
             )
         return stored
