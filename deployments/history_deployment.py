@@ -1,13 +1,16 @@
 """Ray Serve shell around `HistoryStore`: the single owner of the SQLite file. It runs with
-exactly one replica; every other deployment reaches history through its handle, calling the
-store's own methods (`history.get_conversation.remote(id)`)."""
+exactly one replica; the ingress replicas call the store's own methods on it, on a connection
+beside Serve (`deployments.history_channel`) or through its handle
+(`history.get_conversation.remote(id)`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import ray
 from ray import serve
 
+from deployments.history_channel import HistoryServer
 from deployments.history_store import HistoryStore
 from deployments.logs import show_our_logs
 from deployments.quotas import Quotas
@@ -24,6 +27,15 @@ class HistoryDeployment(HistoryStore):
         # With users (`auth: users`), conversations made without them get their owner.
         if owner_of_unowned is not None:
             await self.adopt_unowned(owner_of_unowned)
+        # On the node's address, where ingress replicas on any node reach it.
+        self.channel = HistoryServer(self)
+        await self.channel.start(ray.util.get_node_ip_address())
 
-    def ready(self) -> None:
-        """Does nothing: a caller's early first call sets up its way to this replica (see Ingress)."""
+    def address(self) -> tuple[str, int, str] | None:
+        """Where callers reach this replica beside Serve (`HistoryClient`); None once stopping."""
+        return self.channel.address()
+
+    async def __del__(self) -> None:
+        # Serve's graceful shutdown awaits it: the callers on the channel make their next
+        # calls through Serve, and the calls they made are answered, before the replica goes.
+        await self.channel.stop()

@@ -15,37 +15,25 @@ streamed message costs both sides again (docs/performance.md).
 - Replica side: `Outbox`, the connections to inboxes; `deliver` runs a request's outputs
   through it and returns the last.
 
-Frames: a 4-byte big-endian length, then JSON (never pickle: the port is on the network). The
-first frame on a connection is the inbox's secret, 128 random bits that only requests carry; an
-inbox drops a connection that does not open with it.
+Frames (`deployments.channel`): JSON, never pickle, as model replicas are not trusted with more
+than outputs. The first frame on a connection is the inbox's secret, which only requests carry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import secrets
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import Any, Protocol
+from typing import Protocol
 
+from deployments.channel import ChannelError, TrustedProtocol, json_frame
 from deployments.engine.protocol import Delivered, GenerationOutput, ReplyTo
 
-logger = logging.getLogger(__name__)
-
-_LENGTH = struct.Struct(">I")
-MAX_FRAME_BYTES = 64 << 20
-# How long a connection may take to present its secret, and how long a stream whose last output
-# has arrived waits for the earlier ones still on the way (they left first, on a connection of
-# their own; this only bounds a connection lost in between).
-HANDSHAKE_TIMEOUT_S = 10.0
+# How long a stream whose last output has arrived waits for the earlier ones still on the way
+# (they left first, on a connection of their own; this only bounds a connection lost in between).
 STRAGGLER_TIMEOUT_S = 10.0
-
-
-class ChannelError(ConnectionError):
-    """The connection to an ingress replica's inbox failed: the request cannot be relayed."""
 
 
 def output_entry(stream: int, output: GenerationOutput) -> list:
@@ -53,11 +41,6 @@ def output_entry(stream: int, output: GenerationOutput) -> list:
     answer instead."""
     entry = [stream, output.text, output.prompt_tokens, output.completion_tokens]
     return entry if output.logprobs is None else [*entry, output.logprobs]
-
-
-def _frame(payload: Any) -> bytes:
-    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-    return _LENGTH.pack(len(data)) + data
 
 
 # --- the ingress side --------------------------------------------------------------------------
@@ -81,7 +64,7 @@ class Inbox:
         self._streams: dict[int, asyncio.Queue] = {}
         self._next_stream = 0
         self._server: asyncio.AbstractServer | None = None
-        self._connections: set[_InboxProtocol] = set()
+        self._connections: set[TrustedProtocol] = set()
         self.host, self.port = "", 0
 
     async def start(self, host: str) -> None:
@@ -121,57 +104,19 @@ class Inbox:
                 queue.put_nowait(GenerationOutput(text, prompt_tokens, completion_tokens, None, *logprobs))
 
 
-class _InboxProtocol(asyncio.Protocol):
-    """One model replica's connection: frames in, outputs delivered; nothing is sent back."""
+class _InboxProtocol(TrustedProtocol):
+    """One model replica's connection: frames of outputs in, delivered; nothing is sent back."""
 
     def __init__(self, inbox: Inbox):
+        super().__init__(inbox.secret, inbox._connections)
         self.inbox = inbox
-        self.buffer = bytearray()
-        self.is_trusted = False
-        self.transport: asyncio.BaseTransport | None = None
-        self.handshake: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # uvloop's transports are not asyncio.Transport subclasses
-        self.inbox._connections.add(self)
-        self.handshake = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT_S, transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while len(self.buffer) >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(self.buffer)
-            if length > MAX_FRAME_BYTES:
-                return self._drop("a frame over the size limit")
-            if len(self.buffer) < _LENGTH.size + length:
-                return
-            frame = bytes(self.buffer[_LENGTH.size : _LENGTH.size + length])
-            del self.buffer[: _LENGTH.size + length]
-            try:
-                payload = json.loads(frame)
-            except ValueError:
-                return self._drop("a frame that is not JSON")
-            if self.is_trusted:
-                self.inbox.deliver(payload)
-            elif isinstance(payload, str) and secrets.compare_digest(payload, self.inbox.secret):
-                self.is_trusted = True
-                if self.handshake is not None:
-                    self.handshake.cancel()
-            else:
-                return self._drop("a connection without the inbox's secret")
-
-    def _drop(self, why: str) -> None:
-        logger.warning("output inbox: dropped %s from %s", why, self.transport and self.transport.get_extra_info("peername"))
-        self.close()
-
-    def close(self) -> None:
-        self.buffer.clear()
-        if self.transport is not None:
-            self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.inbox._connections.discard(self)
-        if self.handshake is not None:
-            self.handshake.cancel()
+    def frame_received(self, payload: bytes) -> None:
+        try:
+            outputs = json.loads(payload)
+        except ValueError:
+            return self.drop("a frame that is not JSON")
+        self.inbox.deliver(outputs)
 
 
 class UnaryCall(Protocol):
@@ -264,7 +209,7 @@ class _Link:
     async def _open(self, to: ReplyTo) -> None:
         try:
             reader, writer = await asyncio.open_connection(to.host, to.port)
-            writer.write(_frame(to.secret))
+            writer.write(json_frame(to.secret))
         except OSError as exc:
             self._fail(ChannelError(f"cannot reach the ingress replica's output inbox at {to.host}:{to.port}: {exc}"))
             return
@@ -287,7 +232,7 @@ class _Link:
     def _flush(self) -> None:
         self.flush_scheduled = False
         if self.pending and self.writer is not None and self.error is None:
-            self.writer.write(_frame(self.pending))
+            self.writer.write(json_frame(self.pending))
             self.pending = []
 
     def _fail(self, error: BaseException) -> None:

@@ -20,10 +20,10 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments.channel import ChannelError
 from deployments.engine.protocol import InvalidRequestError
 from deployments.history_store import ConversationNotFoundError
 from deployments.model_registry import UnknownModelError
-from deployments.output_channel import ChannelError
 from deployments.quotas import QuotaExceededError
 from deployments.turn_claims import ConversationBusyError
 from serve_app.auth import PermissionDeniedError, UnauthorizedError

@@ -23,6 +23,7 @@ from prometheus_client.core import Metric
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.history_channel import HistoryClient
 from deployments.logs import show_our_logs
 from deployments.model_registry import ModelRegistry
 from deployments.output_channel import Inbox
@@ -231,14 +232,14 @@ def _user_admission(settings: AppSettings, turns: TurnService) -> tuple[list[Any
     return [Depends(admit)], Depends(lease_of)
 
 
-def first_calls(settings: AppSettings, models: dict[str, DeploymentHandle], history: DeploymentHandle) -> list[Any]:
+def first_calls(settings: AppSettings, models: dict[str, DeploymentHandle], history: HistoryClient) -> list[Any]:
     """One cheap call to each deployment, made as an ingress replica starts and not awaited (a
     model may still be loading). A handle finds its deployment's replicas and connects to one on
     its first call, which made each ingress replica's first answer slower than the next ones
-    (docs/engine.md#warm-up). None to a model that may have scaled to zero: the call
-    would start a replica."""
+    (docs/engine.md#warm-up); the history's first call opens its channel. None to a model that
+    may have scaled to zero: the call would start a replica."""
     calls = [models[model.name].stats.remote() for model in settings.models if not model.may_scale_to_zero]
-    return [*calls, history.ready.remote()]
+    return [*calls, history.opened()]
 
 
 @serve.deployment
@@ -254,9 +255,10 @@ class Ingress:
         inbox = Inbox()
         await inbox.start(ray.util.get_node_ip_address())
         registry = ModelRegistry(settings.models)
-        turns = TurnService(registry, models, history, replicas, inbox)
-        self.services = Services(ServedModels(registry, models), ConversationService(history), turns)
-        self._first_calls = asyncio.gather(*first_calls(settings, models, history), return_exceptions=True)
+        self.history = HistoryClient(history)
+        turns = TurnService(registry, models, self.history, replicas, inbox)
+        self.services = Services(ServedModels(registry, models), ConversationService(self.history), turns)
+        self._first_calls = asyncio.gather(*first_calls(settings, models, self.history), return_exceptions=True)
 
     def turn_metrics(self) -> tuple[str, list[Metric]]:
         """This replica's name and turn metrics, for the replica that answers a scrape (`/metrics`)."""

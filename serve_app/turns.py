@@ -35,6 +35,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.engine.protocol import GenerationOutput, GenerationRequest, InvalidRequestError
 from deployments.engine.sampling_params import SamplingParams
+from deployments.history_channel import HistoryHandle
 from deployments.history_records import User
 from deployments.history_store import ConversationNotFoundError, UnansweredCallError
 from deployments.model_registry import ModelConfig, ModelRegistry
@@ -176,7 +177,7 @@ class HistoryWrites:
     """The history deployment's calls that a turn makes and no request may cancel: storing a
     prompt or an answer, and giving back or renewing a claim or a stream lease."""
 
-    def __init__(self, history: DeploymentHandle):
+    def __init__(self, history: HistoryHandle):
         self.history = history
         self._pending: set[asyncio.Task] = set()
 
@@ -218,7 +219,7 @@ class TurnService:
         self,
         registry: ModelRegistry,
         models: dict[str, DeploymentHandle],
-        history: DeploymentHandle,
+        history: HistoryHandle,
         ingress: DeploymentHandle | None = None,
         inbox: Inbox | None = None,
     ):

@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from deployments.channel import LENGTH, ChannelError, json_frame
 from deployments.engine.protocol import Delivered, GenerationOutput, ReplyTo
-from deployments.output_channel import _LENGTH, ChannelError, Inbox, ModelStream, Outbox, _frame, deliver
+from deployments.output_channel import Inbox, ModelStream, Outbox, deliver
 
 
 class Call:
@@ -117,12 +118,12 @@ async def test_a_connection_without_the_secret_is_dropped_and_delivers_nothing(i
     received: list[GenerationOutput] = []
     inbox._streams[1] = asyncio.Queue()
     reader, writer = await asyncio.open_connection(inbox.host, inbox.port)
-    writer.write(_frame("not-the-secret") + _frame([[1, "forged", 1, 1]]))
+    writer.write(json_frame("not-the-secret") + json_frame([[1, "forged", 1, 1]]))
     assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the inbox
     assert inbox._streams[1].empty()
     # Raw bytes that are no frame at all: dropped too.
     reader, writer = await asyncio.open_connection(inbox.host, inbox.port)
-    writer.write(_LENGTH.pack(1 << 30))
+    writer.write(LENGTH.pack(1 << 30))
     assert await asyncio.wait_for(reader.read(), 5) == b""
     assert received == []
 

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
+from deployments.history_channel import HistoryClient
 from deployments.model_registry import ModelRegistry
 from serve_app.conversations import ConversationService
 from serve_app.ingress import MAX_BODY_BYTES, Services, create_app, first_calls
@@ -40,7 +41,7 @@ class RecordingHandle:
         return SimpleNamespace(remote=remote)
 
 
-def test_a_starting_ingress_calls_each_deployment_once_but_no_model_that_may_have_scaled_to_zero():
+async def test_a_starting_ingress_calls_each_deployment_once_but_no_model_that_may_have_scaled_to_zero():
     tiny = {"kind": "tiny_random"}
     settings = AppSettings.model_validate(
         {
@@ -53,8 +54,12 @@ def test_a_starting_ingress_calls_each_deployment_once_but_no_model_that_may_hav
     )
     calls: list[tuple[str, str]] = []
     models = {name: RecordingHandle(name, calls) for name in ("fixed", "idle", "scaled")}
-    made = first_calls(settings, models, RecordingHandle("history", calls))
-    assert made == calls == [("fixed", "stats"), ("scaled", "stats"), ("history", "ready")]
+    made = first_calls(settings, models, HistoryClient(RecordingHandle("history", calls)))
+    assert made[:2] == calls == [("fixed", "stats"), ("scaled", "stats")]
+    # The history's asks the history replica where its channel is (the recording handle's answer
+    # is no address, so the channel stays shut and calls would go through the handle).
+    assert await made[2] is False
+    assert calls[2:] == [("history", "address")]
 
 
 def test_models_are_listed_without_a_key_when_none_is_configured():
