@@ -194,8 +194,8 @@ class _Connection(asyncio.Protocol):
         self.next_id += 1
         call_id = self.next_id
         answer = self.waiting[call_id] = asyncio.get_running_loop().create_future()
-        self.send((call_id, name, args, kwargs))
         try:
+            self.send((call_id, name, args, kwargs))  # arguments that cannot be pickled raise here
             return await answer
         except asyncio.CancelledError:
             # The caller's cancellation cancelled `answer` too, unless the answer had come.

@@ -95,6 +95,10 @@ async def test_the_store_errors_are_raised_with_their_type_and_fields(store, cli
     # An answer that cannot be pickled fails its call, and the connection goes on.
     with pytest.raises(RuntimeError, match="history.transaction: its answer cannot be sent"):
         await client.transaction.remote()
+    # Arguments that cannot be pickled fail their call before it leaves, leaving nothing behind.
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        await client.get_conversation.remote(lambda: conversation.id)
+    assert client._connection.waiting == {}
     assert await client.list_conversation_ids.remote() == [conversation.id]
 
 
