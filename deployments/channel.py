@@ -57,12 +57,39 @@ class FrameBuffer:
         return frames
 
 
-class TrustedProtocol(asyncio.Protocol):
-    """A server's end of one connection: the first frame must be `secret`; every later one goes
-    to `frame_received`. `connections` holds the server's open ones (closed when it stops)."""
+class TrustedServer:
+    """A TCP server on a port the OS picks, whose connections (`protocol`) must present `secret`
+    before anything else; `stop` closes it and every connection it holds."""
 
-    def __init__(self, secret: str, connections: set[TrustedProtocol]):
-        self.secret, self.connections = secret, connections
+    def __init__(self) -> None:
+        self.secret = secrets.token_hex(16)
+        self.host, self.port = "", 0
+        self.server: asyncio.AbstractServer | None = None
+        self.connections: set[TrustedProtocol] = set()
+
+    def protocol(self) -> TrustedProtocol:
+        """The end of a new connection."""
+        raise NotImplementedError
+
+    async def start(self, host: str) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self.protocol, host, 0)
+        self.host, self.port = host, self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for connection in list(self.connections):
+                connection.close()
+            await self.server.wait_closed()
+
+
+class TrustedProtocol(asyncio.Protocol):
+    """A server's end of one connection: the first frame must be the server's secret; every
+    later one goes to `frame_received`."""
+
+    def __init__(self, server: TrustedServer):
+        self.secret, self.connections = server.secret, server.connections
         self.frames = FrameBuffer()
         self.is_trusted = False
         self.transport: asyncio.BaseTransport | None = None

@@ -29,11 +29,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
-import secrets
 import time
 from typing import Any, Protocol
 
-from deployments.channel import ChannelError, FrameBuffer, TrustedProtocol, frame, json_frame
+from deployments.channel import ChannelError, FrameBuffer, TrustedProtocol, TrustedServer, frame, json_frame
 
 logger = logging.getLogger(__name__)
 
@@ -55,41 +54,34 @@ def _pickled(payload: Any) -> bytes:
 # --- the history replica's side -----------------------------------------------------------------
 
 
-class HistoryServer:
+class HistoryServer(TrustedServer):
     """Runs `store`'s public methods for the callers that present its secret."""
 
     def __init__(self, store: object):
+        super().__init__()
         self.store = store
-        self.secret = secrets.token_hex(16)
-        self.host, self.port = "", 0
-        self._server: asyncio.AbstractServer | None = None
-        self._connections: set[TrustedProtocol] = set()
-        self._is_stopping = False
+        self.is_stopping = False
 
-    async def start(self, host: str) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _ServerProtocol(self), host, 0)
-        self.host, self.port = host, self._server.sockets[0].getsockname()[1]
+    def protocol(self) -> TrustedProtocol:
+        return _ServerProtocol(self)
 
     def address(self) -> tuple[str, int, str] | None:
         """Where callers connect, and the secret they present (None once stopping)."""
-        return None if self._is_stopping or self._server is None else (self.host, self.port, self.secret)
+        return None if self.is_stopping or self.server is None else (self.host, self.port, self.secret)
 
     async def stop(self) -> None:
         """Says goodbye to every caller and waits (at most `STOP_TIMEOUT_S`) until each has
         had its calls answered and gone; then closes what is left."""
-        self._is_stopping = True
-        if self._server is None:
+        self.is_stopping = True
+        if self.server is None:
             return
-        self._server.close()
-        for connection in list(self._connections):
+        self.server.close()
+        for connection in list(self.connections):
             connection.write(_pickled(GOODBYE))
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        while self._connections and time.monotonic() < deadline:
+        while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for connection in list(self._connections):
-            connection.close()
-        await self._server.wait_closed()
+        await super().stop()
 
     def method(self, name: str) -> Any:
         """The store's method `name`; `AttributeError` for a private or missing one."""
@@ -102,7 +94,7 @@ class _ServerProtocol(TrustedProtocol):
     """One caller's connection: its calls run as tasks; each answer goes back when ready."""
 
     def __init__(self, server: HistoryServer):
-        super().__init__(server.secret, server._connections)
+        super().__init__(server)
         self.server = server
         self.calls: dict[int, asyncio.Task] = {}
         self.has_left = False
@@ -119,7 +111,7 @@ class _ServerProtocol(TrustedProtocol):
             call = self.calls.get(message[0])
             if call is not None:
                 call.cancel()
-        elif self.server._is_stopping:
+        elif self.server.is_stopping:
             self.write(_pickled((message[0], None, None)))
         else:
             call_id, name, args, kwargs = message

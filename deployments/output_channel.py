@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Protocol
 
-from deployments.channel import ChannelError, TrustedProtocol, json_frame
+from deployments.channel import ChannelError, TrustedProtocol, TrustedServer, json_frame
 from deployments.engine.protocol import Delivered, GenerationOutput, ReplyTo
 
 # How long a stream whose last output has arrived waits for the earlier ones still on the way
@@ -55,29 +54,17 @@ class _End:
         self.delivered, self.error = delivered, error
 
 
-class Inbox:
+class Inbox(TrustedServer):
     """An ingress replica's end: model replicas connect to it and send the outputs of the
     streams `open` registered."""
 
     def __init__(self) -> None:
-        self.secret = secrets.token_hex(16)
+        super().__init__()
         self._streams: dict[int, asyncio.Queue] = {}
         self._next_stream = 0
-        self._server: asyncio.AbstractServer | None = None
-        self._connections: set[TrustedProtocol] = set()
-        self.host, self.port = "", 0
 
-    async def start(self, host: str) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _InboxProtocol(self), host, 0)
-        self.host, self.port = host, self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for connection in list(self._connections):
-                connection.close()
-            await self._server.wait_closed()
+    def protocol(self) -> TrustedProtocol:
+        return _InboxProtocol(self)
 
     def stream(self, call: Callable[[ReplyTo], UnaryCall]) -> ModelStream:
         """A new stream, whose outputs `call(reply_to)` (the handle call it makes) sends here."""
@@ -108,7 +95,7 @@ class _InboxProtocol(TrustedProtocol):
     """One model replica's connection: frames of outputs in, delivered; nothing is sent back."""
 
     def __init__(self, inbox: Inbox):
-        super().__init__(inbox.secret, inbox._connections)
+        super().__init__(inbox)
         self.inbox = inbox
 
     def frame_received(self, payload: bytes) -> None:

@@ -255,10 +255,10 @@ class Ingress:
         inbox = Inbox()
         await inbox.start(ray.util.get_node_ip_address())
         registry = ModelRegistry(settings.models)
-        self.history = HistoryClient(history)
-        turns = TurnService(registry, models, self.history, replicas, inbox)
-        self.services = Services(ServedModels(registry, models), ConversationService(self.history), turns)
-        self._first_calls = asyncio.gather(*first_calls(settings, models, self.history), return_exceptions=True)
+        history_client = HistoryClient(history)
+        turns = TurnService(registry, models, history_client, replicas, inbox)
+        self.services = Services(ServedModels(registry, models), ConversationService(history_client), turns)
+        self._first_calls = asyncio.gather(*first_calls(settings, models, history_client), return_exceptions=True)
 
     def turn_metrics(self) -> tuple[str, list[Metric]]:
         """This replica's name and turn metrics, for the replica that answers a scrape (`/metrics`)."""

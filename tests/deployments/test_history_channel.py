@@ -166,7 +166,7 @@ async def test_a_lost_connection_fails_its_waiting_calls_and_the_next_go_through
     async with store.transaction():
         waiting = asyncio.create_task(client.create_conversation.remote(title="lost"))
         await asyncio.sleep(0.2)
-        for connection in list(server._connections):
+        for connection in list(server.connections):
             connection.transport.abort()
         with pytest.raises(ChannelError, match="connection to the history replica was lost"):
             await asyncio.wait_for(waiting, 5)
