@@ -80,13 +80,16 @@ def create_app(settings: AppSettings, services: Services) -> FastAPI:
     add_error_handlers(app)
 
     models, conversations, turns = services.models, services.conversations, services.turns
+    # A request is matched against the routers in this order (FastAPI tries every route of
+    # each before the next): the generation routes first, as nearly every request under load
+    # is one. No path of one router matches another's.
+    app.include_router(create_openai_router(models, turns, leases))
+    app.include_router(create_answers_router(models, turns, leases))
     app.include_router(create_health_router(models))
     app.include_router(create_models_router(models))
     app.include_router(create_conversations_router(conversations))
-    app.include_router(create_answers_router(models, turns, leases))
     app.include_router(create_usage_router(conversations, settings.quotas))
     app.include_router(create_metrics_router(models, turns))
-    app.include_router(create_openai_router(models, turns, leases))
     app.include_router(create_tokenizer_router(models))
     if FRONTEND_DIR.is_dir():
         _serve_frontend(app)
