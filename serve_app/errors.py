@@ -86,6 +86,12 @@ def error_response(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(request, 503, message), status_code=503, headers={"Retry-After": "5"})
 
 
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    # Async: Starlette runs a plain function's handler on its thread pool, a hop to another
+    # thread and back for every refusal (a flood of 429s or 503s is made of them).
+    return error_response(request, exc)
+
+
 def _named_field(message: str) -> str | None:
     """The field a message starts with ("tool_choice: ...", after pydantic's "Value error, ")."""
     named = re.match(r"(?:Value error, )?([a-z_][a-z_.0-9]*)(?=: )", message)
@@ -163,7 +169,7 @@ def add_error_handlers(app: FastAPI) -> None:
     """Answers every error above in its route family's shape (the body limit is a middleware:
     `BodyLimit`)."""
     for error_type in (*ERROR_STATUS, RayError, ChannelError, ModelOverloadedError, QuotaExceededError, UnauthorizedError):
-        app.add_exception_handler(error_type, error_response)
+        app.add_exception_handler(error_type, _domain_error)
     # Starlette types every handler as taking any Exception; it calls this one with RequestValidationError only.
     app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]

@@ -3,6 +3,7 @@ are answered before any deployment is called."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from types import SimpleNamespace
 
@@ -120,6 +121,14 @@ def test_unknown_model_is_404_before_any_deployment_is_called():
     assert response.json()["error"]["message"] == "model 'nope' is not served here; available models: SmolLM2-135M-Instruct"
     response = client.post("/conversations/1/generate", json={"prompt": "hi", "model": "nope"})
     assert response.status_code == 404 and "available models" in response.json()["detail"]
+
+
+def test_every_error_is_answered_on_the_event_loop_not_the_thread_pool():
+    # Starlette runs an exception handler that is a plain function on its thread pool: a hop to
+    # another thread and back for every refusal (3x the app's time for a 404, bench.app_bench).
+    handlers = client_for().app.exception_handlers
+    assert len(handlers) > 10
+    assert [handler for handler in handlers.values() if not inspect.iscoroutinefunction(handler)] == []
 
 
 @pytest.mark.parametrize(
