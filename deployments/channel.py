@@ -1,6 +1,7 @@
-"""What the project's two TCP channels beside Serve share (`output_channel`: model replica to
-ingress; `history_channel`: ingress to history): frames, and a server end that trusts a
-connection only once it has presented the server's secret.
+"""What the project's TCP channels beside Serve share (`output_channel`: model replica to
+ingress; `call_channel`: ingress to the history replica, and to a model's where it has one):
+frames, and a server end that trusts a connection only once it has presented the server's
+secret.
 
 Frames: a 4-byte big-endian length, then the payload. The first frame on a connection is the
 secret as JSON (128 random bits that the server hands out only through Serve, so only Ray's

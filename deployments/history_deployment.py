@@ -1,6 +1,6 @@
 """Ray Serve shell around `HistoryStore`: the single owner of the SQLite file. It runs with
 exactly one replica; the ingress replicas call the store's own methods on it, on a connection
-beside Serve (`deployments.history_channel`) or through its handle
+beside Serve (`deployments.call_channel`) or through its handle
 (`history.get_conversation.remote(id)`)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from deployments.history_channel import HistoryServer
+from deployments.call_channel import CallServer
 from deployments.history_store import HistoryStore
 from deployments.logs import show_our_logs
 from deployments.quotas import Quotas
@@ -28,11 +28,11 @@ class HistoryDeployment(HistoryStore):
         if owner_of_unowned is not None:
             await self.adopt_unowned(owner_of_unowned)
         # On the node's address, where ingress replicas on any node reach it.
-        self.channel = HistoryServer(self)
+        self.channel = CallServer(self, "history")
         await self.channel.start(ray.util.get_node_ip_address())
 
     def address(self) -> tuple[str, int, str] | None:
-        """Where callers reach this replica beside Serve (`HistoryClient`); None once stopping."""
+        """Where callers reach this replica beside Serve (`CallClient`); None once stopping."""
         return self.channel.address()
 
     async def __del__(self) -> None:

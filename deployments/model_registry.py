@@ -186,6 +186,13 @@ class ModelConfig(_Strict):
         return self.max_ongoing_requests * replicas + self.max_queued_requests
 
     @property
+    def has_one_replica(self) -> bool:
+        """Served by exactly one replica (`num_replicas: 1`, the default): there is no replica
+        to choose and nothing to scale, so an ingress replica calls it on a connection beside
+        Serve (`deployments.call_channel`) rather than through Serve's router."""
+        return self.num_replicas == 1 and self.autoscaling_config is None
+
+    @property
     def may_scale_to_zero(self) -> bool:
         """Autoscaled down to no replica when idle (Serve's `min_replicas` defaults to 1)."""
         return self.autoscaling_config is not None and self.autoscaling_config.get("min_replicas", 1) == 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deployments.history_channel import HistoryHandle
+from deployments.call_channel import DeploymentHandleLike
 from deployments.history_records import UserUsage
 from deployments.history_store import ConversationNotFoundError
 from serve_app.protocol import MAX_CONVERSATION_ID, ChatMessage, Conversation, ConversationSummary, Message
@@ -106,7 +106,7 @@ class ConversationService:
     (`auth: users`), whose conversations alone are found; None: everyone's
     (`serve_app.auth.Caller.owner`)."""
 
-    def __init__(self, history: HistoryHandle):
+    def __init__(self, history: DeploymentHandleLike):
         self.history = history
 
     async def list_ids(self, owner: int | None) -> list[int]:

@@ -23,7 +23,7 @@ from prometheus_client.core import Metric
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.history_channel import HistoryClient
+from deployments.call_channel import CallClient
 from deployments.logs import show_our_logs
 from deployments.model_registry import ModelRegistry
 from deployments.output_channel import Inbox
@@ -235,14 +235,25 @@ def _user_admission(settings: AppSettings, turns: TurnService) -> tuple[list[Any
     return [Depends(admit)], Depends(lease_of)
 
 
-def first_calls(settings: AppSettings, models: dict[str, DeploymentHandle], history: HistoryClient) -> list[Any]:
+def first_calls(
+    settings: AppSettings, models: dict[str, DeploymentHandle], channels: dict[str, CallClient], history: CallClient
+) -> list[Any]:
     """One cheap call to each deployment, made as an ingress replica starts and not awaited (a
     model may still be loading). A handle finds its deployment's replicas and connects to one on
     its first call, which made each ingress replica's first answer slower than the next ones
-    (docs/engine.md#warm-up); the history's first call opens its channel. None to a model that
-    may have scaled to zero: the call would start a replica."""
+    (docs/engine.md#warm-up); the history's first call, and that of a model with a channel
+    (`channels`), opens its channel. None to a model that may have scaled to zero: the call would
+    start a replica."""
     calls = [models[model.name].stats.remote() for model in settings.models if not model.may_scale_to_zero]
-    return [*calls, history.opened()]
+    return [*calls, *(channel.opened() for channel in channels.values()), history.opened()]
+
+
+def model_channels(settings: AppSettings, models: dict[str, DeploymentHandle]) -> dict[str, CallClient]:
+    """A `CallClient` for each model of one replica (`ModelConfig.has_one_replica`): its
+    generations go on a connection beside Serve; the others' through Serve's router."""
+    return {
+        model.name: CallClient(models[model.name], f"model '{model.name}'") for model in settings.models if model.has_one_replica
+    }
 
 
 @serve.deployment
@@ -258,10 +269,11 @@ class Ingress:
         inbox = Inbox()
         await inbox.start(ray.util.get_node_ip_address())
         registry = ModelRegistry(settings.models)
-        history_client = HistoryClient(history)
-        turns = TurnService(registry, models, history_client, replicas, inbox)
+        history_client = CallClient(history, "history")
+        channels = model_channels(settings, models)
+        turns = TurnService(registry, models, history_client, replicas, inbox, channels)
         self.services = Services(ServedModels(registry, models), ConversationService(history_client), turns)
-        self._first_calls = asyncio.gather(*first_calls(settings, models, history_client), return_exceptions=True)
+        self._first_calls = asyncio.gather(*first_calls(settings, models, channels, history_client), return_exceptions=True)
 
     def turn_metrics(self) -> tuple[str, list[Metric]]:
         """This replica's name and turn metrics, for the replica that answers a scrape (`/metrics`)."""

@@ -23,7 +23,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +33,9 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.call_channel import DeploymentHandleLike, ReplicaLostError
 from deployments.engine.protocol import GenerationOutput, GenerationRequest, InvalidRequestError
 from deployments.engine.sampling_params import SamplingParams
-from deployments.history_channel import HistoryHandle
 from deployments.history_records import User
 from deployments.history_store import ConversationNotFoundError, UnansweredCallError
 from deployments.model_registry import ModelConfig, ModelRegistry
@@ -59,7 +59,8 @@ def describe_failure(exc: BaseException) -> str:
     """What to tell a user (and store with the answer) when a stream fails after it started:
     words, not Ray's internals."""
     cause = getattr(exc, "cause", None) or exc
-    if isinstance(exc, RayActorError) or isinstance(cause, RayActorError):  # ActorDiedError among them
+    # ActorDiedError among the first; the second from a model called beside Serve (`call_channel`).
+    if isinstance(cause, (RayActorError, ReplicaLostError)) or isinstance(exc, RayActorError):
         return "the model's replica stopped while answering (Serve is restarting it); send the prompt again shortly"
     return f"the answer failed: {cause}"
 
@@ -177,7 +178,7 @@ class HistoryWrites:
     """The history deployment's calls that a turn makes and no request may cancel: storing a
     prompt or an answer, and giving back or renewing a claim or a stream lease."""
 
-    def __init__(self, history: HistoryHandle):
+    def __init__(self, history: DeploymentHandleLike):
         self.history = history
         self._pending: set[asyncio.Task] = set()
 
@@ -219,12 +220,16 @@ class TurnService:
         self,
         registry: ModelRegistry,
         models: dict[str, DeploymentHandle],
-        history: HistoryHandle,
+        history: DeploymentHandleLike,
         ingress: DeploymentHandle | None = None,
         inbox: Inbox | None = None,
+        channels: Mapping[str, DeploymentHandleLike] | None = None,
     ):
         self.registry = registry
         self.models = models
+        # The models whose generations go on a connection beside Serve (`call_channel`: those
+        # of one replica); the others' through their handles.
+        self.channels = channels or {}
         self.history = history
         self.writes = HistoryWrites(history)
         # The ingress deployment this service runs in, whose every replica counts the turns it
@@ -403,7 +408,7 @@ class TurnService:
     ) -> tuple[ModelStream, GenerationOutput]:
         """The model's stream for `request` and its first output (the stream cancelled if that
         fails); the admission is released when the handle call ends."""
-        generate = self.models[model.name].generate
+        generate = (self.channels.get(model.name) or self.models[model.name]).generate
         stream = self.inbox.stream(lambda reply_to: generate.remote(dataclasses.replace(request, reply_to=reply_to)))
         stream.call_ended.add_done_callback(admission.release)
         try:

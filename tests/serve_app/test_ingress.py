@@ -3,6 +3,7 @@ are answered before any deployment is called."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 from types import SimpleNamespace
@@ -10,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.history_channel import HistoryClient
+from deployments.call_channel import CallClient
 from deployments.model_registry import ModelRegistry
 from serve_app.conversations import ConversationService
-from serve_app.ingress import MAX_BODY_BYTES, Services, create_app, first_calls
+from serve_app.ingress import MAX_BODY_BYTES, Services, create_app, first_calls, model_channels
 from serve_app.served_models import ServedModels
 from serve_app.settings import AppSettings
 from serve_app.turns import TurnService
@@ -55,12 +56,14 @@ async def test_a_starting_ingress_calls_each_deployment_once_but_no_model_that_m
     )
     calls: list[tuple[str, str]] = []
     models = {name: RecordingHandle(name, calls) for name in ("fixed", "idle", "scaled")}
-    made = first_calls(settings, models, HistoryClient(RecordingHandle("history", calls)))
+    channels = model_channels(settings, models)
+    assert list(channels) == ["fixed"]  # the others may have other replicas than one
+    made = first_calls(settings, models, channels, CallClient(RecordingHandle("history", calls), "history"))
     assert made[:2] == calls == [("fixed", "stats"), ("scaled", "stats")]
-    # The history's asks the history replica where its channel is (the recording handle's answer
-    # is no address, so the channel stays shut and calls would go through the handle).
-    assert await made[2] is False
-    assert calls[2:] == [("history", "address")]
+    # The channels' ask their replica where the channel is (the recording handle's answer is no
+    # address, so the channel stays shut and calls would go through the handle).
+    assert await asyncio.gather(*made[2:]) == [False, False]
+    assert calls[2:] == [("fixed", "address"), ("history", "address")]
 
 
 def test_models_are_listed_without_a_key_when_none_is_configured():

@@ -1,5 +1,5 @@
-"""The history channel over a real store and real TCP connections on 127.0.0.1: calls answered
-as the store answers them, the fallback through Serve's handle (an in-process stand-in that
+"""The call channel to the history, over a real store and real TCP connections on 127.0.0.1:
+calls answered as the store answers them, the fallback through Serve's handle (an in-process stand-in that
 records what it is asked), cancellation, the goodbye of a stopping replica, a lost connection."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from deployments import history_channel
-from deployments.channel import ChannelError, frame, json_frame
-from deployments.history_channel import HistoryClient, HistoryServer
+from deployments import call_channel
+from deployments.call_channel import CallClient, CallServer, ReplicaLostError
+from deployments.channel import frame, json_frame
 from deployments.history_store import ConversationNotFoundError, HistoryStore
 from deployments.turn_claims import ConversationBusyError
 
@@ -22,7 +22,7 @@ class StoreHandle:
     """The history deployment's Serve handle, over the store in-process: `address` answers the
     current server's; every method called is recorded."""
 
-    def __init__(self, store: HistoryStore, server: HistoryServer | None):
+    def __init__(self, store: HistoryStore, server: CallServer | None):
         self.store, self.server = store, server
         self.called: list[str] = []
 
@@ -36,8 +36,8 @@ class StoreHandle:
         return SimpleNamespace(remote=remote)
 
 
-async def started(store: HistoryStore) -> HistoryServer:
-    server = HistoryServer(store)
+async def started(store: HistoryStore) -> CallServer:
+    server = CallServer(store, "history")
     await server.start("127.0.0.1")
     return server
 
@@ -56,8 +56,8 @@ async def handle(store, server):
 
 @pytest.fixture
 async def client(handle, monkeypatch):
-    monkeypatch.setattr(history_channel, "REOPEN_AFTER_S", 0.0)
-    client = HistoryClient(handle)
+    monkeypatch.setattr(call_channel, "REOPEN_AFTER_S", 0.0)
+    client = CallClient(handle, "history")
     assert await client.opened()
     yield client
     client.close()
@@ -103,9 +103,9 @@ async def test_the_store_errors_are_raised_with_their_type_and_fields(store, cli
 
 
 async def test_calls_go_through_serve_while_no_channel_is_open(store, handle, monkeypatch):
-    monkeypatch.setattr(history_channel, "REOPEN_AFTER_S", 0.0)
+    monkeypatch.setattr(call_channel, "REOPEN_AFTER_S", 0.0)
     server, handle.server = handle.server, None  # a replica that gives no address (stopping)
-    client = HistoryClient(handle)
+    client = CallClient(handle, "history")
     created = await client.create_conversation.remote(title="through Serve")
     assert "create_conversation" in handle.called
     assert (await store.get_conversation(created.id)).title == "through Serve"
@@ -130,7 +130,7 @@ async def test_a_connection_without_the_secret_runs_nothing(store, server):
 
 async def test_a_cancelled_call_is_cancelled_in_the_history(store, client):
     async with store.transaction():  # held: the write waits for it
-        write = asyncio.create_task(client.create_conversation.remote(title="cancelled"))
+        write = client.create_conversation.remote(title="cancelled")  # a task, as a handle's response
         await asyncio.sleep(0.2)
         assert not write.done()
         write.cancel()
@@ -141,7 +141,7 @@ async def test_a_cancelled_call_is_cancelled_in_the_history(store, client):
 
 async def test_a_stopping_replica_answers_the_calls_made_and_the_next_go_through_serve(store, handle, client):
     async with store.transaction():
-        waiting = asyncio.create_task(client.create_conversation.remote(title="made before the goodbye"))
+        waiting = client.create_conversation.remote(title="made before the goodbye")  # a task, as a handle's response
         await asyncio.sleep(0.2)
         stopping = asyncio.create_task(handle.server.stop())
         await until(lambda: not client._connection.is_open)
@@ -164,11 +164,11 @@ async def test_a_stopping_replica_answers_the_calls_made_and_the_next_go_through
 
 async def test_a_lost_connection_fails_its_waiting_calls_and_the_next_go_through_serve(store, handle, server, client):
     async with store.transaction():
-        waiting = asyncio.create_task(client.create_conversation.remote(title="lost"))
+        waiting = client.create_conversation.remote(title="lost")  # a task, as a handle's response
         await asyncio.sleep(0.2)
         for connection in list(server.connections):
             connection.transport.abort()
-        with pytest.raises(ChannelError, match="connection to the history replica was lost"):
+        with pytest.raises(ReplicaLostError, match="connection to the history replica was lost"):
             await asyncio.wait_for(waiting, 5)
     await asyncio.sleep(0.2)
     assert await store.list_conversation_ids() == []  # the caller gone, its call was cancelled

@@ -1,21 +1,21 @@
-"""The ingress replicas' calls to the history replica, on a TCP connection beside Serve.
+"""An ingress replica's calls to a deployment of one replica, on a TCP connection beside Serve.
 
-The history deployment has one replica, and its calls need nothing a Serve handle call brings
-(routing, queue bounds, autoscaling), but each one cost the ingress and the history replica
-~1 ms of CPU apiece on two cores, most of it in Serve's router, request metrics and gRPC; a
-stored turn of the original API makes three (docs/performance.md). So each ingress replica
-keeps one connection to the history replica and makes its calls on it: `HistoryClient` has a
-handle's interface (`await client.get_conversation.remote(1)`), and makes a call through the
-handle itself while the connection is not open (the first calls, or the history replica
-restarting), so nothing depends on the channel being reachable.
+The history deployment has one replica, and so has a model served by a fixed `num_replicas: 1`
+(the default): their calls need nothing a Serve handle call brings (routing among replicas,
+queue bounds, autoscaling), yet each cost the ingress ~0.9 ms and the replica ~0.6 ms of CPU
+on two cores, most of it in Serve's router, request metrics and gRPC (docs/performance.md). So
+each ingress replica keeps one connection to such a replica and makes its calls on it:
+`CallClient` has a handle's interface (`client.get_conversation.remote(1)` is a task to await
+or cancel), and makes a call through the handle itself while the connection is not open (the
+first calls, or the replica restarting), so nothing depends on the channel being reachable.
 
-- History side: `HistoryServer` runs the store's public methods for trusted connections,
+- Replica side: `CallServer` runs the deployment's public methods for trusted connections,
   concurrently, as Serve would; it answers `address()` through Serve. Stopping (`stop`, as the
   replica shuts down) says goodbye: each caller sends its next calls through Serve, whose
   router knows the replica that follows, while the calls already made are answered.
-- Ingress side: `HistoryClient`. A call cancelled by its caller is cancelled in the history
-  too (a cancelled write is rolled back: `HistoryStore.transaction`); a call whose connection
-  is lost before its answer raises `ChannelError` (503, as for a replica lost mid-call).
+- Ingress side: `CallClient`. A call cancelled by its caller is cancelled in the replica too (a
+  cancelled history write is rolled back, a cancelled generation stops); a call whose connection
+  is lost before its answer raises `ReplicaLostError` (503, as for a replica lost mid-call).
 
 Frames (`deployments.channel`): after the secret, pickle both ways, as Ray's own calls are: the
 secret is given only through Serve, to callers Ray has authenticated. Calls `(id, method, args,
@@ -37,30 +37,46 @@ from deployments.channel import ChannelError, FrameBuffer, TrustedProtocol, Trus
 logger = logging.getLogger(__name__)
 
 # After a connection could not be opened, or said goodbye, calls go through Serve this long
-# before the next try: a history replica that is away is not asked again at every call.
+# before the next try: a replica that is away is not asked again at every call.
 REOPEN_AFTER_S = 1.0
-# How long a stopping server waits for its callers to finish their calls and go.
+# How long a stopping server waits, by default, for its callers to finish their calls and go.
 STOP_TIMEOUT_S = 10.0
-# Errors a store method answers with, not failures of the history: not logged there.
+# Errors a method answers with (a conversation not found, a prompt too long), not failures of
+# the replica: not logged there.
 ANSWERS = (LookupError, ValueError, RuntimeError, PermissionError)
 
 GOODBYE = None
+
+
+class ReplicaLostError(ChannelError):
+    """The connection to the replica was lost while a call waited for its answer: the replica
+    stopped (or its node cannot be reached), as a Serve call's `RayActorError` says."""
 
 
 def _pickled(payload: Any) -> bytes:
     return frame(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-# --- the history replica's side -----------------------------------------------------------------
+# --- the replica's side ------------------------------------------------------------------------
 
 
-class HistoryServer(TrustedServer):
-    """Runs `store`'s public methods for the callers that present its secret."""
+class CallServer(TrustedServer):
+    """Runs `target`'s public methods for the callers that present its secret; `name` (the
+    deployment's) names them in the log."""
 
-    def __init__(self, store: object):
+    def __init__(self, target: object, name: str):
         super().__init__()
-        self.store = store
+        self.target, self.name = target, name
         self.is_stopping = False
+        self._starting: asyncio.Lock | None = None
+
+    async def start_once(self, host: str) -> None:
+        """Starts the server unless it is started (or stopping): for a replica that starts it
+        on its first `address()` call, which several callers may make at once."""
+        self._starting = self._starting or asyncio.Lock()
+        async with self._starting:
+            if self.server is None and not self.is_stopping:
+                await self.start(host)
 
     def protocol(self) -> TrustedProtocol:
         return _ServerProtocol(self)
@@ -69,31 +85,31 @@ class HistoryServer(TrustedServer):
         """Where callers connect, and the secret they present (None once stopping)."""
         return None if self.is_stopping or self.server is None else (self.host, self.port, self.secret)
 
-    async def stop(self) -> None:
-        """Says goodbye to every caller and waits (at most `STOP_TIMEOUT_S`) until each has
-        had its calls answered and gone; then closes what is left."""
+    async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Says goodbye to every caller and waits (at most `timeout_s`) until each has had its
+        calls answered and gone; then closes what is left."""
         self.is_stopping = True
         if self.server is None:
             return
         self.server.close()
         for connection in list(self.connections):
             connection.write(_pickled(GOODBYE))
-        deadline = time.monotonic() + STOP_TIMEOUT_S
+        deadline = time.monotonic() + timeout_s
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await super().stop()
 
     def method(self, name: str) -> Any:
-        """The store's method `name`; `AttributeError` for a private or missing one."""
+        """The target's method `name`; `AttributeError` for a private or missing one."""
         if name.startswith("_"):
-            raise AttributeError(f"the history has no method {name!r}")
-        return getattr(self.store, name)
+            raise AttributeError(f"{self.name} has no method {name!r}")
+        return getattr(self.target, name)
 
 
 class _ServerProtocol(TrustedProtocol):
     """One caller's connection: its calls run as tasks; each answer goes back when ready."""
 
-    def __init__(self, server: HistoryServer):
+    def __init__(self, server: CallServer):
         super().__init__(server)
         self.server = server
         self.calls: dict[int, asyncio.Task] = {}
@@ -129,13 +145,13 @@ class _ServerProtocol(TrustedProtocol):
             return  # cancelled by the caller: nobody waits for an answer
         except Exception as exc:  # noqa: BLE001 - the caller raises it
             if not isinstance(exc, ANSWERS):
-                logger.exception("history.%s failed", name)
+                logger.exception("%s.%s failed", self.server.name, name)
             answer = (call_id, False, exc)
         try:
             data = _pickled(answer)
         except Exception as exc:  # noqa: BLE001 - an answer that cannot travel fails the call
-            logger.exception("history.%s: its answer cannot be sent", name)
-            data = _pickled((call_id, False, RuntimeError(f"history.{name}: its answer cannot be sent: {exc!r}")))
+            logger.exception("%s.%s: its answer cannot be sent", self.server.name, name)
+            data = _pickled((call_id, False, RuntimeError(f"{self.server.name}.{name}: its answer cannot be sent: {exc!r}")))
         self.write(data)
 
     def _call_done(self, call_id: int) -> None:
@@ -155,17 +171,17 @@ class _ServerProtocol(TrustedProtocol):
 # --- the ingress replica's side -----------------------------------------------------------------
 
 
-class HistoryHandle(Protocol):
-    """The history deployment's Serve handle, as the client uses it: `handle.<method>.remote(...)`,
-    `address` among the methods."""
+class DeploymentHandleLike(Protocol):
+    """A deployment's Serve handle, as the client uses it: `handle.<method>.remote(...)`,
+    `address` among the methods (or a `CallClient` in its place)."""
 
     def __getattr__(self, name: str) -> Any: ...
 
 
 class _Connection(asyncio.Protocol):
-    """The connection to one history server, and the calls waiting for its answers."""
+    """The connection to one replica's server, and the calls waiting for its answers."""
 
-    def __init__(self, client: HistoryClient):
+    def __init__(self, client: CallClient):
         self.client = client
         self.frames = FrameBuffer(max_frame_bytes=None)  # the server is trusted: answers of any size
         self.transport: asyncio.BaseTransport | None = None
@@ -213,7 +229,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.is_open = False
         self.client.lost(self)
-        error = ChannelError(f"the connection to the history replica was lost: {exc or 'closed'}")
+        error = ReplicaLostError(f"the connection to the {self.client.name} replica was lost: {exc or 'closed'}")
         for answer in self.waiting.values():
             if not answer.done():
                 answer.set_exception(error)
@@ -226,19 +242,21 @@ class _Connection(asyncio.Protocol):
 class _Method:
     __slots__ = ("client", "name")
 
-    def __init__(self, client: HistoryClient, name: str):
+    def __init__(self, client: CallClient, name: str):
         self.client, self.name = client, name
 
-    def remote(self, *args: Any, **kwargs: Any) -> Any:
-        return self.client.call(self.name, args, kwargs)
+    def remote(self, *args: Any, **kwargs: Any) -> asyncio.Task:
+        # A task, as a Serve handle's response: the call is made now, and can be awaited or cancelled.
+        return asyncio.ensure_future(self.client.call(self.name, args, kwargs))
 
 
-class HistoryClient:
-    """The history as an ingress replica calls it: `await client.<method>.remote(...)`, on the
-    channel when its connection is open, else through the Serve handle (opening the channel)."""
+class CallClient:
+    """A deployment of one replica as an ingress replica calls it: `client.<method>.remote(...)`,
+    on the channel when its connection is open, else through the Serve handle (opening the
+    channel). `name` (the deployment's) names it in logs and errors."""
 
-    def __init__(self, handle: HistoryHandle):
-        self.handle = handle
+    def __init__(self, handle: DeploymentHandleLike, name: str):
+        self.handle, self.name = handle, name
         self._connection: _Connection | None = None
         self._opening: asyncio.Task | None = None
         self._next_open_at = 0.0
@@ -280,16 +298,16 @@ class HistoryClient:
         try:
             address = await self.handle.address.remote()
             if address is None:  # the replica is stopping: Serve will route to the next one
-                raise ConnectionError("the history replica is stopping")
+                raise ConnectionError(f"the {self.name} replica is stopping")
             host, port, secret = address
             loop = asyncio.get_running_loop()
             _, connection = await loop.create_connection(lambda: _Connection(self), host, port)
             connection.transport.write(json_frame(secret))  # type: ignore[union-attr]
             connection.is_open = True
             self._connection = connection
-            logger.info("history channel open to %s:%s", host, port)
+            logger.info("%s channel open to %s:%s", self.name, host, port)
         except Exception as exc:  # noqa: BLE001 - calls go through Serve meanwhile
-            logger.info("history channel not open (%s); calls go through Serve", exc)
+            logger.info("%s channel not open (%s); calls go through Serve", self.name, exc)
             self._next_open_at = time.monotonic() + REOPEN_AFTER_S
         finally:
             self._opening = None
