@@ -241,10 +241,14 @@ def first_calls(
     """One cheap call to each deployment, made as an ingress replica starts and not awaited (a
     model may still be loading). A handle finds its deployment's replicas and connects to one on
     its first call, which made each ingress replica's first answer slower than the next ones
-    (docs/engine.md#warm-up); the history's first call, and that of a model with a channel
-    (`channels`), opens its channel. None to a model that may have scaled to zero: the call would
-    start a replica."""
-    calls = [models[model.name].stats.remote() for model in settings.models if not model.may_scale_to_zero]
+    (docs/engine.md#warm-up). The history's, and that of a model with a channel (`channels`),
+    opens its channel: it asks the replica for its `address` through the handle. None to a model
+    that may have scaled to zero: the call would start a replica."""
+    calls = [
+        models[model.name].stats.remote()
+        for model in settings.models
+        if not model.may_scale_to_zero and model.name not in channels
+    ]
     return [*calls, *(channel.opened() for channel in channels.values()), history.opened()]
 
 
