@@ -1,6 +1,7 @@
 """The call channel to the history, over a real store and real TCP connections on 127.0.0.1:
-calls answered as the store answers them, the fallback through Serve's handle (an in-process stand-in that
-records what it is asked), cancellation, the goodbye of a stopping replica, a lost connection."""
+calls answered as the store answers them, the fallback through Serve's handle (an in-process
+stand-in that records what it is asked), cancellation, the goodbye of a stopping replica, a lost
+connection."""
 
 from __future__ import annotations
 
