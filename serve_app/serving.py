@@ -21,6 +21,7 @@ from deployments.engine.sampling_params import SamplingParams
 from deployments.model_registry import ModelConfig
 from serve_app.protocol import FinishReasonOut, Usage
 from serve_app.served_models import ServedModels
+from serve_app.streaming import LastChunk
 from serve_app.turns import Turn, TurnService, describe_failure
 
 
@@ -166,8 +167,9 @@ async def sse_events(
     closing chunk with each choice's finish reason, an optional usage chunk, then
     `data: [DONE]`. A failure after the stream started ends it with an error event, then
     `data: [DONE]` (as vLLM does). The events of one output go out together, in one write, with
-    `opening` before the first and the stream's end after the last: each write costs the ingress
-    and the front a pass through every layer of both. `echo`: see `choice_outputs`."""
+    `opening` before the first and the stream's end after the last (a `LastChunk`: the response
+    ends in that write): each write costs the ingress and the front a pass through every layer of
+    both. `echo`: see `choice_outputs`."""
     lasts: list[GenerationOutput] = []
     text_events: dict[int, TextEvents] = {}
     pending = [opening]
@@ -188,8 +190,8 @@ async def sse_events(
                     yield b"".join(pending)
                     pending = []
     except Exception as exc:  # noqa: BLE001 - logged and stored by `outputs`
-        yield b"".join([*pending, stream_error(exc)])
+        yield LastChunk(b"".join([*pending, stream_error(exc)]))
         return
     if usage_chunk is not None:
         pending.append(format_sse_event(data_str=usage_chunk(usage_of(*lasts)).model_dump_json()))
-    yield b"".join([*pending, DONE_EVENT])
+    yield LastChunk(b"".join([*pending, DONE_EVENT]))

@@ -41,7 +41,7 @@ from serve_app.serving import (
     stream_error,
     usage_of,
 )
-from serve_app.streaming import ServerSentEventsResponse
+from serve_app.streaming import LastChunk, ServerSentEventsResponse
 from serve_app.tool_calls import CallReader, CallSplitter
 from serve_app.turns import StreamLease, Turn
 
@@ -202,11 +202,11 @@ class ServingChat(OpenAIServing):
                     elif events:
                         yield b"".join(events)
         except Exception as exc:  # noqa: BLE001 - logged and stored by `outputs`
-            yield stream_error(exc)
+            yield LastChunk(stream_error(exc))
             return
         if include_usage:
             pending.append(format_sse_event(data_str=chunks.usage(usage_of(*lasts.values())).model_dump_json()))
-        yield b"".join([*pending, DONE_EVENT])
+        yield LastChunk(b"".join([*pending, DONE_EVENT]))
 
     @staticmethod
     def _tool_closing(event: Callable[..., bytes], index: int, turn: Turn, rest: str, last: GenerationOutput) -> list[bytes]:

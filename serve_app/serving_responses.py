@@ -32,7 +32,7 @@ from serve_app.protocol import (
     ResponseUsage,
 )
 from serve_app.serving import OpenAIServing, collect, finish_reason_of
-from serve_app.streaming import ServerSentEventsResponse
+from serve_app.streaming import LastChunk, ServerSentEventsResponse
 from serve_app.tool_calls import Call, CallReader, CallSplitter
 from serve_app.turns import StreamLease, Turn, describe_failure
 
@@ -178,7 +178,7 @@ class ServingResponses(OpenAIServing):
                         yield b"".join([*added, event("response.output_text.delta", **where, delta=text, logprobs=logprobs)])
         except Exception as exc:  # noqa: BLE001 - logged and stored by `outputs`
             error = ResponseError(code="server_error", message=describe_failure(exc))
-            yield event("response.failed", response=draft.render("failed", error=error).model_dump(mode="json"))
+            yield LastChunk(event("response.failed", response=draft.render("failed", error=error).model_dump(mode="json")))
             return
         closing: list[bytes] = []
         calls: list[Call] = []
@@ -215,4 +215,4 @@ class ServingResponses(OpenAIServing):
                 ]
             closing.append(event("response.output_item.done", output_index=index, item=item.model_dump(mode="json")))
         closing.append(event(f"response.{final.status}", response=final.model_dump(mode="json")))
-        yield b"".join(closing)
+        yield LastChunk(b"".join(closing))
