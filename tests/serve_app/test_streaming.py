@@ -61,21 +61,28 @@ async def test_a_body_without_a_last_chunk_ends_with_an_empty_one():
     assert client.bodies() == [(b"Hel", True), (b"lo", True), (b"", False)]
 
 
-async def test_the_client_going_ends_the_response_quietly_and_closes_the_body_at_once():
-    produced, closed = asyncio.Event(), asyncio.Event()
+async def streaming_endlessly(client: Client, closed: asyncio.Event) -> asyncio.Task:
+    """A text response whose body sends one chunk, then waits for ever (a model that has nothing
+    more yet), setting `closed` when it is closed; returned once that chunk is sent."""
 
     async def endless():
         try:
             yield b"first"
-            produced.set()
-            await asyncio.Event().wait()  # a model that has nothing more yet
+            await asyncio.Event().wait()
             yield b"never"
         finally:
             closed.set()
 
-    client = Client()
     response = asyncio.create_task(TextStreamResponse(endless())(SCOPE, client.receive, client.send))
-    await asyncio.wait_for(produced.wait(), 1)
+    async with asyncio.timeout(1):
+        while not client.bodies():
+            await asyncio.sleep(0)
+    return response
+
+
+async def test_the_client_going_ends_the_response_quietly_and_closes_the_body_at_once():
+    client, closed = Client(), asyncio.Event()
+    response = await streaming_endlessly(client, closed)
     client.gone.set()
     done, _ = await asyncio.wait({response}, timeout=1)
     assert response in done and response.result() is None  # the client's leaving is no server error
@@ -86,19 +93,8 @@ async def test_the_client_going_ends_the_response_quietly_and_closes_the_body_at
 async def test_a_cancellation_from_outside_is_not_taken_for_the_client_going():
     """Serve cancels the request's task itself when its client goes or its time is up: that
     cancellation goes on to the caller, and the body is closed all the same."""
-    closed = asyncio.Event()
-
-    async def endless():
-        try:
-            yield b"first"
-            await asyncio.Event().wait()
-        finally:
-            closed.set()
-
-    client = Client()
-    response = asyncio.create_task(TextStreamResponse(endless())(SCOPE, client.receive, client.send))
-    while not client.bodies():
-        await asyncio.sleep(0)
+    client, closed = Client(), asyncio.Event()
+    response = await streaming_endlessly(client, closed)
     response.cancel()
     with pytest.raises(asyncio.CancelledError):
         await response
