@@ -61,6 +61,7 @@ class LLMServer:
                 cuda_graphs=config.cuda_graphs,
                 gpu_memory_fraction=config.gpu_memory_fraction,
                 prefill_chunk_tokens=config.prefill_chunk_tokens,
+                newcomers_first=config.newcomers_first,
             )
             # The engine keeps its own copy of the weights; transformers' (SmolLM2 fp32: 0.5 GB) can go.
             self.loaded = dataclasses.replace(self.loaded, model=None)

@@ -101,6 +101,10 @@ class ModelConfig(_Strict):
     # Newcomers' prompt tokens one step of the batched engine takes (chunked prefill); None:
     # 2,048 on a GPU, 256 on a CPU (see `BatchedEngine`).
     prefill_chunk_tokens: int | None = Field(default=None, gt=0)
+    # A newcomer's prompt runs in a step of its own before the running streams' next tokens
+    # (they wait at most every other step): its first token comes sooner under load. None: on
+    # a CPU, off on a GPU (see `BatchedEngine`).
+    newcomers_first: bool | None = None
     # torch intra-op threads; None means the CPUs given to the replica (`num_cpus`).
     torch_threads: int | None = Field(default=None, gt=0)
     # Ray Serve deployment options, passed through as they are. `autoscaling_config` (Serve's:

@@ -86,6 +86,7 @@ class BatchedEngine:
         cuda_graphs: bool = True,
         gpu_memory_fraction: float = 0.9,
         overlap_steps: bool | None = None,
+        newcomers_first: bool | None = None,
     ):
         self._tokenizer = loaded.tokenizer
         self.device = loaded.device
@@ -99,7 +100,16 @@ class BatchedEngine:
         # Newcomers' prompt tokens a step takes. 2,048 on a GPU, where an eager step of short
         # prompts costs its kernel launches almost whatever its tokens, so new chats arriving
         # together share few steps; 256 on a CPU, where every token costs (docs/engine.md).
-        self.scheduler = Scheduler(max_batch_size, prefill_chunk_tokens or (2048 if is_cuda else 256), prefix_caching)
+        # A newcomer's prompt in a step of its own, before the running requests' next tokens
+        # (`Scheduler.plan`). Default: on a CPU, where a step of 8 streams takes about twice a
+        # one-row step, so under load a newcomer's first token comes a decode step sooner
+        # (docs/engine.md); off on a GPU, where it is not measured yet.
+        self.scheduler = Scheduler(
+            max_batch_size,
+            prefill_chunk_tokens or (2048 if is_cuda else 256),
+            prefix_caching,
+            newcomers_first=not is_cuda if newcomers_first is None else newcomers_first,
+        )
         self._eos_ids = eos_token_ids(loaded)
         self._posts = Posts()  # written and delivered by the engine thread only
         self._wakeup = threading.Condition()

@@ -2,7 +2,8 @@
 "slot"), which prompt tokens are computed and which are copied from another row.
 
 Owns: the waiting queue, the slots and what a free slot's row still holds (least recently
-freed first), admission, prefix caching (`_reuse_prefix`) and chunked prefill (`plan`). Does
+freed first), admission, prefix caching (`_reuse_prefix`), chunked prefill and whether a
+newcomer's prompt runs before the running requests' next tokens (`plan`). Does
 not own the cache's tensors (the runner copies what a plan says), running a step
 (`model_runner`) or outputs (`outputs`).
 """
@@ -50,10 +51,12 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, prefill_chunk_tokens: int, prefix_caching: bool):
+    def __init__(self, max_batch_size: int, prefill_chunk_tokens: int, prefix_caching: bool, newcomers_first: bool = False):
         # Newcomers' prompt tokens a step takes: every running stream waits for them.
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.prefix_caching = prefix_caching
+        self.newcomers_first = newcomers_first
+        self._decoding_waited = False  # the last plan left the decoding requests out (`plan`)
         self.waiting: deque[Sequence] = deque()
         self._slots: list[Sequence | None] = [None] * max_batch_size
         # What a free slot's cache row still holds from its last request (see `_reuse_prefix`).
@@ -136,7 +139,12 @@ class Scheduler:
         """The next step with every running request's last id on the host: each decoding
         request's next token, and prompt chunks for newcomers in slot order up to the step's
         token budget (chunked prefill: a long prompt costs running streams a few slower steps,
-        not one long stall)."""
+        not one long stall).
+
+        With `newcomers_first`, a step that completes a newcomer's prompt runs without the
+        decoding requests, so its first token does not wait for all of theirs too: where a step
+        costs about its rows (a CPU), that is a decode step sooner. They then wait at most every
+        other step, however many newcomers come."""
         running = self.running()
         plan = StepPlan(decode=[s for s in running if s.is_prefilled])
         budget = self.prefill_chunk_tokens
@@ -159,6 +167,9 @@ class Scheduler:
                 plan.completing.append(seq)
             if seq.scores_prompt:
                 plan.scoring.append(seq)
+        self._decoding_waited = self.newcomers_first and bool(plan.completing and plan.decode) and not self._decoding_waited
+        if self._decoding_waited:
+            plan.decode = []
         return plan
 
     def _cached_prefixes(self) -> PrefixIndex:

@@ -173,13 +173,13 @@ async def test_chunk_rates_from_the_config_reach_the_engine():
     assert [o.completion_tokens for o in outputs] == list(range(1, 13))  # no coalescing: a chunk per token
 
 
-def test_the_prefill_chunk_from_the_config_reaches_the_engine():
+def test_the_schedulers_settings_from_the_config_reach_the_engine():
     config = ModelConfig(name="tiny", source={"kind": "tiny_random"}, torch_threads=1)
-    default, chosen = LLMServer(config), LLMServer(config.model_copy(update={"prefill_chunk_tokens": 8}))
-    assert (default.engine.scheduler.prefill_chunk_tokens, chosen.engine.scheduler.prefill_chunk_tokens) == (
-        256,
-        8,
-    )  # 256: the CPU's default
+    default = LLMServer(config).engine.scheduler
+    chosen = LLMServer(config.model_copy(update={"prefill_chunk_tokens": 8, "newcomers_first": False})).engine.scheduler
+    # The CPU's defaults: 256 prompt tokens a step, newcomers' prompts first.
+    assert (default.prefill_chunk_tokens, default.newcomers_first) == (256, True)
+    assert (chosen.prefill_chunk_tokens, chosen.newcomers_first) == (8, False)
 
 
 async def test_the_event_loop_keeps_running_while_a_long_prompt_is_encoded(monkeypatch):

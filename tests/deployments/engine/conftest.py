@@ -23,7 +23,8 @@ def tiny() -> LoadedModel:
 
 @pytest.fixture(params=[False, True], ids=["step-by-step", "overlapped"])
 def engine(tiny, request):
-    """Steps run one by one and overlapped; every token its own output (no coalescing), so
+    """The CPU's scheduling (steps run one by one, newcomers' prompts first) and the GPU's
+    (overlapped, prompts with the decode rows); every token its own output (no coalescing), so
     tests can act between tokens."""
     engine = BatchedEngine(
         tiny,
@@ -33,6 +34,7 @@ def engine(tiny, request):
         max_chunks_per_s=math.inf,
         max_stream_chunks_per_s=math.inf,
         overlap_steps=request.param,
+        newcomers_first=not request.param,
     )
     yield engine
     engine.shutdown()

@@ -397,6 +397,35 @@ async def test_a_request_joining_mid_stream_gets_the_same_tokens_as_alone(tiny, 
     assert late_text == late_alone
 
 
+@pytest.mark.parametrize("newcomers_first", [None, False], ids=["cpu-default", "off"])
+async def test_a_newcomers_prompt_runs_before_the_running_requests_next_token_on_a_cpu(tiny, newcomers_first):
+    every_token = {"max_chunks_per_s": math.inf, "max_stream_chunks_per_s": math.inf}
+    engine = BatchedEngine(tiny, max_batch_size=4, max_context=256, newcomers_first=newcomers_first, **every_token)
+    steps: list[tuple[int, int]] = []  # (decode rows, prompt chunks) of each step run
+    run_step = engine.runner.run
+
+    def recording(step):
+        steps.append((len(step.decode), len(step.chunks)))
+        return run_step(step)
+
+    engine.runner.run = recording  # type: ignore[method-assign]
+    try:
+        params = SamplingParams(max_tokens=200, min_tokens=200, temperature=0)  # running when the late one comes
+        outputs = aiter(engine.generate(prompt(tiny, "the first request"), params))
+        for _ in range(5):
+            await anext(outputs)
+        await run(engine, prompt(tiny, "the late one"), GREEDY)
+        async for _ in outputs:
+            pass
+    finally:
+        engine.shutdown()
+    joined = next(i for i, (_, chunks) in enumerate(steps) if chunks and i > 0)  # the late prompt's step
+    if newcomers_first is None:
+        assert steps[joined] == (0, 1) and steps[joined + 1] == (2, 0)
+    else:
+        assert steps[joined] == (1, 1)
+
+
 @OVERLAP
 async def test_closing_the_stream_frees_the_slot(tiny, overlap):
     engine = BatchedEngine(tiny, max_batch_size=1, max_context=256, overlap_steps=overlap)

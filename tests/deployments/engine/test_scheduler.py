@@ -109,3 +109,38 @@ def test_a_scored_prompt_is_computed_whole_and_its_chunks_are_scored():
     ]
     assert all(plan.scoring == [again] and not plan.copies for plan in plans)
     assert scheduler.reused_prompt_tokens == 0
+
+
+def test_newcomers_first_a_completing_prompt_runs_alone_and_the_decoding_wait_at_most_every_other_step():
+    scheduler = Scheduler(max_batch_size=4, prefill_chunk_tokens=64, prefix_caching=False, newcomers_first=True)
+    running = request([1, 2, 3])
+    queued(scheduler, running)
+    run_prompt(scheduler, running, [4])
+    first = request([10] * 6)
+    queued(scheduler, first)
+    plan = scheduler.plan()
+    assert plan.decode == [] and plan.sampled == [first]
+    assert [chunk for chunk, _ in plan.chunks] == [PromptChunk(first.slot, 0, 6, True)]
+    first.generated.append(11)
+    second = request([20] * 6)
+    queued(scheduler, second)  # right after a step that left the decoding out: they go with it
+    plan = scheduler.plan()
+    assert plan.decode == [running, first] and plan.sampled == [running, first, second]
+    second.generated.append(21)
+    third = request([30] * 6)
+    queued(scheduler, third)
+    assert scheduler.plan().sampled == [third]
+    assert scheduler.plan().sampled == [running, first, second, third]
+
+
+def test_newcomers_first_a_prompt_chunk_that_draws_no_token_runs_with_the_decoding():
+    scheduler = Scheduler(max_batch_size=4, prefill_chunk_tokens=4, prefix_caching=False, newcomers_first=True)
+    running = request([1, 2, 3])
+    queued(scheduler, running)
+    run_prompt(scheduler, running, [4])
+    long = request([10] * 6)
+    queued(scheduler, long)
+    plan = scheduler.plan()
+    assert plan.decode == [running] and [chunk for chunk, _ in plan.chunks] == [PromptChunk(long.slot, 0, 4, False)]
+    plan = scheduler.plan()  # its last chunk gives its first token: before the others' next
+    assert plan.decode == [] and [chunk for chunk, _ in plan.chunks] == [PromptChunk(long.slot, 4, 2, True)]
