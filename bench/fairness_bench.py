@@ -2,13 +2,19 @@
 an idle service, and again while another user floods it with many streams, in one run.
 
 The service runs as `RAY_CHAT_AUTH=users make serve` runs it, with two users made by `make user`'s
-CLI. "bob" sends one streamed request at a time (a new one as soon as the last ended); first
-alone, then while "alice" runs --flood closed-loop streams, which wait `Retry-After` when refused
-(429), as OpenAI's SDKs do, from a process of their own. Printed: bob's TTFT p50/p95 idle and under the flood, their ratio,
-and what alice got (tokens/s, answers, 429s).
+CLI. "bob" sends one streamed request at a time, pausing a random 0 to --think-ms after each
+answer as a person would; first alone, then while "alice" runs --flood closed-loop streams (no
+pause), which wait `Retry-After` when refused (429), as OpenAI's SDKs do, from a process of
+their own. Printed: bob's TTFT p50/p95 idle and under the flood, their ratio, and what alice got
+(tokens/s, answers, 429s).
 
     .venv/bin/python -m bench.fairness_bench [--model packaged|tiny] [--flood 64]
-        [--concurrent-streams 8|none] [--duration 30]
+        [--concurrent-streams 8|none] [--duration 30] [--think-ms 200]
+
+Why bob pauses: with none he asks again the moment his last token arrives, which came at the end
+of one of the engine's steps, so his next question always reaches it a few ms into the next step
+and waits for nearly all of it (12 ms of a ~17 ms step under the flood, by timestamps on 2 cores);
+a person's next question comes at any moment of a step. `--think-ms 0` measures the lock-step case.
 
 --concurrent-streams sets `quotas.concurrent_streams` for everyone (`none`: no limit), to see
 what the limit buys.
@@ -48,7 +54,7 @@ def flood(url: str, key: str, workload: Workload, users: int, seconds: float, re
 
 async def measure(url: str, alice: str, bob: str, args: argparse.Namespace) -> None:
     workload = Workload("completions", MODEL_NAME, args.max_tokens)
-    single = Users(url, workload, bearer(bob))
+    single = Users(url, workload, bearer(bob), think_s=args.think_ms / 1e3)
     await single.run(1, 3.0)  # warm-up: the first requests set up connections and caches
     idle = await single.run(1, args.duration)
 
@@ -88,12 +94,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--duration", type=float, default=30.0, help="seconds bob asks, idle and under the flood")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of flood before bob asks")
+    parser.add_argument("--think-ms", type=float, default=200.0, help="bob's longest pause after an answer")
     parser.add_argument("--port", type=int, default=8432)
     args = parser.parse_args()
     limit = None if args.concurrent_streams == "none" else int(args.concurrent_streams)
     print(
         f"{cpu_model()}, {os.cpu_count()} cores; model {args.model}; {args.max_tokens}-token answers, "
-        f"original sampling; alice floods with {args.flood} streams; concurrent_streams {limit}\n",
+        f"original sampling; alice floods with {args.flood} streams; concurrent_streams {limit}; "
+        f"bob pauses up to {args.think_ms:.0f} ms\n",
         flush=True,
     )
     app_args = {"quotas": {"concurrent_streams": limit}}

@@ -1,6 +1,6 @@
 """Closed-loop users over HTTP: each user keeps one connection and sends its next request as soon
-as its last answer has ended, for as long as the run lasts, and records when each answer's
-chunks arrived.
+as its last answer has ended (or after a random pause, `think_s`), for as long as the run lasts,
+and records when each answer's chunks arrived.
 
 The client is a few lines of HTTP/1.1 over asyncio streams with every request's bytes built once,
 so that on a small machine it costs the service as little CPU as it can (an httpx or Locust
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -177,8 +178,11 @@ def openai_outcome(body: bytes) -> tuple[int, str | None]:
 class Users:
     """`count` closed-loop users of `workload` against the service at `url`."""
 
-    def __init__(self, url: str, workload: Workload, headers: dict[str, str] | None = None):
+    def __init__(self, url: str, workload: Workload, headers: dict[str, str] | None = None, think_s: float = 0.0):
+        """`think_s`: each user pauses a random time of up to this long after each answer, as a
+        person reading it would; 0: the next request at once."""
         parts = urlsplit(url)
+        self.think_s = think_s
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.workload = workload
         self.headers = headers or {}
@@ -203,8 +207,10 @@ class Users:
         try:
             while time.perf_counter() < stop_at:
                 answers.append(answer := await self.ask(connection))
+                pause = random.uniform(0.0, self.think_s)
                 if answer.retry_after_s is not None:  # over a limit: wait as OpenAI's SDKs do
-                    await asyncio.sleep(min(answer.retry_after_s, max(0.0, stop_at - time.perf_counter())))
+                    pause = answer.retry_after_s
+                await asyncio.sleep(min(pause, max(0.0, stop_at - time.perf_counter())))
         finally:
             await connection.close()
 

@@ -139,6 +139,13 @@ async def test_users_start_one_by_one_over_the_ramp(server_url):
     assert any(b.sent < a.ended for a, b in zip(together, together[1:]))  # two users' answers overlap
 
 
+async def test_a_thinking_user_pauses_a_random_time_after_each_answer(server_url):
+    answers = await Users(server_url, Workload("completions", "m"), think_s=0.1).run(count=1, duration_s=0.8)
+    pauses = [later.sent - earlier.ended for earlier, later in zip(answers, answers[1:])]
+    assert len(pauses) >= 4 and all(0 <= pause < 0.12 for pause in pauses)
+    assert max(pauses) - min(pauses) > 0.01  # drawn anew each time, not one fixed wait
+
+
 async def test_a_burst_starts_every_conversation_before_anyone_asks(server_url):
     answers = await Users(server_url, Workload("original", "m")).burst(3)
     assert len(answers) == 3 and all(a.ok and a.conversation_id == 7 for a in answers)
