@@ -142,8 +142,8 @@ class Scheduler:
         not one long stall).
 
         With `newcomers_first`, a step that completes a newcomer's prompt runs without the
-        decoding requests, so its first token does not wait for all of theirs too: where a step
-        costs about its rows (a CPU), that is a decode step sooner. They then wait at most every
+        decoding requests, so its first token does not wait for all of theirs too: where a
+        step's time grows with its rows (a CPU), it comes sooner. They then wait at most every
         other step, however many newcomers come."""
         running = self.running()
         plan = StepPlan(decode=[s for s in running if s.is_prefilled])
