@@ -111,11 +111,16 @@ def test_a_scored_prompt_is_computed_whole_and_its_chunks_are_scored():
     assert scheduler.reused_prompt_tokens == 0
 
 
-def test_newcomers_first_a_completing_prompt_runs_alone_and_the_decoding_wait_at_most_every_other_step():
-    scheduler = Scheduler(max_batch_size=4, prefill_chunk_tokens=64, prefix_caching=False, newcomers_first=True)
+def newcomers_first_with_one_decoding(prefill_chunk_tokens: int) -> tuple[Scheduler, Sequence]:
+    scheduler = Scheduler(4, prefill_chunk_tokens, prefix_caching=False, newcomers_first=True)
     running = request([1, 2, 3])
     queued(scheduler, running)
     run_prompt(scheduler, running, [4])
+    return scheduler, running
+
+
+def test_newcomers_first_a_completing_prompt_runs_alone_and_the_decoding_wait_at_most_every_other_step():
+    scheduler, running = newcomers_first_with_one_decoding(prefill_chunk_tokens=64)
     first = request([10] * 6)
     queued(scheduler, first)
     plan = scheduler.plan()
@@ -134,10 +139,7 @@ def test_newcomers_first_a_completing_prompt_runs_alone_and_the_decoding_wait_at
 
 
 def test_newcomers_first_a_prompt_chunk_that_draws_no_token_runs_with_the_decoding():
-    scheduler = Scheduler(max_batch_size=4, prefill_chunk_tokens=4, prefix_caching=False, newcomers_first=True)
-    running = request([1, 2, 3])
-    queued(scheduler, running)
-    run_prompt(scheduler, running, [4])
+    scheduler, running = newcomers_first_with_one_decoding(prefill_chunk_tokens=4)
     long = request([10] * 6)
     queued(scheduler, long)
     plan = scheduler.plan()
