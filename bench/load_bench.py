@@ -2,7 +2,9 @@
 starts it, against the same model's engine driven in-process on the same machine, in one run.
 
 For each API and user count, users send a new request as soon as their last answer ended, for
---duration seconds after --warmup seconds (not counted). Printed per run: tokens/s, requests/s,
+--duration seconds after --warmup seconds (not counted). The engine alone runs in a process of its
+own while every process of the service is stopped (SIGSTOP), then the same users go through HTTP;
+--rounds N alternates the two N times and prints the median ratio, as a noisy machine needs. Printed per run: tokens/s, requests/s,
 time to first token and the gaps between text chunks (p50/p95, as the client saw them),
 chunks/s, errors, and, through HTTP, the CPU seconds each kind of process spent (front: Serve's
 proxy or HAProxy; ingress; model replica; history; controller; Ray's own; the load client) per
@@ -10,7 +12,7 @@ proxy or HAProxy; ingress; model replica; history; controller; Ray's own; the lo
 
     .venv/bin/python -m bench.load_bench [--model tiny|packaged] [--device cpu|cuda]
         [--users 1,16,64,256] [--duration 30] [--api completions,original] [--short]
-        [--front haproxy|python] [--ingress-replicas N] [--auth none|users]
+        [--front haproxy|python] [--ingress-replicas N] [--auth none|users] [--rounds N]
 
 --model tiny: a tiny random model, whose forward pass costs almost nothing, so the stack's own
 cost shows; --model packaged: the packaged SmolLM2 as serve_config.yaml serves it (what a
@@ -27,15 +29,17 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-from loadtests.processes import KINDS, cpu_by_kind, own_cpu_s, sample_tree
-from loadtests.service import new_user_key, running_service, serve_environment
+from loadtests.processes import KINDS, cpu_by_kind, frozen, own_cpu_s, sample_tree
+from loadtests.service import RunningService, new_user_key, running_service, serve_environment
 from loadtests.soak import soak
 from loadtests.users import Answer, Users, Window, Workload, percentile, stagger
 
@@ -76,14 +80,17 @@ def model_config(preset: str, device: str) -> dict:
 # --- the engine alone ----------------------------------------------------------------------
 
 
-def engine_alone(spec: dict) -> list[dict]:
+def engine_alone(spec: dict) -> None:
     """Runs in a process of its own (`--engine-alone`): the model's `LLMServer`, as a replica
-    holds it, driven by closed-loop users in-process; one result per (api, users)."""
+    holds it, loaded once; each line on stdin (`{"api": ..., "users": ...}`) is a run of that
+    many closed-loop users in-process, answered by a line of JSON on stdout."""
     from deployments.engine.protocol import GenerationRequest
     from deployments.llm_server import LLMServer
     from deployments.model_registry import ModelConfig
     from serve_app.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
+    answers_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # anything else written to stdout (a library's print) goes to the log
     server = LLMServer(ModelConfig.model_validate(spec["model"]))
 
     def request(workload: Workload) -> GenerationRequest:
@@ -120,17 +127,18 @@ def engine_alone(spec: dict) -> list[dict]:
         cpu = asyncio.create_task(_cpu_between(start, start + spec["duration"]))
         await asyncio.gather(*(user(delay) for delay in stagger(users, spec["warmup"] * RAMP_SHARE)))
         window = Window.of(answers, start, start + spec["duration"])
-        return {"api": workload.api, "users": users, "window": window.__dict__, "cpu_s": await cpu}
+        return {"window": window.__dict__, "cpu_s": await cpu}
 
-    async def all_runs() -> list[dict]:
-        results = []
-        for api in spec["apis"]:
-            for users in spec["users"]:
-                results.append(await run(Workload(api, MODEL_NAME, spec["max_tokens"]), users))
-        return results
+    async def serve_runs() -> None:
+        loop = asyncio.get_running_loop()
+        print(json.dumps({"ready": True}), file=answers_out, flush=True)
+        while asked := await loop.run_in_executor(None, sys.stdin.readline):
+            run_spec = json.loads(asked)
+            workload = Workload(run_spec["api"], MODEL_NAME, spec["max_tokens"])
+            print(json.dumps(await run(workload, run_spec["users"])), file=answers_out, flush=True)
 
     try:
-        return asyncio.run(all_runs())
+        asyncio.run(serve_runs())
     finally:
         server.engine.shutdown()
 
@@ -142,17 +150,43 @@ async def _cpu_between(start: float, end: float) -> float:
     return own_cpu_s() - before
 
 
-def run_engine_alone(spec: dict) -> dict[tuple[str, int], dict]:
-    """`engine_alone` in a child process, so that it is gone (threads, memory) before the
-    service starts."""
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.load_bench", "--engine-alone", json.dumps(spec)],
-        cwd=REPO_ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return {(r["api"], r["users"]): r for r in json.loads(done.stdout.splitlines()[-1])}
+class EngineAlone:
+    """`engine_alone` in a child process, kept for the whole benchmark: the model loads once, and
+    the engine's runs can alternate with the service's. The child is idle (blocked on its stdin)
+    while the service runs, and the service is frozen while the child runs."""
+
+    def __init__(self, spec: dict) -> None:
+        self.log = Path(tempfile.mkdtemp(prefix="engine-alone-")) / "engine.log"
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bench.load_bench", "--engine-alone", json.dumps(spec)],
+                cwd=REPO_ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+
+    def _answer(self) -> dict:
+        assert self.process.stdout is not None
+        if not (text := self.process.stdout.readline()):
+            tail = "".join(self.log.read_text().splitlines(keepends=True)[-20:])
+            raise RuntimeError(f"the engine-alone process ended (exit status {self.process.wait()}):\n{tail}")
+        return json.loads(text)
+
+    def wait_ready(self) -> None:
+        self._answer()
+
+    def run(self, api: str, users: int) -> Window:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps({"api": api, "users": users}) + "\n")
+        self.process.stdin.flush()
+        return Window(**self._answer()["window"])
+
+    def close(self) -> None:
+        if self.process.stdin:
+            self.process.stdin.close()
+        self.process.wait(timeout=60)
 
 
 # --- the service through HTTP ---------------------------------------------------------------
@@ -307,10 +341,13 @@ def main() -> None:
     parser.add_argument("--soak-window", type=float, default=5.0, help="minutes of warm-up, and of each window compared")
     parser.add_argument("--burst", type=int, metavar="N", help="N users start a conversation each, then ask at once")
     parser.add_argument("--skip-engine", action="store_true", help="only through HTTP")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="the engine alone and through HTTP, alternated this many times (the median ratio)"
+    )
     parser.add_argument("--engine-alone", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine_alone:
-        print(json.dumps(engine_alone(json.loads(args.engine_alone))))
+        engine_alone(json.loads(args.engine_alone))
         return
     if args.front is None:
         args.front = "haproxy" if serve_environment().get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "python"
@@ -325,8 +362,6 @@ def main() -> None:
     )
     spec = {
         "model": model,
-        "apis": apis,
-        "users": users,
         "max_tokens": max_tokens,
         "warmup": args.warmup,
         "duration": args.duration,
@@ -358,25 +393,55 @@ def main() -> None:
             )
             print(report.render(window_s=args.soak_window * 60))
         return
-    engine = {} if args.skip_engine else run_engine_alone(spec)
-    with running_service([model], args.port, args.front, app_args, env) as served_app:
-        url, launcher = served_app.url, served_app.launcher
-        if args.auth == "users":
-            args.headers = {"Authorization": f"Bearer {new_user_key(served_app.database, 'bench')}"}
-        for api in apis:
-            for count in users:
-                served = asyncio.run(http_run(url, launcher.pid, Workload(api, MODEL_NAME, max_tokens), count, args))
-                window = Window(**served["window"])
-                alone = engine.get((api, count))
-                print(f"{api}, {count} user(s)\n{HEADER}")
-                if alone:
-                    print(line("engine alone", Window(**alone["window"])))
-                print(line("through HTTP", window, Window(**alone["window"]).tokens_per_s if alone else None))
-                for text in cpu_lines(served["cpu"], window):
-                    print(text)
-                if window.errors:
-                    print(f"  first error: {window.errors[0]}")
-                print(flush=True)
+    engine = None if args.skip_engine else EngineAlone(spec)
+    try:
+        with running_service([model], args.port, args.front, app_args, env) as served_app:
+            if engine:
+                engine.wait_ready()  # it loaded the model while the service started
+            if args.auth == "users":
+                args.headers = {"Authorization": f"Bearer {new_user_key(served_app.database, 'bench')}"}
+            for api in apis:
+                for count in users:
+                    workload = Workload(api, MODEL_NAME, max_tokens)
+                    rounds = [measure_round(engine, served_app, workload, count, args) for _ in range(args.rounds)]
+                    print(rounds_report(api, count, rounds), flush=True)
+    finally:
+        if engine:
+            engine.close()
+
+
+def measure_round(
+    engine: EngineAlone | None, served_app: RunningService, workload: Workload, users: int, args: argparse.Namespace
+) -> tuple[Window | None, dict]:
+    """The engine alone (the service frozen meanwhile: none of its processes runs beside it), then
+    the same users through HTTP: measured minutes apart, a noisy machine's phases would decide
+    the ratio."""
+    alone = None
+    if engine:
+        with frozen(served_app.launcher.pid):
+            alone = engine.run(workload.api, users)
+    return alone, asyncio.run(http_run(served_app.url, served_app.launcher.pid, workload, users, args))
+
+
+def rounds_report(api: str, users: int, rounds: list[tuple[Window | None, dict]]) -> str:
+    lines = [f"{api}, {users} user(s){f', {len(rounds)} rounds' if len(rounds) > 1 else ''}", HEADER]
+    ratios = []
+    for alone, served in rounds:
+        window = Window(**served["window"])
+        if alone:
+            lines.append(line("engine alone", alone))
+            ratios.append(window.tokens_per_s / alone.tokens_per_s)
+        lines.append(line("through HTTP", window, alone.tokens_per_s if alone else None))
+    if len(ratios) > 1:
+        each = " ".join(f"{r:.2f}x" for r in ratios)
+        lines.append(f"  through HTTP / engine alone, median of {len(ratios)} rounds: {statistics.median(ratios):.2f}x ({each})")
+    served_windows = [Window(**served["window"]) for _, served in rounds]
+    cpu = {kind: sum(served["cpu"][kind] for _, served in rounds) for kind in rounds[0][1]["cpu"]}
+    lines += cpu_lines(cpu, Window.merged(served_windows))
+    errors = [error for window in served_windows for error in window.errors]
+    if errors:
+        lines.append(f"  first error: {errors[0]}")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

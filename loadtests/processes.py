@@ -15,9 +15,13 @@ process's kind is read off its command line. Kinds:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
+import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import psutil
@@ -83,3 +87,34 @@ def cpu_by_kind(before: list[ProcessSample], after: list[ProcessSample]) -> dict
     for sample in after:
         spent[sample.kind] += sample.cpu_s - started.get(sample.pid, 0.0)
     return {kind: spent.get(kind, 0.0) for kind in KINDS}
+
+
+@contextlib.contextmanager
+def frozen(root_pid: int) -> Iterator[None]:
+    """Every process under `root_pid` (itself included) stopped (SIGSTOP) meanwhile, and all of
+    them continued together afterwards, whatever happens in between. A benchmark measures
+    something else on the same machine with none of the tree's work beside it, and the tree keeps
+    its state for the next run: Ray's and Serve's timers (health checks, heartbeats) stand still
+    with the processes that keep them."""
+    stopped: list[int] = []
+    try:
+        for sample in sample_tree(root_pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(sample.pid, signal.SIGSTOP)
+                stopped.append(sample.pid)
+        _wait_stopped(stopped)
+        yield
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def _wait_stopped(pids: list[int], timeout_s: float = 2.0) -> None:
+    """Until every one of `pids` has stopped: a signal is delivered when its process next runs."""
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process = psutil.Process(pid)
+            while process.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE) and time.monotonic() < deadline:
+                time.sleep(0.001)

@@ -338,6 +338,19 @@ class Window:
             chunks=sum(len(a.chunks) for a in ok),
         )
 
+    @classmethod
+    def merged(cls, windows: list[Window]) -> Window:
+        """Several windows of the same run as one: their seconds, tokens and answers together."""
+        return cls(
+            seconds=sum(w.seconds for w in windows),
+            tokens=sum(w.tokens for w in windows),
+            requests=sum(w.requests for w in windows),
+            errors=[e for w in windows for e in w.errors],
+            ttft_s=[t for w in windows for t in w.ttft_s],
+            gaps_s=[g for w in windows for g in w.gaps_s],
+            chunks=sum(w.chunks for w in windows),
+        )
+
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds

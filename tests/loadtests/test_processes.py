@@ -7,9 +7,10 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
-from loadtests.processes import cpu_by_kind, kind_of, sample_tree
+from loadtests.processes import cpu_by_kind, frozen, kind_of, sample_tree
 
 
 @pytest.mark.parametrize(
@@ -49,3 +50,31 @@ def test_cpu_is_counted_per_kind_for_the_processes_of_a_tree():
     finally:
         busy.kill()
         busy.wait()
+
+
+def test_a_frozen_tree_spends_nothing_until_it_runs_again_even_after_an_error():
+    # A busy process with a busy child of its own: the service's processes are a tree.
+    spin = "import time\nwhile True: pass"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {spin!r}])\n{spin}"]
+    )
+    try:
+        while len(tree := [psutil.Process(s.pid) for s in sample_tree(parent.pid)]) < 2:
+            time.sleep(0.05)
+
+        def cpu_s() -> list[float]:
+            return [sum(process.cpu_times()[:2]) for process in tree]
+
+        with pytest.raises(RuntimeError), frozen(parent.pid):
+            assert {process.status() for process in tree} == {psutil.STATUS_STOPPED}
+            before = cpu_s()
+            time.sleep(0.3)
+            assert cpu_s() == before
+            raise RuntimeError("the measurement failed")
+        before = cpu_s()
+        time.sleep(0.3)
+        assert all(after > spent for after, spent in zip(cpu_s(), before))
+    finally:
+        for process in reversed(tree):
+            process.kill()
+        parent.wait()

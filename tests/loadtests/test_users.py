@@ -127,6 +127,16 @@ def test_a_window_counts_what_ended_in_it_and_times_what_was_sent_in_it():
     assert window.gaps_s == pytest.approx([0.2, 0.2])
 
 
+def test_windows_merged_count_their_seconds_tokens_and_latencies_together():
+    def window(seconds: float, tokens: float, ttft: list[float]) -> Window:
+        return Window(seconds, tokens, len(ttft), [f"e{seconds}"], ttft, [0.01] * len(ttft), 2 * len(ttft))
+
+    merged = Window.merged([window(20, 2000, [0.1]), window(30, 4000, [0.2, 0.3])])
+    assert merged.tokens_per_s == 120  # 6,000 tokens over 50 s, not the mean of 100 and 133
+    assert (merged.requests, merged.chunks, merged.errors) == (3, 6, ["e20", "e30"])
+    assert merged.ttft_s == [0.1, 0.2, 0.3] and len(merged.gaps_s) == 3
+
+
 async def test_users_start_one_by_one_over_the_ramp(server_url):
     assert stagger(4, 2.0) == [0.0, 0.5, 1.0, 1.5]
     started = time.perf_counter()
