@@ -48,11 +48,15 @@ class _ClosesBody(StreamingResponse):
         streaming = asyncio.current_task()
         assert streaming is not None
         client_left = False
+        failure: Exception | None = None
 
         async def watch() -> None:
-            nonlocal client_left
-            while (await receive())["type"] != "http.disconnect":
-                pass
+            nonlocal client_left, failure
+            try:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+            except Exception as exc:  # the server lost the client's channel: the response is over too
+                failure = exc
             client_left = True
             streaming.cancel()
 
@@ -61,6 +65,8 @@ class _ClosesBody(StreamingResponse):
             await self.stream_response(send)
         except asyncio.CancelledError:
             if client_left and streaming.uncancel() == 0:
+                if failure is not None:
+                    raise failure from None  # as Starlette's task group raises it
                 return  # our own cancellation: the response is over
             raise
         finally:

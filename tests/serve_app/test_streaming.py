@@ -99,3 +99,22 @@ async def test_a_cancellation_from_outside_is_not_taken_for_the_client_going():
     with pytest.raises(asyncio.CancelledError):
         await response
     assert closed.is_set()
+
+
+async def test_a_failing_receive_ends_the_response_with_its_error_and_closes_the_body():
+    """The server's `receive` raising (its channel to the client broken) ends the response with
+    that error, as Starlette's own streaming response does, instead of streaming on unwatched."""
+    client, closed = Client(), asyncio.Event()
+
+    async def receive() -> dict:
+        await client.gone.wait()
+        raise RuntimeError("the client's channel broke")
+
+    client.receive = receive  # type: ignore[method-assign]
+    response = await streaming_endlessly(client, closed)
+    client.gone.set()
+    done, _ = await asyncio.wait({response}, timeout=1)
+    assert response in done
+    with pytest.raises(RuntimeError, match="channel broke"):
+        response.result()
+    assert closed.is_set()
