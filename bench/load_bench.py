@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -177,11 +178,13 @@ class EngineAlone:
     def wait_ready(self) -> None:
         self._answer()
 
-    def run(self, api: str, users: int) -> Window:
+    def run(self, api: str, users: int) -> tuple[Window, float]:
+        """The window of a run of `users` users, and the CPU seconds the process spent in it."""
         assert self.process.stdin is not None
         self.process.stdin.write(json.dumps({"api": api, "users": users}) + "\n")
         self.process.stdin.flush()
-        return Window(**self._answer()["window"])
+        answer = self._answer()
+        return Window(**answer["window"]), answer["cpu_s"]
 
     def close(self) -> None:
         if self.process.stdin:
@@ -344,6 +347,11 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="the engine alone and through HTTP, alternated this many times (the median ratio)"
     )
+    parser.add_argument(
+        "--idle-service",
+        action="store_true",
+        help="the engine alone runs beside the idle service, not a frozen one: what the path costs, without what the service's idling costs",
+    )
     parser.add_argument("--engine-alone", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine_alone:
@@ -412,32 +420,35 @@ def main() -> None:
 
 def measure_round(
     engine: EngineAlone | None, served_app: RunningService, workload: Workload, users: int, args: argparse.Namespace
-) -> tuple[Window | None, dict]:
-    """The engine alone (the service frozen meanwhile: none of its processes runs beside it), then
-    the same users through HTTP: measured minutes apart, a noisy machine's phases would decide
-    the ratio."""
+) -> tuple[tuple[Window, float] | None, dict]:
+    """The engine alone (the service frozen meanwhile: none of its processes runs beside it; with
+    --idle-service it idles beside it), then the same users through HTTP: measured minutes apart,
+    a noisy machine's phases would decide the ratio."""
     alone = None
     if engine:
-        with frozen(served_app.launcher.pid):
+        with contextlib.nullcontext() if args.idle_service else frozen(served_app.launcher.pid):
             alone = engine.run(workload.api, users)
     return alone, asyncio.run(http_run(served_app.url, served_app.launcher.pid, workload, users, args))
 
 
-def rounds_report(api: str, users: int, rounds: list[tuple[Window | None, dict]]) -> str:
+def rounds_report(api: str, users: int, rounds: list[tuple[tuple[Window, float] | None, dict]]) -> str:
     lines = [f"{api}, {users} user(s){f', {len(rounds)} rounds' if len(rounds) > 1 else ''}", HEADER]
     ratios = []
     for alone, served in rounds:
         window = Window(**served["window"])
         if alone:
-            lines.append(line("engine alone", alone))
-            ratios.append(window.tokens_per_s / alone.tokens_per_s)
-        lines.append(line("through HTTP", window, alone.tokens_per_s if alone else None))
+            lines.append(line("engine alone", alone[0]))
+            ratios.append(window.tokens_per_s / alone[0].tokens_per_s)
+        lines.append(line("through HTTP", window, alone[0].tokens_per_s if alone else None))
     if len(ratios) > 1:
         each = " ".join(f"{r:.2f}x" for r in ratios)
         lines.append(f"  through HTTP / engine alone, median of {len(ratios)} rounds: {statistics.median(ratios):.2f}x ({each})")
     served_windows = [Window(**served["window"]) for _, served in rounds]
     cpu = {kind: sum(served["cpu"][kind] for _, served in rounds) for kind in rounds[0][1]["cpu"]}
     lines += cpu_lines(cpu, Window.merged(served_windows))
+    if alones := [alone for alone, _ in rounds if alone]:
+        tokens = sum(window.tokens for window, _ in alones)
+        lines.append(f"  engine alone: its process {sum(cpu_s for _, cpu_s in alones) / tokens * 1e6:.1f} ms per 1,000 tok")
     errors = [error for window in served_windows for error in window.errors]
     if errors:
         lines.append(f"  first error: {errors[0]}")
