@@ -187,9 +187,15 @@ class EngineAlone:
         return Window(**answer["window"]), answer["cpu_s"]
 
     def close(self) -> None:
+        """Ends the process: its stdin's end ends its loop; killed if it is still loading a
+        minute later (the service failed to start meanwhile)."""
         if self.process.stdin:
             self.process.stdin.close()
-        self.process.wait(timeout=60)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 # --- the service through HTTP ---------------------------------------------------------------
