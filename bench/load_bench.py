@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -201,7 +202,11 @@ class EngineAlone:
 # --- the service through HTTP ---------------------------------------------------------------
 
 
-async def http_run(url: str, root_pid: int, workload: Workload, users: int, args: argparse.Namespace) -> dict:
+async def http_run(
+    url: str, root_pid: int, workload: Workload, users: int, args: argparse.Namespace
+) -> tuple[Window, dict[str, float]]:
+    """The users' window through HTTP, and the CPU seconds each kind of process (and the client)
+    spent in it."""
     client = Users(url, workload, args.headers)
     marks: dict[str, object] = {}
 
@@ -222,7 +227,7 @@ async def http_run(url: str, root_pid: int, workload: Workload, users: int, args
     window = Window.of(answers, start, start + args.duration)
     cpu = cpu_by_kind(marks["before"], marks["after"])  # type: ignore[arg-type]
     cpu["client"] = marks["own_after"] - marks["own_before"]  # type: ignore[operator]
-    return {"window": window.__dict__, "cpu": cpu}
+    return window, cpu
 
 
 def cpu_model() -> str:
@@ -424,40 +429,49 @@ def main() -> None:
             engine.close()
 
 
+@dataclass
+class Round:
+    """The engine alone (None with --skip-engine) and the same users through HTTP."""
+
+    served: Window
+    cpu: dict[str, float]  # through HTTP, by process kind (`http_run`)
+    alone: Window | None = None
+    alone_cpu_s: float = 0.0  # the engine-alone process's
+
+
 def measure_round(
     engine: EngineAlone | None, served_app: RunningService, workload: Workload, users: int, args: argparse.Namespace
-) -> tuple[tuple[Window, float] | None, dict]:
+) -> Round:
     """The engine alone (the service frozen meanwhile: none of its processes runs beside it; with
     --idle-service it idles beside it), then the same users through HTTP: measured minutes apart,
     a noisy machine's phases would decide the ratio."""
-    alone = None
+    alone, alone_cpu_s = None, 0.0
     if engine:
         with contextlib.nullcontext() if args.idle_service else frozen(served_app.launcher.pid):
-            alone = engine.run(workload.api, users)
-    return alone, asyncio.run(http_run(served_app.url, served_app.launcher.pid, workload, users, args))
+            alone, alone_cpu_s = engine.run(workload.api, users)
+    served, cpu = asyncio.run(http_run(served_app.url, served_app.launcher.pid, workload, users, args))
+    return Round(served, cpu, alone, alone_cpu_s)
 
 
-def rounds_report(api: str, users: int, rounds: list[tuple[tuple[Window, float] | None, dict]]) -> str:
+def rounds_report(api: str, users: int, rounds: list[Round]) -> str:
     lines = [f"{api}, {users} user(s){f', {len(rounds)} rounds' if len(rounds) > 1 else ''}", HEADER]
-    ratios = []
-    for alone, served in rounds:
-        window = Window(**served["window"])
-        if alone:
-            lines.append(line("engine alone", alone[0]))
-            ratios.append(window.tokens_per_s / alone[0].tokens_per_s)
-        lines.append(line("through HTTP", window, alone[0].tokens_per_s if alone else None))
+    for each in rounds:
+        if each.alone:
+            lines.append(line("engine alone", each.alone))
+        lines.append(line("through HTTP", each.served, each.alone.tokens_per_s if each.alone else None))
+    ratios = [each.served.tokens_per_s / each.alone.tokens_per_s for each in rounds if each.alone]
     if len(ratios) > 1:
-        each = " ".join(f"{r:.2f}x" for r in ratios)
-        lines.append(f"  through HTTP / engine alone, median of {len(ratios)} rounds: {statistics.median(ratios):.2f}x ({each})")
-    served_windows = [Window(**served["window"]) for _, served in rounds]
-    cpu = {kind: sum(served["cpu"][kind] for _, served in rounds) for kind in rounds[0][1]["cpu"]}
-    lines += cpu_lines(cpu, Window.merged(served_windows))
-    if alones := [alone for alone, _ in rounds if alone]:
-        tokens = sum(window.tokens for window, _ in alones)
-        lines.append(f"  engine alone: its process {sum(cpu_s for _, cpu_s in alones) / tokens * 1e6:.1f} ms per 1,000 tok")
-    errors = [error for window in served_windows for error in window.errors]
-    if errors:
-        lines.append(f"  first error: {errors[0]}")
+        listed = " ".join(f"{r:.2f}x" for r in ratios)
+        lines.append(
+            f"  through HTTP / engine alone, median of {len(ratios)} rounds: {statistics.median(ratios):.2f}x ({listed})"
+        )
+    served = Window.merged([each.served for each in rounds])
+    lines += cpu_lines({kind: sum(each.cpu[kind] for each in rounds) for kind in rounds[0].cpu}, served)
+    if alone_tokens := sum(each.alone.tokens for each in rounds if each.alone):
+        per_1000 = sum(each.alone_cpu_s for each in rounds) / alone_tokens * 1e6
+        lines.append(f"  engine alone: its process {per_1000:.1f} ms per 1,000 tok")
+    if served.errors:
+        lines.append(f"  first error: {served.errors[0]}")
     return "\n".join(lines) + "\n"
 
 
