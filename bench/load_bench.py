@@ -40,7 +40,7 @@ from pathlib import Path
 
 import yaml
 
-from loadtests.processes import KINDS, cpu_by_kind, frozen, own_cpu_s, sample_tree
+from loadtests.processes import KINDS, cpu_by_kind, frozen, own_cpu_s, sample_tree, unwind_on_sigterm
 from loadtests.service import RunningService, new_user_key, running_service, serve_environment
 from loadtests.soak import soak
 from loadtests.users import Answer, Users, Window, Workload, percentile, stagger
@@ -329,6 +329,7 @@ def cpu_lines(cpu: dict[str, float], window: Window) -> list[str]:
 
 
 def main() -> None:
+    unwind_on_sigterm()  # a killed benchmark must not leave the service frozen
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "packaged"], default="tiny")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

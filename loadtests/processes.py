@@ -110,6 +110,17 @@ def frozen(root_pid: int) -> Iterator[None]:
                 os.kill(pid, signal.SIGCONT)
 
 
+def unwind_on_sigterm() -> None:
+    """A SIGTERM (a timeout, a kill) ends this process the way Ctrl-C does, through every
+    `finally` on the way out: a benchmark stopped while it holds a service `frozen` continues
+    it and stops it, rather than leave it stopped, holding its ports, for good."""
+
+    def exit_(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_)
+
+
 def _wait_stopped(pids: list[int], timeout_s: float = 2.0) -> None:
     """Until every one of `pids` has stopped: a signal is delivered when its process next runs."""
     deadline = time.monotonic() + timeout_s

@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from loadtests.processes import cpu_by_kind, frozen, kind_of, sample_tree
+from tests.support import REPO_ROOT
 
 
 @pytest.mark.parametrize(
@@ -78,3 +79,32 @@ def test_a_frozen_tree_spends_nothing_until_it_runs_again_even_after_an_error():
         for process in reversed(tree):
             process.kill()
         parent.wait()
+
+
+def test_a_process_ended_by_sigterm_continues_the_tree_it_froze():
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time\ntime.sleep(60)"])
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from loadtests.processes import frozen, unwind_on_sigterm\n"
+            "unwind_on_sigterm()\n"
+            f"with frozen({sleeper.pid}):\n"
+            "    print('frozen', flush=True)\n"
+            "    time.sleep(60)\n",
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "frozen\n"
+        assert psutil.Process(sleeper.pid).status() == psutil.STATUS_STOPPED
+        holder.terminate()
+        assert holder.wait(timeout=10) == 143
+        assert psutil.Process(sleeper.pid).status() != psutil.STATUS_STOPPED
+    finally:
+        holder.kill()
+        sleeper.kill()
+        sleeper.wait()
