@@ -360,5 +360,5 @@ class BatchedEngine:
         self._emit(valid)
 
     def _emit(self, tokens: list[tuple[Sequence, int]], logprobs: dict[int, TokenLogprobs] | None = None) -> None:
-        for seq in self.outputs.emit(tokens, logprobs):
+        for seq in self.outputs.emit(tokens, self.scheduler.active, logprobs):
             self.scheduler.free(seq)  # before its finish is delivered, so the caller sees the slot free

@@ -8,6 +8,7 @@ of the requests this stage finishes) or the hand-over to the event loops (`seque
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from transformers import PreTrainedTokenizerBase
@@ -39,13 +40,17 @@ class OutputStage:
         self.max_chunks_per_s = max_chunks_per_s
         self.max_stream_chunks_per_s = max_stream_chunks_per_s
         self._token_texts: dict[int, str] = {}
+        self._window_start = -math.inf
 
-    def emit(self, tokens: list[tuple[Sequence, int]], logprobs: dict[int, TokenLogprobs] | None = None) -> list[Sequence]:
+    def emit(
+        self, tokens: list[tuple[Sequence, int]], streams: int, logprobs: dict[int, TokenLogprobs] | None = None
+    ) -> list[Sequence]:
         """Appends each request its token (and the logprobs of row i, if asked); returns the
-        requests this finished."""
-        interval = self._chunk_interval(len(tokens))
+        requests this finished. `streams`: the requests the engine runs, these rows or not."""
+        now = time.monotonic()
+        window = self._window(streams, now)
         logprobs = logprobs or {}
-        return [seq for row, (seq, token) in enumerate(tokens) if self._advance(seq, token, interval, logprobs.get(row))]
+        return [seq for row, (seq, token) in enumerate(tokens) if self._advance(seq, token, now, window, logprobs.get(row))]
 
     def open_prompt(self, seq: Sequence) -> None:
         """For a request whose prompt's logprobs are asked: its prompt tokens' texts, and its
@@ -64,19 +69,28 @@ class OutputStage:
             alternatives = [[self._token_text(t), lp] for t, lp in top[: seq.params.prompt_logprobs]]
             seq.unsent_logprobs.append([seq.prompt_pieces[position + 1], logprob, alternatives])
 
-    def _chunk_interval(self, rows: int) -> float:
-        """The least time between two streamed chunks of one request. Every streamed chunk costs
-        CPU in the replica, the ingress, the proxy and the client, taken from the engine on a
-        small machine. So the replica sends at most about `max_chunks_per_s` in all and each
-        stream at most `max_stream_chunks_per_s` (the caller picks them for its device: fewer
-        where the cores are shared): many streams get their text every few steps; a single
-        stream gets every token when a step takes longer than 1 / `max_stream_chunks_per_s`."""
-        return max(1 / self.max_stream_chunks_per_s, rows / self.max_chunks_per_s)
+    def _window(self, streams: int, now: float) -> float:
+        """When the replica's current window of chunks began: a request is sent its text at
+        its first step in a window (its first token and its end at once). Every streamed chunk
+        costs CPU in the replica, the ingress, the proxy and the client, taken from the engine on
+        a small machine. So a window lasts at least 1 / `max_stream_chunks_per_s` and
+        streams / `max_chunks_per_s` (the caller picks them for its device: fewer where the cores
+        are shared): many streams get their text every few steps; a single stream gets every
+        token when a step takes longer than the window. The windows are the replica's, not each
+        request's, so the streams due go together in one step's frame: each wake-up of the
+        processes downstream serves them all. (By the streams running, not this step's rows: a
+        newcomer's prompt runs in a step of its own, which must not start a window for all.)"""
+        interval = max(1 / self.max_stream_chunks_per_s, streams / self.max_chunks_per_s)
+        if interval == 0:
+            return math.inf  # every token as it comes
+        if now >= self._window_start + interval:
+            self._window_start = now
+        return self._window_start
 
-    def _advance(self, seq: Sequence, token: int, interval: float, logprobs: TokenLogprobs | None) -> bool:
+    def _advance(self, seq: Sequence, token: int, now: float, window: float, logprobs: TokenLogprobs | None) -> bool:
         """Appends one token (with its logprobs, if asked: its own and its alternatives'); sends
-        the request its new text if `interval` seconds passed since the last send (or this is
-        its first), and the finish if it is done. Whether it is."""
+        the request its new text if it was sent none since `window` began (or this is its
+        first), and the finish if it is done. Whether it is."""
         seq.generated.append(token)
         piece = seq.detokenizer.add(token)
         # Like the usage, without the EOS that ends the answer.
@@ -107,8 +121,7 @@ class OutputStage:
             else:
                 text += seq.stop_matcher.flush()
         seq.unsent_text += text
-        now = time.monotonic()
-        if finish is not None or (seq.unsent_text and now - seq.last_sent >= interval):
+        if finish is not None or (seq.unsent_text and seq.last_sent < window):
             logprobs_out = seq.unsent_logprobs if seq.params.logprobs is not None or seq.scores_prompt else None
             seq.send(GenerationOutput(seq.unsent_text, len(seq.prompt_ids), completion_tokens, finish, logprobs_out))
             seq.unsent_text, seq.unsent_logprobs, seq.last_sent = "", [], now

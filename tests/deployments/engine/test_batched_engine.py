@@ -4,19 +4,23 @@ import asyncio
 import math
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
 from deployments.engine import cpu_int4, cpu_kernels, cpu_layer_ops, torch_layer_ops
+from deployments.engine import outputs as outputs_module
 from deployments.engine.batched import BatchedEngine
 from deployments.engine.forward import PromptChunk, build_step, extract_weights, forward, rope_table, step_attention
 from deployments.engine.kv_cache import KVCache
-from deployments.engine.protocol import InvalidRequestError, PromptTooLongError
+from deployments.engine.outputs import OutputStage
+from deployments.engine.protocol import GenerationOutput, InvalidRequestError, PromptTooLongError
 from deployments.engine.quantized import Int4Linear, Int8Linear, RescoredHead
 from deployments.engine.reference import ReferenceEngine
 from deployments.engine.sampler import CANDIDATES
 from deployments.engine.sampling_params import SamplingParams
+from deployments.engine.sequence import Posts
 from deployments.model_loader import load_model
 from deployments.model_registry import ModelConfig
 from tests.deployments.engine.helpers import OVERLAP, prompt, run
@@ -563,6 +567,64 @@ async def test_many_streams_get_coalesced_chunks_with_the_same_text(tiny, engine
     for _, outputs in results:
         assert outputs[0].completion_tokens == 1  # the first token is never held back
         assert len(outputs) < 24 // 2 and outputs[-1].completion_tokens == 24
+
+
+async def test_streams_started_apart_get_their_chunks_in_the_same_steps(tiny, monkeypatch):
+    """The chunk windows are the replica's: streams that joined at different steps are sent
+    their text in the same steps (one frame, one wake-up downstream for all), not each on its own
+    schedule; and newcomers, whose prompts run in steps of their own, neither start a window nor
+    make the others' chunks more frequent. The output stage's clock counts its steps here (1 ms
+    each), so the windows are steps: 4 or 5 streams at 400 chunks a second, 10-12.5 steps."""
+    steps = [0]
+    emit = OutputStage.emit
+
+    def counting_emit(stage, *args, **kwargs):
+        steps[0] += 1
+        return emit(stage, *args, **kwargs)
+
+    monkeypatch.setattr(OutputStage, "emit", counting_emit)
+    monkeypatch.setattr(outputs_module, "time", types.SimpleNamespace(monotonic=lambda: steps[0] / 1000))
+    deliveries: list[list[GenerationOutput]] = []
+    deliver = Posts.deliver
+
+    def recording_deliver(posts):
+        deliveries.append([item for _, item in posts._items])
+        deliver(posts)
+
+    monkeypatch.setattr(Posts, "deliver", recording_deliver)
+    engine = BatchedEngine(tiny, max_batch_size=5, max_context=256, max_chunks_per_s=400, max_stream_chunks_per_s=math.inf)
+    long = SamplingParams(max_tokens=160, temperature=0, ignore_eos=True)
+    started = [asyncio.Event() for _ in range(4)]
+
+    async def stream(index: int) -> int:
+        if index:
+            await started[index - 1].wait()  # each joins after the one before has its first token
+        count = 0
+        async for _ in engine.generate(prompt(tiny, f"stream {index}"), long):
+            started[index].set()
+            count += 1
+        return count
+
+    async def newcomers() -> int:
+        """One short request after another, in the fifth slot, while the long streams run."""
+        answered = 0
+        while not answered or len(engine.scheduler.running()) > 0:
+            await run(engine, prompt(tiny, f"newcomer {answered}"), SamplingParams(max_tokens=2, ignore_eos=True))
+            answered += 1
+        return answered
+
+    try:
+        *counts, answered = await asyncio.gather(*(stream(i) for i in range(4)), newcomers())
+    finally:
+        engine.shutdown()
+    middle = [[o for o in items if o.completion_tokens > 1 and o.finish_reason is None] for items in deliveries]
+    middle = [outputs for outputs in middle if outputs]
+    assert answered > 20  # newcomers kept arriving
+    # Each long stream sends one chunk a window of 10 steps or more, its first and its end ...
+    assert all(10 <= count <= steps[0] / 10 + 3 for count in counts)
+    # ... and the steps that send them send three or four streams' at once (3.9; on each
+    # stream's own schedule, as before the windows were the replica's, 1.3).
+    assert sum(map(len, middle)) / len(middle) >= 2.5
 
 
 async def test_overlapped_steps_stream_exactly_what_step_by_step_streams(tiny, redone_rows):
