@@ -87,7 +87,7 @@ def test_a_process_ended_by_sigterm_continues_the_tree_it_froze():
         [
             sys.executable,
             "-c",
-            "import sys, time\n"
+            "import time\n"
             "from loadtests.processes import frozen, unwind_on_sigterm\n"
             "unwind_on_sigterm()\n"
             f"with frozen({sleeper.pid}):\n"
