@@ -31,6 +31,7 @@ import importlib.util
 import json
 import math
 import multiprocessing
+import os
 import tempfile
 import time
 import warnings
@@ -42,6 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.machine import cpu_name
 from deployments.engine import cpu_kernels
 from deployments.engine.batched import BatchedEngine
 from deployments.engine.forward import PromptChunk, build_step, extract_weights, forward, rope_table
@@ -692,7 +694,7 @@ async def main() -> None:
     int4_kernel = "ours (AVX2)" if run_in_fresh_thread(cpu_kernels.load) else "torch's"
     print(
         f"SmolLM2-135M, {args.threads} threads, prompt {len(prompt_ids)} tokens, {tokens} new tokens per request, "
-        f"int4 kernel: {int4_kernel}\n"
+        f"int4 kernel: {int4_kernel}\nCPU: {cpu_name()}, {os.cpu_count()} cores\n"
     )
     for fmt in filter(None, args.formats.split(",")):
         await compare_format(loaded, fmt, prompt_ids, question_ids, tokens, args.streams)

@@ -28,7 +28,8 @@ import multiprocessing
 import os
 import time
 
-from bench.load_bench import MODEL_NAME, cpu_model, model_config
+from bench.load_bench import MODEL_NAME, model_config
+from bench.machine import cpu_name
 from loadtests.service import new_user_key, running_service
 from loadtests.users import Answer, Users, Workload, percentile
 
@@ -99,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     limit = None if args.concurrent_streams == "none" else int(args.concurrent_streams)
     print(
-        f"{cpu_model()}, {os.cpu_count()} cores; model {args.model}; {args.max_tokens}-token answers, "
+        f"{cpu_name()}, {os.cpu_count()} cores; model {args.model}; {args.max_tokens}-token answers, "
         f"original sampling; alice floods with {args.flood} streams; concurrent_streams {limit}; "
         f"bob pauses up to {args.think_ms:.0f} ms\n",
         flush=True,

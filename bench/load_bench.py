@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import yaml
 
+from bench.machine import cpu_name
 from loadtests.processes import KINDS, cpu_by_kind, frozen, own_cpu_s, sample_tree, unwind_on_sigterm
 from loadtests.service import RunningService, new_user_key, running_service, serve_environment
 from loadtests.soak import soak
@@ -230,13 +230,6 @@ async def http_run(
     return window, cpu
 
 
-def cpu_model() -> str:
-    for text in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if text.startswith("model name"):
-            return text.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 async def profile(root_pid: int, start: float, args: argparse.Namespace, label: str) -> None:
     """With --profile DIR: py-spy records the front's, ingress's, model's and history's Python processes over
     the measured window, as collapsed stacks (DIR/LABEL-KIND-PID.txt; `python -m bench.profile_summary`
@@ -376,7 +369,7 @@ def main() -> None:
     max_tokens = 1 if args.short else 256
     model = model_config(args.model, args.device) | {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     print(
-        f"{cpu_model()}, {os.cpu_count()} cores; model {args.model} on {args.device}; "
+        f"{cpu_name()}, {os.cpu_count()} cores; model {args.model} on {args.device}; "
         f"{max_tokens}-token answers; front {args.front}; {args.duration:g} s per run after {args.warmup:g} s\n",
         flush=True,
     )

@@ -30,7 +30,8 @@ import time
 import torch
 
 from bench.engine_bench import ORIGINAL_DEFAULTS, STORY, chat_prompt, fixed_length, served_model
-from bench.load_bench import MODEL_NAME, cpu_model, model_config
+from bench.load_bench import MODEL_NAME, model_config
+from bench.machine import cpu_name
 from deployments.engine.batched import BatchedEngine
 from deployments.engine.sampling_params import Constraint
 from deployments.engine.torch_threads import run_in_fresh_thread
@@ -114,7 +115,7 @@ async def engine_rounds(rounds: int, streams: int, tokens: int) -> None:
     loaded = run_in_fresh_thread(load_model, served_model())
     prompt_ids = chat_prompt(loaded, STORY)
     engine = BatchedEngine(loaded, weights="int4", max_batch_size=streams, max_context=len(prompt_ids) + tokens + 8)
-    print(f"engine alone, packaged model int4, {streams} rows of {tokens} tokens; CPU: {cpu_model()}")
+    print(f"engine alone, packaged model int4, {streams} rows of {tokens} tokens; CPU: {cpu_name()}")
     for kind in ("plain", "constrained"):  # warm-up: a grammar compiled, the kernels loaded
         await engine_rates(engine, prompt_ids, [kind] * streams, 16)
     totals: dict[str, float] = {}
@@ -145,7 +146,7 @@ def main() -> None:
     if args.engine:
         asyncio.run(engine_rounds(args.rounds, args.users, args.max_tokens))
         return
-    print(f"{args.model} model, {args.users} streams of chat completions, {args.duration:.0f} s each; CPU: {cpu_model()}")
+    print(f"{args.model} model, {args.users} streams of chat completions, {args.duration:.0f} s each; CPU: {cpu_name()}")
     totals: dict[str, float] = {}
     with running_service([model_config(args.model, "cpu")], free_port()) as service:
         for round_number in range(1, args.rounds + 1):
