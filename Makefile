@@ -118,10 +118,12 @@ LOAD_ARGS ?=
 bench-load: install
 	$(BIN)/python -m bench.load_bench $(LOAD_ARGS)
 
-# The benchmark's llama.cpp baseline (llama-cpp-python compiles llama.cpp: ~5 min). Not part of
-# `make test` or CI; `make bench` skips llama.cpp without it.
+# The benchmark's llama.cpp baseline (llama-cpp-python compiles llama.cpp for this CPU: ~5 min).
+# Without AMX: on the development Xeon VMs, whose CPUs list it, llama.cpp's AMX path dies with
+# SIGILL. Not part of `make test` or CI; `make bench` skips llama.cpp without it.
 bench-deps: install
-	$(BIN)/pip install --quiet llama-cpp-python==0.3.36 xgrammar==0.2.9
+	CMAKE_ARGS="-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+		$(BIN)/pip install --quiet llama-cpp-python==0.3.36 xgrammar==0.2.9
 
 # Schema-driven fuzzing, heavier than `make test` runs it (tests/e2e/test_fuzz.py): FUZZ_EXAMPLES
 # random cases per route instead of 25, against the real app on the tiny models (300: ~3,900
