@@ -17,10 +17,14 @@ VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
 
 
 def _amd_core(family: int, model: int) -> str | None:
+    """The core of AMD's family 25 (Zen 3 and Zen 4, told apart by model ranges) and 26 (Zen 5);
+    None for others, which the family and model still name."""
     if family == 26:
         return "Zen 5"
-    if family == 25:
-        return "Zen 4" if 0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F or 0xA0 <= model <= 0xAF else "Zen 3"
+    if family == 25 and (0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F or 0xA0 <= model <= 0xAF):
+        return "Zen 4"
+    if family == 25 and (model <= 0x0F or 0x20 <= model <= 0x5F):
+        return "Zen 3"
     return None
 
 

@@ -20,6 +20,8 @@ def test_an_epyc_that_calls_itself_amd_epyc_is_named_by_its_family_and_model():
     zen5 = cpuinfo(vendor_id="AuthenticAMD", cpu_family="26", model="2", model_name="AMD EPYC", stepping="1", flags=flags)
     assert cpu_name(zen4) == "AMD EPYC (Zen 4: x86 family 25 model 17 stepping 1; avx2 avx512f avx512_vnni avx512_bf16)"
     assert cpu_name(zen5) == "AMD EPYC (Zen 5: x86 family 26 model 2 stepping 1; avx2 avx512f avx512_vnni avx512_bf16)"
+    unknown = cpuinfo(vendor_id="AuthenticAMD", cpu_family="23", model="49", model_name="AMD EPYC 7B12", flags="avx2")
+    assert cpu_name(unknown) == "AMD EPYC 7B12 (x86 family 23 model 49 stepping ?; avx2)"
 
 
 def test_a_xeon_with_amx_and_a_cpu_without_avx2():
