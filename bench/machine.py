@@ -16,9 +16,18 @@ from pathlib import Path
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
 
 
-def _amd_core(family: int, model: int) -> str | None:
-    """The core of AMD's family 25 (Zen 3 and Zen 4, told apart by model ranges) and 26 (Zen 5);
-    None for others, which the family and model still name."""
+# Intel server cores seen with AVX-512 (family 6), by model.
+_INTEL_CORES = {85: "Skylake/Cascade Lake", 106: "Ice Lake", 143: "Sapphire Rapids", 207: "Emerald Rapids", 173: "Granite Rapids"}
+
+
+def _core(vendor: str, family: int, model: int) -> str | None:
+    """The core's name where known: AMD's family 25 (Zen 3 and Zen 4, told apart by model
+    ranges) and 26 (Zen 5), Intel's server cores above; None for others, which the family and
+    model still name."""
+    if vendor == "GenuineIntel" and family == 6:
+        return _INTEL_CORES.get(model)
+    if vendor != "AuthenticAMD":
+        return None
     if family == 26:
         return "Zen 5"
     if family == 25 and (0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F or 0xA0 <= model <= 0xAF):
@@ -26,10 +35,6 @@ def _amd_core(family: int, model: int) -> str | None:
     if family == 25 and (model <= 0x0F or 0x20 <= model <= 0x5F):
         return "Zen 3"
     return None
-
-
-# Intel server cores seen with AVX-512 (family 6), by model.
-_INTEL_CORES = {85: "Skylake/Cascade Lake", 106: "Ice Lake", 143: "Sapphire Rapids", 207: "Emerald Rapids", 173: "Granite Rapids"}
 
 
 def cpu_name(cpuinfo: str | None = None) -> str:
@@ -49,8 +54,7 @@ def cpu_name(cpuinfo: str | None = None) -> str:
     if "cpu family" not in fields or "model" not in fields:
         return name
     family, model = int(fields["cpu family"]), int(fields["model"])
-    vendor = fields.get("vendor_id", "")
-    core = _amd_core(family, model) if vendor == "AuthenticAMD" else _INTEL_CORES.get(model) if family == 6 else None
+    core = _core(fields.get("vendor_id", ""), family, model)
     flags = set(fields.get("flags", "").split())
     identity = f"x86 family {family} model {model} stepping {fields.get('stepping', '?')}"
     vectors = " ".join(flag for flag in VECTOR_FLAGS if flag in flags) or "no AVX2"

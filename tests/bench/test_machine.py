@@ -41,6 +41,8 @@ def test_a_xeon_with_amx_and_a_cpu_without_avx2():
         "avx2 avx512f avx512_vnni amx_tile)"
     )
     assert cpu_name(old) == "Intel(R) Core(TM) i5-2500 (x86 family 6 model 42 stepping ?; no AVX2)"
+    other = cpuinfo(vendor_id="CentaurHauls", cpu_family="6", model="143", model_name="VIA Nano", flags="avx2")
+    assert cpu_name(other) == "VIA Nano (x86 family 6 model 143 stepping ?; avx2)"  # not Intel's model 143
 
 
 def test_a_cpu_without_a_family_keeps_its_name_or_the_architecture():
