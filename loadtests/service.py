@@ -82,8 +82,9 @@ def serve_environment(front: str | None = None, **extra: str) -> dict[str, str]:
             env[name.strip()] = value.strip()
     if front is not None:
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if front == "haproxy" else "0"
-    # Ray's workers import this repository's packages, whichever checkout runs the benchmark.
-    env["PYTHONPATH"] = str(REPO_ROOT)
+    # Ray's workers import this repository's packages, whichever checkout runs the benchmark; what
+    # PYTHONPATH held stays behind it (Ray itself, where it was installed with `pip --target`).
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     return env | extra
 
 

@@ -20,6 +20,7 @@ synchronous=FULL); the answers still streaming end, as they would at the end of 
 from __future__ import annotations
 
 import ctypes
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,15 +64,25 @@ def end_descendants(timeout_s: float = KILL_TIMEOUT_S) -> list[str]:
     return names
 
 
+def serve_command() -> str:
+    """Serve's CLI: the one installed beside this interpreter (the virtual environment's), else
+    the first on PATH (Ray installed with `pip --target`, as on the GPU machines: bench/gpu_check.sh)."""
+    beside = Path(sys.executable).with_name("serve")
+    found = str(beside) if beside.is_file() else shutil.which("serve")
+    if found is None:
+        raise SystemExit(f"Serve's `serve` command is neither beside {sys.executable} nor on PATH: install ray[serve]")
+    return found
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(__doc__, file=sys.stderr)
         return 2
+    serve = serve_command()
     become_subreaper()
-    serve = Path(sys.executable).with_name("serve")
     # Its own process group: a terminal's Ctrl-C reaches the launcher only, which passes it on
     # once (two SIGINTs would cut Serve's graceful shutdown short).
-    service = subprocess.Popen([str(serve), "run", "--address", "local", argv[0]], process_group=0)
+    service = subprocess.Popen([serve, "run", "--address", "local", argv[0]], process_group=0)
     stop_by: float | None = None  # once asked to stop: when the rest is ended
 
     def stop(signum: int, _frame: object) -> None:
