@@ -72,19 +72,25 @@ def own_ports() -> dict[str, str]:
     return {name: str(free_port()) for name in names}
 
 
-def serve_environment(front: str | None = None, **extra: str) -> dict[str, str]:
-    """The environment `make serve` starts the service in (serve.env over this process's), with
-    the front asked for ("haproxy" or "python"; None: serve.env's) and `extra` on top."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def serve_env() -> dict[str, str]:
+    """The settings of `serve.env`, the environment `make serve` starts Ray and Serve in."""
+    settings = {}
     for line in (REPO_ROOT / "serve.env").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             name, value = line.split("=", 1)
-            env[name.strip()] = value.strip()
+            settings[name.strip()] = value.strip()
+    return settings
+
+
+def serve_environment(front: str | None = None, **extra: str) -> dict[str, str]:
+    """The environment `make serve` starts the service in (serve.env over this process's), with
+    the front asked for ("haproxy" or "python"; None: serve.env's) and `extra` on top."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | serve_env()
     if front is not None:
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if front == "haproxy" else "0"
     # Ray's workers import this repository's packages, whichever checkout runs the benchmark; what
     # PYTHONPATH held stays behind it (Ray itself, where it was installed with `pip --target`).
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env | extra
 
 

@@ -15,7 +15,7 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtests.service import free_port, own_ports, wait_ready, write_serve_config  # noqa: F401 - the tests' helpers too
+from loadtests.service import free_port, own_ports, serve_env, wait_ready, write_serve_config  # noqa: F401 - the tests' helpers too
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "chat"
@@ -41,10 +41,8 @@ STARTUP_TIMEOUT_S = 600  # the first run converts the packaged GGUF (~20-40 s) o
 def use_serve_environment() -> None:
     """Puts `serve.env` (the environment `make serve` starts Ray in) into this process's
     environment, where not set already, so a Ray started here runs Serve as users get it."""
-    for line in (REPO_ROOT / "serve.env").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, value = line.split("=", 1)
-            os.environ.setdefault(name.strip(), value.strip())
+    for name, value in serve_env().items():
+        os.environ.setdefault(name, value)
 
 
 def config_app_args() -> dict:
