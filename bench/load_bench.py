@@ -8,7 +8,10 @@ own while every process of the service is stopped (SIGSTOP), then the same users
 time to first token and the gaps between text chunks (p50/p95, as the client saw them),
 chunks/s, errors, and, through HTTP, the CPU seconds each kind of process spent (front: Serve's
 proxy or HAProxy; ingress; model replica; history; controller; Ray's own; the load client) per
-1,000 tokens and per request.
+1,000 tokens and per request. Before the runs the service is left idle for --idle-window
+seconds: what each kind spends a second doing nothing (Ray's and Serve's own loops) is printed,
+and each run's CPU is printed again with that fixed cost taken out ("above idle"), the part that
+grows with the load (docs/performance.md, "Sizing").
 
     .venv/bin/python -m bench.load_bench [--model tiny|packaged] [--device cpu|cuda]
         [--users 1,16,64,256] [--duration 30] [--api completions,original] [--short]
@@ -48,6 +51,7 @@ from loadtests.users import Answer, Users, Window, Workload, percentile, stagger
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 MODEL_NAME = "bench-model"
+IDLE_SETTLE_S = 5.0
 RAMP_SHARE = 0.8  # of the warm-up, over which the users start one by one (`stagger`)
 
 
@@ -308,16 +312,36 @@ def line(label: str, window: Window, engine_tps: float | None = None) -> str:
 HEADER = f"  {'':<14}{'tok/s':>9}{'':7}{'req/s':>8}{'TTFT p50':>9}{'p95':>8}{'gap p50':>9}{'p95':>8}{'chunks/s':>9}{'errors':>7}"
 
 
-def cpu_lines(cpu: dict[str, float], window: Window) -> list[str]:
-    outside = sum(cpu[kind] for kind in KINDS if kind != "model")
+async def idle_cpu(root_pid: int, seconds: float) -> dict[str, float]:
+    """CPU seconds a second each kind of process spends while nobody asks anything (after a few
+    seconds' settling: the controller and the replicas are still busy just after ready)."""
+    await asyncio.sleep(IDLE_SETTLE_S)
+    before = sample_tree(root_pid)
+    await asyncio.sleep(seconds)
+    return {kind: spent / seconds for kind, spent in cpu_by_kind(before, sample_tree(root_pid)).items()}
+
+
+def idle_line(idle: dict[str, float]) -> str:
+    total = sum(idle[kind] for kind in KINDS if kind != "model")
+    return (
+        f"idle service, CPU ms a second: {', '.join(f'{kind} {idle[kind] * 1e3:.1f}' for kind in KINDS)}; "
+        f"not model {total * 1e3:.1f}\n"
+    )
+
+
+def cpu_lines(cpu: dict[str, float], window: Window, idle: dict[str, float] | None = None) -> list[str]:
+    """CPU per 1,000 tokens and per request, by kind; with the idle service's rates (`idle_cpu`),
+    the same again less what each kind would have spent idle over the window's seconds."""
     kinds = [*KINDS, "client"]
-    lines = [f"  CPU ms          {''.join(f'{k:>11}' for k in kinds)}{'not model':>11}"]
-    if window.tokens:
-        per = 1000 / window.tokens * 1e3
-        lines.append(f"  per 1,000 tok   {''.join(f'{cpu[k] * per:11.1f}' for k in kinds)}{outside * per:11.1f}")
-    if window.requests:
-        per = 1e3 / window.requests
-        lines.append(f"  per request     {''.join(f'{cpu[k] * per:11.2f}' for k in kinds)}{outside * per:11.2f}")
+    tables = [("", cpu)]
+    if idle:
+        tables.append((" above idle", {kind: spent - idle.get(kind, 0.0) * window.seconds for kind, spent in cpu.items()}))
+    lines = [f"  CPU ms                     {''.join(f'{k:>11}' for k in kinds)}{'not model':>11}"]
+    for count, unit, digits in ((window.tokens / 1000, "per 1,000 tok", 1), (window.requests, "per request", 2)):
+        for label, spent in tables if count else ():
+            outside = sum(spent[kind] for kind in KINDS if kind != "model")
+            row = "".join(f"{spent[k] * 1e3 / count:11.{digits}f}" for k in kinds)
+            lines.append(f"  {unit + label:<25}{row}{outside * 1e3 / count:11.{digits}f}")
     return lines
 
 
@@ -349,6 +373,9 @@ def main() -> None:
     parser.add_argument("--soak-window", type=float, default=5.0, help="minutes of warm-up, and of each window compared")
     parser.add_argument("--burst", type=int, metavar="N", help="N users start a conversation each, then ask at once")
     parser.add_argument("--skip-engine", action="store_true", help="only through HTTP")
+    parser.add_argument(
+        "--idle-window", type=float, default=10.0, help="seconds the idle service is measured before the runs (0: not)"
+    )
     parser.add_argument(
         "--rounds", type=int, default=1, help="the engine alone and through HTTP, alternated this many times (the median ratio)"
     )
@@ -413,11 +440,14 @@ def main() -> None:
                 engine.wait_ready()  # it loaded the model while the service started
             if args.auth == "users":
                 args.headers = {"Authorization": f"Bearer {new_user_key(served_app.database, 'bench')}"}
+            idle = asyncio.run(idle_cpu(served_app.launcher.pid, args.idle_window)) if args.idle_window > 0 else None
+            if idle:
+                print(idle_line(idle), flush=True)
             for api in apis:
                 for count in users:
                     workload = Workload(api, MODEL_NAME, max_tokens)
                     rounds = [measure_round(engine, served_app, workload, count, args) for _ in range(args.rounds)]
-                    print(rounds_report(api, count, rounds), flush=True)
+                    print(rounds_report(api, count, rounds, idle), flush=True)
     finally:
         if engine:
             engine.close()
@@ -447,7 +477,7 @@ def measure_round(
     return Round(served, cpu, alone, alone_cpu_s)
 
 
-def rounds_report(api: str, users: int, rounds: list[Round]) -> str:
+def rounds_report(api: str, users: int, rounds: list[Round], idle: dict[str, float] | None = None) -> str:
     lines = [f"{api}, {users} user(s){f', {len(rounds)} rounds' if len(rounds) > 1 else ''}", HEADER]
     for each in rounds:
         if each.alone:
@@ -460,7 +490,7 @@ def rounds_report(api: str, users: int, rounds: list[Round]) -> str:
             f"  through HTTP / engine alone, median of {len(ratios)} rounds: {statistics.median(ratios):.2f}x ({listed})"
         )
     served = Window.merged([each.served for each in rounds])
-    lines += cpu_lines({kind: sum(each.cpu[kind] for each in rounds) for kind in rounds[0].cpu}, served)
+    lines += cpu_lines({kind: sum(each.cpu[kind] for each in rounds) for kind in rounds[0].cpu}, served, idle)
     if alone_tokens := sum(each.alone.tokens for each in rounds if each.alone):
         per_1000 = sum(each.alone_cpu_s for each in rounds) / alone_tokens * 1e6
         lines.append(f"  engine alone: its process {per_1000:.1f} ms per 1,000 tok")
