@@ -321,11 +321,15 @@ async def idle_cpu(root_pid: int, seconds: float) -> dict[str, float]:
     return {kind: spent / seconds for kind, spent in cpu_by_kind(before, sample_tree(root_pid)).items()}
 
 
+def not_model(spent: dict[str, float]) -> float:
+    """What every process of the service but the model replicas spent (the client is not one)."""
+    return sum(spent[kind] for kind in KINDS if kind != "model")
+
+
 def idle_line(idle: dict[str, float]) -> str:
-    total = sum(idle[kind] for kind in KINDS if kind != "model")
     return (
         f"idle service, CPU ms a second: {', '.join(f'{kind} {idle[kind] * 1e3:.1f}' for kind in KINDS)}; "
-        f"not model {total * 1e3:.1f}\n"
+        f"not model {not_model(idle) * 1e3:.1f}\n"
     )
 
 
@@ -338,10 +342,11 @@ def cpu_lines(cpu: dict[str, float], window: Window, idle: dict[str, float] | No
         tables.append((" above idle", {kind: spent - idle.get(kind, 0.0) * window.seconds for kind, spent in cpu.items()}))
     lines = [f"  CPU ms                     {''.join(f'{k:>11}' for k in kinds)}{'not model':>11}"]
     for count, unit, digits in ((window.tokens / 1000, "per 1,000 tok", 1), (window.requests, "per request", 2)):
-        for label, spent in tables if count else ():
-            outside = sum(spent[kind] for kind in KINDS if kind != "model")
+        if not count:
+            continue
+        for label, spent in tables:
             row = "".join(f"{spent[k] * 1e3 / count:11.{digits}f}" for k in kinds)
-            lines.append(f"  {unit + label:<25}{row}{outside * 1e3 / count:11.{digits}f}")
+            lines.append(f"  {unit + label:<25}{row}{not_model(spent) * 1e3 / count:11.{digits}f}")
     return lines
 
 
